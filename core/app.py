@@ -1,0 +1,106 @@
+"""The Starlette application: routes, error handlers, response headers, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, MethodNotAllowed, NotFound, ServiceUnavailable
+from .routes import ROUTES
+from .server import Server
+from .settings import Settings
+from .store import StoreUnavailable
+
+log = logging.getLogger("ssa_server.app")
+
+_NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+
+
+class NoStoreHeaders:
+    """Every response carries ``Cache-Control: no-store`` (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [h for h in message.get("headers", []) if h[0] != b"cache-control"] + _NO_STORE
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _error_response(error: ApiError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error_response(NotFound())
+    if exc.status_code == 405:
+        return _error_response(MethodNotAllowed())
+    return _error_response(ApiError("The request could not be served.", status=exc.status_code))
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    log.error("store unavailable: %s", exc)
+    return _error_response(ServiceUnavailable())
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # A bug: log it for the operator, never send a traceback to the client.
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "server_error", "error_description": "An unexpected error occurred."},
+                        status_code=500)
+
+
+def create_app(settings: Settings | None = None, *, server: Server | None = None,
+               manage_lifespan: bool = True) -> Starlette:
+    """The ASGI app; ``server`` may be given prebuilt, else it is built from ``settings``.
+
+    ``manage_lifespan=False`` when the caller starts and stops the server itself (``serve``
+    does, so that a locked data dir is reported before uvicorn starts).
+    """
+    if server is None:
+        server = Server.build(settings or Settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not manage_lifespan:
+            yield
+            return
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    handlers: dict[Any, Any] = {
+        ApiError: _api_error,
+        HTTPException: _http_error,
+        StoreUnavailable: _store_unavailable,
+        Exception: _unexpected,
+    }
+    app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(NoStoreHeaders)
+    return app

@@ -1,0 +1,367 @@
+"""The ``ssa-server`` command: serve, config, clients, keys, ssa (operators on the machine).
+
+Every subcommand goes through the same ``Server`` and services as HTTP.  Output is JSON on
+stdout; a failure is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import ApiError
+from .server import Server
+from .settings import Settings, SettingsError, load_settings
+from .store import StoreLocked
+from .service import ADMIN, CallContext
+from .validation import parse_create_request
+
+CLI_CLIENT = "cli"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    cli = {name: getattr(args, name, None) for name in ("host", "port", "data_dir", "scripts_dir")}
+    return load_settings(cli, config_file=getattr(args, "config", None))
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+async def _with_server(settings: Settings, action: Callable[[Server], Awaitable[Any]], *,
+                       keys: bool = False, hooks: bool = False) -> Any:
+    """Run ``action`` on a CLI server: the shared store, opened non-exclusively (works while
+    ``serve`` runs); keys only for commands that sign, scripts only for those that run hooks."""
+    server = Server.build(settings, exclusive=False)
+    await server.start(background=False, scripts=hooks, keys=keys)
+    try:
+        return await action(server)
+    finally:
+        await server.stop()
+
+
+# --- serve ---
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    server = Server.build(settings)
+    app = create_app(settings, server=server, manage_lifespan=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.access_log, lifespan="off", server_header=False)
+    uv = uvicorn.Server(config)
+
+    async def run() -> None:
+        await server.start()  # opens the store (takes the data-dir lock) before accepting requests
+        try:
+            await uv.serve()
+        finally:
+            await server.stop()
+
+    asyncio.run(run(), loop_factory=config.get_loop_factory())
+    return 0
+
+
+# --- config ---
+def cmd_config_show(args: argparse.Namespace) -> int:
+    _print(_settings(args).public_dict())
+    return 0
+
+
+# --- clients ---
+def cmd_clients_create(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        record, secret = await server.clients.create(args.scope, name=args.name or "")
+        return {"client_id": record["client_id"], "client_secret": secret, "scopes": record["scopes"]}
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+def cmd_clients_list(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        return [{k: v for k, v in c.items() if k != "secret_hash"} for c in await server.clients.list()]
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+def cmd_clients_delete(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> bool:
+        return await server.clients.delete(args.client_id)
+
+    if not asyncio.run(_with_server(_settings(args), action)):
+        raise ApiError(f"No client with id '{args.client_id}'.", status=404, error="not_found")
+    _print({"deleted": args.client_id})
+    return 0
+
+
+# --- keys ---
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        return server.keys.records()
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        new = await server.keys.rotate(args.alg)
+        return {k: v for k, v in new.items() if k != "jwk"}
+
+    _print(asyncio.run(_with_server(_settings(args), action, keys=True)))
+    return 0
+
+
+# --- ssa ---
+def _create_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("org_id", "description", "software_id", "expiration", "lifetime"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    for name in ("software_roles", "grant_types"):
+        if getattr(args, name):
+            fields[name] = getattr(args, name)
+    if args.one_time_use is not None:
+        fields["one_time_use"] = args.one_time_use
+    if args.rotate_ssa is not None:
+        fields["rotate_ssa"] = args.rotate_ssa
+    for item in args.attr or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ApiError(f"--attr expects NAME=VALUE, got {item!r}.")
+        fields[key] = value
+    return fields
+
+
+def _cli_context(command: str) -> CallContext:
+    return CallContext(CLI_CLIENT, frozenset({ADMIN}), "CLI", f"ssa {command}")
+
+
+def cmd_ssa_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def action(server: Server) -> Any:
+        fields = await server.service.template_fields(args.template) if args.template else {}
+        fields.update(_create_fields(args))
+        request = parse_create_request(fields, settings.custom_attributes)
+        if args.save_template:
+            await server.service.save_template(args.save_template, fields)
+        jwt = await server.service.create(request, _cli_context("create"))
+        return {"ssa": jwt}
+
+    _print(asyncio.run(_with_server(settings, action, keys=True, hooks=True)))
+    return 0
+
+
+def cmd_ssa_list(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        return await server.service.list(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+
+    _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
+    return 0
+
+
+def cmd_ssa_revoke(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        revoked = await server.service.revoke(_cli_context("revoke"), jti=args.jti, org_id=args.org_id)
+        return {"revoked": [r["jti"] for r in revoked]}
+
+    _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
+    return 0
+
+
+def cmd_ssa_templates(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        return await server.store.list_templates()
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+# --- scripts ---
+def _script_limits(settings: Settings) -> Any:
+    from ssa_server.plugins.scripts import limits_from
+
+    return limits_from(settings)
+
+
+def _check_one(path: Any, limits: Any) -> dict[str, Any]:
+    from ssa_server.plugins.sandbox import ScriptRefused
+    from ssa_server.plugins.scripts import ScriptRunner
+
+    try:
+        with ScriptRunner(path, limits=limits) as runner:
+            return {"name": runner.name, "file": str(path), "hooks": runner.hooks, "revision": runner.revision,
+                    "state": "ok", "error": None}
+    except ScriptRefused as e:
+        return {"name": path.stem, "file": str(path), "hooks": [], "revision": None, "state": "error",
+                "error": str(e)}
+
+
+def cmd_scripts_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    result = _check_one(Path(args.file), _script_limits(_settings(args)))
+    if result["error"]:
+        print(f"ssa-server: {result['error']}", file=sys.stderr)
+        return 1
+    if not result["hooks"]:
+        print(f"ssa-server: {args.file} defines none of create(), get(), revoke()", file=sys.stderr)
+        return 1
+    _print(result)
+    return 0
+
+
+def cmd_scripts_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    folder = settings.scripts_dir
+    files = sorted(folder.glob("*.py")) if folder.is_dir() else []
+    _print([_check_one(p, _script_limits(settings)) for p in files])
+    return 0
+
+
+def cmd_scripts_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssa_server.plugins.sandbox import ScriptError, ScriptRefused
+    from ssa_server.plugins.scripts import run_once
+
+    event = None
+    if args.event:
+        try:
+            event = json.loads(Path(args.event).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            print(f"ssa-server: cannot read event file {args.event}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(event, dict):
+            print(f"ssa-server: event file {args.event} must hold a JSON object", file=sys.stderr)
+            return 2
+    try:
+        result = run_once(Path(args.file), args.hook, event, limits=_script_limits(_settings(args)))
+    except ScriptRefused as e:
+        print(f"ssa-server: refused: {e}", file=sys.stderr)
+        return 1
+    except ScriptError as e:
+        print(f"ssa-server: {args.hook} failed: {e.kind}: {e}", file=sys.stderr)
+        return 1
+    _print(result)
+    if result.get("denied"):
+        denied = result["denied"]
+        print(f"ssa-server: denied: {denied.get('error')}: {denied.get('description')}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
+    dest = name.replace("-", "_")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help_on)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (also SSA_CONFIG)")
+    common.add_argument("--data-dir", dest="data_dir", help="data directory (SSA_DATA_DIR, default ./data)")
+
+    parser = argparse.ArgumentParser(prog="ssa-server", description="Software Statement Assertion server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the HTTP server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--scripts-dir", dest="scripts_dir")
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", parents=[common], help="print the effective settings (secrets masked)")
+    show.add_argument("--host")
+    show.add_argument("--port", type=int)
+    show.add_argument("--scripts-dir", dest="scripts_dir")
+    show.set_defaults(func=cmd_config_show)
+
+    clients = sub.add_parser("clients", help="token-endpoint clients").add_subparsers(dest="action", required=True)
+    c = clients.add_parser("create", parents=[common], help="register a client; prints its secret once")
+    c.add_argument("--scope", action="append", required=True, help="scope URI (repeatable)")
+    c.add_argument("--name")
+    c.set_defaults(func=cmd_clients_create)
+    clients.add_parser("list", parents=[common]).set_defaults(func=cmd_clients_list)
+    d = clients.add_parser("delete", parents=[common])
+    d.add_argument("client_id")
+    d.set_defaults(func=cmd_clients_delete)
+
+    keys = sub.add_parser("keys", help="SSA signing keys").add_subparsers(dest="action", required=True)
+    keys.add_parser("list", parents=[common]).set_defaults(func=cmd_keys_list)
+    r = keys.add_parser("rotate", parents=[common], help="add a key and sign with it from now on")
+    r.add_argument("--alg", help="algorithm of the new key (default: SSA_SIGNING_ALG)")
+    r.set_defaults(func=cmd_keys_rotate)
+
+    ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action", required=True)
+    sc = ssa.add_parser("create", parents=[common], help="create an SSA")
+    sc.add_argument("--org-id", dest="org_id")
+    sc.add_argument("--description")
+    sc.add_argument("--software-id", dest="software_id")
+    sc.add_argument("--software-role", dest="software_roles", action="append")
+    sc.add_argument("--grant-type", dest="grant_types", action="append")
+    sc.add_argument("--expiration", type=int, help="epoch seconds")
+    sc.add_argument("--lifetime", type=int, help="seconds")
+    _bool_flag(sc, "one-time-use", "valid for one validation (default)", "reusable")
+    _bool_flag(sc, "rotate-ssa", "rotate_ssa true (default)", "rotate_ssa false")
+    sc.add_argument("--attr", action="append", metavar="NAME=VALUE", help="custom attribute (configured ones)")
+    sc.add_argument("--template", help="start from a saved template")
+    sc.add_argument("--save-template", dest="save_template", help="save these fields as a template")
+    sc.set_defaults(func=cmd_ssa_create)
+    sl = ssa.add_parser("list", parents=[common], help="list active SSAs")
+    sl.add_argument("--jti")
+    sl.add_argument("--org-id", dest="org_id")
+    sl.set_defaults(func=cmd_ssa_list)
+    sr = ssa.add_parser("revoke", parents=[common], help="revoke SSAs by jti and/or org id")
+    sr.add_argument("--jti")
+    sr.add_argument("--org-id", dest="org_id")
+    sr.set_defaults(func=cmd_ssa_revoke)
+    ssa.add_parser("templates", parents=[common], help="list saved templates").set_defaults(func=cmd_ssa_templates)
+
+    scripts = sub.add_parser("scripts", help="user scripts").add_subparsers(dest="action", required=True)
+    ck = scripts.add_parser("check", parents=[common], help="compile and validate one script")
+    ck.add_argument("file")
+    ck.set_defaults(func=cmd_scripts_check)
+    ls = scripts.add_parser("list", parents=[common], help="every script in the scripts folder and its state")
+    ls.add_argument("--scripts-dir", dest="scripts_dir")
+    ls.set_defaults(func=cmd_scripts_list)
+    ts = scripts.add_parser("test", parents=[common], help="run one hook of a script in the real sandbox")
+    ts.add_argument("file")
+    ts.add_argument("--hook", required=True, choices=["create", "get", "revoke"])
+    ts.add_argument("--event", help='JSON file: {"payload": {...}, "context": {...}} (default: a sample)')
+    ts.set_defaults(func=cmd_scripts_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as e:
+        print(f"ssa-server: configuration error: {e}", file=sys.stderr)
+        return 2
+    except StoreLocked as e:
+        print(f"ssa-server: {e}", file=sys.stderr)
+        return 1
+    except ApiError as e:
+        print(f"ssa-server: {e.error}: {e.description}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

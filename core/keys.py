@@ -1,0 +1,179 @@
+"""Signing keys: generation, rotation, the public JWKS, and signing SSAs.
+
+Keys live in the store (whose files are 0600), never in a response or a log line.  Kids follow
+Janssen's shape, ``ssa_<uuid>_sig_<alg>``.  A rotated key stops signing at once but stays in
+``/jwks`` until the last SSA it may have signed has expired (``remove_after``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from jwcrypto import jwk, jws
+
+from .store import ACTIVE, KeyRecord, Store
+
+SSA_USE, TOKEN_USE = "ssa", "token"
+
+_KEY_PARAMS: dict[str, dict[str, Any]] = {
+    "RS": {"kty": "RSA", "size": 2048},
+    "PS": {"kty": "RSA", "size": 2048},
+    "ES256": {"kty": "EC", "crv": "P-256"},
+    "ES384": {"kty": "EC", "crv": "P-384"},
+    "ES512": {"kty": "EC", "crv": "P-521"},
+    "EdDSA": {"kty": "OKP", "crv": "Ed25519"},
+    "HS256": {"kty": "oct", "size": 256},
+}
+
+
+def generate_key(alg: str, use: str, now: int) -> KeyRecord:
+    """A new private key for ``alg`` as a store record (status active)."""
+    params = _KEY_PARAMS.get(alg) or _KEY_PARAMS[alg[:2]]
+    kid = f"{use}_{uuid.uuid4()}_sig_{alg.lower()}"
+    key = jwk.JWK.generate(kid=kid, **params)
+    return KeyRecord(kid=kid, alg=alg, use=use, jwk=json.loads(key.export(private_key=True)),
+                     status=ACTIVE.lower(), created_at=now, remove_after=None)
+
+
+class KeyRing:
+    """The keys this process signs and verifies with, rebuilt when the store's key set changes."""
+
+    def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._alg = signing_alg
+        self._refresh_interval = refresh_interval
+        self._clock = clock
+        self._records: list[KeyRecord] = []
+        self._objects: dict[str, jwk.JWK] = {}
+        self._uses: dict[str, str] = {}
+        self._fingerprint = ""
+        self._checked_at = 0.0
+        self._lock = asyncio.Lock()
+
+    # --- loading ---
+    async def load(self, *, adopt_alg: bool = True) -> None:
+        """Read the keys; create the token key and an SSA key if missing.
+
+        With ``adopt_alg`` (the server) a configured alg with no active key gets a new key and
+        the other active keys retire; without it (CLI commands) an existing active key of any
+        alg is used as it is, so a CLI run with other settings never rotates the server's keys.
+        """
+        async with self._lock:
+            records = await self._store.list_keys()
+            now = int(self._clock())
+            if not any(r["use"] == TOKEN_USE and r["status"] == "active" for r in records):
+                rec = generate_key("HS256", TOKEN_USE, now)
+                await self._store.add_key(rec)
+            active_ssa = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
+            wanted = [r for r in active_ssa if r["alg"] == self._alg] if adopt_alg else active_ssa
+            if not wanted:
+                await self._retire_active_ssa_keys(records, now)
+                await self._store.add_key(generate_key(self._alg, SSA_USE, now))
+            self._install(await self._store.list_keys())
+
+    async def refresh_if_due(self) -> None:
+        """Pick up keys rotated by another process (``ssa-server keys rotate``)."""
+        now = self._clock()
+        if now - self._checked_at < self._refresh_interval:
+            return
+        self._checked_at = now
+        records = await self._store.list_keys()
+        if _fingerprint(records) != self._fingerprint:
+            self._install(records)
+
+    def _install(self, records: list[KeyRecord]) -> None:
+        self._records = records
+        self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records}
+        self._uses = {r["kid"]: r["use"] for r in records if r["status"] != "retired"}
+        self._fingerprint = _fingerprint(records)
+        self._checked_at = self._clock()
+
+    # --- rotation ---
+    async def rotate(self, alg: str | None = None) -> KeyRecord:
+        """Add a new SSA key and sign with it from now on (default alg: the current key's)."""
+        async with self._lock:
+            records = await self._store.list_keys()
+            now = int(self._clock())
+            current = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
+            alg = alg or (max(current, key=lambda r: r["created_at"])["alg"] if current else self._alg)
+            await self._retire_active_ssa_keys(records, now)
+            new = generate_key(alg, SSA_USE, now)
+            await self._store.add_key(new)
+            self._install(await self._store.list_keys())
+            return new
+
+    async def _retire_active_ssa_keys(self, records: list[KeyRecord], now: int) -> None:
+        active = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
+        if not active:
+            return
+        # Every SSA still valid may have been signed by one of these keys: keep them published
+        # until the last of those expires.
+        valid = await self._store.find_ssas(status=ACTIVE)
+        remove_after = max([now] + [s["expiration"] for s in valid])
+        for r in active:
+            await self._store.update_key(r["kid"], {"status": "retiring", "remove_after": remove_after})
+
+    async def drop_expired_keys(self) -> int:
+        """Mark retiring keys past ``remove_after`` as retired (they leave /jwks)."""
+        now = int(self._clock())
+        dropped = 0
+        for r in await self._store.list_keys():
+            if r["status"] == "retiring" and (r.get("remove_after") or 0) < now:
+                await self._store.update_key(r["kid"], {"status": "retired"})
+                dropped += 1
+        if dropped:
+            self._install(await self._store.list_keys())
+        return dropped
+
+    # --- use ---
+    def active(self, use: str = SSA_USE) -> KeyRecord:
+        """The newest active key for this use (SSA keys: of the configured alg if there is one)."""
+        candidates = [r for r in self._records if r["use"] == use and r["status"] == "active"]
+        preferred = [r for r in candidates if r["alg"] == self._alg] if use == SSA_USE else candidates
+        pool = preferred or candidates
+        if not pool:
+            raise RuntimeError(f"no active {use} key; run load() first")
+        return max(pool, key=lambda r: r["created_at"])
+
+    def key_object(self, kid: str, use: str) -> jwk.JWK:
+        """The key with this kid if it serves ``use``; KeyError otherwise."""
+        if self._uses.get(kid) != use:
+            raise KeyError(kid)
+        return self._objects[kid]
+
+    def sign(self, header: dict[str, Any], claims: dict[str, Any], use: str = SSA_USE) -> str:
+        """Compact JWS over ``claims``; ``alg`` and ``kid`` are set from the active key."""
+        rec = self.active(use)
+        protected = dict(header, alg=rec["alg"], kid=rec["kid"])
+        token = jws.JWS(json.dumps(claims, separators=(",", ":")).encode())
+        token.add_signature(self._objects[rec["kid"]], alg=rec["alg"],
+                            protected=json.dumps(protected, separators=(",", ":")))
+        return token.serialize(compact=True)
+
+    def jwks(self) -> dict[str, list[dict[str, Any]]]:
+        """Public SSA keys still needed for verification: active and retiring, never private parts."""
+        now = int(self._clock())
+        keys = []
+        for r in sorted(self._records, key=lambda r: r["created_at"], reverse=True):
+            if r["use"] != SSA_USE or r["status"] not in ("active", "retiring"):
+                continue
+            if r["status"] == "retiring" and (r.get("remove_after") or 0) < now:
+                continue
+            public = json.loads(self._objects[r["kid"]].export_public())
+            public.update(kid=r["kid"], use="sig", alg=r["alg"])
+            keys.append(public)
+        return {"keys": keys}
+
+    def records(self) -> list[KeyRecord]:
+        """Key records without private material, for ``keys list``."""
+        return [{k: v for k, v in r.items() if k != "jwk"} for r in self._records]  # type: ignore[misc]
+
+
+def _fingerprint(records: list[KeyRecord]) -> str:
+    return "|".join(sorted(f"{r['kid']}:{r['status']}:{r.get('remove_after')}" for r in records))

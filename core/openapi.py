@@ -1,0 +1,111 @@
+"""The OpenAPI 3.1 document of every route (a test keeps it in step with ``routes.ROUTES``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .service import ADMIN, DEVELOPER, PORTAL
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_JWT = {"type": "object", "required": ["ssa"], "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {400: "Bad request", 401: "Missing or invalid token, or insufficient scope (unauthorized_client)",
+            403: "Feature flag off (access_denied) or a script denied the request",
+            406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
+            502: "A script failed", 503: "Not ready"}
+    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
+
+
+def _ok(description: str, schema: dict[str, Any] | None = None, status: int = 200) -> dict[str, Any]:
+    body: dict[str, Any] = {"description": description}
+    if schema is not None:
+        body["content"] = {"application/json": {"schema": schema}}
+    return {str(status): body}
+
+
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": description}
+
+
+def openapi_document(issuer: str) -> dict[str, Any]:
+    bearer = lambda *scopes: [{"bearer": list(scopes)}]  # noqa: E731
+    string_list = {"type": "array", "items": {"type": "string"}}
+    create_body = {
+        "type": "object",
+        "properties": {
+            "org_id": {"type": "string"}, "description": {"type": "string"}, "software_id": {"type": "string"},
+            "software_roles": string_list, "grant_types": string_list,
+            "expiration": {"type": ["integer", "string"], "description": "epoch seconds; <= 0 or absent: default"},
+            "one_time_use": {"type": "boolean", "default": True}, "rotate_ssa": {"type": "boolean", "default": True},
+            "lifetime": {"type": "integer", "minimum": 1},
+        },
+        "additionalProperties": True,
+    }
+    ssa_item = {
+        "type": "object",
+        "required": ["ssa", "created_at", "expiration", "iss", "status"],
+        "properties": {
+            "ssa": {"type": "object", "additionalProperties": True},
+            "created_at": {"type": "integer"}, "expiration": {"type": "integer"},
+            "iss": {"type": "string", "description": "client_id that created the SSA"},
+            "status": {"type": "string", "enum": ["ACTIVE"]},
+        },
+    }
+    any_object = {"type": "object", "additionalProperties": True}
+    paths: dict[str, Any] = {
+        "/token": {"post": {
+            "summary": "Client-credentials grant (RFC 6749 §4.4)",
+            "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["grant_type"],
+                "properties": {"grant_type": {"const": "client_credentials"}, "scope": {"type": "string"},
+                               "client_id": {"type": "string"}, "client_secret": {"type": "string"}}}}}},
+            "responses": {**_ok("Access token", {"type": "object", "required": ["access_token", "token_type",
+                                                                               "expires_in", "scope"]}),
+                          **_errors(400, 401, 413)},
+        }},
+        "/ssa": {
+            "post": {"summary": "Create an SSA", "security": bearer(ADMIN),
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": create_body}}},
+                     "responses": {**_ok("The signed SSA", _JWT, 201), **_errors(400, 401, 403, 413, 502)}},
+            "get": {"summary": "List active SSAs", "security": bearer(ADMIN, PORTAL, DEVELOPER),
+                    "parameters": [_query("jti", "SSA id"), _query("org_id", "organization")],
+                    "responses": {**_ok("Matching SSAs", {"type": "array", "items": ssa_item}),
+                                  **_errors(400, 401, 403, 502)}},
+            "delete": {"summary": "Revoke SSAs", "security": bearer(ADMIN),
+                       "parameters": [_query("jti", "SSA id"), _query("org_id", "organization")],
+                       "responses": {**_ok("Revoked (empty body)"), **_errors(400, 401, 403, 406, 422)}},
+        },
+        "/ssa/jwt": {"get": {"summary": "The SSA JWT, re-signed", "security": bearer(ADMIN),
+                             "parameters": [_query("jti", "SSA id")],
+                             "responses": {**_ok("The JWT", _JWT), **_errors(400, 401, 403)}}},
+        "/ssa/validation": {"post": {
+            "summary": "Validate an SSA (a one-time SSA becomes USED)",
+            "parameters": [{"name": "jti", "in": "header", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("Valid (empty body)"), **_errors(400, 403)}}},
+        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, p50",
+                             "security": bearer(ADMIN),
+                             "responses": {**_ok("Scripts", {"type": "array", "items": any_object}),
+                                           **_errors(401)}}},
+        "/.well-known/openid-configuration": {"get": {"summary": "Discovery", "responses": _ok("Metadata", any_object)}},
+        "/.well-known/oauth-authorization-server": {"get": {"summary": "RFC 8414 metadata",
+                                                            "responses": _ok("Metadata", any_object)}},
+        "/jwks": {"get": {"summary": "Public SSA signing keys", "responses": _ok("JWK set", any_object)}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": _ok("OpenAPI 3.1", any_object)}},
+        "/health/live": {"get": {"summary": "Liveness", "responses": _ok("Alive", any_object)}},
+        "/health/ready": {"get": {"summary": "Readiness (store, signing key)",
+                                  "responses": {**_ok("Ready", any_object), **_errors(503)}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ssa-server", "version": "1", "description": "Janssen-compatible SSA API"},
+        "servers": [{"url": issuer}],
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": {"type": "object", "required": ["error", "error_description"],
+                                  "properties": {"error": {"type": "string"},
+                                                 "error_description": {"type": "string"}}}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+    }

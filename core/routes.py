@@ -1,0 +1,152 @@
+"""HTTP handlers: parse the request, call the service, shape the response.  No rules here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .auth import authenticate, basic_credentials
+from .errors import FeatureDisabled, InvalidRequest
+from .server import Server
+from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
+from .tokens import Caller
+from .validation import parse_create_request, parse_form, parse_json_body
+
+_HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+def _context(request: Request, caller: Caller) -> CallContext:
+    headers = {k: v for k, v in request.headers.items() if k not in _HIDDEN_HEADERS}
+    return CallContext(caller.client_id, caller.scopes, request.method, request.url.path, headers)
+
+
+async def _ssa_caller(request: Request, *scopes: str) -> Caller:
+    """Feature flag first (as Janssen), then the token and its scopes."""
+    server = _server(request)
+    if not server.settings.enabled:
+        raise FeatureDisabled()
+    return await authenticate(request, server.tokens, server.clients, scopes)
+
+
+def _query(request: Request, name: str) -> str | None:
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise InvalidRequest(f"The parameter '{name}' is given more than once.")
+    return values[0] if values and values[0].strip() else None
+
+
+def _empty(status: int = 200) -> Response:
+    return Response(b"", status_code=status, media_type="application/json")
+
+
+async def token(request: Request) -> Response:
+    server = _server(request)
+    form = parse_form(await request.body())
+    return JSONResponse(await server.clients.token(form, basic_credentials(request)))
+
+
+async def create_ssa(request: Request) -> Response:
+    caller = await _ssa_caller(request, ADMIN)
+    server = _server(request)
+    body = parse_create_request(parse_json_body(await request.body()), server.settings.custom_attributes)
+    jwt = await server.service.create(body, _context(request, caller))
+    return JSONResponse({"ssa": jwt}, status_code=201)
+
+
+async def list_ssas(request: Request) -> Response:
+    caller = await _ssa_caller(request, ADMIN, PORTAL, DEVELOPER)
+    items = await _server(request).service.list(
+        _context(request, caller), jti=_query(request, "jti"), org_id=_query(request, "org_id"))
+    return JSONResponse(items)
+
+
+async def revoke_ssas(request: Request) -> Response:
+    caller = await _ssa_caller(request, ADMIN)
+    await _server(request).service.revoke(
+        _context(request, caller), jti=_query(request, "jti"), org_id=_query(request, "org_id"))
+    return _empty()
+
+
+async def get_jwt(request: Request) -> Response:
+    await _ssa_caller(request, ADMIN)
+    return JSONResponse({"ssa": await _server(request).service.get_jwt(_query(request, "jti"))})
+
+
+async def validate_ssa(request: Request) -> Response:
+    server = _server(request)
+    if not server.settings.enabled:
+        raise FeatureDisabled()
+    await server.service.validate(request.headers.get("jti"))
+    return _empty()
+
+
+def discovery_document(request: Request) -> dict[str, Any]:
+    settings = _server(request).settings
+    doc: dict[str, Any] = {
+        "issuer": settings.issuer,
+        "jwks_uri": f"{settings.issuer}/jwks",
+        "token_endpoint": f"{settings.issuer}/token",
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "grant_types_supported": ["client_credentials"],
+        "scopes_supported": list(SSA_SCOPES),
+        "response_types_supported": ["token"],
+    }
+    if settings.enabled:
+        doc["ssa_endpoint"] = settings.ssa_endpoint
+    return doc
+
+
+async def list_scripts(request: Request) -> Response:
+    server = _server(request)
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    return JSONResponse(server.scripts.listing() if server.scripts is not None else [])
+
+
+async def discovery(request: Request) -> Response:
+    return JSONResponse(discovery_document(request))
+
+
+async def jwks(request: Request) -> Response:
+    server = _server(request)
+    await server.keys.refresh_if_due()
+    return JSONResponse(server.keys.jwks())
+
+
+async def openapi(request: Request) -> Response:
+    from .openapi import openapi_document
+
+    return JSONResponse(openapi_document(_server(request).settings.issuer))
+
+
+async def health_live(request: Request) -> Response:
+    return JSONResponse({"status": "UP"})
+
+
+async def health_ready(request: Request) -> Response:
+    checks = await _server(request).readiness()
+    up = all(c["status"] == "UP" for c in checks)
+    return JSONResponse({"status": "UP" if up else "DOWN", "checks": checks}, status_code=200 if up else 503)
+
+
+ROUTES = [
+    Route("/token", token, methods=["POST"]),
+    Route("/ssa", create_ssa, methods=["POST"]),
+    Route("/ssa", list_ssas, methods=["GET"]),
+    Route("/ssa", revoke_ssas, methods=["DELETE"]),
+    Route("/ssa/jwt", get_jwt, methods=["GET"]),
+    Route("/ssa/validation", validate_ssa, methods=["POST"]),
+    Route("/scripts", list_scripts, methods=["GET"]),
+    Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
+    Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),
+    Route("/jwks", jwks, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/health/live", health_live, methods=["GET"]),
+    Route("/health/ready", health_ready, methods=["GET"]),
+]

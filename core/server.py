@@ -1,0 +1,134 @@
+"""The assembled server: settings, store, keys, tokens, plugins and services, built once.
+
+The HTTP app and the CLI both build a ``Server`` and use the same services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import pluggy
+
+from .clients import ClientService
+from .keys import KeyRing
+from .service import SsaService
+from .settings import Settings
+from .store import Store, StoreUnavailable
+from .tokens import TokenAuthority
+from ssa_server.plugins.manager import build_plugin_manager
+try:  # TEMP-SANDBOX-GUARD: remove once plugins/sandbox lands
+    from ssa_server.plugins.scripts import ScriptHost, limits_from
+except ImportError:  # pragma: no cover
+    ScriptHost = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger("ssa_server")
+
+
+def open_store(settings: Settings, *, exclusive: bool) -> Store:
+    """The store named by ``store_url`` (empty: the embedded TinyDB store in ``data_dir``)."""
+    if settings.store_url and not settings.store_url.startswith("tinydb://"):
+        from .settings import SettingsError
+
+        raise SettingsError(f"SSA_STORE_URL: unsupported store {settings.store_url.split(':', 1)[0]!r}")
+    from .tinystore import TinyStore
+
+    path = settings.store_url.removeprefix("tinydb://") or settings.data_dir
+    return TinyStore(path, exclusive=exclusive)
+
+
+@dataclass
+class Server:
+    settings: Settings
+    store: Store
+    keys: KeyRing
+    tokens: TokenAuthority
+    clients: ClientService
+    service: SsaService
+    plugins: pluggy.PluginManager
+    scripts: ScriptHost | None = None
+    clock: Callable[[], float] = time.time
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
+              plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time) -> Server:
+        store = store or open_store(settings, exclusive=exclusive)
+        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval, clock=clock)
+        tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
+        plugins = plugins or build_plugin_manager()
+        scripts = None
+        if settings.scripts_enabled and ScriptHost is not None:
+            scripts = ScriptHost(settings.scripts_dir, plugins, limits=limits_from(settings),
+                                 workers=settings.script_workers, on_error=settings.on_script_error,
+                                 reload_interval=settings.script_reload_interval)
+        return cls(settings=settings, store=store, keys=keys, tokens=tokens,
+                   clients=ClientService(store, tokens, clock=clock),
+                   service=SsaService(settings, store, keys, plugins, clock=clock),
+                   plugins=plugins, scripts=scripts, clock=clock)
+
+    async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
+        """Open the store, load the keys, start the script pool and, for the server
+        (``background``), the folder watcher and the cleaner.  CLI commands that neither sign
+        nor run hooks pass ``keys=False, scripts=False``."""
+        await self.store.open()
+        try:
+            if keys:
+                await self.keys.load(adopt_alg=background)
+            else:
+                await self.keys.refresh_if_due()
+            if scripts and self.scripts is not None:
+                await anyio.to_thread.run_sync(lambda: self.scripts.start(watch=background))  # type: ignore[union-attr]
+            else:
+                self.scripts = None
+        except BaseException:
+            await self.store.close()
+            raise
+        if background:
+            self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.scripts is not None:
+            await anyio.to_thread.run_sync(self.scripts.stop)
+        await self.store.close()
+
+    async def cleanup_once(self) -> tuple[int, int]:
+        """Expire SSAs past their expiration, purge old inactive ones, drop retired keys."""
+        expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace)
+        await self.keys.drop_expired_keys()
+        if expired or purged:
+            log.info("cleanup expired=%d purged=%d", expired, purged)
+        return expired, purged
+
+    async def _cleaner(self) -> None:
+        while True:
+            try:
+                await self.cleanup_once()
+            except Exception as e:  # keep the cleaner alive; the next run retries
+                log.error("cleanup failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(self.settings.cleanup_interval)
+
+    async def readiness(self) -> list[dict[str, str]]:
+        checks = []
+        try:
+            await self.store.check()
+            checks.append({"name": "store", "status": "UP"})
+        except (StoreUnavailable, OSError) as e:
+            checks.append({"name": "store", "status": "DOWN", "detail": type(e).__name__})
+        try:
+            self.keys.active()
+            checks.append({"name": "signing_key", "status": "UP"})
+        except RuntimeError:
+            checks.append({"name": "signing_key", "status": "DOWN"})
+        return checks

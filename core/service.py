@@ -1,0 +1,225 @@
+"""The SSA service: every business rule of create, list, get-JWT, validate and revoke.
+
+HTTP handlers and the CLI both call this layer; neither holds rules of its own.  Data flows one
+way: checked input -> service -> hooks -> signing -> store -> result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import pluggy
+
+from .errors import ApiError, InvalidJti, NothingToRevoke, NotAcceptable, ScriptFailed
+from .keys import KeyRing
+from .settings import Settings
+from .store import ACTIVE, SsaRecord, Store
+from .validation import CreateRequest
+from ssa_server.plugins.hookspecs import JwtDraft
+
+log = logging.getLogger("ssa_server.service")
+
+ADMIN = "https://jans.io/auth/ssa.admin"
+PORTAL = "https://jans.io/auth/ssa.portal"
+DEVELOPER = "https://jans.io/auth/ssa.developer"
+SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
+
+PROTECTED_CLAIMS = ("jti", "iss", "iat")
+PROTECTED_HEADER = ("alg", "kid")
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Plain facts about the request, handed (as a copy) to hooks."""
+
+    client_id: str
+    scopes: frozenset[str]
+    method: str = ""
+    path: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # never Authorization or Cookie
+
+    def for_hook(self, hook: str, settings: Settings) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "scopes": sorted(self.scopes),
+            "hook": hook,
+            "settings": {"issuer": settings.issuer, "signing_alg": settings.signing_alg,
+                         "expiration_in_days": settings.expiration_in_days,
+                         "custom_attributes": list(settings.custom_attributes)},
+            "request": {"method": self.method, "path": self.path, "headers": dict(self.headers)},
+        }
+
+
+class SsaService:
+    def __init__(self, settings: Settings, store: Store, keys: KeyRing, plugins: pluggy.PluginManager,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        self.plugins = plugins
+        self._clock = clock
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    # --- create ---
+    async def create(self, request: CreateRequest, ctx: CallContext) -> str:
+        """Build, post-process (hooks), sign and store a new SSA; returns the compact JWT.
+
+        Nothing is stored when a hook refuses or fails, or when signing fails.
+        """
+        now = self.now()
+        expiration = request.expiration or now + self.settings.expiration_in_days * 86400
+        record = SsaRecord(
+            jti=str(uuid.uuid4()), org_id=request.org_id, description=request.description,
+            software_id=request.software_id, software_roles=list(request.software_roles),
+            grant_types=list(request.grant_types), one_time_use=request.one_time_use,
+            rotate_ssa=request.rotate_ssa, lifetime=request.lifetime, custom=dict(request.custom),
+            created_at=now, expiration=expiration, status=ACTIVE, creator_id=ctx.client_id,
+            iss=self.settings.issuer,
+        )
+        await self.keys.refresh_if_due()
+        active = self.keys.active()
+        header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
+        claims = self.jwt_claims(record)
+        draft = JwtDraft(copy.deepcopy(header), copy.deepcopy(claims))
+        await self._run_hook("ssa_create", jwt=draft, context=ctx.for_hook("create", self.settings))
+        self._check_protected(header, claims, draft)
+        try:
+            token = await self._sign(draft.header, draft.claims)
+        except (TypeError, ValueError) as e:
+            raise ScriptFailed(f"a create hook produced claims that cannot be signed: {type(e).__name__}") from None
+        await self.store.add_ssa(record)
+        log.info("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
+        return token
+
+    @staticmethod
+    def jwt_claims(record: SsaRecord) -> dict[str, Any]:
+        claims: dict[str, Any] = {
+            "jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
+            "iss": record["iss"], "software_id": record["software_id"], "org_id": record["org_id"],
+            "software_roles": list(record["software_roles"]), "grant_types": list(record["grant_types"]),
+        }
+        if record.get("lifetime") is not None:
+            claims["lifetime"] = record["lifetime"]
+        claims.update(copy.deepcopy(record["custom"]))
+        return claims
+
+    @staticmethod
+    def _check_protected(header: dict[str, Any], claims: dict[str, Any], draft: JwtDraft) -> None:
+        if not isinstance(draft.header, dict) or not isinstance(draft.claims, dict):
+            raise ScriptFailed("a create hook replaced the JWT header or claims with a non-object.")
+        for name in PROTECTED_CLAIMS:
+            if draft.claims.get(name) != claims[name] or name not in draft.claims:
+                raise ScriptFailed(f"a create hook changed the server-owned claim '{name}'.")
+        for name in PROTECTED_HEADER:
+            if draft.header.get(name) != header[name] or name not in draft.header:
+                raise ScriptFailed(f"a create hook changed the server-owned header '{name}'.")
+
+    async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
+        # The signature releases the GIL: a worker thread lets RSA signing use both cores.
+        unsigned = {k: v for k, v in header.items() if k not in PROTECTED_HEADER}
+        return await anyio.to_thread.run_sync(self.keys.sign, unsigned, claims)
+
+    # --- list ---
+    async def list(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[dict[str, Any]]:
+        """ACTIVE, unexpired SSAs matching the filters; developer-only callers see their own."""
+        creator = None
+        if DEVELOPER in ctx.scopes and not ctx.scopes & {ADMIN, PORTAL}:
+            creator = ctx.client_id
+        now = self.now()
+        records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE, creator_id=creator)
+        items = [self.list_item(r) for r in records if r["expiration"] > now]
+        if not items:
+            return items
+        edited = copy.deepcopy(items)
+        result = await self._run_hook("ssa_get", ssa_list=edited, context=ctx.for_hook("get", self.settings))
+        if result is False:
+            return items  # Janssen: a get hook answering false discards the list changes
+        if not isinstance(edited, list):
+            raise ScriptFailed("a get hook left the SSA list in an invalid state.")
+        return edited
+
+    @staticmethod
+    def list_item(record: SsaRecord) -> dict[str, Any]:
+        """The GET /ssa element for one stored SSA (Janssen's shape)."""
+        inner: dict[str, Any] = {
+            "org_id": record["org_id"], "software_id": record["software_id"],
+            "software_roles": list(record["software_roles"]), "grant_types": list(record["grant_types"]),
+            "iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
+            "jti": record["jti"], "description": record["description"],
+            "one_time_use": record["one_time_use"], "rotate_ssa": record["rotate_ssa"],
+        }
+        if record.get("lifetime") is not None:
+            inner["lifetime"] = record["lifetime"]
+        for name, value in record["custom"].items():
+            inner.setdefault(name, copy.deepcopy(value))
+        return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
+                "iss": record["creator_id"], "status": record["status"]}
+
+    # --- get JWT ---
+    async def get_jwt(self, jti: str | None) -> str:
+        """The stored SSA re-signed with the active key (create hooks do not run)."""
+        record = await self.store.get_ssa(jti) if jti else None
+        if record is None or record["status"] != ACTIVE or record["expiration"] <= self.now():
+            raise InvalidJti()
+        await self.keys.refresh_if_due()
+        return await self._sign({"typ": "jwt"}, self.jwt_claims(record))
+
+    # --- validate ---
+    async def validate(self, jti: str | None) -> None:
+        """Succeeds for an existing, ACTIVE, unexpired SSA; a one-time SSA becomes USED, atomically."""
+        if not jti or await self.store.mark_used(jti, self.now()) is None:
+            raise InvalidJti()
+
+    # --- revoke ---
+    async def revoke(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[SsaRecord]:
+        """REVOKED (expiration = now) for every ACTIVE SSA matching jti and/or org_id."""
+        if not jti and not org_id:
+            raise NotAcceptable()
+        revoked = await self.store.revoke_ssas(jti=jti or None, org_id=org_id or None, now=self.now())
+        if not revoked:
+            raise NothingToRevoke()
+        log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
+        items = [self.list_item(r) for r in revoked]
+        try:
+            await self._run_hook("ssa_revoke", ssa_list=items, context=ctx.for_hook("revoke", self.settings))
+        except Exception as e:  # the revocation stands whatever a hook does
+            log.error("revoke hook failed: %s: %s", type(e).__name__, e)
+        return revoked
+
+    # --- hooks ---
+    async def _run_hook(self, name: str, **kwargs: Any) -> Any:
+        caller = getattr(self.plugins.hook, name)
+        try:
+            if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op: no thread hop
+                return caller(**kwargs)
+            return await anyio.to_thread.run_sync(lambda: caller(**kwargs))
+        except ApiError:
+            raise
+        except Exception as e:
+            if name == "ssa_revoke":
+                raise
+            if self.settings.on_script_error == "skip":
+                log.error("%s hook failed, skipped: %s: %s", name, type(e).__name__, e)
+                return None
+            raise ScriptFailed(f"{name} hook failed: {type(e).__name__}") from None
+
+    # --- templates (operator CLI) ---
+    async def save_template(self, name: str, fields: dict[str, Any]) -> None:
+        await self.store.put_template({"name": name, "fields": json.loads(json.dumps(fields)),
+                                       "created_at": self.now()})
+
+    async def template_fields(self, name: str) -> dict[str, Any]:
+        record = await self.store.get_template(name)
+        if record is None:
+            raise ApiError(f"No template named '{name}'.", status=404, error="not_found")
+        return dict(record["fields"])

@@ -1,0 +1,223 @@
+"""One frozen, typed settings object, read once.
+
+Precedence: CLI flags > ``SSA_*`` environment variables > TOML config file > defaults.
+Every field maps to ``SSA_<FIELD NAME IN UPPER CASE>`` and to the key ``<field name>`` in the
+config file (top level or under an ``[ssa]`` table).  Janssen's ``ssaConfiguration`` maps as:
+``ssaEndpoint`` -> ``ssa_endpoint``, ``ssaCustomAttributes`` -> ``custom_attributes``,
+``ssaSigningAlg`` -> ``signing_alg``, ``ssaExpirationInDays`` -> ``expiration_in_days``; the
+``ssa`` feature flag -> ``enabled``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SIGNING_ALGS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)
+ON_SCRIPT_ERROR = ("fail", "skip")
+SECRET_FIELDS = frozenset({"store_url"})  # may carry a password; masked by ``config show``
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with; the message is one clear line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The server's effective configuration.  See ``docs/configuration.md`` for each field."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    issuer: str = ""  # default: http://HOST:PORT
+    ssa_endpoint: str = ""  # default: ISSUER/ssa (Janssen ssaEndpoint)
+    enabled: bool = True  # the "ssa" feature flag
+    signing_alg: str = "RS256"
+    expiration_in_days: int = 30
+    custom_attributes: tuple[str, ...] = ()
+    data_dir: Path = Path("./data")
+    scripts_dir: Path = Path("./scripts")
+    token_ttl: int = 3600  # seconds an access token from POST /token lives
+    cleanup_interval: int = 300  # seconds between runs of the expired-SSA cleaner
+    cleanup_grace: int = 7 * 24 * 3600  # seconds an expired/revoked/used SSA is kept before purge
+    key_refresh_interval: float = 2.0  # seconds between checks for keys rotated by another process
+    log_level: str = "info"
+    access_log: bool = False  # uvicorn's access log costs ~45% of throughput; off by default
+    # Sandboxed scripts (issue 3).
+    scripts_enabled: bool = True
+    on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"
+    script_timeout: float = 1.0  # wall-clock seconds per call
+    script_cpu: float = 0.5  # CPU seconds per call
+    script_memory_mb: int = 256  # address-space limit of a worker
+    script_output_kb: int = 64  # max JSON result and print output per call
+    script_workers: int = 2
+    script_reload_interval: float = 1.0  # seconds between polls of the scripts folder
+    store_url: str = ""  # empty: the embedded TinyDB store in DATA_DIR
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("data_dir", Path(self.data_dir))
+        put("scripts_dir", Path(self.scripts_dir))
+        if not self.issuer:
+            put("issuer", f"http://{self.host}:{self.port}")
+        put("issuer", self.issuer.rstrip("/"))
+        if not self.ssa_endpoint:
+            put("ssa_endpoint", f"{self.issuer}/ssa")
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.signing_alg not in SIGNING_ALGS:
+            raise SettingsError(
+                f"SSA_SIGNING_ALG={self.signing_alg!r} is not supported; use one of {', '.join(SIGNING_ALGS)}"
+            )
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
+        for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
+                     "script_memory_mb", "script_output_kb"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
+        for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if self.cleanup_grace < 0:
+            raise SettingsError(f"SSA_CLEANUP_GRACE={self.cleanup_grace} must not be negative")
+        if self.on_script_error not in ON_SCRIPT_ERROR:
+            raise SettingsError(f"SSA_ON_SCRIPT_ERROR={self.on_script_error!r} must be 'fail' or 'skip'")
+        if not self.issuer.startswith(("http://", "https://")):
+            raise SettingsError(f"SSA_ISSUER={self.issuer!r} must be an http(s) URL")
+        for attr in self.custom_attributes:
+            if not attr or attr in RESERVED_ATTRIBUTES:
+                raise SettingsError(f"SSA_CUSTOM_ATTRIBUTES: {attr!r} is empty or a built-in SSA field")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective settings as JSON-ready values, secrets masked (``config show``)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            if f.name in SECRET_FIELDS and value:
+                value = _mask_url(str(value))
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (derived defaults recomputed when not given)."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return Settings(**current)
+
+
+# Request fields of POST /ssa and claims the server owns: never accepted as custom attributes.
+RESERVED_ATTRIBUTES = frozenset({
+    "org_id", "description", "software_id", "software_roles", "grant_types", "expiration",
+    "one_time_use", "rotate_ssa", "lifetime", "jti", "iss", "iat", "exp", "nbf", "sub", "aud",
+})
+
+
+def _mask_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return "***"
+
+
+def _cast(name: str, raw: Any, kind: Any) -> Any:
+    """Turn an environment string or a TOML value into the field's type, or fail clearly."""
+    try:
+        if kind is bool or kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind in (int, "int"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind in (float, "float"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if kind in (Path, "Path"):
+            return Path(str(raw))
+        if kind in ("tuple[str, ...]",):
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if kind in (str, "str"):
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    raise SettingsError(f"SSA_{name.upper()}={raw!r} is not a valid {kind if isinstance(kind, str) else kind.__name__}")
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Settings:
+    """Build the settings: CLI flags > SSA_* environment > config file > defaults.
+
+    ``cli`` holds only the flags the user gave (None values are ignored).  The config file
+    comes from ``config_file`` or else from ``SSA_CONFIG``.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or env.get("SSA_CONFIG")
+    if path:
+        values.update(_read_config_file(Path(path)))
+    for name in _FIELD_TYPES:
+        key = f"SSA_{name.upper()}"
+        if key in env:
+            values[name] = _cast(name, env[key], _FIELD_TYPES[name])
+    for name, value in (cli or {}).items():
+        if value is not None:
+            if name not in _FIELD_TYPES:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _cast(name, value, _FIELD_TYPES[name])
+    return Settings(**values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"config file {path} cannot be read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"config file {path} is not valid TOML: {e}") from None
+    section = data.pop("ssa", {})
+    if not isinstance(section, dict):
+        raise SettingsError(f"config file {path}: [ssa] must be a table")
+    data.update(section)
+    out: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in _FIELD_TYPES:
+            raise SettingsError(f"config file {path}: unknown setting {key!r}")
+        out[key] = _cast(key, raw, _FIELD_TYPES[key])
+    return out
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings)]

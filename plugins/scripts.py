@@ -1,0 +1,339 @@
+"""User scripts as pluggy plugins: one adapter per (script, hook), a folder poller for hot reload.
+
+A script module is never registered itself: the only objects pluggy sees are the adapters below,
+each exposing one hook and holding the error boundary.  Scripts run in file-name order (pluggy
+calls the last registered first, so adapters are registered in reverse order, ``tryfirst`` so
+they run before trusted plugins).  Every change in the folder re-registers the whole set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import statistics
+import threading
+import time
+import tomllib
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from ssa_server.errors import ScriptDenied, ScriptFailed
+
+from .hookspecs import JwtDraft, hookimpl
+from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
+
+log = logging.getLogger("ssa_server.scripts")
+
+HOOKS = ("create", "get", "revoke")
+_DURATIONS_KEPT = 512
+
+
+@dataclass
+class ScriptState:
+    """What the server knows about one script file (shown by GET /scripts and the CLI)."""
+
+    name: str
+    path: str
+    hooks: list[str] = field(default_factory=list)
+    revision: str = ""  # content hash of the version that serves
+    state: str = "loading"  # loaded | error (never loaded) | stale (a newer version failed; old one serves)
+    last_error: str | None = None
+    calls: int = 0
+    failures: int = 0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=_DURATIONS_KEPT))
+    seen_hash: str = ""  # hash of the file content last tried
+
+    def public(self) -> dict[str, Any]:
+        p50 = statistics.median(self.durations) * 1000 if self.durations else None
+        return {"name": self.name, "file": self.path, "hooks": list(self.hooks), "revision": self.revision,
+                "state": self.state, "last_error": self.last_error, "calls": self.calls,
+                "failures": self.failures, "p50_ms": round(p50, 3) if p50 is not None else None}
+
+
+def revision_of(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()[:12]
+
+
+def read_script(path: Path, max_bytes: int) -> tuple[str, dict[str, Any], str]:
+    """Source, config (``NAME.toml`` beside it) and revision; ScriptRefused on any problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ScriptRefused(f"{path.name}: cannot be read ({e.strerror})") from None
+    if len(raw) > max_bytes:
+        raise ScriptRefused(f"{path.name}: larger than {max_bytes} bytes")
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScriptRefused(f"{path.name}: not UTF-8 text") from None
+    config: dict[str, Any] = {}
+    config_path = path.with_suffix(".toml")
+    config_raw = b""
+    if config_path.exists():
+        try:
+            config_raw = config_path.read_bytes()
+            config = tomllib.loads(config_raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ScriptRefused(f"{config_path.name}: invalid TOML ({e})") from None
+    return source, config, revision_of(raw + b"\0" + config_raw)
+
+
+class _Adapter:
+    """Runs one hook of one script in the sandbox; the error boundary for that script."""
+
+    def __init__(self, host: ScriptHost, state: ScriptState) -> None:
+        self.host = host
+        self.state = state
+
+    def _call(self, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any] | None:
+        name = self.state.name
+        started = time.perf_counter()
+        try:
+            result = self.host.pool.call(name, hook, payload, context)
+        except ScriptError as e:
+            self.state.failures += 1
+            self.state.last_error = f"{hook}: {e.kind}: {e}"
+            log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, hook, e.kind, e)
+            if hook != "revoke" and self.host.on_error == "fail":
+                raise ScriptFailed(f"script {name}: {hook} failed ({e.kind})") from None
+            return None
+        finally:
+            self.state.calls += 1
+            self.state.durations.append(time.perf_counter() - started)
+        for line in result.get("logs") or []:
+            log.info("script %s@%s: %s", name, self.state.revision, line)
+        denied = result.get("denied")
+        if denied and hook != "revoke":
+            raise ScriptDenied(str(denied.get("description") or f"denied by script {name}"),
+                               error=str(denied.get("error") or "access_denied"))
+        if denied:
+            log.warning("script %s tried to deny a revocation; revocations stand", name)
+        return result
+
+
+class _CreateAdapter(_Adapter):
+    @hookimpl(tryfirst=True)
+    def ssa_create(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
+        result = self._call("create", {"header": jwt.header, "claims": jwt.claims}, context)
+        if result is None:
+            return None
+        jwt.header, jwt.claims = result["header"], result["claims"]
+        return False if result["result"] is False else None
+
+
+class _GetAdapter(_Adapter):
+    @hookimpl(tryfirst=True)
+    def ssa_get(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        result = self._call("get", {"ssa_list": ssa_list}, context)
+        if result is None:
+            return None
+        ssa_list[:] = result["ssa_list"]
+        return False if result["result"] is False else None
+
+
+class _RevokeAdapter(_Adapter):
+    @hookimpl(tryfirst=True)
+    def ssa_revoke(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        result = self._call("revoke", {"ssa_list": ssa_list}, context)
+        return False if result is not None and result["result"] is False else None
+
+
+_ADAPTERS = {"create": _CreateAdapter, "get": _GetAdapter, "revoke": _RevokeAdapter}
+
+
+def limits_from(settings: Any) -> SandboxLimits:
+    return SandboxLimits(timeout=settings.script_timeout, cpu=settings.script_cpu,
+                         memory_mb=settings.script_memory_mb, output_kb=settings.script_output_kb)
+
+
+class ScriptHost:
+    """Loads the scripts folder into the sandbox pool, keeps it in step, registers the adapters."""
+
+    def __init__(self, scripts_dir: Path, pm: pluggy.PluginManager, *, limits: SandboxLimits,
+                 workers: int, on_error: str = "fail", reload_interval: float = 1.0) -> None:
+        self.scripts_dir = Path(scripts_dir)
+        self.pm = pm
+        self.limits = limits
+        self.workers = workers
+        self.on_error = on_error
+        self.reload_interval = reload_interval
+        self.pool: SandboxPool = None  # type: ignore[assignment]  # set by start()
+        self.scripts: dict[str, ScriptState] = {}
+        self._registered: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, *, watch: bool = True) -> None:
+        self.pool = SandboxPool(workers=self.workers, limits=self.limits)
+        self.reload()
+        if watch:
+            self._thread = threading.Thread(target=self._watch, name="ssa-scripts-reload", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._unregister_all()
+        if self.pool is not None:
+            self.pool.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.reload_interval):
+            try:
+                self.reload()
+            except Exception as e:  # keep watching; the next poll retries
+                log.error("script reload failed: %s: %s", type(e).__name__, e)
+
+    def reload(self) -> bool:
+        """Bring the pool and the registrations in step with the folder; True if anything changed."""
+        with self._lock:
+            files = sorted(self.scripts_dir.glob("*.py")) if self.scripts_dir.is_dir() else []
+            changed = False
+            present = {p.stem for p in files}
+            for name in [n for n in self.scripts if n not in present]:
+                self.pool.unload(name)
+                del self.scripts[name]
+                log.info("script %s removed", name)
+                changed = True
+            for path in files:
+                changed |= self._load_one(path)
+            if changed:
+                self._register_all()
+            return changed
+
+    def _load_one(self, path: Path) -> bool:
+        name = path.stem
+        state = self.scripts.get(name)
+        try:
+            source, config, revision = read_script(path, self.limits.max_source_kb * 1024)
+        except ScriptRefused as e:
+            revision, source, config, error = "", "", {}, str(e)
+        else:
+            error = None
+        marker = revision or f"error:{error}"
+        if state is not None and state.seen_hash == marker:
+            return False  # nothing new since the last attempt
+        if state is None:
+            state = self.scripts[name] = ScriptState(name=name, path=str(path))
+        state.seen_hash = marker
+        if error is None:
+            try:
+                state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]
+            except ScriptRefused as e:
+                error = str(e)
+            else:
+                state.revision, state.state, state.last_error = revision, "loaded", None
+                log.info("script %s loaded revision=%s hooks=%s", name, revision, ",".join(state.hooks) or "-")
+                return True
+        state.last_error = error
+        state.state = "stale" if state.revision else "error"
+        log.error("script %s refused (%s): %s", name,
+                  "previous revision keeps serving" if state.revision else "not loaded", error)
+        return False
+
+    def _register_all(self) -> None:
+        self._unregister_all()
+        for name in sorted(self.scripts, reverse=True):  # pluggy is LIFO: reverse = file-name order
+            state = self.scripts[name]
+            if not state.revision:
+                continue
+            for hook in state.hooks:
+                plugin_name = f"script:{name}:{hook}"
+                self.pm.register(_ADAPTERS[hook](self, state), name=plugin_name)
+                self._registered.append(plugin_name)
+
+    def _unregister_all(self) -> None:
+        for plugin_name in self._registered:
+            self.pm.unregister(name=plugin_name)
+        self._registered.clear()
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [self.scripts[n].public() for n in sorted(self.scripts)]
+
+
+def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, Any]:
+    """A realistic event for ``hook``: what the server would hand a script for a fresh SSA."""
+    from ssa_server.service import ADMIN, SsaService
+    from ssa_server.store import ACTIVE, SsaRecord
+
+    now = int(time.time())
+    record = SsaRecord(jti="4f7c2b3e-0000-4000-8000-000000000001", org_id="acme", description="sample SSA",
+                       software_id="acme-scanner", software_roles=["password"], grant_types=["client_credentials"],
+                       one_time_use=True, rotate_ssa=True, lifetime=86400, custom={}, created_at=now,
+                       expiration=now + 30 * 86400, status=ACTIVE, creator_id="sample-client", iss=issuer)
+    context = {"client_id": "sample-client", "scopes": [ADMIN], "hook": hook,
+               "settings": {"issuer": issuer, "signing_alg": "RS256", "expiration_in_days": 30,
+                            "custom_attributes": []},
+               "request": {"method": "POST" if hook == "create" else "GET" if hook == "get" else "DELETE",
+                           "path": "/ssa", "headers": {"content-type": "application/json"}}}
+    if hook == "create":
+        payload = {"header": {"typ": "jwt", "alg": "RS256", "kid": "ssa_sample_sig_rs256"},
+                   "claims": SsaService.jwt_claims(record)}
+    else:
+        payload = {"ssa_list": [SsaService.list_item(record)]}
+    return {"payload": payload, "context": context}
+
+
+class ScriptRunner:
+    """One script in its own one-worker sandbox pool: the CLI's ``scripts test`` and the pytest
+    fixture ``ssa_script`` run hooks through it, on the same code path as the server."""
+
+    def __init__(self, path: str | Path, *, limits: SandboxLimits | None = None) -> None:
+        self.path = Path(path)
+        self.name = self.path.stem
+        self.limits = limits or SandboxLimits()
+        source, config, self.revision = read_script(self.path, self.limits.max_source_kb * 1024)
+        self._pool = SandboxPool(workers=1, limits=self.limits)
+        try:
+            self.hooks = [h for h in self._pool.load(self.name, source, config) if h in HOOKS]
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def run(self, hook: str, payload: dict[str, Any] | None = None,
+            context: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run one hook on ``payload`` (default: a sample event); ScriptError on failure."""
+        if hook not in HOOKS:
+            raise ScriptRefused(f"unknown hook {hook!r}; use one of {', '.join(HOOKS)}")
+        if hook not in self.hooks:
+            raise ScriptRefused(f"{self.path.name} defines no {hook}() function")
+        sample = sample_event(hook)
+        return self._pool.call(self.name, hook, payload or sample["payload"],
+                               dict(sample["context"], **(context or {})))
+
+    def create(self, claims: dict[str, Any] | None = None, header: dict[str, Any] | None = None,
+               context: dict[str, Any] | None = None) -> dict[str, Any]:
+        base = sample_event("create")["payload"]
+        payload = {"header": dict(base["header"], **(header or {})), "claims": dict(base["claims"], **(claims or {}))}
+        return self.run("create", payload, context)
+
+    def get(self, ssa_list: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.run("get", {"ssa_list": ssa_list} if ssa_list is not None else None, context)
+
+    def revoke(self, ssa_list: list[dict[str, Any]] | None = None,
+               context: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.run("revoke", {"ssa_list": ssa_list} if ssa_list is not None else None, context)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> ScriptRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_once(path: Path, hook: str, event: dict[str, Any] | None = None, *,
+             limits: SandboxLimits | None = None) -> dict[str, Any]:
+    """Load ``path`` in a fresh sandbox and run one hook on ``event`` (``{"payload", "context"}``,
+    either part optional: the sample fills it).  Raises ScriptRefused or ScriptError."""
+    event = event or {}
+    with ScriptRunner(path, limits=limits) as runner:
+        return runner.run(hook, event.get("payload"), event.get("context"))
