@@ -66,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             await server.stop()
 
-    asyncio.run(run(), loop_factory=config.get_loop_factory())
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # uvloop where installed
+        runner.run(run())
     return 0
 
 
