@@ -23,10 +23,7 @@ from .settings import Settings
 from .store import Store, StoreUnavailable
 from .tokens import TokenAuthority
 from ssa_server.plugins.manager import build_plugin_manager
-try:  # TEMP-SANDBOX-GUARD: remove once plugins/sandbox lands
-    from ssa_server.plugins.scripts import ScriptHost, limits_from
-except ImportError:  # pragma: no cover
-    ScriptHost = None  # type: ignore[assignment,misc]
+from ssa_server.plugins.scripts import ScriptHost, limits_from
 
 log = logging.getLogger("ssa_server")
 
@@ -64,7 +61,7 @@ class Server:
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
-        if settings.scripts_enabled and ScriptHost is not None:
+        if settings.scripts_enabled:
             scripts = ScriptHost(settings.scripts_dir, plugins, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval)

@@ -161,7 +161,7 @@ class ScriptHost:
         self.workers = workers
         self.on_error = on_error
         self.reload_interval = reload_interval
-        self.pool: SandboxPool = None  # type: ignore[assignment]  # set by start()
+        self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
         self._registered: list[str] = []
         self._lock = threading.Lock()
@@ -169,7 +169,6 @@ class ScriptHost:
         self._thread: threading.Thread | None = None
 
     def start(self, *, watch: bool = True) -> None:
-        self.pool = SandboxPool(workers=self.workers, limits=self.limits)
         self.reload()
         if watch:
             self._thread = threading.Thread(target=self._watch, name="ssa-scripts-reload", daemon=True)
@@ -197,7 +196,8 @@ class ScriptHost:
             changed = False
             present = {p.stem for p in files}
             for name in [n for n in self.scripts if n not in present]:
-                self.pool.unload(name)
+                if self.scripts[name].revision:
+                    self.pool.unload(name)
                 del self.scripts[name]
                 log.info("script %s removed", name)
                 changed = True
@@ -222,6 +222,8 @@ class ScriptHost:
         if state is None:
             state = self.scripts[name] = ScriptState(name=name, path=str(path))
         state.seen_hash = marker
+        if error is None and self.pool is None:  # workers start with the first script, not before
+            self.pool = SandboxPool(workers=self.workers, limits=self.limits)
         if error is None:
             try:
                 state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]

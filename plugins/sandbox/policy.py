@@ -1,0 +1,235 @@
+"""The language layer: restricted compilation, curated builtins and helpers, calling a hook.
+
+Runs inside a worker process.  Scripts get fresh globals and a fresh copy of the builtins each,
+``safer_getattr``, ``full_write_guard``, guarded unpacking and a capped print; no ``__import__``
+(``import`` fails), no real ``getattr``/``type``/``vars``/``dir``/``globals``/``compile``/``open``.
+Helpers are plain functions, never modules: ``json``, ``re``, ``datetime``, ``uuid``, ``base64``
+and ``operator`` all lead to ``os`` through public attributes.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import copy
+import datetime as _dt
+import hashlib
+import json
+import operator
+import time
+import types
+import uuid
+from typing import Any
+
+from RestrictedPython import compile_restricted_exec, safe_builtins
+from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_sequence, guarded_unpack_sequence,
+                                     safer_getattr, safer_getattr_raise)
+
+from ssa_server.plugins.hookspecs import JwtDraft
+
+from .errors import ScriptError, ScriptRefused
+
+HOOKS = ("create", "get", "revoke")
+PROTECTED_CLAIMS = ("jti", "iss", "iat")
+PROTECTED_HEADER = ("alg", "kid")
+MAX_LOG_LINES, MAX_LOG_LINE = 50, 1000
+
+_INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
+            "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow, "|=": operator.ior,
+            "&=": operator.iand, "^=": operator.ixor, "<<=": operator.ilshift, ">>=": operator.irshift}
+_EXTRA_BUILTINS = ("list", "dict", "tuple", "set", "frozenset", "sorted", "reversed", "min", "max", "sum",
+                   "enumerate", "zip", "map", "filter", "any", "all", "iter", "next")
+_FORBIDDEN = ("setattr", "delattr", "__build_class__")  # no classes: nothing to put a __del__ or __eq__ on
+
+
+# --- helpers offered to scripts (plain functions) ---
+def json_dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, sort_keys=True)
+
+
+def json_loads(text: str) -> Any:
+    if not isinstance(text, str) or len(text) > 1 << 20:
+        raise ValueError("json_loads takes a string of at most 1 MiB")
+    return json.loads(text)
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def utc_iso(ts: int | float) -> str:
+    return _dt.datetime.fromtimestamp(float(ts), _dt.timezone.utc).isoformat()
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def b64url_encode(text: str) -> str:
+    return base64.urlsafe_b64encode(str(text).encode()).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> str:
+    return base64.urlsafe_b64decode(str(text) + "=" * (-len(str(text)) % 4)).decode()
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(str(text).encode()).hexdigest()
+
+
+HELPERS = {f.__name__: f for f in (json_dumps, json_loads, now, utc_iso, new_uuid, b64url_encode,
+                                   b64url_decode, sha256_hex)}
+
+
+class CappedPrint:
+    """``print`` for scripts: collected (never to a file), capped."""
+
+    def __init__(self, _getattr_: Any = None, limit: int = 64 * 1024) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+
+    def write(self, text: str) -> None:
+        self.size += len(text)
+        if self.size > self.limit:
+            raise RuntimeError("print output limit exceeded")
+        self.parts.append(text)
+
+    def __call__(self) -> str:
+        return "".join(self.parts)
+
+    def _call_print(self, *objects: Any, **kw: Any) -> None:
+        if kw.get("file") is not None:
+            raise RuntimeError("print(file=...) is not allowed")
+        print(*objects, sep=str(kw.get("sep", " ")), end=str(kw.get("end", "\n")), file=self)
+
+
+class ScriptContext:
+    """The read-only ``context`` a hook receives (full_write_guard refuses attribute writes)."""
+
+    def __init__(self, facts: dict[str, Any], config: dict[str, Any]) -> None:
+        self.client_id = facts.get("client_id", "")
+        self.scopes = list(facts.get("scopes", []))
+        self.hook = facts.get("hook", "")
+        self.settings = copy.deepcopy(facts.get("settings", {}))
+        self.request = copy.deepcopy(facts.get("request", {}))
+        self.config = copy.deepcopy(config)
+        self._logs: list[str] = []
+        self._denied: dict[str, str] | None = None
+
+    def log(self, message: Any) -> None:
+        if len(self._logs) < MAX_LOG_LINES:
+            self._logs.append(_printable(str(message))[:MAX_LOG_LINE])
+
+    def deny(self, error: Any = "access_denied", description: Any = "") -> None:
+        self._denied = {"error": _printable(str(error))[:64] or "access_denied",
+                        "description": _printable(str(description))[:MAX_LOG_LINE]}
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _builtins() -> dict[str, Any]:
+    b = dict(safe_builtins)  # a fresh copy per script: one script cannot poison another's
+    for name in _FORBIDDEN:
+        b.pop(name, None)
+    b.update({n: getattr(builtins, n) for n in _EXTRA_BUILTINS})
+    b["getattr"] = safer_getattr_raise
+    b["RecursionError"] = RecursionError
+    b.update(HELPERS)
+    return b
+
+
+def load(name: str, source: str, *, max_source: int, output_limit: int) -> dict[str, Any]:
+    """Compile and run the script's top level; its globals.  ScriptRefused on any failure."""
+    if len(source.encode()) > max_source:
+        raise ScriptRefused(f"{name}: larger than {max_source} bytes")
+    try:
+        result = compile_restricted_exec(source, filename=f"<script {name}>")
+    except BaseException as e:  # RecursionError, MemoryError in the parser
+        raise ScriptRefused(f"{name}: cannot be compiled ({type(e).__name__})") from None
+    if result.errors:
+        raise ScriptRefused(f"{name}: " + "; ".join(result.errors)[:1000])
+    env: dict[str, Any] = {
+        "__builtins__": _builtins(), "__name__": f"script_{name}",
+        "_getattr_": safer_getattr, "_getitem_": operator.getitem, "_getiter_": iter,
+        "_iter_unpack_sequence_": guarded_iter_unpack_sequence, "_unpack_sequence_": guarded_unpack_sequence,
+        "_write_": full_write_guard, "_inplacevar_": lambda op, x, y: _INPLACE[op](x, y),
+        "_apply_": lambda f, *a, **k: f(*a, **k),
+        "_print_": lambda _getattr_=None: CappedPrint(limit=output_limit),
+    }
+    try:
+        exec(result.code, env)
+    except BaseException as e:
+        raise ScriptRefused(f"{name}: top level raised {type(e).__name__}: {_printable(str(e))[:300]}") from None
+    return env
+
+
+def hooks_of(env: dict[str, Any]) -> list[str]:
+    return [h for h in HOOKS if isinstance(env.get(h), types.FunctionType)]
+
+
+def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any],
+         config: dict[str, Any], *, output_limit: int) -> dict[str, Any]:
+    """Run one hook on copies of ``payload``; the JSON-ready result (validated by the caller)."""
+    fn = env.get(hook)
+    if not isinstance(fn, types.FunctionType):
+        raise ScriptError("invalid_result", f"the script defines no {hook}()")
+    context = ScriptContext(facts, config)
+    printed = CappedPrint(limit=output_limit)
+    env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
+    if hook == "create":
+        header, claims = copy.deepcopy(payload["header"]), copy.deepcopy(payload["claims"])
+        jwt = JwtDraft(header, claims)
+        returned = fn(jwt, context)
+        if not isinstance(jwt.header, dict) or not isinstance(jwt.claims, dict):
+            raise ScriptError("invalid_result", "jwt.header and jwt.claims must stay dicts")
+        for key in PROTECTED_CLAIMS:
+            if jwt.claims.get(key, _MISSING) != payload["claims"].get(key, _MISSING):
+                raise ScriptError("exception", f"the server-owned claim '{key}' cannot be changed")
+        for key in PROTECTED_HEADER:
+            if jwt.header.get(key, _MISSING) != payload["header"].get(key, _MISSING):
+                raise ScriptError("exception", f"the server-owned header '{key}' cannot be changed")
+        out: dict[str, Any] = {"header": jwt.header, "claims": jwt.claims}
+    else:
+        ssa_list = copy.deepcopy(payload["ssa_list"])
+        returned = fn(ssa_list, context)
+        out = {"ssa_list": ssa_list} if hook == "get" else {}
+    if returned is not None and not isinstance(returned, bool):
+        raise ScriptError("invalid_result", f"{hook}() must return True, False or None")
+    logs = list(context._logs) + [_printable(line)[:MAX_LOG_LINE] for line in printed().splitlines()[:MAX_LOG_LINES]]
+    out.update(result=returned is not False, logs=logs, denied=context._denied)
+    return out
+
+
+_MISSING = object()
+
+
+def check_json(value: Any, *, max_bytes: int, max_depth: int) -> str:
+    """Serialise a result: plain JSON only, within the size and depth caps."""
+    _check_depth(value, max_depth)
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ScriptError("invalid_result", f"the result is not plain JSON ({type(e).__name__})") from None
+    if len(text) > max_bytes:
+        raise ScriptError("limit", f"the result is larger than {max_bytes} bytes")
+    return text
+
+
+def _check_depth(value: Any, limit: int) -> None:
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ScriptError("limit", f"the result is nested deeper than {limit} levels")
+        if type(item) is dict:
+            for key in item:
+                if type(key) is not str:
+                    raise ScriptError("invalid_result", "result keys must be strings")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif type(item) is list:
+            stack.extend((v, depth + 1) for v in item)
+        elif item is not None and type(item) not in (str, int, float, bool):
+            raise ScriptError("invalid_result", f"the result holds a {type(item).__name__}, not plain JSON")

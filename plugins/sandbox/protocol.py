@@ -1,0 +1,44 @@
+"""Length-prefixed JSON frames over pipes (never pickle: a broken-out worker must not be able
+to make the server run code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+_HEADER = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """The peer closed the pipe, or sent a frame that is too large or not JSON."""
+
+
+def write_frame(fd: int, message: Any) -> None:
+    data = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    buf = _HEADER.pack(len(data)) + data
+    while buf:
+        written = os.write(fd, buf)
+        buf = buf[written:]
+
+
+def read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise FrameError("pipe closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int, max_bytes: int) -> Any:
+    (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size))
+    if size > max_bytes:
+        raise FrameError(f"frame of {size} bytes is over the {max_bytes} byte limit")
+    try:
+        return json.loads(read_exact(fd, size))
+    except ValueError:
+        raise FrameError("frame is not JSON") from None

@@ -1,0 +1,150 @@
+"""Every example script works in the real sandbox and in a real server (through HTTP)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from jwcrypto import jwk, jwt
+from starlette.testclient import TestClient
+
+from ssa_server.app import create_app
+from ssa_server.plugins.scripts import ScriptRunner
+from ssa_server.server import Server
+from ssa_server.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ADMIN = "https://jans.io/auth/ssa.admin"
+
+
+def example(name: str) -> Path:
+    return EXAMPLES / "scripts" / f"{name}.py"
+
+
+@pytest.fixture
+def serve_with(tmp_path):
+    """A server whose scripts folder holds the given examples; yields (client, auth headers)."""
+    opened = []
+
+    def start(*names: str):
+        scripts = tmp_path / "scripts"
+        scripts.mkdir(exist_ok=True)
+        for name in names:
+            for f in EXAMPLES.joinpath("scripts").glob(f"{name}.*"):
+                shutil.copy(f, scripts / f.name)
+        server = Server.build(Settings(data_dir=tmp_path / "data", scripts_dir=scripts, script_workers=1))
+        client = TestClient(create_app(server=server), raise_server_exceptions=False)
+        client.__enter__()
+        opened.append(client)
+        record, secret = client.portal.call(server.clients.create, [ADMIN], "examples")
+        token = client.post("/token", data={"grant_type": "client_credentials"},
+                            auth=(record["client_id"], secret)).json()["access_token"]
+        return client, {"Authorization": f"Bearer {token}"}
+
+    yield start
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def claims_of(client: TestClient, token: str) -> tuple[dict, dict]:
+    keys = jwk.JWKSet.from_json(client.get("/jwks").text)
+    verified = jwt.JWT(jwt=token, key=keys)
+    return verified.token.jose_header, json.loads(verified.claims)
+
+
+# --- janssen_sample ---
+def test_janssen_sample_in_sandbox(ssa_script):
+    result = ssa_script(example("janssen_sample")).create()
+    assert result["header"]["custom_header_name"] == "custom_header_value"
+    assert result["claims"]["custom_claim_name"] == "custom_claim_value"
+
+
+def test_janssen_sample_over_http_is_signed(serve_with):
+    client, auth = serve_with("janssen_sample")
+    r = client.post("/ssa", json={"org_id": "acme"}, headers=auth)
+    assert r.status_code == 201, r.text
+    header, claims = claims_of(client, r.json()["ssa"])  # verifies the signature
+    assert header["custom_header_name"] == "custom_header_value"
+    assert claims["custom_claim_name"] == "custom_claim_value"
+
+
+# --- tenant_claims ---
+def test_tenant_claims_in_sandbox(ssa_script):
+    script = ssa_script(example("tenant_claims"))
+    assert script.create()["claims"]["tenant"] == "acme"
+    assert script.create()["claims"]["environment"] == "staging"
+    assert script.get()["ssa_list"][0]["ssa"]["tenant"] == "acme"
+
+
+def test_tenant_claims_over_http(serve_with):
+    client, auth = serve_with("tenant_claims")
+    created = client.post("/ssa", json={"org_id": "o1"}, headers=auth)
+    _, claims = claims_of(client, created.json()["ssa"])
+    assert (claims["tenant"], claims["environment"]) == ("acme", "staging")
+    listed = client.get("/ssa", params={"org_id": "o1"}, headers=auth).json()
+    assert listed[0]["ssa"]["tenant"] == "acme"
+
+
+# --- deny_orgs ---
+def test_deny_orgs_in_sandbox(ssa_script):
+    script = ssa_script(example("deny_orgs"))
+    denied = script.create(claims={"org_id": "evil-corp"})
+    assert denied["denied"]["error"] == "access_denied"
+    assert not script.create(claims={"org_id": "acme"})["denied"]
+
+
+def test_deny_orgs_over_http_stores_nothing(serve_with):
+    client, auth = serve_with("deny_orgs")
+    r = client.post("/ssa", json={"org_id": "evil-corp"}, headers=auth)
+    assert r.status_code == 403
+    assert r.json()["error"] == "access_denied"
+    assert "evil-corp" in r.json()["error_description"]
+    assert client.get("/ssa", params={"org_id": "evil-corp"}, headers=auth).json() == []
+    assert client.post("/ssa", json={"org_id": "acme"}, headers=auth).status_code == 201
+
+
+# --- hide_fields ---
+def test_hide_fields_in_sandbox(ssa_script):
+    item = ssa_script(example("hide_fields")).get()["ssa_list"][0]["ssa"]
+    assert "description" not in item and "software_roles" not in item
+    assert item["org_id"] == "acme"
+
+
+def test_hide_fields_over_http(serve_with):
+    client, auth = serve_with("hide_fields")
+    client.post("/ssa", json={"org_id": "o2", "description": "secret plan", "software_roles": ["r"]}, headers=auth)
+    item = client.get("/ssa", params={"org_id": "o2"}, headers=auth).json()[0]["ssa"]
+    assert "description" not in item and "software_roles" not in item
+    assert item["org_id"] == "o2"
+
+
+# --- revoke_audit ---
+def test_revoke_audit_in_sandbox(ssa_script):
+    result = ssa_script(example("revoke_audit")).revoke()
+    assert result["result"] is True
+    assert any("audit: client sample-client revoked SSA" in line for line in result["logs"])
+
+
+def test_revoke_audit_over_http_logs(serve_with, caplog):
+    client, auth = serve_with("revoke_audit")
+    client.post("/ssa", json={"org_id": "o3"}, headers=auth)
+    with caplog.at_level(logging.INFO, logger="ssa_server.scripts"):
+        assert client.delete("/ssa", params={"org_id": "o3"}, headers=auth).status_code == 200
+    assert any("revoke_audit" in r.getMessage() and "org o3" in r.getMessage() for r in caplog.records)
+
+
+def test_examples_pass_scripts_check():
+    from ssa_server.cli import main
+
+    for path in sorted(EXAMPLES.joinpath("scripts").glob("*.py")):
+        assert main(["scripts", "check", str(path)]) == 0, path
+
+
+def test_runner_refuses_unknown_hook():
+    from ssa_server.plugins.sandbox import ScriptRefused
+
+    with ScriptRunner(example("hide_fields")) as runner, pytest.raises(ScriptRefused):
+        runner.run("create")
