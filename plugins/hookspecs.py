@@ -27,6 +27,9 @@ class JwtDraft:
         self.header = header
         self.claims = claims
 
+    def __repr__(self) -> str:  # plain data only: no class path or memory address for scripts
+        return f"JwtDraft(header={self.header!r}, claims={self.claims!r})"
+
     def getHeader(self) -> _ClaimsView:  # noqa: N802 - Janssen's name
         return _ClaimsView(self.header)
 
@@ -37,6 +40,9 @@ class JwtDraft:
 class _ClaimsView:
     def __init__(self, target: dict[str, Any]) -> None:
         self._target = target
+
+    def __repr__(self) -> str:
+        return f"Claims({self._target!r})"
 
     def setClaim(self, name: str, value: Any) -> None:  # noqa: N802
         self._target[name] = value

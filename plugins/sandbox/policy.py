@@ -117,6 +117,9 @@ class ScriptContext:
         self._logs: list[str] = []
         self._denied: dict[str, str] | None = None
 
+    def __repr__(self) -> str:
+        return f"Context(client_id={self.client_id!r}, hook={self.hook!r})"
+
     def log(self, message: Any) -> None:
         if len(self._logs) < MAX_LOG_LINES:
             self._logs.append(_printable(str(message))[:MAX_LOG_LINE])
