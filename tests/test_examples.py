@@ -148,3 +148,35 @@ def test_runner_refuses_unknown_hook():
 
     with ScriptRunner(example("hide_fields")) as runner, pytest.raises(ScriptRefused):
         runner.run("create")
+
+
+def test_scripts_test_cli_exit_codes(tmp_path, capsys):
+    from ssa_server.cli import main
+
+    assert main(["scripts", "test", str(example("janssen_sample")), "--hook", "create"]) == 0
+    assert json.loads(capsys.readouterr().out)["claims"]["custom_claim_name"] == "custom_claim_value"
+    event = EXAMPLES / "events" / "create.json"
+    assert main(["scripts", "test", str(example("deny_orgs")), "--hook", "create", "--event", str(event)]) == 3
+    assert "denied: access_denied" in capsys.readouterr().err
+    assert main(["scripts", "test", str(example("hide_fields")), "--hook", "create"]) == 1
+    assert "defines no create()" in capsys.readouterr().err
+    loop = tmp_path / "loop.py"
+    loop.write_text("def create(jwt, context):\n    while True:\n        pass\n")
+    assert main(["scripts", "test", str(loop), "--hook", "create"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("timeout" in err or "limit" in err)
+    broken = tmp_path / "broken.py"
+    broken.write_text("def create(jwt, context):\n    return jwt.__dict__\n")
+    assert main(["scripts", "check", str(broken)]) == 1
+    assert "__dict__" in capsys.readouterr().err
+
+
+def test_scripts_list_cli_reports_broken_next_to_good(tmp_path, capsys):
+    from ssa_server.cli import main
+
+    shutil.copy(example("revoke_audit"), tmp_path / "good.py")
+    (tmp_path / "bad.py").write_text("import os\n")
+    assert main(["scripts", "list", "--scripts-dir", str(tmp_path)]) == 0
+    listed = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    assert listed["good"]["state"] == "ok" and listed["good"]["hooks"] == ["revoke"]
+    assert listed["bad"]["state"] == "error" and "import" in listed["bad"]["error"]
