@@ -1,9 +1,9 @@
-"""User scripts as pluggy plugins: one adapter per (script, hook), a folder poller for hot reload.
+"""User scripts behind pluggy: one chain plugin, one adapter per (script, hook), hot reload.
 
-A script module is never registered itself: the only objects pluggy sees are the adapters below,
-each exposing one hook and holding the error boundary.  Scripts run in file-name order (pluggy
-calls the last registered first, so adapters are registered in reverse order, ``tryfirst`` so
-they run before trusted plugins).  Every change in the folder re-registers the whole set.
+A script module is never registered itself: pluggy sees one ``_ScriptChain`` plugin exposing only
+create/get/revoke, which runs one adapter per (script, hook) in file-name order, before trusted
+plugins (``tryfirst``).  Each adapter holds the error boundary for its script.  A change in the
+folder rebuilds the chains and swaps them in one assignment.
 """
 
 from __future__ import annotations
@@ -116,8 +116,7 @@ class _Adapter:
 
 
 class _CreateAdapter(_Adapter):
-    @hookimpl(tryfirst=True)
-    def ssa_create(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
+    def run(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
         result = self._call("create", {"header": jwt.header, "claims": jwt.claims}, context)
         if result is None:
             return None
@@ -126,8 +125,7 @@ class _CreateAdapter(_Adapter):
 
 
 class _GetAdapter(_Adapter):
-    @hookimpl(tryfirst=True)
-    def ssa_get(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
         result = self._call("get", {"ssa_list": ssa_list}, context)
         if result is None:
             return None
@@ -136,13 +134,43 @@ class _GetAdapter(_Adapter):
 
 
 class _RevokeAdapter(_Adapter):
-    @hookimpl(tryfirst=True)
-    def ssa_revoke(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
         result = self._call("revoke", {"ssa_list": ssa_list}, context)
         return False if result is not None and result["result"] is False else None
 
 
 _ADAPTERS = {"create": _CreateAdapter, "get": _GetAdapter, "revoke": _RevokeAdapter}
+
+
+class _ScriptChain:
+    """The one pluggy plugin for all scripts: exposes only the three hooks and runs the current
+    chain of adapters in file-name order.  A reload swaps the chains in one assignment, so a
+    request sees either the old set or the new one, never an empty or half-built set."""
+
+    def __init__(self) -> None:
+        self.chains: dict[str, tuple[_Adapter, ...]] = {h: () for h in HOOKS}
+
+    @staticmethod
+    def _run(chain: tuple[_Adapter, ...], *args: Any) -> bool | None:
+        for adapter in chain:
+            if adapter.run(*args) is False:  # type: ignore[attr-defined]
+                return False  # stops the chain (and pluggy's, as a non-None firstresult)
+        return None
+
+    @hookimpl(tryfirst=True)
+    def ssa_create(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
+        return self._run(self.chains["create"], jwt, context)
+
+    @hookimpl(tryfirst=True)
+    def ssa_get(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        return self._run(self.chains["get"], ssa_list, context)
+
+    @hookimpl(tryfirst=True)
+    def ssa_revoke(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        return self._run(self.chains["revoke"], ssa_list, context)
+
+
+_CHAIN_NAME = "scripts"
 
 
 def limits_from(settings: Any) -> SandboxLimits:
@@ -163,7 +191,7 @@ class ScriptHost:
         self.reload_interval = reload_interval
         self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
-        self._registered: list[str] = []
+        self._chain = _ScriptChain()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,20 +268,16 @@ class ScriptHost:
         return False
 
     def _register_all(self) -> None:
-        self._unregister_all()
-        for name in sorted(self.scripts, reverse=True):  # pluggy is LIFO: reverse = file-name order
-            state = self.scripts[name]
-            if not state.revision:
-                continue
-            for hook in state.hooks:
-                plugin_name = f"script:{name}:{hook}"
-                self.pm.register(_ADAPTERS[hook](self, state), name=plugin_name)
-                self._registered.append(plugin_name)
+        loaded = [self.scripts[n] for n in sorted(self.scripts) if self.scripts[n].revision]
+        self._chain.chains = {h: tuple(_ADAPTERS[h](self, st) for st in loaded if h in st.hooks) for h in HOOKS}
+        # Registered only while scripts exist, so a server without scripts pays nothing for them.
+        if loaded and not self.pm.has_plugin(_CHAIN_NAME):
+            self.pm.register(self._chain, name=_CHAIN_NAME)
 
     def _unregister_all(self) -> None:
-        for plugin_name in self._registered:
-            self.pm.unregister(name=plugin_name)
-        self._registered.clear()
+        if self.pm.has_plugin(_CHAIN_NAME):
+            self.pm.unregister(name=_CHAIN_NAME)
+        self._chain.chains = {h: () for h in HOOKS}
 
     def listing(self) -> list[dict[str, Any]]:
         return [self.scripts[n].public() for n in sorted(self.scripts)]

@@ -202,3 +202,28 @@ def test_scripts_listing_needs_admin_and_shows_stats(harness):
     assert entry["name"] == "a" and entry["hooks"] == ["create"] and entry["state"] == "loaded"
     assert len(entry["revision"]) == 12 and entry["calls"] >= 1 and entry["p50_ms"] is not None
     assert entry["last_error"] is None
+
+
+def test_policy_holds_during_reloads(harness):
+    deny = 'def create(jwt, context):\n    context.deny("access_denied", "never")\n    return False\n# {n}\n'
+    h = harness({"deny.py": deny.format(n=0)})
+    stop = False
+
+    def churn():
+        n = 0
+        while not stop:
+            n += 1
+            h.write("deny.py", deny.format(n=n))  # a new revision each time
+            h.server.scripts.reload()
+
+    import threading
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        statuses = {h.create().status_code for _ in range(40)}
+    finally:
+        stop = True
+        t.join()
+    assert statuses == {403}
+    assert h.count() == 0
