@@ -138,8 +138,8 @@ class SsaService:
         now = self.now()
         records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE, creator_id=creator)
         items = [self.list_item(r) for r in records if r["expiration"] > now]
-        if not items:
-            return items
+        if not items or not self._has_hooks("ssa_get"):
+            return items  # nothing can change the list: skip the copy
         edited = copy.deepcopy(items)
         result = await self._run_hook("ssa_get", ssa_list=edited, context=ctx.for_hook("get", self.settings))
         if result is False:
@@ -197,10 +197,14 @@ class SsaService:
         return revoked
 
     # --- hooks ---
+    def _has_hooks(self, name: str) -> bool:
+        """True when something besides the built-in no-op implements the hook."""
+        return len(getattr(self.plugins.hook, name).get_hookimpls()) > 1
+
     async def _run_hook(self, name: str, **kwargs: Any) -> Any:
         caller = getattr(self.plugins.hook, name)
         try:
-            if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op: no thread hop
+            if not self._has_hooks(name):  # only the built-in no-op: no thread hop
                 return caller(**kwargs)
             return await anyio.to_thread.run_sync(lambda: caller(**kwargs))
         except ApiError:
