@@ -164,6 +164,10 @@ class TinyStore:
                     return
             except FileNotFoundError:
                 raise StoreUnavailable(f"{self.path} disappeared") from None
+        self._read_new_lines()
+
+    def _read_new_lines(self) -> None:
+        """Apply the complete lines past our offset, skipping the ones we wrote ourselves."""
         size = os.fstat(self._fd).st_size
         if size <= self._offset:
             return
@@ -278,7 +282,7 @@ class TinyStore:
         """Rewrite the journal as one line per live record (exclusive owner only)."""
         tmp = self.path.with_suffix(".jsonl.tmp")
         with self._write_lock, self._file_lock():
-            self._catch_up_locked()
+            self._read_new_lines()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 chunk: list[bytes] = []
@@ -298,27 +302,9 @@ class TinyStore:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            old_fd = self._fd
             self._open_journal()  # closes the old fd, which releases its flock after the rename
-            del old_fd
             self._offset = os.fstat(self._fd).st_size
             self._lines = self._live()
-
-    def _catch_up_locked(self) -> None:
-        size = os.fstat(self._fd).st_size
-        if size > self._offset:
-            data = os.pread(self._fd, size - self._offset, self._offset)
-            end = data.rfind(b"\n") + 1
-            self._apply_lines(data[:end], skip_own=True)
-            self._offset += end
-
-    async def _flush_pending(self) -> None:
-        await self._commit([])
-        while True:
-            with self._pending_lock:
-                if not self._pending:
-                    break
-            await asyncio.sleep(0.001)
 
     # --- SSAs ---
     async def add_ssa(self, record: SsaRecord) -> None:
@@ -411,7 +397,8 @@ class TinyStore:
                 purged += 1
         await self._commit(lines)
         if self.exclusive and self._garbage() > max(self._live(), _COMPACT_MIN_GARBAGE):
-            await self._flush_pending()
+            # Queued lines need no flush first: _compact holds _write_lock, so they land in the
+            # old file before the snapshot or in the new one after it (replay is idempotent).
             await asyncio.to_thread(self._compact)
         return expired, purged
 

@@ -169,24 +169,23 @@ class SandboxPool:
                                      "context": context}, self.limits.timeout)
             if "error" in answer:
                 kind = answer["error"].get("kind", "exception")
-                if kind == "limit":
-                    raise ScriptError("limit", str(answer["error"].get("message", "")))
-                raise ScriptError(kind if kind in ("exception", "invalid_result") else "exception",
+                raise ScriptError(kind if kind in ("exception", "invalid_result", "limit") else "exception",
                                   str(answer["error"].get("message", ""))[:1000])
             result = answer.get("ok")
             _validate(hook, result)
-            if worker.calls >= self.limits.recycle_after:
-                raise _Recycle()
-            return result  # type: ignore[no-any-return]
-        except (ScriptError, _Recycle) as e:
-            if isinstance(e, _Recycle) or e.kind in ("timeout", "crashed", "limit"):
-                worker.kill()
-                worker = self._fresh()  # not under _admin: a load may be waiting for this worker
-            if isinstance(e, _Recycle):
-                return answer["ok"]  # type: ignore[no-any-return]
+        except ScriptError as e:
+            if e.kind in ("timeout", "crashed", "limit"):
+                worker = self._replace(worker)
             raise
         finally:
+            if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
+                worker = self._replace(worker)
             self._idle.put(worker)
+        return result  # type: ignore[no-any-return]
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        return self._fresh()  # not under _admin: a load may be waiting for this worker
 
     def close(self) -> None:
         self._closed = True
@@ -195,10 +194,6 @@ class SandboxPool:
                 self._idle.get_nowait().kill()
             except queue.Empty:
                 return
-
-
-class _Recycle(Exception):
-    """The worker served its quota of calls: replace it after this answer."""
 
 
 def _validate(hook: str, result: Any) -> None:

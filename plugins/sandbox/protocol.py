@@ -16,7 +16,11 @@ class FrameError(Exception):
 
 
 def write_frame(fd: int, message: Any) -> None:
-    data = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    write_raw_frame(fd, json.dumps(message, separators=(",", ":"), allow_nan=False).encode())
+
+
+def write_raw_frame(fd: int, data: bytes) -> None:
+    """A frame whose JSON text is already made (the worker serialises results once)."""
     buf = _HEADER.pack(len(data)) + data
     while buf:
         written = os.write(fd, buf)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 from typing import Any
 
 from . import policy
 from .errors import ScriptError, ScriptRefused
-from .protocol import FrameError, read_frame
+from .protocol import FrameError, read_frame, write_raw_frame
 
 MAX_REQUEST = 64 << 20
 
@@ -56,8 +55,7 @@ def main() -> None:
             return
         _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
         try:
-            answer = {"ok": _handle(request, scripts, limits, output)}
-            text = json.dumps(answer, separators=(",", ":"))
+            text = '{"ok":' + _handle(request, scripts, limits, output) + "}"
         except ScriptRefused as e:
             text = json.dumps({"error": {"kind": "refused", "message": str(e)}})
         except ScriptError as e:
@@ -68,7 +66,7 @@ def main() -> None:
             text = json.dumps({"error": {"kind": "limit", "message": "recursion limit exceeded"}})
         except BaseException as e:  # the script's own exception, SystemExit included
             text = json.dumps({"error": {"kind": "exception", "message": f"{type(e).__name__}: {_text(e)}"}})
-        os.write(wfd, len(text.encode()).to_bytes(4, "big") + text.encode())
+        write_raw_frame(wfd, text.encode())
 
 
 def _text(error: BaseException) -> str:
@@ -78,22 +76,23 @@ def _text(error: BaseException) -> str:
         return "?"
 
 
-def _handle(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int) -> Any:
+def _handle(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int) -> str:
+    """The answer's JSON text (results are checked and serialised once, by check_json)."""
     op, name = request.get("op"), request.get("name", "")
     if op == "load":
         env = policy.load(name, request["source"], max_source=limits["max_source_kb"] * 1024, output_limit=output)
         scripts[name] = (env, request.get("config") or {})
-        return {"hooks": policy.hooks_of(env)}
+        return json.dumps({"hooks": policy.hooks_of(env)})
     if op == "unload":
         scripts.pop(name, None)
-        return {}
+        return "{}"
     if op == "call":
         if name not in scripts:
             raise ScriptError("invalid_result", f"script {name} is not loaded")
         env, config = scripts[name]
         result = policy.call(env, request["hook"], request["payload"], request.get("context") or {}, config,
                              output_limit=output)
-        return json.loads(policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"]))
+        return policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"])
     raise ScriptError("invalid_result", f"unknown op {op!r}")
 
 
