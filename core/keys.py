@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from jwcrypto import jwk, jws
+from jwcrypto import jwk
 
+from .signing import Signer
 from .store import ACTIVE, KeyRecord, Store
 
 SSA_USE, TOKEN_USE = "ssa", "token"
@@ -51,6 +52,8 @@ class KeyRing:
         self._clock = clock
         self._records: list[KeyRecord] = []
         self._objects: dict[str, jwk.JWK] = {}
+        self._signers: dict[str, Signer] = {}
+        self._active: dict[str, KeyRecord] = {}
         self._uses: dict[str, str] = {}
         self._fingerprint = ""
         self._checked_at = 0.0
@@ -90,7 +93,9 @@ class KeyRing:
     def _install(self, records: list[KeyRecord]) -> None:
         self._records = records
         self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records}
+        self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records if r["status"] == "active"}
         self._uses = {r["kid"]: r["use"] for r in records if r["status"] != "retired"}
+        self._active = {use: rec for use in (SSA_USE, TOKEN_USE) if (rec := self._newest_active(use)) is not None}
         self._fingerprint = _fingerprint(records)
         self._checked_at = self._clock()
 
@@ -134,12 +139,16 @@ class KeyRing:
     # --- use ---
     def active(self, use: str = SSA_USE) -> KeyRecord:
         """The newest active key for this use (SSA keys: of the configured alg if there is one)."""
+        try:
+            return self._active[use]
+        except KeyError:
+            raise RuntimeError(f"no active {use} key; run load() first") from None
+
+    def _newest_active(self, use: str) -> KeyRecord | None:
         candidates = [r for r in self._records if r["use"] == use and r["status"] == "active"]
         preferred = [r for r in candidates if r["alg"] == self._alg] if use == SSA_USE else candidates
         pool = preferred or candidates
-        if not pool:
-            raise RuntimeError(f"no active {use} key; run load() first")
-        return max(pool, key=lambda r: r["created_at"])
+        return max(pool, key=lambda r: r["created_at"]) if pool else None
 
     def key_object(self, kid: str, use: str) -> jwk.JWK:
         """The key with this kid if it serves ``use``; KeyError otherwise."""
@@ -149,12 +158,10 @@ class KeyRing:
 
     def sign(self, header: dict[str, Any], claims: dict[str, Any], use: str = SSA_USE) -> str:
         """Compact JWS over ``claims``; ``alg`` and ``kid`` are set from the active key."""
-        rec = self.active(use)
-        protected = dict(header, alg=rec["alg"], kid=rec["kid"])
-        token = jws.JWS(json.dumps(claims, separators=(",", ":")).encode())
-        token.add_signature(self._objects[rec["kid"]], alg=rec["alg"],
-                            protected=json.dumps(protected, separators=(",", ":")))
-        return token.serialize(compact=True)
+        return self._signers[self.active(use)["kid"]].sign(header, claims)
+
+    def active_alg(self, use: str = SSA_USE) -> str:
+        return self.active(use)["alg"]
 
     def jwks(self) -> dict[str, list[dict[str, Any]]]:
         """Public SSA keys still needed for verification: active and retiring, never private parts."""

@@ -6,12 +6,15 @@ way: checked input -> service -> hooks -> signing -> store -> result.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import os
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ import pluggy
 
 from .errors import ApiError, InvalidJti, NothingToRevoke, NotAcceptable, ScriptFailed
 from .keys import KeyRing
+from .signing import SLOW_ALGS
 from .settings import Settings
 from .store import ACTIVE, SsaRecord, Store
 from .validation import CreateRequest
@@ -34,6 +38,9 @@ SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
 
 PROTECTED_CLAIMS = ("jti", "iss", "iat")
 PROTECTED_HEADER = ("alg", "kid")
+
+# Shared by every service in the process; as many threads as cores (more only add GIL contention).
+_SIGNING_THREADS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
 
 
 @dataclass(frozen=True)
@@ -90,9 +97,13 @@ class SsaService:
         active = self.keys.active()
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
         claims = self.jwt_claims(record)
-        draft = JwtDraft(copy.deepcopy(header), copy.deepcopy(claims))
-        await self._run_hook("ssa_create", jwt=draft, context=ctx.for_hook("create", self.settings))
-        self._check_protected(header, claims, draft)
+        if self._has_hooks("ssa_create"):
+            draft = JwtDraft(copy.deepcopy(header), copy.deepcopy(claims))
+            await self._run_hook("ssa_create", jwt=draft, context=ctx.for_hook("create", self.settings))
+            self._check_protected(header, claims, draft)
+        else:
+            draft = JwtDraft(header, claims)  # only the built-in no-op: nothing can change it
+            await self._run_hook("ssa_create", jwt=draft, context={})
         try:
             token = await self._sign(draft.header, draft.claims)
         except (TypeError, ValueError) as e:
@@ -125,9 +136,13 @@ class SsaService:
                 raise ScriptFailed(f"a create hook changed the server-owned header '{name}'.")
 
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
-        # The signature releases the GIL: a worker thread lets RSA signing use both cores.
         unsigned = {k: v for k, v in header.items() if k not in PROTECTED_HEADER}
-        return await anyio.to_thread.run_sync(self.keys.sign, unsigned, claims)
+        if self.keys.active_alg() in SLOW_ALGS:
+            # An RSA signature releases the GIL: signing threads let it use the other core
+            # while the event loop serves the next request.
+            return await asyncio.get_running_loop().run_in_executor(_SIGNING_THREADS, self.keys.sign,
+                                                                    unsigned, claims)
+        return self.keys.sign(unsigned, claims)
 
     # --- list ---
     async def list(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[dict[str, Any]]:

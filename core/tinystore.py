@@ -18,16 +18,17 @@ keep lookups from scanning.  See ``docs/store.md``.
 from __future__ import annotations
 
 import asyncio
-import copy
 import fcntl
 import json
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from tinydb import TinyDB
 from tinydb.storages import MemoryStorage
 from tinydb.table import Table
@@ -39,6 +40,7 @@ JOURNAL = "store.jsonl"
 LOCK = "server.lock"
 TABLES = ("ssa", "clients", "keys", "templates")
 _COMPACT_MIN_GARBAGE = 10_000
+_CHUNK = 8 << 20  # replay reads the journal in chunks: the file is never in memory whole
 
 
 class _LiveTable(Table):
@@ -55,7 +57,51 @@ class _Db(TinyDB):
 
 
 def _dump(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        # An integer beyond 64 bits (orjson refuses it, and would read it back as a float):
+        # the line is written by the stdlib and flagged to be read back by it.
+        entry = dict(entry, j=1)
+        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def _load(line: bytes) -> Any:
+    entry = orjson.loads(line)
+    return json.loads(line) if entry.get("j") else entry
+
+
+def clone(value: Any) -> Any:
+    """A deep copy of a JSON value (several times faster than ``copy.deepcopy``)."""
+    if type(value) is dict:
+        return {k: clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [clone(v) for v in value]
+    return value
+
+
+_intern = sys.intern
+_SHARED_STRINGS = ("org_id", "status", "creator_id", "iss", "software_id")
+
+
+def _compact_ssa(doc: dict[str, Any]) -> dict[str, Any]:
+    """Share the strings that repeat across SSAs (about a third less memory at 100k SSAs)."""
+    for name in _SHARED_STRINGS:
+        value = doc.get(name)
+        if type(value) is str:
+            doc[name] = _intern(value)
+    doc["software_roles"] = [_intern(v) if type(v) is str else v for v in doc["software_roles"]]
+    doc["grant_types"] = [_intern(v) if type(v) is str else v for v in doc["grant_types"]]
+    return doc
+
+
+def _copy_ssa(doc: dict[str, Any]) -> Any:
+    """A caller's copy of a stored SSA: its only mutable parts are the two lists and ``custom``."""
+    out = doc.copy()
+    out["software_roles"] = list(doc["software_roles"])
+    out["grant_types"] = list(doc["grant_types"])
+    out["custom"] = clone(doc["custom"]) if doc["custom"] else {}
+    return out
 
 
 class TinyStore:
@@ -77,6 +123,7 @@ class TinyStore:
         self._pending: list[tuple[bytes, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._offset_lock = threading.Lock()  # _offset and _lines: the event loop and the flusher move them
         self._wake = threading.Event()
         self._closing = False
         self._flusher: threading.Thread | None = None
@@ -141,16 +188,12 @@ class TinyStore:
 
     def _replay_all(self) -> None:
         self._reset()
-        size = os.fstat(self._fd).st_size
-        data = os.pread(self._fd, size, 0)
-        end = data.rfind(b"\n") + 1
-        if end < len(data) and self.exclusive:
+        self._read_new_lines(skip_own=False)
+        if self._offset < os.fstat(self._fd).st_size and self.exclusive:
             # A torn last line: the write was never acknowledged.  Drop it.
             with self._file_lock():
-                os.ftruncate(self._fd, end)
+                os.ftruncate(self._fd, self._offset)
                 os.fsync(self._fd)
-        self._apply_lines(data[:end], skip_own=False)
-        self._offset = end
 
     def _catch_up(self) -> None:
         """Apply lines other processes appended since our last look (cheap when there are none)."""
@@ -166,16 +209,26 @@ class TinyStore:
                 raise StoreUnavailable(f"{self.path} disappeared") from None
         self._read_new_lines()
 
-    def _read_new_lines(self) -> None:
-        """Apply the complete lines past our offset, skipping the ones we wrote ourselves."""
-        size = os.fstat(self._fd).st_size
-        if size <= self._offset:
-            return
-        data = os.pread(self._fd, size - self._offset, self._offset)
-        end = data.rfind(b"\n") + 1
-        if end:
-            self._apply_lines(data[:end], skip_own=True)
-            self._offset += end
+    def _read_new_lines(self, *, skip_own: bool = True) -> None:
+        """Apply the complete lines past our offset, chunk by chunk, skipping our own lines.
+
+        Our own batches are normally skipped without a read: the flusher moves the offset past
+        a batch it appended right at it (``_write_batch``).
+        """
+        with self._offset_lock:
+            size = os.fstat(self._fd).st_size
+            want = _CHUNK
+            while self._offset < size:
+                data = os.pread(self._fd, min(want, size - self._offset), self._offset)
+                end = data.rfind(b"\n") + 1
+                if not end:
+                    if len(data) < want:
+                        return  # a line still being written (or torn): not ours to apply yet
+                    want *= 2  # one line longer than a chunk
+                    continue
+                self._apply_lines(data[:end], skip_own=skip_own)
+                self._offset += end
+                want = _CHUNK
 
     def _apply_lines(self, data: bytes, *, skip_own: bool) -> None:
         for number, line in enumerate(data.splitlines(), start=self._lines + 1):
@@ -183,7 +236,7 @@ class TinyStore:
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
+                entry = _load(line)
                 if skip_own and entry.get("w") == self._writer:
                     continue
                 name, doc_id = entry["t"], entry["id"]
@@ -198,6 +251,8 @@ class TinyStore:
     def _put(self, name: str, doc_id: str, doc: dict[str, Any]) -> None:
         table = self.tables[name]
         if name == "ssa":
+            doc = _compact_ssa(doc)
+            doc_id = doc["jti"]
             old = table.get(doc_id)
             if old is not None:
                 self._unindex(old)
@@ -250,11 +305,18 @@ class TinyStore:
     def _write_batch(self, batch: list[tuple[bytes, asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
         error: Exception | None = None
         try:
+            data = b"".join(data for data, _, _ in batch)
             with self._write_lock, self._file_lock():
                 if not self.exclusive and os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
                     self._open_journal_for_append()
-                os.write(self._fd, b"".join(data for data, _, _ in batch))
+                start = os.fstat(self._fd).st_size
+                os.write(self._fd, data)
                 os.fsync(self._fd)
+                if self.exclusive:
+                    with self._offset_lock:
+                        if self._offset == start:  # nothing unread before our batch: skip re-reading it
+                            self._offset = start + len(data)
+                            self._lines += data.count(b"\n")
         except OSError as e:
             self._broken = f"{self.path} cannot be written: {e.strerror}"
             error = StoreUnavailable(self._broken)
@@ -287,7 +349,9 @@ class TinyStore:
             try:
                 chunk: list[bytes] = []
                 for name, table in self.tables.items():
-                    for doc_id, doc in table.items():
+                    # A snapshot: the event loop goes on changing the table while this thread
+                    # writes (those changes' lines are queued behind _write_lock).
+                    for doc_id, doc in list(table.items()):
                         chunk.append(_dump({"t": name, "id": doc_id, "doc": doc}))
                         if len(chunk) >= 5000:
                             os.write(fd, b"".join(chunk))
@@ -302,9 +366,10 @@ class TinyStore:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            self._open_journal()  # closes the old fd, which releases its flock after the rename
-            self._offset = os.fstat(self._fd).st_size
-            self._lines = self._live()
+            with self._offset_lock:  # the event loop reads _fd and _offset under this lock
+                self._open_journal()  # closes the old fd, which releases its flock after the rename
+                self._offset = os.fstat(self._fd).st_size
+                self._lines = self._live()
 
     # --- SSAs ---
     async def add_ssa(self, record: SsaRecord) -> None:
@@ -320,7 +385,7 @@ class TinyStore:
             seen.add(r["jti"])
         lines = []
         for r in records:
-            doc = copy.deepcopy(dict(r))
+            doc = _copy_ssa(r)  # type: ignore[arg-type]
             self._put("ssa", doc["jti"], doc)
             lines.append(self._line("ssa", doc["jti"], doc))
         await self._commit(lines)
@@ -328,7 +393,7 @@ class TinyStore:
     async def get_ssa(self, jti: str) -> SsaRecord | None:
         self._catch_up()
         doc = self.tables["ssa"].get(jti)
-        return copy.deepcopy(doc) if doc is not None else None  # type: ignore[return-value]
+        return _copy_ssa(doc) if doc is not None else None
 
     def _matching(self, jti: str | None, org_id: str | None, status: str | None,
                   creator_id: str | None) -> list[dict[str, Any]]:
@@ -353,7 +418,7 @@ class TinyStore:
     async def find_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                         status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
         self._catch_up()
-        return copy.deepcopy(self._matching(jti, org_id, status, creator_id))  # type: ignore[return-value]
+        return [_copy_ssa(doc) for doc in self._matching(jti, org_id, status, creator_id)]
 
     async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
         self._catch_up()
@@ -361,12 +426,12 @@ class TinyStore:
         if doc is None or doc["status"] != ACTIVE or doc["expiration"] <= now:
             return None
         if not doc["one_time_use"]:
-            return copy.deepcopy(doc)  # type: ignore[return-value]
+            return _copy_ssa(doc)  # type: ignore[no-any-return]
         # Check and change happen in one synchronous step: no other coroutine can interleave.
         doc = dict(doc, status=USED)
         self._put("ssa", jti, doc)
         await self._commit([self._line("ssa", jti, doc)])
-        return copy.deepcopy(doc)  # type: ignore[return-value]
+        return _copy_ssa(doc)  # type: ignore[no-any-return]
 
     async def revoke_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                           creator_id: str | None = None, now: int) -> list[SsaRecord]:
@@ -380,7 +445,7 @@ class TinyStore:
             lines.append(self._line("ssa", new["jti"], new))
             changed.append(new)
         await self._commit(lines)
-        return copy.deepcopy(changed)  # type: ignore[return-value]
+        return [_copy_ssa(doc) for doc in changed]
 
     async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
         self._catch_up()
@@ -409,18 +474,18 @@ class TinyStore:
     # --- generic records ---
     async def _put_record(self, name: str, doc_id: str, record: dict[str, Any]) -> None:
         self._catch_up()
-        doc = copy.deepcopy(dict(record))
+        doc = clone(dict(record))
         self._put(name, doc_id, doc)
         await self._commit([self._line(name, doc_id, doc)])
 
     def _get(self, name: str, doc_id: str) -> Any:
         self._catch_up()
         doc = self.tables[name].get(doc_id)
-        return copy.deepcopy(doc) if doc is not None else None
+        return clone(doc) if doc is not None else None
 
     def _all(self, name: str) -> list[Any]:
         self._catch_up()
-        return copy.deepcopy(sorted(self.tables[name].values(), key=lambda d: d.get("created_at", 0)))
+        return clone(sorted(self.tables[name].values(), key=lambda d: d.get("created_at", 0)))
 
     # --- clients ---
     async def add_client(self, record: ClientRecord) -> None:
