@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import json
 import os
 import sys
@@ -188,7 +189,15 @@ class TinyStore:
 
     def _replay_all(self) -> None:
         self._reset()
-        self._read_new_lines(skip_own=False)
+        # The cyclic GC would rescan every record read so far, again and again: 100k SSAs
+        # replay in ~1 s without it and in 2-4 s with it.  Replayed records hold no cycles.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._read_new_lines(skip_own=False)
+        finally:
+            if enabled:
+                gc.enable()
         if self._offset < os.fstat(self._fd).st_size and self.exclusive:
             # A torn last line: the write was never acknowledged.  Drop it.
             with self._file_lock():

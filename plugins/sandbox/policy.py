@@ -15,12 +15,14 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import math
 import operator
 import time
 import types
 import uuid
 from typing import Any
 
+import orjson
 from RestrictedPython import compile_restricted_exec, safe_builtins
 from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_sequence, guarded_unpack_sequence,
                                      safer_getattr, safer_getattr_raise)
@@ -28,6 +30,7 @@ from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_seque
 from ssa_server.plugins.hookspecs import JwtDraft
 
 from .errors import ScriptError, ScriptRefused
+from .protocol import dumps
 
 HOOKS = ("create", "get", "revoke")
 PROTECTED_CLAIMS = ("jti", "iss", "iat")
@@ -111,9 +114,9 @@ class ScriptContext:
         self.client_id = facts.get("client_id", "")
         self.scopes = list(facts.get("scopes", []))
         self.hook = facts.get("hook", "")
-        self.settings = copy.deepcopy(facts.get("settings", {}))
-        self.request = copy.deepcopy(facts.get("request", {}))
-        self.config = copy.deepcopy(config)
+        self.settings = facts.get("settings", {})  # facts come fresh from the request frame
+        self.request = facts.get("request", {})
+        self.config = copy.deepcopy(config)  # the script's config outlives the call: a copy each time
         self._logs: list[str] = []
         self._denied: dict[str, str] | None = None
 
@@ -175,7 +178,8 @@ def hooks_of(env: dict[str, Any]) -> list[str]:
 
 def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any],
          config: dict[str, Any], *, output_limit: int) -> dict[str, Any]:
-    """Run one hook on copies of ``payload``; the JSON-ready result (validated by the caller)."""
+    """Run one hook on ``payload``, which the script may change (the worker parsed it from the
+    request frame: nothing else holds it); the JSON-ready result, validated by the caller."""
     fn = env.get(hook)
     if not isinstance(fn, types.FunctionType):
         raise ScriptError("invalid_result", f"the script defines no {hook}()")
@@ -183,39 +187,51 @@ def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[st
     printed = CappedPrint(limit=output_limit)
     env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
     if hook == "create":
-        header, claims = copy.deepcopy(payload["header"]), copy.deepcopy(payload["claims"])
+        header, claims = payload["header"], payload["claims"]
+        owned = [(claims, key, claims.get(key, _MISSING)) for key in PROTECTED_CLAIMS]
+        owned += [(header, key, header.get(key, _MISSING)) for key in PROTECTED_HEADER]
         jwt = JwtDraft(header, claims)
         returned = fn(jwt, context)
         if not isinstance(jwt.header, dict) or not isinstance(jwt.claims, dict):
             raise ScriptError("invalid_result", "jwt.header and jwt.claims must stay dicts")
-        for key in PROTECTED_CLAIMS:
-            if jwt.claims.get(key, _MISSING) != payload["claims"].get(key, _MISSING):
-                raise ScriptError("exception", f"the server-owned claim '{key}' cannot be changed")
-        for key in PROTECTED_HEADER:
-            if jwt.header.get(key, _MISSING) != payload["header"].get(key, _MISSING):
-                raise ScriptError("exception", f"the server-owned header '{key}' cannot be changed")
+        for part, key, value in owned:
+            now = (jwt.claims if part is claims else jwt.header).get(key, _MISSING)
+            if now != value:
+                where = "claim" if part is claims else "header"
+                raise ScriptError("exception", f"the server-owned {where} '{key}' cannot be changed")
         out: dict[str, Any] = {"header": jwt.header, "claims": jwt.claims}
     else:
-        ssa_list = copy.deepcopy(payload["ssa_list"])
+        ssa_list = payload["ssa_list"]
         returned = fn(ssa_list, context)
         out = {"ssa_list": ssa_list} if hook == "get" else {}
     if returned is not None and not isinstance(returned, bool):
         raise ScriptError("invalid_result", f"{hook}() must return True, False or None")
     logs = list(context._logs) + [_printable(line)[:MAX_LOG_LINE] for line in printed().splitlines()[:MAX_LOG_LINES]]
-    out.update(result=returned is not False, logs=logs, denied=context._denied)
+    out.update(result=returned is not False, logs=logs)
+    if context._denied is not None:
+        out["denied"] = context._denied
     return out
 
 
 _MISSING = object()
 
 
-def check_json(value: Any, *, max_bytes: int, max_depth: int) -> str:
+# Subclasses of str/int/dict/list, datetimes and dataclasses are refused, not converted.
+_PLAIN_ONLY = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def check_json(value: Any, *, max_bytes: int, max_depth: int) -> bytes:
     """Serialise a result: plain JSON only, within the size and depth caps."""
-    _check_depth(value, max_depth)
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
-        raise ScriptError("invalid_result", f"the result is not plain JSON ({type(e).__name__})") from None
+        text = orjson.dumps(value, option=_PLAIN_ONLY)
+    except TypeError:  # not plain JSON, nested past orjson's limit, or an integer beyond 64 bits
+        _check_depth(value, max_depth)  # names what is wrong, or passes for the big integers
+        text = dumps(value)
+    else:
+        # orjson writes NaN as null and does not count depth: walk the value only when the
+        # text could hide either (results normally hold no null and a few brackets).
+        if b"null" in text or text.count(b"[") + text.count(b"{") > max_depth:
+            _check_depth(value, max_depth)
     if len(text) > max_bytes:
         raise ScriptError("limit", f"the result is larger than {max_bytes} bytes")
     return text
@@ -234,5 +250,7 @@ def _check_depth(value: Any, limit: int) -> None:
             stack.extend((v, depth + 1) for v in item.values())
         elif type(item) is list:
             stack.extend((v, depth + 1) for v in item)
+        elif type(item) is float and not math.isfinite(item):
+            raise ScriptError("invalid_result", "the result holds NaN or infinity, not plain JSON")
         elif item is not None and type(item) not in (str, int, float, bool):
             raise ScriptError("invalid_result", f"the result holds a {type(item).__name__}, not plain JSON")

@@ -173,6 +173,7 @@ class SandboxPool:
                                   str(answer["error"].get("message", ""))[:1000])
             result = answer.get("ok")
             _validate(hook, result)
+            result.setdefault("denied", None)  # the worker leaves it out when nothing was denied
         except ScriptError as e:
             if e.kind in ("timeout", "crashed", "limit"):
                 worker = self._replace(worker)

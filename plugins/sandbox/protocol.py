@@ -8,6 +8,8 @@ import os
 import struct
 from typing import Any
 
+import orjson
+
 _HEADER = struct.Struct(">I")
 
 
@@ -15,8 +17,21 @@ class FrameError(Exception):
     """The peer closed the pipe, or sent a frame that is too large or not JSON."""
 
 
+def dumps(value: Any) -> bytes:
+    """JSON text of a plain JSON value; orjson, or the stdlib behind a leading space for the
+    integers beyond 64 bits that orjson refuses (and would read back as floats)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return b" " + json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def loads(data: bytes) -> Any:
+    return json.loads(data) if data[:1] == b" " else orjson.loads(data)
+
+
 def write_frame(fd: int, message: Any) -> None:
-    write_raw_frame(fd, json.dumps(message, separators=(",", ":"), allow_nan=False).encode())
+    write_raw_frame(fd, dumps(message))
 
 
 def write_raw_frame(fd: int, data: bytes) -> None:
@@ -43,6 +58,6 @@ def read_frame(fd: int, max_bytes: int) -> Any:
     if size > max_bytes:
         raise FrameError(f"frame of {size} bytes is over the {max_bytes} byte limit")
     try:
-        return json.loads(read_exact(fd, size))
+        return loads(read_exact(fd, size))
     except ValueError:
         raise FrameError("frame is not JSON") from None

@@ -55,18 +55,27 @@ def main() -> None:
             return
         _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
         try:
-            text = '{"ok":' + _handle(request, scripts, limits, output) + "}"
+            text = _ok(_handle(request, scripts, limits, output))
         except ScriptRefused as e:
-            text = json.dumps({"error": {"kind": "refused", "message": str(e)}})
+            text = _error("refused", str(e))
         except ScriptError as e:
-            text = json.dumps({"error": {"kind": e.kind, "message": str(e)[:1000]}})
+            text = _error(e.kind, str(e)[:1000])
         except MemoryError:
-            text = json.dumps({"error": {"kind": "limit", "message": "memory limit exceeded"}})
+            text = _error("limit", "memory limit exceeded")
         except RecursionError:
-            text = json.dumps({"error": {"kind": "limit", "message": "recursion limit exceeded"}})
+            text = _error("limit", "recursion limit exceeded")
         except BaseException as e:  # the script's own exception, SystemExit included
-            text = json.dumps({"error": {"kind": "exception", "message": f"{type(e).__name__}: {_text(e)}"}})
-        write_raw_frame(wfd, text.encode())
+            text = _error("exception", f"{type(e).__name__}: {_text(e)}")
+        write_raw_frame(wfd, text)
+
+
+def _ok(text: bytes) -> bytes:
+    # A leading space marks stdlib JSON (see protocol.dumps): keep it at the front of the frame.
+    return (b" " if text[:1] == b" " else b"") + b'{"ok":' + text + b"}"
+
+
+def _error(kind: str, message: str) -> bytes:
+    return json.dumps({"error": {"kind": kind, "message": message}}).encode()
 
 
 def _text(error: BaseException) -> str:
@@ -76,16 +85,16 @@ def _text(error: BaseException) -> str:
         return "?"
 
 
-def _handle(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int) -> str:
+def _handle(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int) -> bytes:
     """The answer's JSON text (results are checked and serialised once, by check_json)."""
     op, name = request.get("op"), request.get("name", "")
     if op == "load":
         env = policy.load(name, request["source"], max_source=limits["max_source_kb"] * 1024, output_limit=output)
         scripts[name] = (env, request.get("config") or {})
-        return json.dumps({"hooks": policy.hooks_of(env)})
+        return json.dumps({"hooks": policy.hooks_of(env)}).encode()
     if op == "unload":
         scripts.pop(name, None)
-        return "{}"
+        return b"{}"
     if op == "call":
         if name not in scripts:
             raise ScriptError("invalid_result", f"script {name} is not loaded")
