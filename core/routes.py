@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+
+from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
@@ -15,16 +17,13 @@ from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
 from .tokens import Caller
 from .validation import parse_create_request, parse_form, parse_json_body
 
-_HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-
-
 def _server(request: Request) -> Server:
     return request.app.state.server  # type: ignore[no-any-return]
 
 
 def _context(request: Request, caller: Caller) -> CallContext:
-    headers = {k: v for k, v in request.headers.items() if k not in _HIDDEN_HEADERS}
-    return CallContext(caller.client_id, caller.scopes, request.method, request.url.path, headers)
+    scope = request.scope
+    return CallContext(caller.client_id, caller.scopes, scope["method"], scope["path"], scope["headers"])
 
 
 async def _ssa_caller(request: Request, *scopes: str) -> Caller:

@@ -43,6 +43,9 @@ PROTECTED_HEADER = ("alg", "kid")
 _SIGNING_THREADS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
 
 
+_HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
 @dataclass(frozen=True)
 class CallContext:
     """Plain facts about the request, handed (as a copy) to hooks."""
@@ -51,7 +54,16 @@ class CallContext:
     scopes: frozenset[str]
     method: str = ""
     path: str = ""
-    headers: dict[str, str] = field(default_factory=dict)  # never Authorization or Cookie
+    raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()  # as the ASGI scope has them
+
+    def headers(self) -> dict[str, str]:
+        """The request headers for hooks: never Authorization or Cookie (decoded only when a hook runs)."""
+        out = {}
+        for key, value in self.raw_headers:
+            name = key.decode("latin-1").lower()
+            if name not in _HIDDEN_HEADERS:
+                out[name] = value.decode("latin-1")
+        return out
 
     def for_hook(self, hook: str, settings: Settings) -> dict[str, Any]:
         return {
@@ -61,7 +73,7 @@ class CallContext:
             "settings": {"issuer": settings.issuer, "signing_alg": settings.signing_alg,
                          "expiration_in_days": settings.expiration_in_days,
                          "custom_attributes": list(settings.custom_attributes)},
-            "request": {"method": self.method, "path": self.path, "headers": dict(self.headers)},
+            "request": {"method": self.method, "path": self.path, "headers": self.headers()},
         }
 
 

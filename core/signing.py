@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -33,7 +34,10 @@ def b64url(data: bytes) -> bytes:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits, non-string keys: the stdlib writes those
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def signature_function(key: dict[str, Any], alg: str) -> Callable[[bytes], bytes]:

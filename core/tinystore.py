@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import gc
+import mmap
 import json
 import os
+import struct
 import sys
 import threading
 import uuid
@@ -39,6 +41,7 @@ from .store import (ACTIVE, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, Ssa
 
 JOURNAL = "store.jsonl"
 LOCK = "server.lock"
+SEQ = "store.seq"
 TABLES = ("ssa", "clients", "keys", "templates")
 _COMPACT_MIN_GARBAGE = 10_000
 _CHUNK = 8 << 20  # replay reads the journal in chunks: the file is never in memory whole
@@ -105,6 +108,36 @@ def _copy_ssa(doc: dict[str, Any]) -> Any:
     return out
 
 
+class _JournalEnd:
+    """The journal's end offset after the last complete append, in a shared 8-byte mapping.
+
+    Every writer (server or CLI) stores it under the journal's flock after its fsync; the server
+    compares it with its own read offset before each call, a memory read instead of an fstat
+    (which waits behind a concurrent fsync).  A hint only: replay never trusts it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def get(self) -> int:
+        return _OFFSET.unpack_from(self._map)[0]  # type: ignore[no-any-return]
+
+    def set(self, offset: int) -> None:
+        _OFFSET.pack_into(self._map, 0, offset)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+_OFFSET = struct.Struct("<Q")
+
+
 class TinyStore:
     def __init__(self, data_dir: Path | str, *, exclusive: bool = True) -> None:
         self.data_dir = Path(data_dir)
@@ -118,6 +151,7 @@ class TinyStore:
         self._by_creator: dict[str, dict[str, None]] = {}
         self._fd = -1
         self._inode = 0
+        self._end: _JournalEnd | None = None
         self._offset = 0
         self._lines = 0
         self._lock_fd = -1
@@ -140,10 +174,14 @@ class TinyStore:
         os.chmod(self.data_dir, 0o700)
         if self.exclusive:
             self._take_server_lock()
+        self._end = _JournalEnd(self.data_dir / SEQ)
         self._open_journal()
         self._replay_all()
-        if self.exclusive and self._garbage() > max(self._live(), 1000):
-            self._compact()
+        if self.exclusive:
+            with self._file_lock():
+                self._end.set(os.fstat(self._fd).st_size)
+            if self._garbage() > max(self._live(), 1000):
+                self._compact()
         self._flusher = threading.Thread(target=self._flush_loop, name="ssa-store-flusher", daemon=True)
         self._flusher.start()
 
@@ -156,6 +194,9 @@ class TinyStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._end is not None:
+            self._end.close()
+            self._end = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
@@ -216,6 +257,8 @@ class TinyStore:
                     return
             except FileNotFoundError:
                 raise StoreUnavailable(f"{self.path} disappeared") from None
+        elif self._end is not None and self._end.get() <= self._offset:
+            return  # nobody appended since our last look (the common case: no syscall)
         self._read_new_lines()
 
     def _read_new_lines(self, *, skip_own: bool = True) -> None:
@@ -326,6 +369,8 @@ class TinyStore:
                         if self._offset == start:  # nothing unread before our batch: skip re-reading it
                             self._offset = start + len(data)
                             self._lines += data.count(b"\n")
+                if self._end is not None:
+                    self._end.set(start + len(data))
         except OSError as e:
             self._broken = f"{self.path} cannot be written: {e.strerror}"
             error = StoreUnavailable(self._broken)
@@ -355,6 +400,7 @@ class TinyStore:
         with self._write_lock, self._file_lock():
             self._read_new_lines()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            written = lines = 0
             try:
                 chunk: list[bytes] = []
                 for name, table in self.tables.items():
@@ -363,9 +409,11 @@ class TinyStore:
                     for doc_id, doc in list(table.items()):
                         chunk.append(_dump({"t": name, "id": doc_id, "doc": doc}))
                         if len(chunk) >= 5000:
-                            os.write(fd, b"".join(chunk))
+                            written += os.write(fd, b"".join(chunk))
+                            lines += len(chunk)
                             chunk.clear()
-                os.write(fd, b"".join(chunk))
+                written += os.write(fd, b"".join(chunk))
+                lines += len(chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -377,8 +425,10 @@ class TinyStore:
                 os.close(dir_fd)
             with self._offset_lock:  # the event loop reads _fd and _offset under this lock
                 self._open_journal()  # closes the old fd, which releases its flock after the rename
-                self._offset = os.fstat(self._fd).st_size
-                self._lines = self._live()
+                # What we wrote, not the file's size now: a CLI may already have appended to it.
+                self._offset, self._lines = written, lines
+                if self._end is not None:
+                    self._end.set(os.fstat(self._fd).st_size)
 
     # --- SSAs ---
     async def add_ssa(self, record: SsaRecord) -> None:
