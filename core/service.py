@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from .errors import ApiError, InvalidJti, NothingToRevoke, NotAcceptable, Script
 from .keys import KeyRing
 from .signing import SLOW_ALGS
 from .settings import Settings
-from .store import ACTIVE, SsaRecord, Store
+from .store import ACTIVE, SsaRecord, Store, clone
 from .validation import CreateRequest
 from ssa_server.plugins.hookspecs import JwtDraft
 
@@ -42,6 +43,25 @@ PROTECTED_HEADER = ("alg", "kid")
 # Shared by every service in the process; as many threads as cores (more only add GIL contention).
 _SIGNING_THREADS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
 
+
+class _Uuid4Source:
+    """uuid4 strings from a buffer of ``os.urandom`` (one getrandom call per 256 ids instead of
+    one per id).  Thread-safe, and the buffer is dropped in a forked child."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer, self._pos, self._pid = b"", 0, 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._pos >= len(self._buffer) or self._pid != os.getpid():
+                self._buffer, self._pos, self._pid = os.urandom(4096), 0, os.getpid()
+            raw = self._buffer[self._pos:self._pos + 16]
+            self._pos += 16
+        return str(uuid.UUID(bytes=raw, version=4))
+
+
+new_jti = _Uuid4Source()
 
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
@@ -98,7 +118,7 @@ class SsaService:
         now = self.now()
         expiration = request.expiration or now + self.settings.expiration_in_days * 86400
         record = SsaRecord(
-            jti=str(uuid.uuid4()), org_id=request.org_id, description=request.description,
+            jti=new_jti(), org_id=request.org_id, description=request.description,
             software_id=request.software_id, software_roles=list(request.software_roles),
             grant_types=list(request.grant_types), one_time_use=request.one_time_use,
             rotate_ssa=request.rotate_ssa, lifetime=request.lifetime, custom=dict(request.custom),
@@ -133,7 +153,8 @@ class SsaService:
         }
         if record.get("lifetime") is not None:
             claims["lifetime"] = record["lifetime"]
-        claims.update(copy.deepcopy(record["custom"]))
+        if record["custom"]:
+            claims.update(clone(record["custom"]))
         return claims
 
     @staticmethod
@@ -188,7 +209,7 @@ class SsaService:
         if record.get("lifetime") is not None:
             inner["lifetime"] = record["lifetime"]
         for name, value in record["custom"].items():
-            inner.setdefault(name, copy.deepcopy(value))
+            inner.setdefault(name, clone(value))
         return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
                 "iss": record["creator_id"], "status": record["status"]}
 

@@ -55,6 +55,15 @@ class TemplateRecord(TypedDict):
     created_at: int
 
 
+def clone(value: Any) -> Any:
+    """A deep copy of a JSON value (several times faster than ``copy.deepcopy``)."""
+    if type(value) is dict:
+        return {k: clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [clone(v) for v in value]
+    return value
+
+
 class StoreLocked(RuntimeError):
     """Another server process holds this data dir."""
 

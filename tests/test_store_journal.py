@@ -6,7 +6,8 @@ import asyncio
 import time
 import uuid
 
-from ssa_server.tinystore import TinyStore, clone
+from ssa_server.store import clone
+from ssa_server.tinystore import TinyStore
 
 
 def ssa(**extra):
