@@ -145,7 +145,7 @@ def run_wrk(load: Load, workdir: Path) -> dict[str, Any]:
     seconds = max(1, math.ceil(load.seconds))
     cmd = [wrk_path() or "wrk", "-t", str(threads), "-c", str(load.connections), "-d", f"{seconds}s",
            "--timeout", f"{int(TIMEOUT_S)}s", "--latency", "-s", str(script), f"http://{load.host}:{load.port}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + TIMEOUT_S + 30)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=seconds + TIMEOUT_S + 30)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk gave no result (rc {proc.returncode}): {proc.stderr.strip()[-500:]} "
@@ -215,7 +215,7 @@ async def _drive(load: Load) -> dict[str, Any]:
             if writer is None:
                 try:
                     reader, writer = await asyncio.wait_for(asyncio.open_connection(load.host, load.port), TIMEOUT_S)
-                except (OSError, asyncio.TimeoutError):
+                except (TimeoutError, OSError):
                     errors["connect"] += 1
                     await asyncio.sleep(0.05)
                     continue
@@ -234,7 +234,7 @@ async def _drive(load: Load) -> dict[str, Any]:
                     length = int(lower[at + 17:lower.index(b"\r\n", at + 2)])
                 if length:
                     await asyncio.wait_for(reader.readexactly(length), TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors["timeout"] += 1
                 writer.close()
                 writer = None
@@ -273,8 +273,8 @@ def run_python(load: Load, workdir: Path) -> dict[str, Any]:
     """The Python client in its own process (so it does not share the harness's GIL)."""
     spec = workdir / f"load-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(dataclasses.asdict(load)))
-    proc = subprocess.run([sys.executable, "-m", "bench.loadgen", str(spec)], capture_output=True, text=True,
-                          cwd=REPO, timeout=load.seconds + 2 * TIMEOUT_S + 30)
+    proc = subprocess.run([sys.executable, "-m", "bench.loadgen", str(spec)], check=False, capture_output=True,
+                          text=True, cwd=REPO, timeout=load.seconds + 2 * TIMEOUT_S + 30)
     if proc.returncode != 0:
         raise RuntimeError(f"python load client failed: {proc.stderr.strip()[-800:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

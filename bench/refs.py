@@ -55,12 +55,16 @@ def raw_sign_ops(alg: str, seconds: float, key: jwk.JWK) -> float:
     """``cryptography``'s private_key.sign per second for the same key and a same-size input."""
     private = key.get_op_key("sign")
     data = b"x" * 400  # ~ base64url(header).base64url(claims)
-    if isinstance(private, rsa.RSAPrivateKey):
+    digest = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}[alg[-3:]]()
+    if isinstance(private, rsa.RSAPrivateKey) and alg.startswith("RS"):
         def one() -> bytes:
-            return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+            return private.sign(data, padding.PKCS1v15(), digest)
+    elif isinstance(private, rsa.RSAPrivateKey):  # PS*
+        def one() -> bytes:
+            return private.sign(data, padding.PSS(padding.MGF1(digest), digest.digest_size), digest)
     elif isinstance(private, ec.EllipticCurvePrivateKey):
         def one() -> bytes:
-            return private.sign(data, ec.ECDSA(hashes.SHA256()))
+            return private.sign(data, ec.ECDSA(digest))
     else:
         raise ValueError(f"raw_sign_ops: unsupported key for {alg}")
     return _rate(one, seconds)
