@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -350,11 +351,15 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
     with tempfile.TemporaryDirectory(prefix=f"ssa-bench-{n}-") as tmp:
         work = Path(tmp)
         data, scripts, files = work / "data", work / "scripts", work / "files"
+        data_es256 = work / "data-es256"
         scripts.mkdir()
         files.mkdir()
         info.update(preload(data, n, files))
         client = cli(data, "clients", "create", "--scope", ADMIN, "--name", "bench")
         phases = {SCENARIOS[s][0] for s in selected}
+        stored_es256 = n
+        if not phases & {"rs256", "scripts", "pools"}:
+            data_es256 = data
         if phases & {"rs256", "scripts", "pools"}:
             server = ServerProc(data, scripts, work / "server.log")
             info["startup_s"] = round(server.start(), 3)
@@ -373,6 +378,9 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
                     set_scripts(server, ctx.token, 0)
                 info["peak_rss_mib"] = procstat.tree_rss(server.pid)["peak"]  # before the pools grow the store
                 info["stored_at_peak_rss"] = ctx.stored
+                if "es256" in phases:  # the ES256 server starts from the store as it is now, without the pools
+                    shutil.copytree(data, data_es256, ignore=shutil.ignore_patterns("server.lock"))
+                    stored_es256 = ctx.stored
                 if "pools" in phases:
                     size = pool_size(args, rows)
                     args.pool_size_actual = size
@@ -385,14 +393,11 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
                             rows += scenario_rows(ctx, s, SCENARIOS[s][1])
             finally:
                 server.stop()
-        else:
-            ctx = None
         if "es256" in phases:
-            server = ServerProc(data, scripts, work / "server-es256.log", alg="ES256")
+            server = ServerProc(data_es256, scripts, work / "server-es256.log", alg="ES256")
             info["startup_es256_s"] = round(server.start(), 3)
             try:
-                stored = ctx.stored if ctx is not None else n
-                ctx2 = Ctx(args, work, files, n, server, token_for(server.port, client), stored=stored)
+                ctx2 = Ctx(args, work, files, n, server, token_for(server.port, client), stored=stored_es256)
                 rows += scenario_rows(ctx2, "create_es256", SCENARIOS["create_es256"][1])
             finally:
                 server.stop()
