@@ -82,6 +82,9 @@ function init(args)
     local per = math.floor(COUNT / NTHREADS)
     lo = FIRST + tid * per + 1
     hi = lo + per - 1
+    if per < 1 and not CONSUME then  -- fewer jtis than threads: every thread cycles through all
+      lo, hi = FIRST + 1, FIRST + COUNT
+    end
     i = lo - 1
   end
 end

@@ -376,7 +376,8 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
                             info[f"{s}_load_s"] = round(set_scripts(server, ctx.token, SCRIPT_COUNTS[s]), 2)
                             rows += scenario_rows(ctx, s, SCENARIOS[s][1])
                     set_scripts(server, ctx.token, 0)
-                info["peak_rss_mib"] = procstat.tree_rss(server.pid)["peak"]  # before the pools grow the store
+                # before the pools grow the store; the script workers' peaks were read while they ran
+                info["peak_rss_mib"] = max([procstat.tree_rss(server.pid)["peak"]] + [r["peak_rss_mib"] for r in rows])
                 info["stored_at_peak_rss"] = ctx.stored
                 if "es256" in phases:  # the ES256 server starts from the store as it is now, without the pools
                     shutil.copytree(data, data_es256, ignore=shutil.ignore_patterns("server.lock"))
@@ -586,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         "client": client, "stack": stack(), "sizes": sizes, "scenarios": selected, "seconds": args.seconds,
         "warmup": args.warmup, "connections": args.connections, "low_connections": args.low_connections,
-        "references": {}, "rows": [], "per_size": []}
+        "argv": sys.argv[1:] if argv is None else argv, "references": {}, "rows": [], "per_size": []}
     print(f"bench: client {client}, sizes {sizes}, scenarios {','.join(selected)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ssa-bench-ref-") as tmp:
         if not args.no_refs:
