@@ -1,0 +1,59 @@
+"""The benchmark harness (``python -m bench``) runs end to end with tiny N for about a second per
+scenario, so it cannot rot.  No timing assertions: only that it ran, requests succeeded and the
+JSON has its shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # starts real server processes, like tests/test_live_server.py
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(out: Path, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--sizes", "50", "--seconds", "1", "--out", str(out), *args],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| target | check |" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def check_rows(result: dict, scenarios: set[str]) -> None:
+    assert {r["scenario"] for r in result["rows"]} == scenarios
+    for row in result["rows"]:
+        assert row["requests"] > 0 and row["error_count"] == 0, row
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_cores", "peak_rss_mib", "connections", "n", "stored", "client"):
+            assert key in row, key
+        assert row["peak_rss_mib"] > 0
+    assert result["errors"] == 0
+    info = result["per_size"][0]["info"]
+    assert info["n"] == 50 and info["startup_s"] > 0 and info["peak_rss_mib"] > 0
+
+
+def test_bench_runs_with_its_default_client(tmp_path):
+    scenarios = {"create_rs256", "get_jti", "get_org", "validate_onetime", "revoke", "create_1script"}
+    result = run_bench(tmp_path / "run.json", "--only", ",".join(sorted(scenarios)), "--ref-seconds", "0.2",
+                       "--pool-rate", "300")
+    check_rows(result, scenarios)
+    refs = result["references"]
+    assert set(refs["sign_ops"]) == set(refs["raw_sign_ops"]) == {"RS256", "ES256"}
+    assert refs["bare_rps"] > 0 and refs["bare"]["error_count"] == 0
+    assert {c["target"] for c in result["targets"]} == {"1", "2", "3", "4", "5", "6"}
+    assert {"date", "machine", "client", "stack", "sizes", "seconds", "connections"} <= set(result)
+    low = [r for r in result["rows"] if r["scenario"] == "create_1script" and r["connections"] == 1]
+    assert low, "the script-overhead scenario has a low-concurrency run"
+
+
+def test_bench_runs_with_the_python_client(tmp_path):
+    scenarios = {"get_jti", "validate_reusable", "validate_onetime"}
+    result = run_bench(tmp_path / "run.json", "--python-client", "--no-refs", "--warmup", "0",
+                       "--only", ",".join(sorted(scenarios)), "--pool-rate", "300")
+    assert result["client"] == "python"
+    check_rows(result, scenarios)
+    assert all(r["client"] == "python" for r in result["rows"])
