@@ -69,7 +69,7 @@ class Server:
                                  reload_interval=settings.script_reload_interval)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens,
                    clients=ClientService(store, tokens, clock=clock),
-                   service=SsaService(settings, store, keys, plugins, clock=clock),
+                   service=SsaService(settings, store, keys, plugins, clock=clock, scripts=scripts),
                    plugins=plugins, scripts=scripts, clock=clock)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:

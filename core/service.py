@@ -7,7 +7,6 @@ way: checked input -> service -> hooks -> signing -> store -> result.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from .settings import Settings
 from .store import ACTIVE, SsaRecord, Store, clone
 from .validation import CreateRequest
 from ssa_server.plugins.hookspecs import JwtDraft
+from ssa_server.plugins.scripts import ScriptHost
 
 log = logging.getLogger("ssa_server.service")
 
@@ -99,12 +99,13 @@ class CallContext:
 
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, plugins: pluggy.PluginManager,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, scripts: ScriptHost | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
         self.plugins = plugins
         self._clock = clock
+        self._scripts = scripts
 
     def now(self) -> int:
         return int(self._clock())
@@ -130,7 +131,7 @@ class SsaService:
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
         claims = self.jwt_claims(record)
         if self._has_hooks("ssa_create"):
-            draft = JwtDraft(copy.deepcopy(header), copy.deepcopy(claims))
+            draft = JwtDraft(clone(header), clone(claims))
             await self._run_hook("ssa_create", jwt=draft, context=ctx.for_hook("create", self.settings))
             self._check_protected(header, claims, draft)
         else:
@@ -188,7 +189,7 @@ class SsaService:
         items = [self.list_item(r) for r in records if r["expiration"] > now]
         if not items or not self._has_hooks("ssa_get"):
             return items  # nothing can change the list: skip the copy
-        edited = copy.deepcopy(items)
+        edited = clone(items)
         result = await self._run_hook("ssa_get", ssa_list=edited, context=ctx.for_hook("get", self.settings))
         if result is False:
             return items  # Janssen: a get hook answering false discards the list changes
@@ -250,9 +251,18 @@ class SsaService:
         return len(getattr(self.plugins.hook, name).get_hookimpls()) > 1
 
     async def _run_hook(self, name: str, **kwargs: Any) -> Any:
-        caller = getattr(self.plugins.hook, name)
+        caller: Any = getattr(self.plugins.hook, name)
         try:
-            if not self._has_hooks(name):  # only the built-in no-op: no thread hop
+            chain = self._scripts.chain if self._scripts is not None else None
+            if chain is not None and self.plugins.is_registered(chain):
+                # The scripts run first (as pluggy would run the tryfirst chain), on the event
+                # loop: their sandbox round trips need no thread.  Then the other plugins.
+                hook = name.removeprefix("ssa_")
+                data = kwargs["jwt"] if hook == "create" else kwargs["ssa_list"]
+                if await chain.run_async(hook, data, kwargs["context"]) is False:
+                    return False
+                caller = self.plugins.subset_hook_caller(name, remove_plugins=[chain])
+            if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op: no thread hop
                 return caller(**kwargs)
             return await anyio.to_thread.run_sync(lambda: caller(**kwargs))
         except ApiError:

@@ -83,27 +83,44 @@ def read_script(path: Path, max_bytes: int) -> tuple[str, dict[str, Any], str]:
 
 
 class _Adapter:
-    """Runs one hook of one script in the sandbox; the error boundary for that script."""
+    """Runs one hook of one script in the sandbox; the error boundary for that script.
+
+    ``run`` blocks (pluggy's synchronous path); ``run_async`` is the same on the event loop.
+    """
 
     def __init__(self, host: ScriptHost, state: ScriptState) -> None:
         self.host = host
         self.state = state
 
     def _call(self, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any] | None:
-        name = self.state.name
         started = time.perf_counter()
         try:
-            result = self.host.pool.call(name, hook, payload, context)
+            result = self.host.pool.call(self.state.name, hook, payload, context)
         except ScriptError as e:
-            self.state.failures += 1
-            self.state.last_error = f"{hook}: {e.kind}: {e}"
-            log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, hook, e.kind, e)
-            if hook != "revoke" and self.host.on_error == "fail":
-                raise ScriptFailed(f"script {name}: {hook} failed ({e.kind})") from None
-            return None
-        finally:
-            self.state.calls += 1
-            self.state.durations.append(time.perf_counter() - started)
+            return self._failed(hook, e, started)
+        return self._finish(hook, result, started)
+
+    async def _call_async(self, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        try:
+            result = await self.host.pool.call_async(self.state.name, hook, payload, context)
+        except ScriptError as e:
+            return self._failed(hook, e, started)
+        return self._finish(hook, result, started)
+
+    def _failed(self, hook: str, e: ScriptError, started: float) -> None:
+        name = self.state.name
+        self._count(started)
+        self.state.failures += 1
+        self.state.last_error = f"{hook}: {e.kind}: {e}"
+        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, hook, e.kind, e)
+        if hook != "revoke" and self.host.on_error == "fail":
+            raise ScriptFailed(f"script {name}: {hook} failed ({e.kind})") from None
+        return None
+
+    def _finish(self, hook: str, result: dict[str, Any], started: float) -> dict[str, Any]:
+        name = self.state.name
+        self._count(started)
         for line in result.get("logs") or []:
             log.info("script %s@%s: %s", name, self.state.revision, line)
         denied = result.get("denied")
@@ -114,29 +131,55 @@ class _Adapter:
             log.warning("script %s tried to deny a revocation; revocations stand", name)
         return result
 
+    def _count(self, started: float) -> None:
+        self.state.calls += 1
+        self.state.durations.append(time.perf_counter() - started)
+
 
 class _CreateAdapter(_Adapter):
-    def run(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
-        result = self._call("create", {"header": jwt.header, "claims": jwt.claims}, context)
+    @staticmethod
+    def _payload(jwt: JwtDraft) -> dict[str, Any]:
+        return {"header": jwt.header, "claims": jwt.claims}
+
+    @staticmethod
+    def _apply(result: dict[str, Any] | None, jwt: JwtDraft) -> bool | None:
         if result is None:
             return None
         jwt.header, jwt.claims = result["header"], result["claims"]
         return False if result["result"] is False else None
 
+    def run(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
+        return self._apply(self._call("create", self._payload(jwt), context), jwt)
+
+    async def run_async(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
+        return self._apply(await self._call_async("create", self._payload(jwt), context), jwt)
+
 
 class _GetAdapter(_Adapter):
-    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        result = self._call("get", {"ssa_list": ssa_list}, context)
+    @staticmethod
+    def _apply(result: dict[str, Any] | None, ssa_list: list[dict[str, Any]]) -> bool | None:
         if result is None:
             return None
         ssa_list[:] = result["ssa_list"]
         return False if result["result"] is False else None
 
+    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        return self._apply(self._call("get", {"ssa_list": ssa_list}, context), ssa_list)
+
+    async def run_async(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        return self._apply(await self._call_async("get", {"ssa_list": ssa_list}, context), ssa_list)
+
 
 class _RevokeAdapter(_Adapter):
-    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        result = self._call("revoke", {"ssa_list": ssa_list}, context)
+    @staticmethod
+    def _apply(result: dict[str, Any] | None) -> bool | None:
         return False if result is not None and result["result"] is False else None
+
+    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        return self._apply(self._call("revoke", {"ssa_list": ssa_list}, context))
+
+    async def run_async(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+        return self._apply(await self._call_async("revoke", {"ssa_list": ssa_list}, context))
 
 
 _ADAPTERS = {"create": _CreateAdapter, "get": _GetAdapter, "revoke": _RevokeAdapter}
@@ -155,6 +198,13 @@ class _ScriptChain:
         for adapter in chain:
             if adapter.run(*args) is False:  # type: ignore[attr-defined]
                 return False  # stops the chain (and pluggy's, as a non-None firstresult)
+        return None
+
+    async def run_async(self, hook: str, *args: Any) -> bool | None:
+        """The chain for ``hook`` on the event loop (the service's path: no thread per call)."""
+        for adapter in self.chains[hook]:
+            if await adapter.run_async(*args) is False:  # type: ignore[attr-defined]
+                return False
         return None
 
     @hookimpl(tryfirst=True)
@@ -278,6 +328,11 @@ class ScriptHost:
         if self.pm.has_plugin(_CHAIN_NAME):
             self.pm.unregister(name=_CHAIN_NAME)
         self._chain.chains = {h: () for h in HOOKS}
+
+    @property
+    def chain(self) -> _ScriptChain:
+        """The plugin that runs the scripts (registered with pluggy while any script is loaded)."""
+        return self._chain
 
     def listing(self) -> list[dict[str, Any]]:
         return [self.scripts[n].public() for n in sorted(self.scripts)]

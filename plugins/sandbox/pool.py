@@ -7,6 +7,8 @@ a fresh worker (with every loaded script) takes its place; the other workers kee
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import queue
@@ -21,10 +23,11 @@ from typing import Any
 
 from .errors import ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .protocol import FrameError, read_frame, write_frame
+from .protocol import FrameError, dumps, loads, read_frame, write_frame, write_raw_frame
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
+_PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer (64 KiB on Linux)
 
 
 class _Worker:
@@ -59,20 +62,58 @@ class _Worker:
         try:
             answer = read_frame(self.from_child, self.max_answer)
         except FrameError as e:
-            code = self.proc.poll()
-            if code is None:
-                try:
-                    code = self.proc.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    pass
-            if code == -signal.SIGXCPU or code == -signal.SIGKILL:
-                raise ScriptError("limit", "CPU time limit exceeded") from None
-            if code is not None and code < 0:
-                raise ScriptError("crashed", f"the script worker died ({signal.Signals(-code).name})") from None
-            raise ScriptError("crashed", f"the script worker failed: {e}") from None
+            raise self._failure(e) from None
         if not isinstance(answer, dict):
             raise ScriptError("crashed", "malformed answer from the script worker")
         return answer
+
+    async def request_async(self, message: dict[str, Any], timeout: float) -> Any:
+        """``request`` on the event loop: the answer is read when the pipe is readable, so no
+        thread waits for it (a thread hop costs more than the whole round trip)."""
+        loop = asyncio.get_running_loop()
+        self.calls += 1
+        data = dumps(message)
+        try:
+            if len(data) < _PIPE_SAFE:  # fits in the pipe buffer: the write cannot block
+                write_raw_frame(self.to_child, data)
+            else:
+                await loop.run_in_executor(None, write_raw_frame, self.to_child, data)
+        except OSError:
+            raise ScriptError("crashed", "the script worker exited") from None
+        answer: asyncio.Future[bytes] = loop.create_future()
+        reader = _FrameReader(self.from_child, self.max_answer, answer)
+        loop.add_reader(self.from_child, reader.on_readable)
+        timer = loop.call_later(timeout, _expire, answer)
+        try:
+            raw = await answer
+        except FrameError as e:
+            raise await loop.run_in_executor(None, self._failure, e) from None
+        except TimeoutError:
+            raise ScriptError("timeout", f"no answer within {timeout:g} s") from None
+        finally:
+            timer.cancel()
+            loop.remove_reader(self.from_child)
+        try:
+            decoded = loads(raw)
+        except ValueError:
+            raise ScriptError("crashed", "the script worker failed: frame is not JSON") from None
+        if not isinstance(decoded, dict):
+            raise ScriptError("crashed", "malformed answer from the script worker")
+        return decoded
+
+    def _failure(self, error: FrameError) -> ScriptError:
+        """Why the worker stopped answering (it may take a moment to be reaped)."""
+        code = self.proc.poll()
+        if code is None:
+            try:
+                code = self.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        if code == -signal.SIGXCPU or code == -signal.SIGKILL:
+            return ScriptError("limit", "CPU time limit exceeded")
+        if code is not None and code < 0:
+            return ScriptError("crashed", f"the script worker died ({signal.Signals(-code).name})")
+        return ScriptError("crashed", f"the script worker failed: {error}")
 
     def kill(self) -> None:
         try:
@@ -95,6 +136,10 @@ class SandboxPool:
         self.limits = limits or SandboxLimits()
         self._scripts: dict[str, tuple[str, dict[str, Any]]] = {}
         self._idle: queue.Queue[_Worker] = queue.Queue()
+        # Event-loop callers waiting for a worker get one handed over, not a thread each.
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[_Worker]]] = collections.deque()
+        self._handover = threading.Lock()
+        self._draining = False  # a load/unload is collecting every worker: waiters wait for it
         self._size = workers
         self._admin = threading.Lock()  # loads/unloads/close: one at a time
         self._closed = False
@@ -122,8 +167,7 @@ class SandboxPool:
                 self._scripts[name] = (source, config)
                 return list(hooks or [])
             finally:
-                for worker in workers:
-                    self._idle.put(worker)
+                self._release_all(workers)
 
     def unload(self, name: str) -> None:
         with self._admin:
@@ -136,8 +180,7 @@ class SandboxPool:
                     except ScriptError:
                         workers[i] = self._fresh()
             finally:
-                for worker in workers:
-                    self._idle.put(worker)
+                self._release_all(workers)
 
     def _load_into(self, worker: _Worker, name: str, source: str, config: dict[str, Any]) -> Any:
         try:
@@ -148,7 +191,45 @@ class SandboxPool:
             return None
 
     def _take_all(self) -> list[_Worker]:
+        with self._handover:
+            self._draining = True
         return [self._idle.get() for _ in range(self._size)]
+
+    def _release_all(self, workers: list[_Worker]) -> None:
+        with self._handover:
+            self._draining = False
+        for worker in workers:
+            self._release(worker)
+
+    def _release(self, worker: _Worker) -> None:
+        """An idle worker: to the first event-loop waiter, else back to the queue."""
+        with self._handover:
+            while self._waiters and not self._draining:
+                loop, waiter = self._waiters.popleft()
+                if not waiter.done():
+                    loop.call_soon_threadsafe(self._hand_over, waiter, worker)
+                    return
+            self._idle.put(worker)
+
+    def _hand_over(self, waiter: asyncio.Future[_Worker], worker: _Worker) -> None:
+        if waiter.done():  # the waiting request was cancelled meanwhile
+            self._release(worker)
+        else:
+            waiter.set_result(worker)
+
+    async def _acquire_async(self) -> _Worker:
+        with self._handover:
+            try:
+                return self._idle.get_nowait()
+            except queue.Empty:
+                waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+                self._waiters.append((asyncio.get_running_loop(), waiter))
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed over just as we were cancelled
+                self._release(waiter.result())
+            raise
 
     def _fresh(self) -> _Worker:
         """A new worker with every loaded script (a script refused now is skipped)."""
@@ -165,15 +246,8 @@ class SandboxPool:
             raise ScriptError("crashed", "the sandbox is closed")
         worker = self._idle.get()
         try:
-            answer = worker.request({"op": "call", "name": name, "hook": hook, "payload": payload,
-                                     "context": context}, self.limits.timeout)
-            if "error" in answer:
-                kind = answer["error"].get("kind", "exception")
-                raise ScriptError(kind if kind in ("exception", "invalid_result", "limit") else "exception",
-                                  str(answer["error"].get("message", ""))[:1000])
-            result = answer.get("ok")
-            _validate(hook, result)
-            result.setdefault("denied", None)  # the worker leaves it out when nothing was denied
+            answer = worker.request(_call_message(name, hook, payload, context), self.limits.timeout)
+            return _result(hook, answer)
         except ScriptError as e:
             if e.kind in ("timeout", "crashed", "limit"):
                 worker = self._replace(worker)
@@ -181,8 +255,33 @@ class SandboxPool:
         finally:
             if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
                 worker = self._replace(worker)
-            self._idle.put(worker)
-        return result  # type: ignore[no-any-return]
+            self._release(worker)
+
+    async def call_async(self, name: str, hook: str, payload: dict[str, Any],
+                         context: dict[str, Any]) -> dict[str, Any]:
+        """``call`` on the event loop; only waiting for a busy pool or replacing a worker
+        (a fresh interpreter) goes to a thread."""
+        if self._closed:
+            raise ScriptError("crashed", "the sandbox is closed")
+        loop = asyncio.get_running_loop()
+        worker = await self._acquire_async()
+        try:
+            answer = await worker.request_async(_call_message(name, hook, payload, context), self.limits.timeout)
+            return _result(hook, answer)
+        except ScriptError as e:
+            if e.kind in ("timeout", "crashed", "limit"):
+                worker = await loop.run_in_executor(None, self._replace, worker)
+            raise
+        except asyncio.CancelledError:
+            # The worker may still answer this call later: nobody else may read that answer.
+            loop.run_in_executor(None, lambda: self._release(self._replace(worker)))
+            worker = None  # type: ignore[assignment]
+            raise
+        finally:
+            if worker is not None:
+                if worker.calls >= self.limits.recycle_after:
+                    worker = await loop.run_in_executor(None, self._replace, worker)
+                self._release(worker)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -195,6 +294,56 @@ class SandboxPool:
                 self._idle.get_nowait().kill()
             except queue.Empty:
                 return
+
+
+def _call_message(name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "call", "name": name, "hook": hook, "payload": payload, "context": context}
+
+
+def _result(hook: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """The checked result of a call answer; ScriptError for an error answer or a bad shape."""
+    if "error" in answer:
+        kind = answer["error"].get("kind", "exception")
+        raise ScriptError(kind if kind in ("exception", "invalid_result", "limit") else "exception",
+                          str(answer["error"].get("message", ""))[:1000])
+    result = answer.get("ok")
+    _validate(hook, result)
+    result.setdefault("denied", None)  # the worker leaves it out when nothing was denied
+    return result  # type: ignore[no-any-return]
+
+
+class _FrameReader:
+    """Collects one length-prefixed frame from a readable pipe into a future."""
+
+    def __init__(self, fd: int, max_bytes: int, done: asyncio.Future[bytes]) -> None:
+        self.fd, self.max_bytes, self.done = fd, max_bytes, done
+        self.buffer = bytearray()
+
+    def on_readable(self) -> None:
+        if self.done.done():
+            return
+        try:
+            chunk = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.done.set_exception(FrameError("pipe closed"))
+            return
+        self.buffer += chunk
+        if len(self.buffer) < 4:
+            return
+        size = int.from_bytes(self.buffer[:4], "big")
+        if size > self.max_bytes:
+            self.done.set_exception(FrameError(f"frame of {size} bytes is over the {self.max_bytes} byte limit"))
+        elif len(self.buffer) >= 4 + size:
+            self.done.set_result(bytes(self.buffer[4:4 + size]))
+
+
+def _expire(done: asyncio.Future[bytes]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
 
 
 def _validate(hook: str, result: Any) -> None:
