@@ -25,6 +25,7 @@ from ssa_server.errors import ScriptDenied, ScriptFailed
 
 from .hookspecs import JwtDraft, hookimpl
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
+from .sandbox.errors import ChainBroken
 
 log = logging.getLogger("ssa_server.scripts")
 
@@ -86,100 +87,91 @@ class _Adapter:
     """Runs one hook of one script in the sandbox; the error boundary for that script.
 
     ``run`` blocks (pluggy's synchronous path); ``run_async`` is the same on the event loop.
+    ``data`` is what the hook receives first: the JwtDraft for create, the SSA list otherwise.
     """
+
+    hook = ""
 
     def __init__(self, host: ScriptHost, state: ScriptState) -> None:
         self.host = host
         self.state = state
 
-    def _call(self, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any] | None:
+    def payload(self, data: Any) -> dict[str, Any]:
+        return {"ssa_list": data}
+
+    def apply(self, result: dict[str, Any] | None, data: Any) -> bool | None:
+        """Take the script's changes; False when the script stops the chain."""
+        return False if result is not None and result["result"] is False else None
+
+    def run(self, data: Any, context: dict[str, Any]) -> bool | None:
         started = time.perf_counter()
         try:
-            result = self.host.pool.call(self.state.name, hook, payload, context)
+            result = self.host.pool.call(self.state.name, self.hook, self.payload(data), context)
         except ScriptError as e:
-            return self._failed(hook, e, started)
-        return self._finish(hook, result, started)
+            return self.failed(e, time.perf_counter() - started)
+        return self.apply(self.finish(result, time.perf_counter() - started), data)
 
-    async def _call_async(self, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any] | None:
+    async def run_async(self, data: Any, context: dict[str, Any]) -> bool | None:
         started = time.perf_counter()
         try:
-            result = await self.host.pool.call_async(self.state.name, hook, payload, context)
+            result = await self.host.pool.call_async(self.state.name, self.hook, self.payload(data), context)
         except ScriptError as e:
-            return self._failed(hook, e, started)
-        return self._finish(hook, result, started)
+            return self.failed(e, time.perf_counter() - started)
+        return self.apply(self.finish(result, time.perf_counter() - started), data)
 
-    def _failed(self, hook: str, e: ScriptError, started: float) -> None:
+    def failed(self, e: ScriptError, seconds: float) -> None:
+        """Count and report a failure; ScriptFailed unless this hook's failures are skipped."""
         name = self.state.name
-        self._count(started)
+        self._count(seconds)
         self.state.failures += 1
-        self.state.last_error = f"{hook}: {e.kind}: {e}"
-        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, hook, e.kind, e)
-        if hook != "revoke" and self.host.on_error == "fail":
-            raise ScriptFailed(f"script {name}: {hook} failed ({e.kind})") from None
+        self.state.last_error = f"{self.hook}: {e.kind}: {e}"
+        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
+        if self.hook != "revoke" and self.host.on_error == "fail":
+            raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
         return None
 
-    def _finish(self, hook: str, result: dict[str, Any], started: float) -> dict[str, Any]:
+    def finish(self, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Count a success, log what the script logged, raise its denial."""
         name = self.state.name
-        self._count(started)
+        self._count(seconds)
         for line in result.get("logs") or []:
             log.info("script %s@%s: %s", name, self.state.revision, line)
         denied = result.get("denied")
-        if denied and hook != "revoke":
+        if denied and self.hook != "revoke":
             raise ScriptDenied(str(denied.get("description") or f"denied by script {name}"),
                                error=str(denied.get("error") or "access_denied"))
         if denied:
             log.warning("script %s tried to deny a revocation; revocations stand", name)
         return result
 
-    def _count(self, started: float) -> None:
+    def _count(self, seconds: float) -> None:
         self.state.calls += 1
-        self.state.durations.append(time.perf_counter() - started)
+        self.state.durations.append(seconds)
 
 
 class _CreateAdapter(_Adapter):
-    @staticmethod
-    def _payload(jwt: JwtDraft) -> dict[str, Any]:
-        return {"header": jwt.header, "claims": jwt.claims}
+    hook = "create"
 
-    @staticmethod
-    def _apply(result: dict[str, Any] | None, jwt: JwtDraft) -> bool | None:
-        if result is None:
-            return None
-        jwt.header, jwt.claims = result["header"], result["claims"]
-        return False if result["result"] is False else None
+    def payload(self, data: JwtDraft) -> dict[str, Any]:
+        return {"header": data.header, "claims": data.claims}
 
-    def run(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
-        return self._apply(self._call("create", self._payload(jwt), context), jwt)
-
-    async def run_async(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
-        return self._apply(await self._call_async("create", self._payload(jwt), context), jwt)
+    def apply(self, result: dict[str, Any] | None, data: JwtDraft) -> bool | None:
+        if result is not None:
+            data.header, data.claims = result["header"], result["claims"]
+        return super().apply(result, data)
 
 
 class _GetAdapter(_Adapter):
-    @staticmethod
-    def _apply(result: dict[str, Any] | None, ssa_list: list[dict[str, Any]]) -> bool | None:
-        if result is None:
-            return None
-        ssa_list[:] = result["ssa_list"]
-        return False if result["result"] is False else None
+    hook = "get"
 
-    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        return self._apply(self._call("get", {"ssa_list": ssa_list}, context), ssa_list)
-
-    async def run_async(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        return self._apply(await self._call_async("get", {"ssa_list": ssa_list}, context), ssa_list)
+    def apply(self, result: dict[str, Any] | None, data: list[dict[str, Any]]) -> bool | None:
+        if result is not None:
+            data[:] = result["ssa_list"]
+        return super().apply(result, data)
 
 
 class _RevokeAdapter(_Adapter):
-    @staticmethod
-    def _apply(result: dict[str, Any] | None) -> bool | None:
-        return False if result is not None and result["result"] is False else None
-
-    def run(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        return self._apply(self._call("revoke", {"ssa_list": ssa_list}, context))
-
-    async def run_async(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        return self._apply(await self._call_async("revoke", {"ssa_list": ssa_list}, context))
+    hook = "revoke"
 
 
 _ADAPTERS = {"create": _CreateAdapter, "get": _GetAdapter, "revoke": _RevokeAdapter}
@@ -196,14 +188,37 @@ class _ScriptChain:
     @staticmethod
     def _run(chain: tuple[_Adapter, ...], *args: Any) -> bool | None:
         for adapter in chain:
-            if adapter.run(*args) is False:  # type: ignore[attr-defined]
+            if adapter.run(*args) is False:
                 return False  # stops the chain (and pluggy's, as a non-None firstresult)
         return None
 
-    async def run_async(self, hook: str, *args: Any) -> bool | None:
-        """The chain for ``hook`` on the event loop (the service's path: no thread per call)."""
-        for adapter in self.chains[hook]:
-            if await adapter.run_async(*args) is False:  # type: ignore[attr-defined]
+    async def run_async(self, hook: str, data: Any, context: dict[str, Any]) -> bool | None:
+        """The chain for ``hook`` on the event loop (the service's path: no thread per call).
+        Several scripts go to one worker in one round trip (``SandboxPool.call_chain_async``)."""
+        chain = self.chains[hook]
+        if len(chain) <= 1:
+            for adapter in chain:
+                if await adapter.run_async(data, context) is False:
+                    return False
+            return None
+        host = chain[0].host
+        started = time.perf_counter()
+        try:
+            outcomes = await host.pool.call_chain_async(
+                [a.state.name for a in chain], hook, chain[0].payload(data), context,
+                skip_errors=hook == "revoke" or host.on_error != "fail")
+        except ChainBroken as e:
+            culprit = chain[e.index]
+            culprit.failed(e, time.perf_counter() - started)  # raises unless failures are skipped
+            for adapter in chain:  # the rest again, one call each, without the culprit
+                if adapter is not culprit and await adapter.run_async(data, context) is False:
+                    return False
+            return None
+        share = (time.perf_counter() - started) / len(outcomes)
+        for adapter, outcome in zip(chain, outcomes):
+            if isinstance(outcome, ScriptError):
+                adapter.failed(outcome, share)
+            elif adapter.apply(adapter.finish(outcome, share), data) is False:
                 return False
         return None
 

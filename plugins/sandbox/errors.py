@@ -15,3 +15,11 @@ class ScriptError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class ChainBroken(ScriptError):
+    """A chain call lost its worker (timeout, crash, limit) while running script ``index``."""
+
+    def __init__(self, kind: str, message: str, index: int) -> None:
+        super().__init__(kind, message)
+        self.index = index

@@ -21,9 +21,9 @@ import tempfile
 import threading
 from typing import Any
 
-from .errors import ScriptError, ScriptRefused
+from .errors import ChainBroken, ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .protocol import FrameError, dumps, loads, read_frame, write_frame, write_raw_frame
+from .protocol import FrameError, Progress, dumps, loads, read_frame, write_frame, write_raw_frame
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
@@ -37,16 +37,18 @@ class _Worker:
         os.chmod(self.cwd, 0o500)  # empty and not writable
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
+        self.progress, progress_fd = Progress.create()
         config = json.dumps({"memory_mb": limits.memory_mb, "lifetime_cpu": limits.lifetime_cpu,
                              "cpu": limits.cpu, "output_kb": limits.output_kb,
                              "max_source_kb": limits.max_source_kb, "max_depth": limits.max_depth})
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", _WORKER, str(to_child_r), str(from_child_w), config],
-            pass_fds=(to_child_r, from_child_w), env={"PATH": "/usr/bin:/bin"}, cwd=self.cwd,
+            [sys.executable, "-I", "-m", _WORKER, str(to_child_r), str(from_child_w), str(progress_fd), config],
+            pass_fds=(to_child_r, from_child_w, progress_fd), env={"PATH": "/usr/bin:/bin"}, cwd=self.cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True)
         os.close(to_child_r)
         os.close(from_child_w)
+        os.close(progress_fd)
         self.calls = 0
         self.max_answer = limits.output_kb * 1024 * 2 + 65536
 
@@ -68,11 +70,14 @@ class _Worker:
             raise ScriptError("crashed", "malformed answer from the script worker")
         return answer
 
-    async def request_async(self, message: dict[str, Any], timeout: float) -> Any:
+    async def request_async(self, message: dict[str, Any], timeout: float, *, steps: int = 1) -> Any:
         """``request`` on the event loop: the answer is read when the pipe is readable, so no
-        thread waits for it (a thread hop costs more than the whole round trip)."""
+        thread waits for it (a thread hop costs more than the whole round trip).  A chain of
+        ``steps`` scripts gets ``timeout`` per script: the clock restarts when the worker
+        reports the next step."""
         loop = asyncio.get_running_loop()
-        self.calls += 1
+        self.calls += steps
+        self.progress.set(0)
         data = dumps(message)
         try:
             if len(data) < _PIPE_SAFE:  # fits in the pipe buffer: the write cannot block
@@ -86,16 +91,28 @@ class _Worker:
         ready, _, _ = select.select([self.from_child], [], [], _QUICK_ANSWER)
         if ready:
             try:
-                decoded = read_frame(self.from_child, self.max_answer)
+                decoded = read_frame(self.from_child, self.max_answer * steps)
             except FrameError as e:
                 raise await loop.run_in_executor(None, self._failure, e) from None
             if not isinstance(decoded, dict):
                 raise ScriptError("crashed", "malformed answer from the script worker")
             return decoded
         answer: asyncio.Future[bytes] = loop.create_future()
-        reader = _FrameReader(self.from_child, self.max_answer, answer)
+        reader = _FrameReader(self.from_child, self.max_answer * steps, answer)
         loop.add_reader(self.from_child, reader.on_readable)
-        timer = loop.call_later(timeout, _expire, answer)
+        seen = [0]
+        timer = [loop.call_later(timeout, lambda: expire())]
+
+        def expire() -> None:
+            if answer.done():
+                return
+            step = self.progress.get()
+            if step != seen[0] and step < steps:  # the worker moved on to the next script
+                seen[0] = step
+                timer[0] = loop.call_later(timeout, expire)
+            else:
+                answer.set_exception(TimeoutError())
+
         try:
             raw = await answer
         except FrameError as e:
@@ -103,7 +120,7 @@ class _Worker:
         except TimeoutError:
             raise ScriptError("timeout", f"no answer within {timeout:g} s") from None
         finally:
-            timer.cancel()
+            timer[0].cancel()
             loop.remove_reader(self.from_child)
         try:
             decoded = loads(raw)
@@ -138,6 +155,7 @@ class _Worker:
                 os.close(fd)
             except OSError:
                 pass
+        self.progress.close()
         shutil.rmtree(self.cwd, ignore_errors=True)
 
 
@@ -295,6 +313,39 @@ class SandboxPool:
                     worker = await loop.run_in_executor(None, self._replace, worker)
                 self._release(worker)
 
+    async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
+                               context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
+        """Several scripts' ``hook`` in one worker round trip, each on the previous one's output
+        (see the worker's ``_chain``).  One outcome per script that ran: its checked result, or
+        the ScriptError it ended with.  ChainBroken when the worker was lost, naming the step."""
+        if self._closed:
+            raise ScriptError("crashed", "the sandbox is closed")
+        loop = asyncio.get_running_loop()
+        worker = await self._acquire_async()
+        message = {"op": "chain", "names": names, "hook": hook, "payload": payload, "context": context,
+                   "skip_errors": skip_errors}
+        try:
+            answer = await worker.request_async(message, self.limits.timeout, steps=len(names))
+            steps = answer.get("steps")
+            if not isinstance(steps, list) or not 0 < len(steps) <= len(names) or not all(isinstance(x, dict) for x in steps):
+                raise ScriptError("crashed", "malformed chain answer from the script worker")
+            return [_outcome(hook, step) for step in steps]
+        except ScriptError as e:
+            if e.kind in ("timeout", "crashed", "limit"):
+                index = min(max(worker.progress.get(), 0), len(names) - 1)
+                worker = await loop.run_in_executor(None, self._replace, worker)
+                raise ChainBroken(e.kind, str(e), index) from None
+            raise
+        except asyncio.CancelledError:
+            loop.run_in_executor(None, lambda: self._release(self._replace(worker)))
+            worker = None  # type: ignore[assignment]
+            raise
+        finally:
+            if worker is not None:
+                if worker.calls >= self.limits.recycle_after:
+                    worker = await loop.run_in_executor(None, self._replace, worker)
+                self._release(worker)
+
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
         return self._fresh()  # not under _admin: a load may be waiting for this worker
@@ -324,6 +375,13 @@ def _result(hook: str, answer: dict[str, Any]) -> dict[str, Any]:
     return result  # type: ignore[no-any-return]
 
 
+def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
+    try:
+        return _result(hook, step)
+    except ScriptError as e:
+        return e
+
+
 class _FrameReader:
     """Collects one length-prefixed frame from a readable pipe into a future."""
 
@@ -351,11 +409,6 @@ class _FrameReader:
             self.done.set_exception(FrameError(f"frame of {size} bytes is over the {self.max_bytes} byte limit"))
         elif len(self.buffer) >= 4 + size:
             self.done.set_result(bytes(self.buffer[4:4 + size]))
-
-
-def _expire(done: asyncio.Future[bytes]) -> None:
-    if not done.done():
-        done.set_exception(TimeoutError())
 
 
 def _validate(hook: str, result: Any) -> None:

@@ -1,9 +1,11 @@
-"""A script worker: a fresh interpreter (``python -I -m ssa_server.plugins.sandbox.worker R W``)
-with an empty environment and working directory, OS limits, and JSON frames on two pipes.
+"""A script worker: a fresh interpreter (``python -I -m ssa_server.plugins.sandbox.worker R W P``)
+with an empty environment and working directory, OS limits, and JSON frames on two pipes (and
+``P``, a memfd holding the running chain step's index).
 
 Requests: ``{"op": "load", "name", "source", "config"}``, ``{"op": "unload", "name"}``,
-``{"op": "call", "name", "hook", "payload", "context"}``.  Answers: ``{"ok": ...}`` or
-``{"error": {"kind", "message"}}``.  Anything worse (CPU limit, segfault) ends the process; the
+``{"op": "call", "name", "hook", "payload", "context"}``, ``{"op": "chain", "names", "hook",
+"payload", "context", "skip_errors"}``.  Answers: ``{"ok": ...}`` or ``{"error": {"kind",
+"message"}}``; for a chain ``{"steps": [answer, ...]}``.  Anything worse (CPU limit, segfault) ends the process; the
 server sees the pipe close and starts a new worker.
 """
 
@@ -11,13 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import policy
 from .errors import ScriptError, ScriptRefused
-from .protocol import FrameError, read_frame, write_raw_frame
+from .protocol import FrameError, Progress, dumps, loads, read_frame, write_raw_frame
 
 MAX_REQUEST = 64 << 20
 
@@ -41,8 +45,10 @@ def _cpu_budget(seconds: float, hard: int) -> None:
 
 
 def main() -> None:
-    rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
-    limits = json.loads(sys.argv[3])
+    rfd, wfd, progress_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    limits = json.loads(sys.argv[4])
+    progress = Progress(progress_fd)
+    os.close(progress_fd)  # the mapping stays
     _set_limits(limits["memory_mb"], limits["lifetime_cpu"])
     sys.setrecursionlimit(400)
     scripts: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -53,20 +59,76 @@ def main() -> None:
             request = read_frame(rfd, MAX_REQUEST)
         except FrameError:
             return
-        _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
-        try:
-            text = _ok(_handle(request, scripts, limits, output))
-        except ScriptRefused as e:
-            text = _error("refused", str(e))
-        except ScriptError as e:
-            text = _error(e.kind, str(e)[:1000])
-        except MemoryError:
-            text = _error("limit", "memory limit exceeded")
-        except RecursionError:
-            text = _error("limit", "recursion limit exceeded")
-        except BaseException as e:  # the script's own exception, SystemExit included
-            text = _error("exception", f"{type(e).__name__}: {_text(e)}")
+        if request.get("op") == "chain":
+            text = _chain(request, scripts, limits, output, progress)
+        else:
+            _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
+            text = _guarded(lambda: _handle(request, scripts, limits, output))
         write_raw_frame(wfd, text)
+
+
+def _guarded(work: Callable[[], bytes]) -> bytes:
+    """The answer for one piece of work: its JSON text, or the error it raised."""
+    try:
+        return _ok(work())
+    except ScriptRefused as e:
+        return _error("refused", str(e))
+    except ScriptError as e:
+        return _error(e.kind, str(e)[:1000])
+    except MemoryError:
+        return _error("limit", "memory limit exceeded")
+    except RecursionError:
+        return _error("limit", "recursion limit exceeded")
+    except BaseException as e:  # the script's own exception, SystemExit included
+        return _error("exception", f"{type(e).__name__}: {_text(e)}")
+
+
+def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
+           progress: Progress) -> bytes:
+    """Several scripts' hook in one round trip, each on the previous one's output, each under
+    its own CPU budget and a fresh copy of the context.  Stops where the server's chain would:
+    a script answering False, a denial (not for revoke), or a failure unless ``skip_errors``
+    (then that script's changes are dropped).  Answer: one step answer per script run."""
+    hook, payload = request["hook"], request["payload"]
+    original = dumps(payload) if hook == "revoke" else b""  # revoke scripts each see the list as revoked
+    facts = dumps(request.get("context") or {})
+    skip = bool(request.get("skip_errors"))
+    steps: list[bytes] = []
+    for index, name in enumerate(request["names"]):
+        progress.set(index)
+        if hook == "revoke" and index:
+            payload = loads(original)
+        _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
+        kept = dumps(payload) if skip else b""
+        outcome: list[dict[str, Any]] = []
+
+        def step() -> bytes:
+            result = _call(name, hook, payload, loads(facts), scripts, output)
+            outcome.append(result)
+            return policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"])
+
+        text = _guarded(step)
+        steps.append(text[1:] if text[:1] == b" " else text)
+        if text.startswith(b'{"error"') or not outcome:
+            if not skip:
+                break
+            payload = loads(kept)
+            continue
+        result = outcome[0]
+        payload = {"ssa_list": result["ssa_list"]} if hook == "get" else (
+            {"header": result["header"], "claims": result["claims"]} if hook == "create" else payload)
+        if result["result"] is False or (result.get("denied") and hook != "revoke"):
+            break
+    body = b'{"steps":[' + b",".join(steps) + b"]}"
+    return b" " + body if any(t[:1] == b" " for t in steps) else body
+
+
+def _call(name: str, hook: str, payload: dict[str, Any], facts: dict[str, Any], scripts: dict[str, Any],
+          output: int) -> dict[str, Any]:
+    if name not in scripts:
+        raise ScriptError("invalid_result", f"script {name} is not loaded")
+    env, config = scripts[name]
+    return policy.call(env, hook, payload, facts, config, output_limit=output)
 
 
 def _ok(text: bytes) -> bytes:
@@ -96,11 +158,7 @@ def _handle(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, 
         scripts.pop(name, None)
         return b"{}"
     if op == "call":
-        if name not in scripts:
-            raise ScriptError("invalid_result", f"script {name} is not loaded")
-        env, config = scripts[name]
-        result = policy.call(env, request["hook"], request["payload"], request.get("context") or {}, config,
-                             output_limit=output)
+        result = _call(name, request["hook"], request["payload"], request.get("context") or {}, scripts, output)
         return policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"])
     raise ScriptError("invalid_result", f"unknown op {op!r}")
 
