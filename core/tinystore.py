@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import gc
-import mmap
 import json
 import os
-import struct
 import sys
 import threading
 import uuid
@@ -36,6 +34,7 @@ from tinydb import TinyDB
 from tinydb.storages import MemoryStorage
 from tinydb.table import Table
 
+from .shared_counter import SharedCounter
 from .store import (ACTIVE, clone, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, SsaRecord, StoreLocked,
                     StoreUnavailable, TemplateRecord)
 
@@ -99,36 +98,6 @@ def _copy_ssa(doc: dict[str, Any]) -> Any:
     return out
 
 
-class _JournalEnd:
-    """The journal's end offset after the last complete append, in a shared 8-byte mapping.
-
-    Every writer (server or CLI) stores it under the journal's flock after its fsync; the server
-    compares it with its own read offset before each call, a memory read instead of an fstat
-    (which waits behind a concurrent fsync).  A hint only: replay never trusts it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)
-            self._map = mmap.mmap(fd, 8)
-        finally:
-            os.close(fd)
-
-    def get(self) -> int:
-        return _OFFSET.unpack_from(self._map)[0]  # type: ignore[no-any-return]
-
-    def set(self, offset: int) -> None:
-        _OFFSET.pack_into(self._map, 0, offset)
-
-    def close(self) -> None:
-        self._map.close()
-
-
-_OFFSET = struct.Struct("<Q")
-
-
 class TinyStore:
     def __init__(self, data_dir: Path | str, *, exclusive: bool = True) -> None:
         self.data_dir = Path(data_dir)
@@ -142,7 +111,7 @@ class TinyStore:
         self._by_creator: dict[str, dict[str, None]] = {}
         self._fd = -1
         self._inode = 0
-        self._end: _JournalEnd | None = None
+        self._end: SharedCounter | None = None  # the journal's end after the last complete append (store.seq)
         self._offset = 0
         self._lines = 0
         self._lock_fd = -1
@@ -165,7 +134,7 @@ class TinyStore:
         os.chmod(self.data_dir, 0o700)
         if self.exclusive:
             self._take_server_lock()
-        self._end = _JournalEnd(self.data_dir / SEQ)
+        self._end = SharedCounter.in_file(self.data_dir / SEQ)
         self._open_journal()
         self._replay_all()
         if self.exclusive:

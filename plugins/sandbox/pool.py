@@ -19,14 +19,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ssa_server.shared_counter import SharedCounter
 
 from .errors import ChainBroken, ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .protocol import FrameError, Progress, dumps, loads, read_frame, write_frame, write_raw_frame
+from .protocol import FrameError, dumps, loads, read_frame, write_frame, write_raw_frame
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
+_T = TypeVar("_T")
 _QUICK_ANSWER = 0.0003  # seconds the event loop waits in place for a worker's answer
 _PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer (64 KiB on Linux)
 
@@ -37,7 +41,7 @@ class _Worker:
         os.chmod(self.cwd, 0o500)  # empty and not writable
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
-        self.progress, progress_fd = Progress.create()
+        self.progress, progress_fd = SharedCounter.in_memfd("ssa-sandbox-progress")  # the chain step running
         config = json.dumps({"memory_mb": limits.memory_mb, "lifetime_cpu": limits.lifetime_cpu,
                              "cpu": limits.cpu, "output_kb": limits.output_kb,
                              "max_source_kb": limits.max_source_kb, "max_depth": limits.max_depth})
@@ -291,58 +295,50 @@ class SandboxPool:
                          context: dict[str, Any]) -> dict[str, Any]:
         """``call`` on the event loop; only waiting for a busy pool or replacing a worker
         (a fresh interpreter) goes to a thread."""
-        if self._closed:
-            raise ScriptError("crashed", "the sandbox is closed")
-        loop = asyncio.get_running_loop()
-        worker = await self._acquire_async()
-        try:
-            answer = await worker.request_async(_call_message(name, hook, payload, context), self.limits.timeout)
-            return _result(hook, answer)
-        except ScriptError as e:
-            if e.kind in ("timeout", "crashed", "limit"):
-                worker = await loop.run_in_executor(None, self._replace, worker)
-            raise
-        except asyncio.CancelledError:
-            # The worker may still answer this call later: nobody else may read that answer.
-            loop.run_in_executor(None, lambda: self._release(self._replace(worker)))
-            worker = None  # type: ignore[assignment]
-            raise
-        finally:
-            if worker is not None:
-                if worker.calls >= self.limits.recycle_after:
-                    worker = await loop.run_in_executor(None, self._replace, worker)
-                self._release(worker)
+        return await self._request_async(_call_message(name, hook, payload, context), 1,
+                                         lambda answer: _result(hook, answer))
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
                                context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
         """Several scripts' ``hook`` in one worker round trip, each on the previous one's output
         (see the worker's ``_chain``).  One outcome per script that ran: its checked result, or
         the ScriptError it ended with.  ChainBroken when the worker was lost, naming the step."""
-        if self._closed:
-            raise ScriptError("crashed", "the sandbox is closed")
-        loop = asyncio.get_running_loop()
-        worker = await self._acquire_async()
-        message = {"op": "chain", "names": names, "hook": hook, "payload": payload, "context": context,
-                   "skip_errors": skip_errors}
-        try:
-            answer = await worker.request_async(message, self.limits.timeout, steps=len(names))
+        def outcomes(answer: dict[str, Any]) -> list[dict[str, Any] | ScriptError]:
             steps = answer.get("steps")
             if not isinstance(steps, list) or not 0 < len(steps) <= len(names) or not all(isinstance(x, dict) for x in steps):
                 raise ScriptError("crashed", "malformed chain answer from the script worker")
             return [_outcome(hook, step) for step in steps]
+
+        message = {"op": "chain", "names": names, "hook": hook, "payload": payload, "context": context,
+                   "skip_errors": skip_errors}
+        return await self._request_async(message, len(names), outcomes)
+
+    async def _request_async(self, message: dict[str, Any], steps: int, check: Callable[[dict[str, Any]], _T]) -> _T:
+        """One request on an idle worker, on the event loop, its answer checked while the worker
+        is held.  A worker that timed out, crashed, hit a limit or was left mid-call by a
+        cancellation is replaced; for a chain the error names the step it was lost on."""
+        if self._closed:
+            raise ScriptError("crashed", "the sandbox is closed")
+        loop = asyncio.get_running_loop()
+        worker: _Worker | None = await self._acquire_async()
+        try:
+            return check(await worker.request_async(message, self.limits.timeout, steps=steps))  # type: ignore[union-attr]
         except ScriptError as e:
             if e.kind in ("timeout", "crashed", "limit"):
-                index = min(max(worker.progress.get(), 0), len(names) - 1)
+                index = min(max(worker.progress.get(), 0), steps - 1)  # type: ignore[union-attr]
                 worker = await loop.run_in_executor(None, self._replace, worker)
-                raise ChainBroken(e.kind, str(e), index) from None
+                if steps > 1:
+                    raise ChainBroken(e.kind, str(e), index) from None
             raise
         except asyncio.CancelledError:
-            loop.run_in_executor(None, lambda: self._release(self._replace(worker)))
-            worker = None  # type: ignore[assignment]
+            # The worker may still answer this call later: nobody else may read that answer.
+            lost = worker
+            loop.run_in_executor(None, lambda: self._release(self._replace(lost)))  # type: ignore[arg-type]
+            worker = None
             raise
         finally:
             if worker is not None:
-                if worker.calls >= self.limits.recycle_after:
+                if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
                     worker = await loop.run_in_executor(None, self._replace, worker)
                 self._release(worker)
 

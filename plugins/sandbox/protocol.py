@@ -4,7 +4,6 @@ to make the server run code)."""
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from typing import Any
@@ -62,27 +61,3 @@ def read_frame(fd: int, max_bytes: int) -> Any:
         return loads(read_exact(fd, size))
     except ValueError:
         raise FrameError("frame is not JSON") from None
-
-
-class Progress:
-    """An 8-byte counter both processes map (a memfd): the worker stores the index of the chain
-    step it is running, so the server can name the script that hung or crashed the worker.
-    The server only reads it, bounds-checked: a hostile worker can lie about nothing else."""
-
-    def __init__(self, fd: int) -> None:
-        self._map = mmap.mmap(fd, 8)
-
-    @classmethod
-    def create(cls) -> tuple[Progress, int]:
-        fd = os.memfd_create("ssa-sandbox-progress", os.MFD_CLOEXEC)
-        os.ftruncate(fd, 8)
-        return cls(fd), fd
-
-    def get(self) -> int:
-        return _HEADER.unpack_from(self._map)[0]  # type: ignore[no-any-return]
-
-    def set(self, value: int) -> None:
-        _HEADER.pack_into(self._map, 0, value)
-
-    def close(self) -> None:
-        self._map.close()

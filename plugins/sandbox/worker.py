@@ -20,8 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import policy
+from ssa_server.shared_counter import SharedCounter
+
 from .errors import ScriptError, ScriptRefused
-from .protocol import FrameError, Progress, dumps, loads, read_frame, write_raw_frame
+from .protocol import FrameError, dumps, loads, read_frame, write_raw_frame
 
 MAX_REQUEST = 64 << 20
 
@@ -47,7 +49,7 @@ def _cpu_budget(seconds: float, hard: int) -> None:
 def main() -> None:
     rfd, wfd, progress_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     limits = json.loads(sys.argv[4])
-    progress = Progress(progress_fd)
+    progress = SharedCounter(progress_fd)
     os.close(progress_fd)  # the mapping stays
     _set_limits(limits["memory_mb"], limits["lifetime_cpu"])
     sys.setrecursionlimit(400)
@@ -84,7 +86,7 @@ def _guarded(work: Callable[[], bytes]) -> bytes:
 
 
 def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
-           progress: Progress) -> bytes:
+           progress: SharedCounter) -> bytes:
     """Several scripts' hook in one round trip, each on the previous one's output, each under
     its own CPU budget and a fresh copy of the context.  Stops where the server's chain would:
     a script answering False, a denial (not for revoke), or a failure unless ``skip_errors``
