@@ -15,6 +15,12 @@ from ssa_server.settings import SIGNING_ALGS
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "k"}
 
 
+@pytest.fixture(params=["tinydb", "postgresql"])
+def store_kind(request) -> str:
+    """Every HTTP test here runs against both stores."""
+    return request.param
+
+
 def assert_error(response, status: int, error: str) -> None:
     assert response.status_code == status, response.text
     assert set(response.json()) == {"error", "error_description"}
