@@ -70,6 +70,19 @@ class PgStore:
     # --- open / close / schema ---
     async def open(self) -> None:
         """Connect, create the schema in an empty database (``create_schema``), check its version."""
+        await self.connect()
+        try:
+            version = await self.schema_version()
+            if version is None and self.create_schema:
+                await self.migrate()  # an empty database: nothing to upgrade, nothing to lose
+            elif version != pgschema.LATEST:
+                raise StoreSchemaError(schema_message(version or 0))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def connect(self) -> None:
+        """Open the pool only (``store migrate`` works on a schema ``open`` would refuse)."""
         self._pool = AsyncConnectionPool(
             self.url, min_size=self._pool_min, max_size=self._pool_max, timeout=self._pool_timeout,
             kwargs=self._connect_kwargs, check=AsyncConnectionPool.check_connection, open=False,
@@ -79,27 +92,18 @@ class PgStore:
         except PoolTimeout:
             await self._pool.close()
             raise StoreUnavailable(f"PostgreSQL at {redact(self.url)} cannot be reached") from None
-        try:
-            version = await self.schema_version()
-            if version == 0 and self.create_schema:
-                await self.migrate()
-            elif version != pgschema.LATEST:
-                raise StoreSchemaError(schema_message(version))
-        except BaseException:
-            await self.close()
-            raise
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
 
-    async def schema_version(self) -> int:
-        """The schema version in the database; 0 when it holds no schema yet."""
+    async def schema_version(self) -> int | None:
+        """The schema version in the database; None when it holds no schema yet."""
         async with self._connection() as conn:
             exists = await (await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")).fetchone()
             if not exists or not exists[0]:
-                return 0
+                return None
             row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
             return int(row[0]) if row else 0
 
