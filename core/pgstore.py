@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+from psycopg.pq import ConnStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
@@ -39,6 +40,16 @@ def redact(url: str) -> str:
 
 def _split(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[list[Any], Jsonb]:
     return [record.get(c) for c in columns], Jsonb({k: v for k, v in record.items() if k not in columns})
+
+
+async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Before a pooled connection is handed out: read what the server sent meanwhile (no round
+    trip).  A connection the server closed (a restart, an admin shutdown) fails here and the pool
+    replaces it, so the first requests after an outage do not fail on stale connections."""
+    pgconn = conn.pgconn
+    pgconn.consume_input()  # OperationalError if the server closed the connection
+    if conn.broken or pgconn.status != ConnStatus.OK:
+        raise psycopg.OperationalError("connection lost")
 
 
 def _ssa(row: dict[str, Any]) -> SsaRecord:
@@ -85,7 +96,7 @@ class PgStore:
         """Open the pool only (``store migrate`` works on a schema ``open`` would refuse)."""
         self._pool = AsyncConnectionPool(
             self.url, min_size=self._pool_min, max_size=self._pool_max, timeout=self._pool_timeout,
-            kwargs=self._connect_kwargs, check=AsyncConnectionPool.check_connection, open=False,
+            kwargs=self._connect_kwargs, check=_check_connection, open=False,
             name="ssa-store")
         try:
             await self._pool.open(wait=True, timeout=self._pool_timeout + 3)
@@ -170,8 +181,11 @@ class PgStore:
             rows.append((*values, doc))
         sql = f"INSERT INTO ssa ({', '.join(SSA_COLUMNS)}, doc) VALUES ({', '.join(['%s'] * (len(SSA_COLUMNS) + 1))})"
         try:
-            async with self._connection() as conn, conn.transaction():
-                async with conn.cursor() as cur:
+            async with self._connection() as conn:
+                if len(rows) == 1:  # autocommit: one round trip
+                    await conn.execute(sql, rows[0])  # type: ignore[arg-type]
+                    return
+                async with conn.transaction(), conn.cursor() as cur:
                     await cur.executemany(sql, rows)  # type: ignore[arg-type]
         except psycopg.errors.UniqueViolation:
             raise ValueError("an SSA with one of these jtis exists") from None
