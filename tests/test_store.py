@@ -236,3 +236,23 @@ def test_kill_9_mid_burst_keeps_every_acknowledged_write(tmp_path):
         return missing
 
     assert run(check()) == []
+
+
+def test_concurrent_revokes_and_key_updates_lose_nothing(make_store):
+    async def go():
+        s = await make_store()
+        records = [ssa("many") for _ in range(30)]
+        await s.add_ssas(records)
+        first, second = await asyncio.gather(s.revoke_ssas(org_id="many", now=7), s.revoke_ssas(org_id="many", now=8))
+        revoked = [r["jti"] for r in first + second]
+        assert sorted(revoked) == sorted(r["jti"] for r in records)  # each revoked once, by one of them
+        await s.add_key({"kid": "k", "alg": "RS256", "use": "ssa", "jwk": {"kty": "RSA"}, "status": "active",
+                         "created_at": 1})
+        await asyncio.gather(s.update_key("k", {"status": "retiring", "remove_after": 9}),
+                             s.update_key("k", {"note": "x"}))
+        (key,) = await s.list_keys()
+        assert (key["status"], key["remove_after"], key["note"], key["jwk"]) == ("retiring", 9, "x", {"kty": "RSA"})
+        with pytest.raises(KeyError):
+            await s.update_key("nope", {"status": "retired"})
+        await s.close()
+    run(go())
