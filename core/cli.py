@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # The pool logs each failed connection attempt; a command reports a failure as one line.
+        logging.getLogger("psycopg.pool").disabled = True
     try:
         return int(args.func(args))
     except SettingsError as e:

@@ -52,6 +52,7 @@ TABLES = ("ssa", "clients", "keys", "templates")
 # Advisory lock ids (pg_advisory_lock takes a bigint): one for migrations, one for key setup.
 MIGRATE_LOCK = 0x55A_0001
 KEYS_LOCK = 0x55A_0002
+LOCKS = {"keys": KEYS_LOCK}  # the names ``Store.lock`` accepts
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),

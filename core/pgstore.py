@@ -157,7 +157,7 @@ class PgStore:
     @contextlib.asynccontextmanager
     async def lock(self, name: str) -> AsyncIterator[None]:
         """Hold a cluster-wide lock (key set-up and rotation) on a connection of its own."""
-        lock_id = {"keys": pgschema.KEYS_LOCK}.get(name, pgschema.KEYS_LOCK)
+        lock_id = pgschema.LOCKS[name]
         try:
             conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs)
         except _UNAVAILABLE as e:
