@@ -266,7 +266,12 @@ def cmd_store_import(args: argparse.Namespace) -> int:
     async def action(store: Any) -> Any:
         return await import_records(store, tables, int(time.time()))
 
-    _print(asyncio.run(_with_store(_settings(args), action)))
+    try:
+        report = asyncio.run(_with_store(_settings(args), action))
+    except ValueError as e:  # a record the target store refuses (e.g. text PostgreSQL cannot hold)
+        print(f"ssa-server: import: {e}", file=sys.stderr)
+        return 1
+    _print(report)
     return 0
 
 

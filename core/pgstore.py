@@ -147,6 +147,8 @@ class PgStore:
                 yield conn
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from None
+        except psycopg.DataError as e:  # a value PostgreSQL cannot hold (NUL) or of the wrong type
+            raise ValueError(f"a value cannot be stored in PostgreSQL: {str(e).strip().splitlines()[0]}") from None
 
     async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         async with self._connection() as conn:

@@ -20,6 +20,12 @@ from .store import ACTIVE, Store
 
 TABLES = ("clients", "keys", "templates", "ssa")
 _ID = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
+_REQUIRED = {
+    "ssa": ("org_id", "status", "expiration", "creator_id", "created_at", "one_time_use"),
+    "clients": ("secret_hash", "scopes", "created_at"),
+    "keys": ("alg", "use", "jwk", "status", "created_at"),
+    "templates": ("fields", "created_at"),
+}
 _BATCH = 1000
 
 
@@ -65,6 +71,9 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
             raise TransferError(f'line {number} is not {{"table": ..., "record": {{...}}}} of a known table')
         if not isinstance(entry["record"].get(_ID[entry["table"]]), str):
             raise TransferError(f"line {number}: a {entry['table']} record without its {_ID[entry['table']]}")
+        missing = [f for f in _REQUIRED[entry["table"]] if f not in entry["record"]]
+        if missing:
+            raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
         tables[entry["table"]].append(entry["record"])
     return tables
 

@@ -153,8 +153,17 @@ def test_import_into_a_store_with_keys_keeps_one_active_key_per_use(tmp_path):
     ("not json", "line 1 is not JSON"),
     ('{"table": "nope", "record": {}}', "line 1 is not"),
     ('{"table": "ssa", "record": {"org_id": "x"}}', "line 1: a ssa record without its jti"),
+    ('{"table": "keys", "record": {"kid": "k", "alg": "RS256"}}', "line 1: a keys record without use, jwk, status"),
 ])
 def test_bad_import_file_is_one_line_and_imports_nothing(tmp_path, line, message):
     r = run("store", "import", "-", "--data-dir", str(tmp_path), stdin=line + "\n")
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert not Path(tmp_path / "store.jsonl").exists() or Path(tmp_path / "store.jsonl").read_text() == ""
+
+
+def test_import_of_text_postgresql_cannot_hold_is_one_line(tmp_path, pg_url):
+    truncate(pg_url)
+    record = {"client_id": "c\u0000", "name": "", "secret_hash": "h", "scopes": [], "created_at": 1}
+    r = run("store", "import", "-", "--store-url", pg_url, stdin=json.dumps({"table": "clients", "record": record}))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("ssa-server: import: a value cannot be stored in PostgreSQL")
