@@ -36,7 +36,13 @@ _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, T
 
 def redact(url: str) -> str:
     """The URL without its password (for messages and logs)."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    scheme, sep, rest = url.partition("://")
+    at = rest.split("?", 1)[0].rfind("@")
+    if sep and at >= 0:
+        creds, tail = rest[:at], rest[at:]
+        user = creds.split(":", 1)[0]
+        url = f"{scheme}://{user}:***{tail}" if ":" in creds else url
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
 def _split(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[list[Any], Jsonb]:
@@ -50,8 +56,9 @@ async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     checkouts cost no round trip and the first requests after an outage do not fail."""
     if conn.broken or conn.pgconn.status != ConnStatus.OK:
         raise psycopg.OperationalError("connection lost")
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    if readable:
+    poller = select.poll()  # not select(): a busy server's descriptors may pass FD_SETSIZE
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
         await AsyncConnectionPool.check_connection(conn)
 
 

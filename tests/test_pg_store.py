@@ -49,3 +49,15 @@ def test_concurrent_key_setup_creates_one_key_per_use(pg_url):
 @pytest.fixture
 def store_kind():
     return "postgresql"
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://app:s3cr@t@db:5432/ssa", "postgresql://app:***@db:5432/ssa"),
+    ("postgres://app:a/b@db/ssa", "postgres://app:***@db/ssa"),
+    ("postgresql://db/ssa?user=app&password=s3cr", "postgresql://db/ssa?user=app&password=***"),
+    ("postgresql://app@db/ssa", "postgresql://app@db/ssa"),
+])
+def test_messages_never_show_the_password(url, shown):
+    from ssa_server.pgstore import redact
+
+    assert redact(url) == shown
