@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import psycopg
 import pytest
 
-from conftest import truncate
-from ssa_server.keys import KeyRing
-from ssa_server.pgstore import PgStore
+psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' installs the PostgreSQL driver")
+
+from conftest import truncate  # noqa: E402
+from ssa_server.keys import KeyRing  # noqa: E402
+from ssa_server.pgstore import PgStore  # noqa: E402
 
 
 def test_statement_timeout_is_503_json_and_nothing_is_stored(make_api, pg_url):

@@ -12,12 +12,13 @@ import time
 import uuid
 
 import httpx2 as httpx
-import psycopg
 import pytest
 
-from conftest import ADMIN, truncate, with_database
-from pg_cluster import free_port, start_cluster
-from test_live_server import jti_of
+psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' installs the PostgreSQL driver")
+
+from conftest import ADMIN, truncate, with_database  # noqa: E402
+from pg_cluster import free_port, start_cluster  # noqa: E402
+from test_live_server import jti_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

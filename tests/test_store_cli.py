@@ -10,10 +10,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from conftest import ADMIN, truncate, with_database
+psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' installs the PostgreSQL driver")
+
+from conftest import ADMIN, truncate, with_database  # noqa: E402
 
 
 def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
