@@ -150,6 +150,10 @@ def test_workers_starting_together_make_one_key_per_use(nodes, pg_url):
     keys = cli(pg_url, "keys", "list")
     assert sorted(k["use"] for k in keys if k["status"] == "active") == ["ssa", "token"]
     assert len(keys) == 2
+    with psycopg.connect(pg_url) as conn:  # five workers, each with its own pool
+        open_ = conn.execute("SELECT count(DISTINCT client_port) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND application_name = 'ssa-server'").fetchone()
+    assert open_[0] >= 5
 
 
 @pytest.fixture
