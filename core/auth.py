@@ -11,6 +11,7 @@ from starlette.requests import Request
 from .clients import ClientService
 from .errors import InsufficientScope, InvalidClient, InvalidToken, MissingToken
 from .tokens import Caller, TokenAuthority
+from .validation import storable
 
 
 async def authenticate(request: Request, tokens: TokenAuthority, clients: ClientService,
@@ -44,6 +45,7 @@ def basic_credentials(request: Request) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError):
         raise InvalidClient("Malformed HTTP Basic credentials.") from None
     client_id, sep, secret = decoded.partition(":")
-    if not sep:
+    client_id, secret = unquote_plus(client_id), unquote_plus(secret)
+    if not sep or not (storable(client_id) and storable(secret)):
         raise InvalidClient("Malformed HTTP Basic credentials.")
-    return unquote_plus(client_id), unquote_plus(secret)
+    return client_id, secret

@@ -17,7 +17,8 @@ from typing import Any
 from .errors import ApiError
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
-from .store import StoreLocked
+from .store import StoreLocked, StoreSchemaError, StoreUnavailable
+from .transfer import TransferError
 from .service import ADMIN, CallContext
 from .validation import parse_create_request
 
@@ -25,7 +26,8 @@ CLI_CLIENT = "cli"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    cli = {name: getattr(args, name, None) for name in ("host", "port", "data_dir", "scripts_dir")}
+    cli = {name: getattr(args, name, None) for name in ("host", "port", "data_dir", "scripts_dir", "store_url",
+                                                         "workers")}
     return load_settings(cli, config_file=getattr(args, "config", None))
 
 
@@ -53,6 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(settings)
     server = Server.build(settings)
     app = create_app(settings, server=server, manage_lifespan=False)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -189,6 +195,86 @@ def cmd_ssa_templates(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- store ---
+async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[Any]]) -> Any:
+    from .server import open_store
+
+    store = open_store(settings, exclusive=False)
+    await store.open()
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.uses_postgres:
+        _print({"store": "tinydb", "schema": "the embedded store has no schema; nothing to do"})
+        return 0
+    from .pgstore import PgStore, redact
+
+    async def run() -> tuple[int, int]:
+        store = PgStore(settings.store_url, pool_min=1, pool_max=2, pool_timeout=settings.store_pool_timeout,
+                        statement_timeout=max(settings.store_statement_timeout, 60.0))
+        await store.connect()
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    before, after = asyncio.run(run())
+    _print({"store": redact(settings.store_url), "schema_version_before": before, "schema_version": after})
+    return 0
+
+
+def cmd_store_export(args: argparse.Namespace) -> int:
+    import os
+
+    from .transfer import export_records, write_lines
+
+    async def action(store: Any) -> Any:
+        return list(await export_records(store))
+
+    lines = asyncio.run(_with_store(_settings(args), action))
+    if args.output in (None, "-"):
+        n = write_lines(lines, sys.stdout)
+    else:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            n = write_lines(lines, out)
+    print(f"ssa-server: exported {n} records", file=sys.stderr)
+    return 0
+
+
+def cmd_store_import(args: argparse.Namespace) -> int:
+    import time
+
+    from .transfer import import_records, parse_lines
+
+    if args.file == "-":
+        tables = parse_lines(sys.stdin)
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                tables = parse_lines(f)
+        except OSError as e:
+            print(f"ssa-server: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+            return 1
+
+    async def action(store: Any) -> Any:
+        return await import_records(store, tables, int(time.time()))
+
+    try:
+        report = asyncio.run(_with_store(_settings(args), action))
+    except ValueError as e:  # a record the target store refuses (e.g. text PostgreSQL cannot hold)
+        print(f"ssa-server: import: {e}", file=sys.stderr)
+        return 1
+    _print(report)
+    return 0
+
+
 # --- scripts ---
 def _script_limits(settings: Settings) -> Any:
     from ssa_server.plugins.scripts import limits_from
@@ -274,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML config file (also SSA_CONFIG)")
     common.add_argument("--data-dir", dest="data_dir", help="data directory (SSA_DATA_DIR, default ./data)")
+    common.add_argument("--store-url", dest="store_url",
+                        help="postgresql://... for the shared store (SSA_STORE_URL; default: the data dir)")
 
     parser = argparse.ArgumentParser(prog="ssa-server", description="Software Statement Assertion server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--scripts-dir", dest="scripts_dir")
+    serve.add_argument("--workers", type=int, help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
@@ -332,6 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
     sr.set_defaults(func=cmd_ssa_revoke)
     ssa.add_parser("templates", parents=[common], help="list saved templates").set_defaults(func=cmd_ssa_templates)
 
+    store = sub.add_parser("store", help="the store: schema, export, import").add_subparsers(dest="action",
+                                                                                          required=True)
+    store.add_parser("migrate", parents=[common], help="create or upgrade the PostgreSQL schema") \
+        .set_defaults(func=cmd_store_migrate)
+    ex = store.add_parser("export", parents=[common], help="every record as JSON lines (holds private keys)")
+    ex.add_argument("--output", "-o", help="file to write (created 0600; default stdout)")
+    ex.set_defaults(func=cmd_store_export)
+    im = store.add_parser("import", parents=[common], help="add the records of an export (counts checked)")
+    im.add_argument("file", help="export file, or - for stdin")
+    im.set_defaults(func=cmd_store_import)
+
     scripts = sub.add_parser("scripts", help="user scripts").add_subparsers(dest="action", required=True)
     ck = scripts.add_parser("check", parents=[common], help="compile and validate one script")
     ck.add_argument("file")
@@ -349,13 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # The pool logs each failed connection attempt; a command reports a failure as one line.
+        logging.getLogger("psycopg.pool").disabled = True
     try:
         return int(args.func(args))
     except SettingsError as e:
         print(f"ssa-server: configuration error: {e}", file=sys.stderr)
         return 2
-    except StoreLocked as e:
+    except (StoreLocked, StoreSchemaError, StoreUnavailable) as e:
         print(f"ssa-server: {e}", file=sys.stderr)
+        return 1
+    except TransferError as e:
+        print(f"ssa-server: import: {e}", file=sys.stderr)
         return 1
     except ApiError as e:
         print(f"ssa-server: {e.error}: {e.description}", file=sys.stderr)

@@ -67,7 +67,7 @@ class KeyRing:
         the other active keys retire; without it (CLI commands) an existing active key of any
         alg is used as it is, so a CLI run with other settings never rotates the server's keys.
         """
-        async with self._lock:
+        async with self._lock, self._store.lock("keys"):  # workers starting together: one creates
             records = await self._store.list_keys()
             now = int(self._clock())
             if not any(r["use"] == TOKEN_USE and r["status"] == "active" for r in records):
@@ -76,8 +76,7 @@ class KeyRing:
             active_ssa = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
             wanted = [r for r in active_ssa if r["alg"] == self._alg] if adopt_alg else active_ssa
             if not wanted:
-                await self._retire_active_ssa_keys(records, now)
-                await self._store.add_key(generate_key(self._alg, SSA_USE, now))
+                await self._replace_active_ssa_keys(records, generate_key(self._alg, SSA_USE, now), now)
             self._install(await self._store.list_keys())
 
     async def refresh_if_due(self) -> None:
@@ -102,18 +101,20 @@ class KeyRing:
     # --- rotation ---
     async def rotate(self, alg: str | None = None) -> KeyRecord:
         """Add a new SSA key and sign with it from now on (default alg: the current key's)."""
-        async with self._lock:
+        async with self._lock, self._store.lock("keys"):
             records = await self._store.list_keys()
             now = int(self._clock())
             current = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
             alg = alg or (max(current, key=lambda r: r["created_at"])["alg"] if current else self._alg)
-            await self._retire_active_ssa_keys(records, now)
             new = generate_key(alg, SSA_USE, now)
-            await self._store.add_key(new)
+            await self._replace_active_ssa_keys(records, new, now)
             self._install(await self._store.list_keys())
             return new
 
-    async def _retire_active_ssa_keys(self, records: list[KeyRecord], now: int) -> None:
+    async def _replace_active_ssa_keys(self, records: list[KeyRecord], new: KeyRecord, now: int) -> None:
+        """Add ``new``, then retire the keys that were active: another process refreshing in
+        between sees two active keys (both published), never none."""
+        await self._store.add_key(new)
         active = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
         if not active:
             return

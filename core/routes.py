@@ -15,7 +15,7 @@ from .errors import FeatureDisabled, InvalidRequest
 from .server import Server
 from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
 from .tokens import Caller
-from .validation import parse_create_request, parse_form, parse_json_body
+from .validation import parse_create_request, parse_form, parse_json_body, storable
 
 def _server(request: Request) -> Server:
     return request.app.state.server  # type: ignore[no-any-return]
@@ -38,6 +38,8 @@ def _query(request: Request, name: str) -> str | None:
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise InvalidRequest(f"The parameter '{name}' is given more than once.")
+    if values and not storable(values[0]):
+        raise InvalidRequest(f"The parameter '{name}' holds a NUL character.")
     return values[0] if values and values[0].strip() else None
 
 
@@ -82,7 +84,8 @@ async def validate_ssa(request: Request) -> Response:
     server = _server(request)
     if not server.settings.enabled:
         raise FeatureDisabled()
-    await server.service.validate(request.headers.get("jti"))
+    jti = request.headers.get("jti")
+    await server.service.validate(jti if jti is None or storable(jti) else None)  # unstorable: no such SSA
     return _empty()
 
 

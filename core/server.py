@@ -31,10 +31,20 @@ log = logging.getLogger("ssa_server")
 
 
 def open_store(settings: Settings, *, exclusive: bool) -> Store:
-    """The store named by ``store_url`` (empty: the embedded TinyDB store in ``data_dir``)."""
-    if settings.store_url and not settings.store_url.startswith("tinydb://"):
-        from .settings import SettingsError
+    """The store named by ``store_url`` (empty: the embedded TinyDB store in ``data_dir``;
+    ``postgresql://...``: the shared PostgreSQL store)."""
+    from .settings import SettingsError
 
+    if settings.uses_postgres:
+        try:
+            from .pgstore import PgStore
+        except ImportError:
+            raise SettingsError("SSA_STORE_URL is a PostgreSQL URL but psycopg is not installed: "
+                                "pip install 'ssa-server[postgres]'") from None
+        return PgStore(settings.store_url, pool_min=settings.store_pool_min, pool_max=settings.store_pool_max,
+                       pool_timeout=settings.store_pool_timeout,
+                       statement_timeout=settings.store_statement_timeout)
+    if settings.store_url and not settings.store_url.startswith("tinydb://"):
         raise SettingsError(f"SSA_STORE_URL: unsupported store {settings.store_url.split(':', 1)[0]!r}")
     from .tinystore import TinyStore
 
@@ -136,13 +146,17 @@ class Server:
                 log.error("cleanup failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(self.settings.cleanup_interval)
 
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.settings.uses_postgres else "tinydb"
+
     async def readiness(self) -> list[dict[str, str]]:
         checks = []
         try:
             await self.store.check()
-            checks.append({"name": "store", "status": "UP"})
+            checks.append({"name": "store", "status": "UP", "backend": self.backend})
         except (StoreUnavailable, OSError) as e:
-            checks.append({"name": "store", "status": "DOWN", "detail": type(e).__name__})
+            checks.append({"name": "store", "status": "DOWN", "backend": self.backend, "detail": type(e).__name__})
         try:
             self.keys.active()
             checks.append({"name": "signing_key", "status": "UP"})

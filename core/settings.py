@@ -22,6 +22,7 @@ SIGNING_ALGS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )
 ON_SCRIPT_ERROR = ("fail", "skip")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SECRET_FIELDS = frozenset({"store_url"})  # may carry a password; masked by ``config show``
 
 
@@ -58,7 +59,13 @@ class Settings:
     script_output_kb: int = 64  # max JSON result and print output per call
     script_workers: int = 2
     script_reload_interval: float = 1.0  # seconds between polls of the scripts folder
-    store_url: str = ""  # empty: the embedded TinyDB store in DATA_DIR
+    store_url: str = ""  # empty: the embedded TinyDB store in DATA_DIR; postgresql://...: PostgreSQL
+    # PostgreSQL store and scale-out (issue 5).
+    store_pool_min: int = 1  # connections each process keeps open
+    store_pool_max: int = 10  # most connections each process opens
+    store_pool_timeout: float = 2.0  # seconds a request waits for a connection before a 503
+    store_statement_timeout: float = 5.0  # seconds a statement may run before it is cancelled (503)
+    workers: int = 1  # uvicorn worker processes of `serve` (more than 1 needs PostgreSQL)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -81,14 +88,20 @@ class Settings:
         if not 0 < self.port < 65536:
             raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
-                     "script_memory_mb", "script_output_kb"):
+                     "script_memory_mb", "script_output_kb", "store_pool_min", "store_pool_max", "workers"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
-        for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval"):
+        for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
+                     "store_pool_timeout", "store_statement_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
         if self.cleanup_grace < 0:
             raise SettingsError(f"SSA_CLEANUP_GRACE={self.cleanup_grace} must not be negative")
+        if self.store_pool_max < self.store_pool_min:
+            raise SettingsError(f"SSA_STORE_POOL_MAX={self.store_pool_max} is below SSA_STORE_POOL_MIN={self.store_pool_min}")
+        if self.workers > 1 and not self.uses_postgres:
+            raise SettingsError(f"--workers {self.workers} needs a shared store (SSA_STORE_URL=postgresql://...); "
+                                "the embedded TinyDB store serves one process")
         if self.on_script_error not in ON_SCRIPT_ERROR:
             raise SettingsError(f"SSA_ON_SCRIPT_ERROR={self.on_script_error!r} must be 'fail' or 'skip'")
         if not self.issuer.startswith(("http://", "https://")):
@@ -96,6 +109,10 @@ class Settings:
         for attr in self.custom_attributes:
             if not attr or attr in RESERVED_ATTRIBUTES:
                 raise SettingsError(f"SSA_CUSTOM_ATTRIBUTES: {attr!r} is empty or a built-in SSA field")
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.store_url.startswith(POSTGRES_SCHEMES)
 
     def public_dict(self) -> dict[str, Any]:
         """The effective settings as JSON-ready values, secrets masked (``config show``)."""

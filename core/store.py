@@ -7,6 +7,7 @@ change is durable (on disk or committed).
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any, NotRequired, Protocol, TypedDict
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
@@ -70,6 +71,10 @@ class StoreLocked(RuntimeError):
 
 class StoreUnavailable(RuntimeError):
     """The backend cannot be reached right now (maps to 503)."""
+
+
+class StoreSchemaError(RuntimeError):
+    """The database schema is not the version this server needs (run ``ssa-server store migrate``)."""
 
 
 class Store(Protocol):
@@ -136,6 +141,11 @@ class Store(Protocol):
     async def put_template(self, record: TemplateRecord) -> None: ...
     async def get_template(self, name: str) -> TemplateRecord | None: ...
     async def list_templates(self) -> list[TemplateRecord]: ...
+
+    # --- coordination ---
+    def lock(self, name: str) -> AbstractAsyncContextManager[None]:
+        """``async with store.lock("keys"):`` serialises key set-up and rotation across every
+        process sharing the store (one active key per use even when workers start together)."""
 
     # --- health ---
     async def check(self) -> None:

@@ -18,6 +18,7 @@ keep lookups from scanning.  See ``docs/store.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import gc
 import json
@@ -25,7 +26,7 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +551,12 @@ class TinyStore:
 
     async def list_templates(self) -> list[TemplateRecord]:
         return self._all("templates")
+
+    # --- coordination ---
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Nothing to hold: a data dir has one server process (``server.lock``)."""
+        yield
 
     # --- health ---
     async def check(self) -> None:

@@ -34,15 +34,42 @@ class CreateRequest:
     custom: dict[str, Any] = field(default_factory=dict)
 
 
+def storable(text: str) -> bool:
+    """Whether every store can keep ``text``: no NUL (PostgreSQL text and JSONB refuse it) and no
+    unpaired surrogate (not encodable as UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        if not storable(value):
+            raise InvalidRequest("The request body holds a NUL character or an unpaired surrogate.")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k)
+            _check_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v)
+
+
 def parse_json_body(raw: bytes) -> Any:
     if len(raw) > MAX_BODY:
         raise InvalidRequest(f"The request body is larger than {MAX_BODY} bytes.", status=413)
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.") from None
+    _check_strings(body)
+    return body
 
 
 def _string(body: dict[str, Any], name: str) -> str | None:
@@ -132,6 +159,8 @@ def parse_form(raw: bytes) -> dict[str, str]:
         raise InvalidRequest("The request body is not a valid form.") from None
     form: dict[str, str] = {}
     for key, value in pairs:
+        if not (storable(key) and storable(value)):
+            raise InvalidRequest("The form holds a NUL character.")
         if key in form:
             raise InvalidRequest(f"The parameter '{key}' is given more than once.")
         form[key] = value

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 
 import pytest
 from jwcrypto import jwk, jwt
@@ -53,10 +55,12 @@ class Api:
 
 
 @pytest.fixture
-def make_api(tmp_path):
+def make_api(tmp_path, store_settings):
     opened: list[Api] = []
 
     def make(*, clock=None, **settings) -> Api:
+        for name, value in store_settings.items():
+            settings.setdefault(name, value)
         settings.setdefault("data_dir", tmp_path / f"data{len(opened)}")
         settings.setdefault("scripts_dir", tmp_path / "no-scripts")
         kwargs = {"clock": clock} if clock else {}
@@ -73,3 +77,78 @@ def make_api(tmp_path):
 @pytest.fixture
 def api(make_api) -> Api:
     return make_api(custom_attributes=("myCustomAttr1",))
+
+
+# --- PostgreSQL: one server per session (SSA_TEST_PG_URL, else a throwaway cluster), a fresh
+# database per run, clean tables per test.  Without PostgreSQL these tests skip (fail in CI).
+@pytest.fixture(scope="session")
+def pg_server():
+    import os
+
+    from pg_cluster import HOW_TO, ClusterError, start_cluster
+
+    url = os.environ.get("SSA_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    try:
+        cluster = start_cluster()
+    except (ClusterError, OSError, subprocess.SubprocessError) as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run the PostgreSQL tests but none could be started ({e}). {HOW_TO}")
+        pytest.skip(f"no PostgreSQL ({e}). {HOW_TO}")
+    yield cluster.url
+    cluster.destroy()
+
+
+def with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server):
+    """A database made for this run, with the schema; dropped at the end."""
+    import uuid
+
+    import psycopg
+
+    name = f"ssa_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_server, name)
+    asyncio.run(_migrate(url))
+    yield url
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _migrate(url: str) -> None:
+    from ssa_server.pgstore import PgStore
+
+    store = PgStore(url)
+    await store.open()
+    await store.close()
+
+
+def truncate(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE ssa, clients, keys, templates")
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """The store the ``make_api``/``api`` fixtures use; modules parametrize it over both."""
+    return "tinydb"
+
+
+@pytest.fixture
+def store_settings(store_kind, request) -> dict:
+    """Settings that select ``store_kind``; PostgreSQL tables are emptied for each test."""
+    if store_kind == "tinydb":
+        return {}
+    url = request.getfixturevalue("pg_url")
+    truncate(url)
+    return {"store_url": url}

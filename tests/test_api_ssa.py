@@ -15,6 +15,12 @@ from ssa_server.settings import SIGNING_ALGS
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "k"}
 
 
+@pytest.fixture(params=["tinydb", "postgresql"])
+def store_kind(request) -> str:
+    """Every HTTP test here runs against both stores."""
+    return request.param
+
+
 def assert_error(response, status: int, error: str) -> None:
     assert response.status_code == status, response.text
     assert set(response.json()) == {"error", "error_description"}
@@ -367,3 +373,27 @@ def test_rotation_keeps_old_key_published(api):
     kids = [k["kid"] for k in api.client.get("/jwks").json()["keys"]]
     assert old_kid in kids and new_kid in kids
     api.verify(old_token)  # still verifies
+
+
+# --- text no store can keep ---
+@pytest.mark.parametrize("body", [{"org_id": "a\u0000b"}, {"myCustomAttr1": "v\u0000"},
+                                  {"myCustomAttr1": {"k\u0000": 1}}, {"software_roles": ["\u0000"]}])
+def test_nul_in_a_body_is_invalid_request(api, body):
+    assert_error(api.create(**body), 400, "invalid_request")
+    assert api.call(api.server.store.count_ssas) == 0
+
+
+def test_unpaired_surrogate_is_invalid_request(api):
+    r = api.client.post("/ssa", content=b'{"org_id": "\\ud800"}', headers=dict(api.auth(), **{"content-type": "application/json"}))
+    assert_error(r, 400, "invalid_request")
+
+
+def test_nul_in_parameters_and_credentials_is_a_client_error(api):
+    H = api.auth()
+    for path, name in (("/ssa", "jti"), ("/ssa", "org_id"), ("/ssa/jwt", "jti")):
+        assert_error(api.client.get(path, params={name: "a\x00"}, headers=H), 400, "invalid_request")
+    assert_error(api.client.delete("/ssa", params={"org_id": "a\x00"}, headers=H), 400, "invalid_request")
+    r = api.client.post("/token", data={"grant_type": "client_credentials", "client_id": "a\x00", "client_secret": "s"})
+    assert_error(r, 400, "invalid_request")
+    r = api.client.post("/token", data={"grant_type": "client_credentials"}, auth=("a\x00", "s"))
+    assert_error(r, 401, "invalid_client")

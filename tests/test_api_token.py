@@ -5,8 +5,15 @@ from __future__ import annotations
 import base64
 import time
 
+import pytest
+
 from conftest import ADMIN, PORTAL
 from test_api_ssa import assert_error
+
+
+@pytest.fixture(params=["tinydb", "postgresql"])
+def store_kind(request) -> str:
+    return request.param
 
 
 def test_basic_and_post_auth(api):
@@ -67,6 +74,7 @@ def test_expired_token(make_api):
     assert_error(a.client.get("/ssa", headers=H), 401, "invalid_token")
 
 
+@pytest.mark.parametrize("store_kind", ["tinydb"])  # two servers on one PostgreSQL share the token key
 def test_token_from_another_server_is_rejected(make_api):
     one, two = make_api(), make_api()
     assert_error(two.client.get("/ssa", headers=one.auth(ADMIN)), 401, "invalid_token")
@@ -76,4 +84,11 @@ def test_secrets_are_stored_hashed(api):
     cid, secret = api.register(ADMIN)
     record = api.call(api.server.store.get_client, cid)
     assert secret not in str(record) and record["secret_hash"].startswith("sha256$")
-    assert secret.encode() not in (api.server.settings.data_dir / "store.jsonl").read_bytes()
+    if api.server.settings.uses_postgres:
+        import psycopg
+
+        with psycopg.connect(api.server.settings.store_url) as conn:
+            stored = str(conn.execute("SELECT * FROM clients").fetchall())
+    else:
+        stored = (api.server.settings.data_dir / "store.jsonl").read_text()
+    assert cid in stored and secret not in stored

@@ -31,6 +31,9 @@ def test_precedence(tmp_path):
     {"SSA_SIGNING_ALG": "HS256"}, {"SSA_PORT": "x"}, {"SSA_PORT": "70000"}, {"SSA_ENABLED": "maybe"},
     {"SSA_EXPIRATION_IN_DAYS": "0"}, {"SSA_ISSUER": "ftp://x"}, {"SSA_ON_SCRIPT_ERROR": "ignore"},
     {"SSA_CUSTOM_ATTRIBUTES": "jti"}, {"SSA_SCRIPT_TIMEOUT": "0"}, {"SSA_CONFIG": "/nonexistent.toml"},
+    {"SSA_WORKERS": "0"}, {"SSA_WORKERS": "2"}, {"SSA_STORE_POOL_MIN": "0"},
+    {"SSA_STORE_POOL_MIN": "5", "SSA_STORE_POOL_MAX": "4", "SSA_STORE_URL": "postgresql://db/ssa"},
+    {"SSA_STORE_POOL_TIMEOUT": "0"}, {"SSA_STORE_STATEMENT_TIMEOUT": "-1"},
 ])
 def test_bad_values_are_one_line_errors(env):
     with pytest.raises(SettingsError) as e:
@@ -51,3 +54,13 @@ def test_bad_config_file(tmp_path):
 def test_public_dict_masks_secrets():
     shown = Settings(store_url="postgresql://app:hunter2@db/ssa").public_dict()
     assert "hunter2" not in str(shown) and shown["store_url"] == "postgresql://app:***@db/ssa"
+
+
+def test_postgres_settings():
+    s = load_settings({"workers": "3"}, {"SSA_STORE_URL": "postgres://db/ssa", "SSA_STORE_POOL_MAX": "4",
+                                         "SSA_STORE_STATEMENT_TIMEOUT": "1.5"})
+    assert (s.workers, s.uses_postgres, s.store_pool_min, s.store_pool_max, s.store_statement_timeout) == \
+        (3, True, 1, 4, 1.5)
+    assert not load_settings({}, {"SSA_STORE_URL": "tinydb:///x"}).uses_postgres
+    with pytest.raises(SettingsError, match="--workers 2 needs a shared store"):
+        load_settings({}, {"SSA_WORKERS": "2"})

@@ -1,4 +1,5 @@
-"""The embedded store's contract: durability, atomicity, copies, multi-process rules, crash safety."""
+"""The store contract, run against both stores (TinyDB and PostgreSQL), then the embedded store's
+own rules: durability, multi-process journal, crash safety."""
 
 from __future__ import annotations
 
@@ -38,9 +39,28 @@ async def opened(path, exclusive=True) -> TinyStore:
     return store
 
 
-def test_crud_and_copies(tmp_path):
+@pytest.fixture(params=["tinydb", "postgresql"])
+def make_store(request, tmp_path):
+    """``await make_store()`` opens (or reopens) the store under test; PostgreSQL starts empty."""
+    if request.param == "tinydb":
+        return lambda: opened(tmp_path)
+    from conftest import truncate
+    from ssa_server.pgstore import PgStore
+
+    url = request.getfixturevalue("pg_url")
+    truncate(url)
+
+    async def open_pg():
+        store = PgStore(url)
+        await store.open()
+        return store
+    return open_pg
+
+
+# --- the contract (both stores) ---
+def test_crud_and_copies(make_store):
     async def go():
-        s = await opened(tmp_path)
+        s = await make_store()
         r = ssa("a")
         await s.add_ssa(r)
         with pytest.raises(ValueError):
@@ -65,16 +85,16 @@ def test_crud_and_copies(tmp_path):
         await s.put_template({"name": "t", "fields": {"org_id": "x"}, "created_at": 1})
         assert (await s.get_template("t"))["fields"] == {"org_id": "x"}
         await s.close()
-        s = await opened(tmp_path)  # everything survives a reopen
+        s = await make_store()  # everything survives a reopen
         assert await s.count_ssas() == 3 and (await s.get_template("t")) and not await s.get_client("c1")
         assert len(await s.find_ssas(org_id="a")) == 2
         await s.close()
     run(go())
 
 
-def test_mark_used_is_atomic(tmp_path):
+def test_mark_used_is_atomic(make_store):
     async def go():
-        s = await opened(tmp_path)
+        s = await make_store()
         once, many, old = ssa(), ssa(one_time=False), ssa(exp=int(time.time()) - 1)
         await s.add_ssas([once, many, old])
         now = int(time.time())
@@ -88,9 +108,9 @@ def test_mark_used_is_atomic(tmp_path):
     run(go())
 
 
-def test_revoke_and_cleanup(tmp_path):
+def test_revoke_and_cleanup(make_store):
     async def go():
-        s = await opened(tmp_path)
+        s = await make_store()
         a, b, c = ssa("x"), ssa("x"), ssa("y")
         await s.add_ssas([a, b, c])
         assert await s.revoke_ssas(jti=a["jti"], org_id="y", now=5) == []
@@ -107,6 +127,7 @@ def test_revoke_and_cleanup(tmp_path):
     run(go())
 
 
+# --- the embedded store ---
 def test_files_are_private_and_compaction_keeps_records(tmp_path):
     async def go():
         s = await opened(tmp_path / "d")
@@ -215,3 +236,23 @@ def test_kill_9_mid_burst_keeps_every_acknowledged_write(tmp_path):
         return missing
 
     assert run(check()) == []
+
+
+def test_concurrent_revokes_and_key_updates_lose_nothing(make_store):
+    async def go():
+        s = await make_store()
+        records = [ssa("many") for _ in range(30)]
+        await s.add_ssas(records)
+        first, second = await asyncio.gather(s.revoke_ssas(org_id="many", now=7), s.revoke_ssas(org_id="many", now=8))
+        revoked = [r["jti"] for r in first + second]
+        assert sorted(revoked) == sorted(r["jti"] for r in records)  # each revoked once, by one of them
+        await s.add_key({"kid": "k", "alg": "RS256", "use": "ssa", "jwk": {"kty": "RSA"}, "status": "active",
+                         "created_at": 1})
+        await asyncio.gather(s.update_key("k", {"status": "retiring", "remove_after": 9}),
+                             s.update_key("k", {"note": "x"}))
+        (key,) = await s.list_keys()
+        assert (key["status"], key["remove_after"], key["note"], key["jwk"]) == ("retiring", 9, "x", {"kty": "RSA"})
+        with pytest.raises(KeyError):
+            await s.update_key("nope", {"status": "retired"})
+        await s.close()
+    run(go())

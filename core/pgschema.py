@@ -1,0 +1,60 @@
+"""The PostgreSQL schema as an ordered list of migrations, and the version they lead to.
+
+Each SSA, client, key and template is one row: the fields the store filters or changes on are
+indexed columns, the rest of the record is a JSONB ``doc``.  ``schema_version`` holds one row.
+A migration is appended, never edited: ``ssa-server store migrate`` applies the missing ones in
+order, in one transaction, under an advisory lock (two nodes migrating at once are serialised).
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE ssa (
+            jti text PRIMARY KEY,
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            org_id text NOT NULL,
+            status text NOT NULL,
+            expiration bigint NOT NULL,
+            creator_id text NOT NULL,
+            created_at bigint NOT NULL,
+            one_time_use boolean NOT NULL,
+            doc jsonb NOT NULL
+        )""",
+        "CREATE INDEX ssa_org_id ON ssa (org_id)",
+        "CREATE INDEX ssa_creator_id ON ssa (creator_id)",
+        "CREATE INDEX ssa_status_expiration ON ssa (status, expiration)",
+        "CREATE INDEX ssa_created_at ON ssa (created_at, seq)",
+        """CREATE TABLE clients (
+            client_id text PRIMARY KEY,
+            created_at bigint NOT NULL,
+            doc jsonb NOT NULL
+        )""",
+        """CREATE TABLE keys (
+            kid text PRIMARY KEY,
+            use text NOT NULL,
+            status text NOT NULL,
+            created_at bigint NOT NULL,
+            remove_after bigint,
+            doc jsonb NOT NULL
+        )""",
+        """CREATE TABLE templates (
+            name text PRIMARY KEY,
+            created_at bigint NOT NULL,
+            doc jsonb NOT NULL
+        )""",
+    ]),
+]
+
+LATEST = MIGRATIONS[-1][0]
+TABLES = ("ssa", "clients", "keys", "templates")
+
+# Advisory lock ids (pg_advisory_lock takes a bigint): one for migrations, one for key setup.
+MIGRATE_LOCK = 0x55A_0001
+KEYS_LOCK = 0x55A_0002
+LOCKS = {"keys": KEYS_LOCK}  # the names ``Store.lock`` accepts
+
+VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    version integer NOT NULL
+)"""

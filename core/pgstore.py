@@ -1,0 +1,333 @@
+"""The PostgreSQL store: shared by every worker and node, correct under concurrency by statement.
+
+Every state change is one SQL statement (or one transaction), so no read-modify-write can race
+across processes: ``mark_used`` is a conditional ``UPDATE ... RETURNING`` (of N concurrent
+validations of a one-time SSA, on any number of nodes, exactly one gets the row), a revoke by
+org is one ``UPDATE``, ``update_key`` changes columns and merges the JSONB doc in place.
+
+Connections come from a pool (``store_pool_min``/``store_pool_max``), are checked before use and
+carry a ``statement_timeout``.  An unreachable database, a pool wait past ``store_pool_timeout``
+or a timed-out statement become ``StoreUnavailable`` (503); the pool reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import select
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+from psycopg.pq import ConnStatus
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+from . import pgschema
+from .store import (ACTIVE, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, SsaRecord, StoreSchemaError,
+                    StoreUnavailable, TemplateRecord)
+
+SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
+KEY_COLUMNS = ("kid", "use", "status", "created_at", "remove_after")
+_SSA_SELECT = f"SELECT {', '.join(SSA_COLUMNS)}, seq, doc FROM ssa"
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TooManyRequests, OSError)
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.split("?", 1)[0].rfind("@")
+    if sep and at >= 0:
+        creds, tail = rest[:at], rest[at:]
+        user = creds.split(":", 1)[0]
+        url = f"{scheme}://{user}:***{tail}" if ":" in creds else url
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
+
+
+def _split(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[list[Any], Jsonb]:
+    return [record.get(c) for c in columns], Jsonb({k: v for k, v in record.items() if k not in columns})
+
+
+async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Before a pooled connection is handed out.  An idle connection has nothing to read; one
+    the server closed (a restart, an admin shutdown) has its farewell and EOF waiting, and only
+    then does the round-trip check run, fail, and make the pool replace it.  So healthy
+    checkouts cost no round trip and the first requests after an outage do not fail."""
+    if conn.broken or conn.pgconn.status != ConnStatus.OK:
+        raise psycopg.OperationalError("connection lost")
+    poller = select.poll()  # not select(): a busy server's descriptors may pass FD_SETSIZE
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _ssa(row: dict[str, Any]) -> SsaRecord:
+    record = dict(row["doc"])
+    record.update({c: row[c] for c in SSA_COLUMNS})
+    return record  # type: ignore[return-value]
+
+
+def _key(row: dict[str, Any]) -> KeyRecord:
+    record = dict(row["doc"])
+    record.update({c: row[c] for c in KEY_COLUMNS})
+    return record  # type: ignore[return-value]
+
+
+class PgStore:
+    def __init__(self, url: str, *, pool_min: int = 1, pool_max: int = 10, pool_timeout: float = 2.0,
+                 statement_timeout: float = 5.0, create_schema: bool = True) -> None:
+        self.url = url
+        self.create_schema = create_schema
+        self._pool_min, self._pool_max, self._pool_timeout = pool_min, pool_max, pool_timeout
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, int(pool_timeout)),
+            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "application_name": "ssa-server",
+        }
+        self._pool: AsyncConnectionPool | None = None
+
+    # --- open / close / schema ---
+    async def open(self) -> None:
+        """Connect, create the schema in an empty database (``create_schema``), check its version."""
+        await self.connect()
+        try:
+            version = await self.schema_version()
+            if version is None and self.create_schema:
+                await self.migrate()  # an empty database: nothing to upgrade, nothing to lose
+            elif version != pgschema.LATEST:
+                raise StoreSchemaError(schema_message(version or 0))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def connect(self) -> None:
+        """Open the pool only (``store migrate`` works on a schema ``open`` would refuse)."""
+        self._pool = AsyncConnectionPool(
+            self.url, min_size=self._pool_min, max_size=self._pool_max, timeout=self._pool_timeout,
+            kwargs=self._connect_kwargs, check=_check_connection, open=False,
+            name="ssa-store")
+        try:
+            await self._pool.open(wait=True, timeout=self._pool_timeout + 3)
+        except PoolTimeout:
+            await self._pool.close()
+            raise StoreUnavailable(f"PostgreSQL at {redact(self.url)} cannot be reached") from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def schema_version(self) -> int | None:
+        """The schema version in the database; None when it holds no schema yet."""
+        async with self._connection() as conn:
+            exists = await (await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")).fetchone()
+            if not exists or not exists[0]:
+                return None
+            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+            return int(row[0]) if row else 0
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply the missing migrations in one transaction; returns (version before, after)."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (pgschema.MIGRATE_LOCK,))
+            await conn.execute(pgschema.VERSION_TABLE)
+            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+            before = int(row[0]) if row else 0
+            if before > pgschema.LATEST:
+                raise StoreSchemaError(schema_message(before))
+            for version, statements in pgschema.MIGRATIONS:
+                if version > before:
+                    for sql in statements:
+                        await conn.execute(sql)  # type: ignore[arg-type]
+            await conn.execute("INSERT INTO schema_version (id, version) VALUES (true, %s) "
+                               "ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version", (pgschema.LATEST,))
+            return before, pgschema.LATEST
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from None
+        except psycopg.DataError as e:  # a value PostgreSQL cannot hold (NUL) or of the wrong type
+            raise ValueError(f"a value cannot be stored in PostgreSQL: {str(e).strip().splitlines()[0]}") from None
+
+    async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        async with self._connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, params)  # type: ignore[arg-type]
+            return await cur.fetchall() if cur.description else []
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Hold a cluster-wide lock (key set-up and rotation) on a connection of its own."""
+        lock_id = pgschema.LOCKS[name]
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}") from None
+        try:
+            try:
+                await conn.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+            except _UNAVAILABLE as e:
+                raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}") from None
+            yield
+        finally:
+            await conn.close()  # ends the session, which releases the lock
+
+    # --- SSAs ---
+    async def add_ssa(self, record: SsaRecord) -> None:
+        await self.add_ssas([record])
+
+    async def add_ssas(self, records: list[SsaRecord]) -> None:
+        if not records:
+            return
+        rows = []
+        for r in records:
+            values, doc = _split(dict(r), SSA_COLUMNS)
+            rows.append((*values, doc))
+        sql = f"INSERT INTO ssa ({', '.join(SSA_COLUMNS)}, doc) VALUES ({', '.join(['%s'] * (len(SSA_COLUMNS) + 1))})"
+        try:
+            async with self._connection() as conn:
+                if len(rows) == 1:  # autocommit: one round trip
+                    await conn.execute(sql, rows[0])  # type: ignore[arg-type]
+                    return
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.executemany(sql, rows)  # type: ignore[arg-type]
+        except psycopg.errors.UniqueViolation:
+            raise ValueError("an SSA with one of these jtis exists") from None
+
+    async def get_ssa(self, jti: str) -> SsaRecord | None:
+        rows = await self._rows(f"{_SSA_SELECT} WHERE jti = %s", (jti,))
+        return _ssa(rows[0]) if rows else None
+
+    @staticmethod
+    def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
+        given = [(k, v) for k, v in filters.items() if v is not None]
+        if not given:
+            return "", []
+        return " WHERE " + " AND ".join(f"{k} = %s" for k, _ in given), [v for _, v in given]
+
+    async def find_ssas(self, *, jti: str | None = None, org_id: str | None = None,
+                        status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
+        where, params = self._where({"jti": jti, "org_id": org_id, "status": status, "creator_id": creator_id})
+        return [_ssa(r) for r in await self._rows(f"{_SSA_SELECT}{where} ORDER BY created_at, seq", params)]
+
+    async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
+        # One statement: a one-time SSA only ever leaves through the conditional UPDATE (the row
+        # lock makes every other concurrent UPDATE see status USED and match nothing); a reusable
+        # one (one_time_use never changes) is only read.
+        rows = await self._rows(
+            f"""WITH used AS (
+                    UPDATE ssa SET status = %(used)s
+                    WHERE jti = %(jti)s AND one_time_use AND status = %(active)s AND expiration > %(now)s
+                    RETURNING {', '.join(SSA_COLUMNS)}, seq, doc)
+                SELECT * FROM used
+                UNION ALL
+                {_SSA_SELECT} WHERE jti = %(jti)s AND NOT one_time_use AND status = %(active)s
+                    AND expiration > %(now)s""",
+            {"jti": jti, "now": now, "used": USED, "active": ACTIVE})
+        return _ssa(rows[0]) if rows else None
+
+    async def revoke_ssas(self, *, jti: str | None = None, org_id: str | None = None,
+                          creator_id: str | None = None, now: int) -> list[SsaRecord]:
+        if jti is None and org_id is None and creator_id is None:
+            return []
+        where, params = self._where({"jti": jti, "org_id": org_id, "creator_id": creator_id, "status": ACTIVE})
+        rows = await self._rows(
+            f"UPDATE ssa SET status = %s, expiration = %s{where} RETURNING {', '.join(SSA_COLUMNS)}, seq, doc",
+            [REVOKED, now, *params])
+        return [_ssa(r) for r in sorted(rows, key=lambda r: (r["created_at"], r["seq"]))]
+
+    async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
+        async with self._connection() as conn, conn.transaction():
+            # Purge first, so an SSA expired in this run is kept until a later one (as TinyStore).
+            purged = await conn.execute("DELETE FROM ssa WHERE status <> %s AND expiration < %s",
+                                        (ACTIVE, now - grace))
+            expired = await conn.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s",
+                                         (EXPIRED, ACTIVE, now))
+            return expired.rowcount, purged.rowcount
+
+    async def count_ssas(self) -> int:
+        rows = await self._rows("SELECT count(*) AS n FROM ssa")
+        return int(rows[0]["n"])
+
+    # --- clients ---
+    async def add_client(self, record: ClientRecord) -> None:
+        try:
+            await self._rows("INSERT INTO clients (client_id, created_at, doc) VALUES (%s, %s, %s)",
+                             (record["client_id"], record["created_at"], Jsonb(dict(record))))
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"a client with id {record['client_id']} exists") from None
+
+    async def get_client(self, client_id: str) -> ClientRecord | None:
+        rows = await self._rows("SELECT doc FROM clients WHERE client_id = %s", (client_id,))
+        return rows[0]["doc"] if rows else None  # type: ignore[no-any-return]
+
+    async def list_clients(self) -> list[ClientRecord]:
+        return [r["doc"] for r in await self._rows("SELECT doc FROM clients ORDER BY created_at, client_id")]
+
+    async def delete_client(self, client_id: str) -> bool:
+        return bool(await self._rows("DELETE FROM clients WHERE client_id = %s RETURNING client_id", (client_id,)))
+
+    # --- keys ---
+    async def add_key(self, record: KeyRecord) -> None:
+        values, doc = _split(dict(record), KEY_COLUMNS)
+        try:
+            await self._rows(f"INSERT INTO keys ({', '.join(KEY_COLUMNS)}, doc) VALUES (%s, %s, %s, %s, %s, %s)",
+                             (*values, doc))
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"a key with kid {record['kid']} exists") from None
+
+    async def update_key(self, kid: str, changes: dict[str, Any]) -> None:
+        # One statement: columns set, other fields merged into the doc (jsonb ||), no read first.
+        sets, params = [], []
+        for name, value in changes.items():
+            if name == "kid":
+                continue
+            if name in KEY_COLUMNS:
+                sets.append(f"{name} = %s")
+                params.append(value)
+        extra = {k: v for k, v in changes.items() if k not in KEY_COLUMNS}
+        if extra:
+            sets.append("doc = doc || %s")
+            params.append(Jsonb(extra))
+        if not sets:
+            sets.append("kid = kid")
+        rows = await self._rows(f"UPDATE keys SET {', '.join(sets)} WHERE kid = %s RETURNING kid", [*params, kid])
+        if not rows:
+            raise KeyError(kid)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return [_key(r) for r in await self._rows(
+            f"SELECT {', '.join(KEY_COLUMNS)}, doc FROM keys ORDER BY created_at, kid")]
+
+    # --- templates ---
+    async def put_template(self, record: TemplateRecord) -> None:
+        await self._rows("INSERT INTO templates (name, created_at, doc) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (name) DO UPDATE SET created_at = EXCLUDED.created_at, doc = EXCLUDED.doc",
+                         (record["name"], record["created_at"], Jsonb(dict(record))))
+
+    async def get_template(self, name: str) -> TemplateRecord | None:
+        rows = await self._rows("SELECT doc FROM templates WHERE name = %s", (name,))
+        return rows[0]["doc"] if rows else None  # type: ignore[no-any-return]
+
+    async def list_templates(self) -> list[TemplateRecord]:
+        return [r["doc"] for r in await self._rows("SELECT doc FROM templates ORDER BY created_at, name")]
+
+    # --- health ---
+    async def check(self) -> None:
+        await self._rows("SELECT 1")
+
+
+def schema_message(version: int) -> str:
+    if version > pgschema.LATEST:
+        return (f"the database has schema version {version}, newer than this server knows "
+                f"({pgschema.LATEST}): upgrade ssa-server")
+    return (f"the database has schema version {version}, this server needs {pgschema.LATEST}: "
+            "run `ssa-server store migrate`")

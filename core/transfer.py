@@ -1,0 +1,137 @@
+"""``store export`` / ``store import``: every record of a store as JSON lines, and back.
+
+One line per record: ``{"table": "ssa"|"clients"|"keys"|"templates", "record": {...}}``.  The
+same format leaves and enters both stores, so a deployment moves from TinyDB to PostgreSQL and
+back without losing anything.  Exports hold the private signing keys: they are written 0600.
+
+Import into an empty store recreates it exactly.  Into a store that already has records, a record
+whose id exists there is skipped (counted), and imported signing keys that would make a second
+active key of their use are stored as retiring instead (still published in ``/jwks`` until the
+imported SSAs they signed expire), so the target keeps exactly one active key per use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
+
+from .store import ACTIVE, Store
+
+TABLES = ("clients", "keys", "templates", "ssa")
+_ID = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
+_REQUIRED = {
+    "ssa": ("org_id", "status", "expiration", "creator_id", "created_at", "one_time_use"),
+    "clients": ("secret_hash", "scopes", "created_at"),
+    "keys": ("alg", "use", "jwk", "status", "created_at"),
+    "templates": ("fields", "created_at"),
+}
+_BATCH = 1000
+
+
+class TransferError(ValueError):
+    """The import file is not a valid export (the message names the line)."""
+
+
+async def export_records(store: Store) -> Iterator[str]:
+    """The store as JSON lines (the keys first: an importer can verify SSAs as it goes)."""
+    out: list[str] = []
+    for table in TABLES:
+        for record in await _all(store, table):
+            out.append(json.dumps({"table": table, "record": record}, separators=(",", ":"), sort_keys=True))
+    return iter(out)
+
+
+async def _all(store: Store, table: str) -> list[Any]:
+    if table == "ssa":
+        return await store.find_ssas()
+    if table == "clients":
+        return await store.list_clients()
+    if table == "keys":
+        return await store.list_keys()
+    return await store.list_templates()
+
+
+async def counts(store: Store) -> dict[str, int]:
+    return {table: len(await _all(store, table)) for table in TABLES}
+
+
+def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """The records of an export, by table; TransferError on the first bad line."""
+    tables: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise TransferError(f"line {number} is not JSON") from None
+        if (not isinstance(entry, dict) or entry.get("table") not in tables
+                or not isinstance(entry.get("record"), dict)):
+            raise TransferError(f'line {number} is not {{"table": ..., "record": {{...}}}} of a known table')
+        if not isinstance(entry["record"].get(_ID[entry["table"]]), str):
+            raise TransferError(f"line {number}: a {entry['table']} record without its {_ID[entry['table']]}")
+        missing = [f for f in _REQUIRED[entry["table"]] if f not in entry["record"]]
+        if missing:
+            raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
+        tables[entry["table"]].append(entry["record"])
+    return tables
+
+
+async def import_records(store: Store, tables: dict[str, list[dict[str, Any]]], now: int) -> dict[str, dict[str, int]]:
+    """Add the records; returns per table {"read", "imported", "skipped"} after checking that
+    the store grew by exactly the imported count."""
+    before = await counts(store)
+    report: dict[str, dict[str, int]] = {}
+    for table in TABLES:
+        records = tables.get(table, [])
+        imported = await _import_table(store, table, records, tables, now)
+        report[table] = {"read": len(records), "imported": imported, "skipped": len(records) - imported}
+    after = await counts(store)
+    for table in TABLES:
+        if after[table] - before[table] != report[table]["imported"]:
+            raise RuntimeError(f"{table}: {report[table]['imported']} imported but the store holds "
+                               f"{after[table] - before[table]} more than before")
+    return report
+
+
+async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
+                        tables: dict[str, list[dict[str, Any]]], now: int) -> int:
+    imported = 0
+    if table == "ssa":
+        fresh = [r for r in records if await store.get_ssa(r["jti"]) is None] if await store.count_ssas() else records
+        for i in range(0, len(fresh), _BATCH):
+            await store.add_ssas(fresh[i:i + _BATCH])  # type: ignore[arg-type]
+        return len(fresh)
+    if table == "clients":
+        for r in records:
+            if await store.get_client(r["client_id"]) is None:
+                await store.add_client(r)  # type: ignore[arg-type]
+                imported += 1
+        return imported
+    if table == "templates":
+        for r in records:
+            if await store.get_template(r["name"]) is None:
+                await store.put_template(r)  # type: ignore[arg-type]
+                imported += 1
+        return imported
+    existing = await store.list_keys()
+    kids = {k["kid"] for k in existing}
+    active_uses = {k["use"] for k in existing if k["status"] == "active"}
+    valid_until = max([now] + [s["expiration"] for s in tables.get("ssa", []) if s.get("status") == ACTIVE])
+    for r in records:
+        if r["kid"] in kids:
+            continue
+        if r["status"] == "active" and r["use"] in active_uses:
+            r = dict(r, status="retiring", remove_after=valid_until)
+        await store.add_key(r)  # type: ignore[arg-type]
+        imported += 1
+    return imported
+
+
+def write_lines(lines: Iterable[str], out: TextIO) -> int:
+    n = 0
+    for line in lines:
+        out.write(line + "\n")
+        n += 1
+    return n

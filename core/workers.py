@@ -1,0 +1,61 @@
+"""``serve --workers N``: uvicorn's process supervisor over N workers sharing one socket.
+
+uvicorn starts each worker as a fresh interpreter that imports ``app_factory``; the parent
+passes its effective settings in one environment variable, so every worker runs with exactly
+what the parent resolved (CLI > env > TOML).  Each worker builds its own ``Server``: its own
+connection pool, script pool, key ring and cleaner.  Before spawning, the parent opens the store
+once: it creates the schema of an empty database, reports a schema that needs ``store migrate``
+or an unreachable database as one line, and creates the keys (under the store's key lock), so
+workers starting together find them made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+
+from .server import Server
+from .settings import Settings, load_settings
+
+SETTINGS_ENV = "SSA__WORKER_SETTINGS"
+
+
+def _encode(settings: Settings) -> str:
+    values: dict[str, Any] = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        values[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return json.dumps(values)
+
+
+async def _prepare(settings: Settings) -> None:
+    server = Server.build(settings, exclusive=False)
+    await server.start(background=False, scripts=False, keys=True)
+    await server.stop()
+
+
+def serve_workers(settings: Settings) -> int:
+    import uvicorn
+
+    asyncio.run(_prepare(settings))
+    os.environ[SETTINGS_ENV] = _encode(settings)  # inherited by the workers, never logged
+    uvicorn.run("ssa_server.workers:app_factory", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
+                lifespan="on", server_header=False)
+    return 0
+
+
+def app_factory() -> Starlette:
+    """The app of one worker process (its lifespan starts and stops its ``Server``)."""
+    from .app import create_app
+
+    settings = load_settings(json.loads(os.environ[SETTINGS_ENV]), environ={})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return create_app(settings)
