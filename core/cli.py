@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import ApiError
+from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
 from .store import StoreLocked, StoreSchemaError, StoreUnavailable
@@ -54,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level)
     if settings.workers > 1:
         from .workers import serve_workers
 

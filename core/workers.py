@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
+from .logs import configure_logging
 from .server import Server
 from .settings import Settings, load_settings
 
@@ -57,5 +57,5 @@ def app_factory() -> Starlette:
     from .app import create_app
 
     settings = load_settings(json.loads(os.environ[SETTINGS_ENV]), environ={})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level)
     return create_app(settings)

@@ -31,7 +31,6 @@ from .protocol import FrameError, dumps, loads, read_frame, write_frame, write_r
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
 _T = TypeVar("_T")
-_QUICK_ANSWER = 0.0003  # seconds the event loop waits in place for a worker's answer
 _PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer (64 KiB on Linux)
 
 
@@ -90,17 +89,6 @@ class _Worker:
                 await loop.run_in_executor(None, write_raw_frame, self.to_child, data)
         except OSError:
             raise ScriptError("crashed", "the script worker exited") from None
-        # Most answers arrive within ~100 us: wait that long in place (a short select costs far
-        # less than registering the pipe with the loop); a slower script is waited for on the loop.
-        ready, _, _ = select.select([self.from_child], [], [], _QUICK_ANSWER)
-        if ready:
-            try:
-                decoded = read_frame(self.from_child, self.max_answer * steps)
-            except FrameError as e:
-                raise await loop.run_in_executor(None, self._failure, e) from None
-            if not isinstance(decoded, dict):
-                raise ScriptError("crashed", "malformed answer from the script worker")
-            return decoded
         answer: asyncio.Future[bytes] = loop.create_future()
         reader = _FrameReader(self.from_child, self.max_answer * steps, answer)
         loop.add_reader(self.from_child, reader.on_readable)

@@ -1,0 +1,39 @@
+"""Logging for ``serve``: records are formatted and written by a background thread.
+
+A log line costs the event loop ~100 us when it is formatted (``asctime``) and written to stderr
+in place: a quarter of an ES256 create at the default level.  Here the loop only queues the
+record; a ``QueueListener`` thread formats and writes it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import logging.handlers
+import queue
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The stock prepare formats the message here; the listener's handler formats it instead.
+        # Our log arguments are strings and numbers, so nothing changes them meanwhile.
+        return record
+
+
+def configure_logging(level: str) -> logging.handlers.QueueListener:
+    """Root logging at ``level`` through a queue; the listener is stopped (flushed) at exit."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    output = logging.StreamHandler(sys.stderr)
+    output.setFormatter(logging.Formatter(FORMAT))
+    listener = logging.handlers.QueueListener(records, output)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_QueueHandler(records))  # type: ignore[arg-type]
+    root.setLevel(level.upper())
+    listener.start()
+    atexit.register(listener.stop)
+    return listener
