@@ -25,6 +25,12 @@ class _QueueHandler(logging.handlers.QueueHandler):
 
 def configure_logging(level: str) -> logging.handlers.QueueListener:
     """Root logging at ``level`` through a queue; the listener is stopped (flushed) at exit."""
+    # FORMAT needs neither the caller's file and line nor thread or process names: skip
+    # collecting them for every record (the logging docs' "Optimization" section).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     output = logging.StreamHandler(sys.stderr)
     output.setFormatter(logging.Formatter(FORMAT))
