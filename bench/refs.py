@@ -40,7 +40,7 @@ def _rate(fn: Any, seconds: float) -> float:
 
 
 def sign_ops(alg: str, seconds: float, key: jwk.JWK, kid: str) -> float:
-    """jwcrypto JWS sign + compact serialize per second, as ``KeyRing.sign`` does it, one thread."""
+    """jwcrypto JWS sign + compact serialize per second, one thread (the issue's ``sign_ops``)."""
     protected = json.dumps({"typ": "jwt", "alg": alg, "kid": kid}, separators=(",", ":"))
 
     def one() -> str:
