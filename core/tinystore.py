@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,9 +319,7 @@ class TinyStore:
         error: Exception | None = None
         try:
             data = b"".join(data for data, _, _ in batch)
-            with self._write_lock, self._file_lock():
-                if not self.exclusive and os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
-                    self._open_journal_for_append()
+            with self._write_lock, self._locked_current_journal():
                 start = os.fstat(self._fd).st_size
                 os.write(self._fd, data)
                 os.fsync(self._fd)
@@ -338,12 +336,24 @@ class TinyStore:
         for _, loop, future in batch:
             loop.call_soon_threadsafe(_settle, future, error)
 
-    def _open_journal_for_append(self) -> None:
-        # Another process compacted the journal: append to the new file; the event-loop side
-        # notices the inode change and replays it.
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o600)
-        os.close(self._fd)
-        self._fd = fd
+    @contextlib.contextmanager
+    def _locked_current_journal(self) -> Iterator[None]:
+        """Hold the flock of the file that is the journal now.  A CLI process may still have
+        the file the server compacted away open: it moves to the new file (the event-loop side
+        notices the inode change and replays) and locks that one, never appending unlocked."""
+        while True:
+            lock = self._file_lock()
+            lock.__enter__()
+            if self.exclusive or os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                break
+            lock.__exit__()
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND, 0o600)
+            os.close(self._fd)
+            self._fd = fd
+        try:
+            yield
+        finally:
+            lock.__exit__()
 
     def _file_lock(self) -> _Flock:
         return _Flock(self._fd)
