@@ -106,3 +106,4 @@ def test_clone_is_deep():
     copied = clone(value)
     copied["a"][1]["b"].append(3)
     assert value == {"a": [1, {"b": [2]}]}
+
