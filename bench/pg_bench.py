@@ -3,8 +3,8 @@
 Each run starts a real ``ssa-server serve`` (RS256, no scripts), warms up for one second, then
 drives ``POST /ssa`` from 16 concurrent connections for ``--seconds``.  PostgreSQL is a throwaway
 cluster this script starts (durable: fsync on, like the embedded store's fsync'ed journal) unless
-``--pg-url`` names one (a role that may CREATE DATABASE).  The Python load generator shares the
-machine's cores with the server: compare the rows with each other, not with other machines.
+``--pg-url`` names one (a role that may CREATE DATABASE).  The load comes from wrk (or the harness's
+asyncio client) on the same cores as the server: compare the rows with each other.
 
     python bench/pg_bench.py [--seconds 4] [--connections 16] [--pg-url postgresql://...]
 """
@@ -12,7 +12,6 @@ machine's cores with the server: compare the rows with each other, not with othe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -26,7 +25,11 @@ from pathlib import Path
 import httpx2 as httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pg_cluster import free_port, start_cluster  # noqa: E402
+
+from bench import loadgen  # noqa: E402
+from bench.loadgen import Load  # noqa: E402
 
 ADMIN = "https://jans.io/auth/ssa.admin"
 
@@ -37,26 +40,13 @@ def cli(env: dict[str, str], *args: str) -> dict:
     return json.loads(r.stdout)
 
 
-async def drive(base: str, headers: dict, seconds: float, connections: int) -> tuple[int, list[float]]:
-    done, lat = 0, []
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=connections)
-    async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as c:
-        async def loop() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = await c.post("/ssa", json={"org_id": "bench"}, headers=headers)
-                assert r.status_code == 201, r.text
-                lat.append(time.perf_counter() - t)
-                done += 1
-        await asyncio.gather(*[loop() for _ in range(connections)])
-    return done, lat
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(len(xs) * q))] * 1000, 2) if xs else 0.0
+def drive(port: int, headers: dict[str, str], seconds: int, connections: int, work: Path) -> dict:
+    """POST /ssa from ``connections`` connections for ``seconds``: wrk when installed, else the
+    harness's bounded asyncio client (``bench/loadgen.py``), from another process either way."""
+    load = Load(port=port, method="POST", path="/ssa", body=json.dumps({"org_id": "bench"}),
+                headers=dict(headers, **{"Content-Type": "application/json"}), connections=connections,
+                seconds=seconds)
+    return loadgen.run(load, work)
 
 
 def measure(label: str, env: dict[str, str], workers: int, seconds: float, connections: int, tmp: Path) -> dict:
@@ -81,13 +71,16 @@ def measure(label: str, env: dict[str, str], workers: int, seconds: float, conne
         token = httpx.post(f"{base}/token", data={"grant_type": "client_credentials"},
                            auth=(made["client_id"], made["client_secret"])).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}
-        asyncio.run(drive(base, headers, 1.0, connections))  # warm-up: pools, caches, every worker
-        done, lat = asyncio.run(drive(base, headers, seconds, connections))
+        drive(port, headers, 1, connections, tmp)  # warm-up: pools, caches, every worker
+        result = drive(port, headers, int(seconds), connections, tmp)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    row = {"store": label, "workers": workers, "requests": done, "req_per_s": round(done / seconds, 1),
-           "p50_ms": pct(lat, .5), "p99_ms": pct(lat, .99)}
+    errors = sum(result["errors"].values())
+    if errors:
+        raise SystemExit(f"{label}: {errors} requests failed")
+    row = {"store": label, "workers": workers, "requests": result["requests"], "req_per_s": result["rps"],
+           "p50_ms": result.get("p50_ms"), "p99_ms": result.get("p99_ms"), "client": result["client"]}
     print(json.dumps(row), flush=True)
     return row
 

@@ -142,7 +142,7 @@ class SsaService:
         except (TypeError, ValueError) as e:
             raise ScriptFailed(f"a create hook produced claims that cannot be signed: {type(e).__name__}") from None
         await self.store.add_ssa(record)
-        log.info("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
+        log.debug("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
         return token
 
     @staticmethod
@@ -253,8 +253,8 @@ class SsaService:
     async def _run_hook(self, name: str, **kwargs: Any) -> Any:
         caller: Any = getattr(self.plugins.hook, name)
         try:
-            chain = self._scripts.chain if self._scripts is not None else None
-            if chain is not None and self.plugins.is_registered(chain):
+            chain = self._scripts.serving_chain() if self._scripts is not None else None
+            if chain is not None:
                 # The scripts run first (as pluggy would run the tryfirst chain), on the event
                 # loop: their sandbox round trips need no thread.  Then the other plugins.
                 hook = name.removeprefix("ssa_")

@@ -333,8 +333,11 @@ class TinyStore:
         except OSError as e:
             self._broken = f"{self.path} cannot be written: {e.strerror}"
             error = StoreUnavailable(self._broken)
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for _, loop, future in batch:
-            loop.call_soon_threadsafe(_settle, future, error)
+            by_loop.setdefault(loop, []).append(future)
+        for loop, futures in by_loop.items():  # one wake-up per loop for the whole batch
+            loop.call_soon_threadsafe(_settle, futures, error)
 
     @contextlib.contextmanager
     def _locked_current_journal(self) -> Iterator[None]:
@@ -575,13 +578,14 @@ class TinyStore:
             raise StoreUnavailable("the store is not open")
 
 
-def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class _Flock:

@@ -349,6 +349,10 @@ class ScriptHost:
         """The plugin that runs the scripts (registered with pluggy while any script is loaded)."""
         return self._chain
 
+    def serving_chain(self) -> _ScriptChain | None:
+        """The chain while it is registered (a dict lookup: asked on every request)."""
+        return self._chain if self.pm.get_plugin(_CHAIN_NAME) is self._chain else None
+
     def listing(self) -> list[dict[str, Any]]:
         return [self.scripts[n].public() for n in sorted(self.scripts)]
 
