@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_scripts_http import Harness  # noqa: F401  (the fixture's class)
 from tests.test_scripts_http import harness  # noqa: F401  (pytest fixture)
 
 ADD = 'def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "{tag}"\n    return True\n'
