@@ -62,8 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_workers(settings)
     server = Server.build(settings)
     app = create_app(settings, server=server, manage_lifespan=False)
+    # X-Forwarded-* only change the client address and scheme uvicorn reports, which only its
+    # access log shows (every URL the server hands out comes from the configured issuer).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, lifespan="off", server_header=False)
+                            access_log=settings.access_log, proxy_headers=settings.access_log,
+                            lifespan="off", server_header=False)
     uv = uvicorn.Server(config)
 
     async def run() -> None:

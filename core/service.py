@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,8 +57,12 @@ class _Uuid4Source:
                 self._buffer, self._pos, self._pid = os.urandom(4096), 0, os.getpid()
             raw = self._buffer[self._pos:self._pos + 16]
             self._pos += 16
-        return str(uuid.UUID(bytes=raw, version=4))
+        # RFC 9562 version 4: version nibble 4, variant bits 10 (what uuid.UUID(version=4) sets).
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 new_jti = _Uuid4Source()
 

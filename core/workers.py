@@ -48,7 +48,7 @@ def serve_workers(settings: Settings) -> int:
     os.environ[SETTINGS_ENV] = _encode(settings)  # inherited by the workers, never logged
     uvicorn.run("ssa_server.workers:app_factory", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
-                lifespan="on", server_header=False)
+                proxy_headers=settings.access_log, lifespan="on", server_header=False)  # as in cli.cmd_serve
     return 0
 
 
