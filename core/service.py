@@ -109,6 +109,7 @@ class SsaService:
         self.plugins = plugins
         self._clock = clock
         self._scripts = scripts
+        self._without_scripts: dict[str, Any] = {}  # hook name -> its caller minus the script chain
 
     def now(self) -> int:
         return int(self._clock())
@@ -264,7 +265,9 @@ class SsaService:
                 data = kwargs["jwt"] if hook == "create" else kwargs["ssa_list"]
                 if await chain.run_async(hook, data, kwargs["context"]) is False:
                     return False
-                caller = self.plugins.subset_hook_caller(name, remove_plugins=[chain])
+                caller = self._without_scripts.get(name)
+                if caller is None:  # it filters the implementations at each call: safe to keep
+                    caller = self._without_scripts[name] = self.plugins.subset_hook_caller(name, [chain])
             if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op: no thread hop
                 return caller(**kwargs)
             return await anyio.to_thread.run_sync(lambda: caller(**kwargs))

@@ -13,7 +13,7 @@ imported SSAs they signed expire), so the target keeps exactly one active key pe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from .store import ACTIVE, Store
@@ -95,30 +95,33 @@ async def import_records(store: Store, tables: dict[str, list[dict[str, Any]]], 
     return report
 
 
+async def _add_missing(records: list[dict[str, Any]], key: str, get: Callable[[str], Awaitable[Any]],
+                       add: Callable[[Any], Awaitable[None]]) -> int:
+    """Add the records the store does not hold yet (by ``key``); how many were added."""
+    added = 0
+    for r in records:
+        if await get(r[key]) is None:
+            await add(r)
+            added += 1
+    return added
+
+
 async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
                         tables: dict[str, list[dict[str, Any]]], now: int) -> int:
-    imported = 0
     if table == "ssa":
         fresh = [r for r in records if await store.get_ssa(r["jti"]) is None] if await store.count_ssas() else records
         for i in range(0, len(fresh), _BATCH):
             await store.add_ssas(fresh[i:i + _BATCH])  # type: ignore[arg-type]
         return len(fresh)
     if table == "clients":
-        for r in records:
-            if await store.get_client(r["client_id"]) is None:
-                await store.add_client(r)  # type: ignore[arg-type]
-                imported += 1
-        return imported
+        return await _add_missing(records, "client_id", store.get_client, store.add_client)
     if table == "templates":
-        for r in records:
-            if await store.get_template(r["name"]) is None:
-                await store.put_template(r)  # type: ignore[arg-type]
-                imported += 1
-        return imported
+        return await _add_missing(records, "name", store.get_template, store.put_template)
     existing = await store.list_keys()
     kids = {k["kid"] for k in existing}
     active_uses = {k["use"] for k in existing if k["status"] == "active"}
     valid_until = max([now] + [s["expiration"] for s in tables.get("ssa", []) if s.get("status") == ACTIVE])
+    imported = 0
     for r in records:
         if r["kid"] in kids:
             continue

@@ -344,13 +344,9 @@ class ScriptHost:
             self.pm.unregister(name=_CHAIN_NAME)
         self._chain.chains = {h: () for h in HOOKS}
 
-    @property
-    def chain(self) -> _ScriptChain:
-        """The plugin that runs the scripts (registered with pluggy while any script is loaded)."""
-        return self._chain
-
     def serving_chain(self) -> _ScriptChain | None:
-        """The chain while it is registered (a dict lookup: asked on every request)."""
+        """The plugin that runs the scripts, while it is registered (while any script is loaded;
+        a dict lookup: asked on every request)."""
         return self._chain if self.pm.get_plugin(_CHAIN_NAME) is self._chain else None
 
     def listing(self) -> list[dict[str, Any]]:
