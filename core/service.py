@@ -134,13 +134,11 @@ class SsaService:
         active = self.keys.active()
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
         claims = self.jwt_claims(record)
-        if self._has_hooks("ssa_create"):
+        draft = JwtDraft(header, claims)
+        if self._has_hooks("ssa_create"):  # else only the built-in no-op: nothing can change it
             draft = JwtDraft(clone(header), clone(claims))
             await self._run_hook("ssa_create", jwt=draft, context=ctx.for_hook("create", self.settings))
             self._check_protected(header, claims, draft)
-        else:
-            draft = JwtDraft(header, claims)  # only the built-in no-op: nothing can change it
-            await self._run_hook("ssa_create", jwt=draft, context={})
         try:
             token = await self._sign(draft.header, draft.claims)
         except (TypeError, ValueError) as e:
@@ -268,8 +266,8 @@ class SsaService:
                 caller = self._without_scripts.get(name)
                 if caller is None:  # it filters the implementations at each call: safe to keep
                     caller = self._without_scripts[name] = self.plugins.subset_hook_caller(name, [chain])
-            if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op: no thread hop
-                return caller(**kwargs)
+            if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op is left: it would return None
+                return None
             return await anyio.to_thread.run_sync(lambda: caller(**kwargs))
         except ApiError:
             raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import builtins
-import copy
 import datetime as _dt
 import hashlib
 import json
@@ -30,7 +29,7 @@ from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_seque
 from ssa_server.plugins.hookspecs import JwtDraft
 
 from .errors import ScriptError, ScriptRefused
-from .protocol import dumps
+from .protocol import dumps, loads
 
 HOOKS = ("create", "get", "revoke")
 PROTECTED_CLAIMS = ("jti", "iss", "iat")
@@ -116,7 +115,8 @@ class ScriptContext:
         self.hook = facts.get("hook", "")
         self.settings = facts.get("settings", {})  # facts come fresh from the request frame
         self.request = facts.get("request", {})
-        self.config = copy.deepcopy(config)  # the script's config outlives the call: a copy each time
+        # The script's config outlives the call: a copy each time (plain JSON: the pool made it so).
+        self.config = loads(dumps(config)) if config else {}
         self._logs: list[str] = []
         self._denied: dict[str, str] | None = None
 

@@ -11,7 +11,6 @@ import asyncio
 import collections
 import json
 import os
-import queue
 import select
 import shutil
 import signal
@@ -80,7 +79,8 @@ class _Worker:
         reports the next step."""
         loop = asyncio.get_running_loop()
         self.calls += steps
-        self.progress.set(0)
+        if steps > 1:
+            self.progress.set(0)
         data = dumps(message)
         try:
             if len(data) < _PIPE_SAFE:  # fits in the pipe buffer: the write cannot block
@@ -89,31 +89,15 @@ class _Worker:
                 await loop.run_in_executor(None, write_raw_frame, self.to_child, data)
         except OSError:
             raise ScriptError("crashed", "the script worker exited") from None
-        answer: asyncio.Future[bytes] = loop.create_future()
-        reader = _FrameReader(self.from_child, self.max_answer * steps, answer)
-        loop.add_reader(self.from_child, reader.on_readable)
-        seen = [0]
-        timer = [loop.call_later(timeout, lambda: expire())]
-
-        def expire() -> None:
-            if answer.done():
-                return
-            step = self.progress.get()
-            if step != seen[0] and step < steps:  # the worker moved on to the next script
-                seen[0] = step
-                timer[0] = loop.call_later(timeout, expire)
-            else:
-                answer.set_exception(TimeoutError())
-
+        answer = _PendingAnswer(loop, self.from_child, self.max_answer * steps, timeout, self.progress, steps)
         try:
-            raw = await answer
+            raw = await answer.future
         except FrameError as e:
             raise await loop.run_in_executor(None, self._failure, e) from None
         except TimeoutError:
             raise ScriptError("timeout", f"no answer within {timeout:g} s") from None
         finally:
-            timer[0].cancel()
-            loop.remove_reader(self.from_child)
+            answer.close()
         try:
             decoded = loads(raw)
         except ValueError:
@@ -157,16 +141,17 @@ class SandboxPool:
     def __init__(self, workers: int = 2, limits: SandboxLimits | None = None) -> None:
         self.limits = limits or SandboxLimits()
         self._scripts: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._idle: collections.deque[_Worker] = collections.deque()
         # Event-loop callers waiting for a worker get one handed over, not a thread each.
         self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[_Worker]]] = collections.deque()
         self._handover = threading.Lock()
+        self._freed = threading.Condition(self._handover)  # blocking callers wait on it
         self._draining = False  # a load/unload is collecting every worker: waiters wait for it
         self._size = workers
         self._admin = threading.Lock()  # loads/unloads/close: one at a time
         self._closed = False
         for _ in range(workers):
-            self._idle.put(_Worker(self.limits))
+            self._idle.append(_Worker(self.limits))
 
     # --- scripts ---
     def load(self, name: str, source: str, config: dict[str, Any]) -> list[str]:
@@ -215,7 +200,14 @@ class SandboxPool:
     def _take_all(self) -> list[_Worker]:
         with self._handover:
             self._draining = True
-        return [self._idle.get() for _ in range(self._size)]
+        return [self._take() for _ in range(self._size)]
+
+    def _take(self) -> _Worker:
+        """An idle worker, waiting (blocking) for one."""
+        with self._freed:
+            while not self._idle:
+                self._freed.wait()
+            return self._idle.pop()
 
     def _release_all(self, workers: list[_Worker]) -> None:
         with self._handover:
@@ -224,14 +216,19 @@ class SandboxPool:
             self._release(worker)
 
     def _release(self, worker: _Worker) -> None:
-        """An idle worker: to the first event-loop waiter, else back to the queue."""
+        """An idle worker: to the first event-loop waiter, else back to the pool (last in,
+        first out: the worker used last has the warmest caches)."""
         with self._handover:
             while self._waiters and not self._draining:
                 loop, waiter = self._waiters.popleft()
                 if not waiter.done():
-                    loop.call_soon_threadsafe(self._hand_over, waiter, worker)
+                    if _running_loop() is loop:  # the usual case: no wake-up through the self-pipe
+                        loop.call_soon(self._hand_over, waiter, worker)
+                    else:
+                        loop.call_soon_threadsafe(self._hand_over, waiter, worker)
                     return
-            self._idle.put(worker)
+            self._idle.append(worker)
+            self._freed.notify()
 
     def _hand_over(self, waiter: asyncio.Future[_Worker], worker: _Worker) -> None:
         if waiter.done():  # the waiting request was cancelled meanwhile
@@ -241,11 +238,10 @@ class SandboxPool:
 
     async def _acquire_async(self) -> _Worker:
         with self._handover:
-            try:
-                return self._idle.get_nowait()
-            except queue.Empty:
-                waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-                self._waiters.append((asyncio.get_running_loop(), waiter))
+            if self._idle:
+                return self._idle.pop()
+            waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+            self._waiters.append((asyncio.get_running_loop(), waiter))
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -266,7 +262,7 @@ class SandboxPool:
         """Run one hook in an idle worker (blocking, thread-safe); ScriptError on any failure."""
         if self._closed:
             raise ScriptError("crashed", "the sandbox is closed")
-        worker = self._idle.get()
+        worker = self._take()
         try:
             answer = worker.request(_call_message(name, hook, payload, context), self.limits.timeout)
             return _result(hook, answer)
@@ -337,10 +333,18 @@ class SandboxPool:
     def close(self) -> None:
         self._closed = True
         while True:
-            try:
-                self._idle.get_nowait().kill()
-            except queue.Empty:
-                return
+            with self._handover:
+                if not self._idle:
+                    return
+                worker = self._idle.popleft()
+            worker.kill()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _call_message(name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -366,33 +370,59 @@ def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
         return e
 
 
-class _FrameReader:
-    """Collects one length-prefixed frame from a readable pipe into a future."""
+class _PendingAnswer:
+    """One answer frame awaited on the event loop: collected from the pipe when it is readable,
+    failed by the wall clock, which restarts each time a chain's worker reports its next step."""
 
-    def __init__(self, fd: int, max_bytes: int, done: asyncio.Future[bytes]) -> None:
-        self.fd, self.max_bytes, self.done = fd, max_bytes, done
-        self.buffer = bytearray()
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, max_bytes: int, timeout: float,
+                 progress: SharedCounter, steps: int) -> None:
+        self.loop, self.fd, self.max_bytes = loop, fd, max_bytes
+        self.timeout, self.progress, self.steps, self.step = timeout, progress, steps, 0
+        self.future: asyncio.Future[bytes] = loop.create_future()
+        self.buffer: bytearray | None = None  # only when a frame comes in several reads
+        loop.add_reader(fd, self.on_readable)
+        self.timer = loop.call_later(timeout, self.expire)
 
     def on_readable(self) -> None:
-        if self.done.done():
+        if self.future.done():
             return
         try:
-            chunk = os.read(self.fd, 1 << 20)
+            chunk = os.read(self.fd, 65536)  # not more: a larger buffer is a fresh mmap per read (~30 us)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
         if not chunk:
-            self.done.set_exception(FrameError("pipe closed"))
+            self.future.set_exception(FrameError("pipe closed"))
             return
-        self.buffer += chunk
-        if len(self.buffer) < 4:
+        data: bytes | bytearray = chunk
+        if self.buffer is not None:
+            self.buffer += chunk
+            data = self.buffer
+        if len(data) < 4:
+            self.buffer = bytearray(data)
             return
-        size = int.from_bytes(self.buffer[:4], "big")
+        size = int.from_bytes(data[:4], "big")
         if size > self.max_bytes:
-            self.done.set_exception(FrameError(f"frame of {size} bytes is over the {self.max_bytes} byte limit"))
-        elif len(self.buffer) >= 4 + size:
-            self.done.set_result(bytes(self.buffer[4:4 + size]))
+            self.future.set_exception(FrameError(f"frame of {size} bytes is over the {self.max_bytes} byte limit"))
+        elif len(data) >= 4 + size:
+            self.future.set_result(data[4:4 + size])
+        elif self.buffer is None:
+            self.buffer = bytearray(data)
+
+    def expire(self) -> None:
+        if self.future.done():
+            return
+        step = self.progress.get() if self.steps > 1 else 0
+        if step != self.step and step < self.steps:  # the worker moved on to the next script
+            self.step = step
+            self.timer = self.loop.call_later(self.timeout, self.expire)
+        else:
+            self.future.set_exception(TimeoutError())
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.loop.remove_reader(self.fd)
 
 
 def _validate(hook: str, result: Any) -> None:

@@ -54,10 +54,23 @@ def read_exact(fd: int, n: int) -> bytes:
 
 
 def read_frame(fd: int, max_bytes: int) -> Any:
-    (size,) = _HEADER.unpack(read_exact(fd, _HEADER.size))
+    """One frame.  The peer sends one frame and then waits for the answer, so what is readable
+    belongs to this frame: one read usually brings all of it (a read per part cost a syscall
+    more per call)."""
+    data = os.read(fd, 65536)
+    if not data:
+        raise FrameError("pipe closed")
+    if len(data) < _HEADER.size:
+        data += read_exact(fd, _HEADER.size - len(data))
+    (size,) = _HEADER.unpack_from(data)
     if size > max_bytes:
         raise FrameError(f"frame of {size} bytes is over the {max_bytes} byte limit")
+    body = data[_HEADER.size:]
+    if len(body) < size:
+        body += read_exact(fd, size - len(body))
+    elif len(body) > size:
+        raise FrameError("bytes past the end of the frame")
     try:
-        return loads(read_exact(fd, size))
+        return loads(body)
     except ValueError:
         raise FrameError("frame is not JSON") from None

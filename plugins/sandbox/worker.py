@@ -40,10 +40,15 @@ def _pin_files(fds: tuple[int, ...]) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (highest, highest))
 
 
+_soft_cpu = [-1]  # the RLIMIT_CPU soft limit last set (whole seconds: it rarely moves)
+
+
 def _cpu_budget(seconds: float, hard: int) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     soft = min(hard, math.ceil(usage.ru_utime + usage.ru_stime + seconds))
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    if soft != _soft_cpu[0]:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        _soft_cpu[0] = soft
 
 
 def main() -> None:
