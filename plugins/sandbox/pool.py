@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ssa_server.shared_counter import SharedCounter
@@ -148,6 +149,9 @@ class SandboxPool:
         self._freed = threading.Condition(self._handover)  # blocking callers wait on it
         self._draining = False  # a load/unload is collecting every worker: waiters wait for it
         self._size = workers
+        self._jobs: list[_Job] = []  # requests on the event loop not yet sent to a worker
+        self._gathering = False  # one of them is collecting a batch (waiting a loop turn or for a worker)
+        self._tasks: set[asyncio.Task[None]] = set()  # batches served for callers other than their gatherer
         self._admin = threading.Lock()  # loads/unloads/close: one at a time
         self._closed = False
         for _ in range(workers):
@@ -298,33 +302,128 @@ class SandboxPool:
         return await self._request_async(message, len(names), outcomes)
 
     async def _request_async(self, message: dict[str, Any], steps: int, check: Callable[[dict[str, Any]], _T]) -> _T:
-        """One request on an idle worker, on the event loop, its answer checked while the worker
-        is held.  A worker that timed out, crashed, hit a limit or was left mid-call by a
-        cancellation is replaced; for a chain the error names the step it was lost on."""
+        """One request on the event loop, its answer checked while the worker is held.
+
+        Requests that reach the pool in the same loop turn, or while it waits for a worker, go
+        to one worker together as one batch: the fixed cost of a round trip (both processes
+        waking, the pipe I/O, the loop's reader and timer) is paid once for all of them.  The
+        first of them gathers the batch; the others wait for their answers."""
         if self._closed:
             raise ScriptError("crashed", "the sandbox is closed")
-        loop = asyncio.get_running_loop()
-        worker: _Worker | None = await self._acquire_async()
+        job = _Job(message, steps, check, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        if self._gathering:
+            return await job.future  # type: ignore[no-any-return]
         try:
-            return check(await worker.request_async(message, self.limits.timeout, steps=steps))  # type: ignore[union-attr]
+            worker, jobs = await self._gather()
+        except BaseException:  # cancelled while waiting for a worker
+            job.future.cancel()
+            if any(not j.future.done() for j in self._jobs):  # the others need someone to gather them
+                self._background(self._gather_and_serve())
+            raise
+        if jobs == [job]:
+            return await self._serve_one(worker, job)  # type: ignore[no-any-return]
+        self._background(self._serve_batch(worker, jobs))
+        return await job.future  # type: ignore[no-any-return]
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
+
+    async def _gather(self) -> tuple[_Worker, list[_Job]]:
+        """A worker and every waiting job (after one loop turn, so that the requests of this
+        turn join)."""
+        self._gathering = True
+        try:
+            await asyncio.sleep(0)
+            worker = await self._acquire_async()
+        finally:
+            self._gathering = False
+        jobs, self._jobs = [j for j in self._jobs if not j.future.done()], []
+        return worker, jobs
+
+    async def _gather_and_serve(self) -> None:
+        if self._jobs and not self._gathering:
+            worker, jobs = await self._gather()
+            await self._serve_batch(worker, jobs)
+
+    async def _serve_one(self, worker: _Worker | None, job: _Job) -> Any:
+        """A batch of one: the caller's own request, answered in the caller's task.  A worker
+        that timed out, crashed, hit a limit or was left mid-call by a cancellation is replaced;
+        for a chain the error names the step it was lost on."""
+        loop = asyncio.get_running_loop()
+        try:
+            return job.check(await worker.request_async(job.message, self.limits.timeout, steps=job.steps))  # type: ignore[union-attr]
         except ScriptError as e:
-            if e.kind in ("timeout", "crashed", "limit"):
-                index = min(max(worker.progress.get(), 0), steps - 1)  # type: ignore[union-attr]
+            if e.kind in _WORKER_LOST:
+                index = min(max(worker.progress.get(), 0), job.steps - 1)  # type: ignore[union-attr]
                 worker = await loop.run_in_executor(None, self._replace, worker)
-                if steps > 1:
+                if job.steps > 1:
                     raise ChainBroken(e.kind, str(e), index) from None
             raise
         except asyncio.CancelledError:
-            # The worker may still answer this call later: nobody else may read that answer.
-            lost = worker
-            loop.run_in_executor(None, lambda: self._release(self._replace(lost)))  # type: ignore[arg-type]
+            self._retire_later(worker)  # type: ignore[arg-type]
             worker = None
             raise
         finally:
             if worker is not None:
-                if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
+                await self._give_back(worker)
+
+    async def _serve_batch(self, worker: _Worker, jobs: list[_Job]) -> None:
+        """Several jobs in one round trip (the worker's ``batch`` op), each job's future settled
+        with its own checked answer or error.  When the worker is lost, the job it was running
+        (the progress counter says which) gets the error and is not retried; the others, whose
+        answers were lost with the worker, go again to its replacement."""
+        loop = asyncio.get_running_loop()
+        try:
+            while jobs:
+                total = sum(j.steps for j in jobs)
+                message = {"op": "batch", "jobs": [j.message for j in jobs]}
+                try:
+                    answers = (await worker.request_async(message, self.limits.timeout, steps=total)).get("answers")
+                except ScriptError as e:
+                    step = min(max(worker.progress.get(), 0), total - 1)
                     worker = await loop.run_in_executor(None, self._replace, worker)
-                self._release(worker)
+                    culprit, index = _job_at(jobs, step)
+                    if not culprit.future.done():
+                        culprit.future.set_exception(
+                            ChainBroken(e.kind, str(e), index) if culprit.steps > 1 else ScriptError(e.kind, str(e)))
+                    jobs = [j for j in jobs if j is not culprit and not j.future.done()]
+                    continue
+                if not isinstance(answers, list) or len(answers) != len(jobs) or not all(isinstance(a, dict) for a in answers):
+                    answers = [{"error": {"kind": "crashed", "message": "malformed batch answer from the script worker"}}] * len(jobs)
+                lost = False
+                for job, answer in zip(jobs, answers):
+                    if job.future.done():  # its caller was cancelled
+                        continue
+                    try:
+                        job.future.set_result(job.check(answer))
+                    except ScriptError as e:
+                        lost = lost or e.kind in _WORKER_LOST
+                        job.future.set_exception(e)
+                if lost:
+                    worker = await loop.run_in_executor(None, self._replace, worker)
+                return
+        except asyncio.CancelledError:  # the server is stopping
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(ScriptError("crashed", "the sandbox is closed"))
+            self._retire_later(worker)
+            worker = None  # type: ignore[assignment]
+            raise
+        finally:
+            if worker is not None:
+                await self._give_back(worker)
+
+    def _retire_later(self, worker: _Worker) -> None:
+        """Replace a worker left mid-request: it may still answer, and nobody may read that."""
+        asyncio.get_running_loop().run_in_executor(None, lambda: self._release(self._replace(worker)))
+
+    async def _give_back(self, worker: _Worker) -> None:
+        if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
+            worker = await asyncio.get_running_loop().run_in_executor(None, self._replace, worker)
+        self._release(worker)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -338,6 +437,28 @@ class SandboxPool:
                     return
                 worker = self._idle.popleft()
             worker.kill()
+
+
+_WORKER_LOST = ("timeout", "crashed", "limit")  # the worker is replaced after these
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request waiting for (or sent to) a worker: a call or a chain."""
+
+    message: dict[str, Any]
+    steps: int  # scripts it runs: the worker's progress counter moves once per step
+    check: Callable[[dict[str, Any]], Any]  # the checked result of its answer; ScriptError if bad
+    future: asyncio.Future[Any]
+
+
+def _job_at(jobs: list[_Job], step: int) -> tuple[_Job, int]:
+    """The job running at a batch's ``step``, and the step within that job."""
+    for job in jobs:
+        if step < job.steps:
+            return job, step
+        step -= job.steps
+    return jobs[-1], jobs[-1].steps - 1
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -4,8 +4,9 @@ with an empty environment and working directory, OS limits, and JSON frames on t
 
 Requests: ``{"op": "load", "name", "source", "config"}``, ``{"op": "unload", "name"}``,
 ``{"op": "call", "name", "hook", "payload", "context"}``, ``{"op": "chain", "names", "hook",
-"payload", "context", "skip_errors"}``.  Answers: ``{"ok": ...}`` or ``{"error": {"kind",
-"message"}}``; for a chain ``{"steps": [answer, ...]}``.  Anything worse (CPU limit, segfault) ends the process; the
+"payload", "context", "skip_errors"}``, ``{"op": "batch", "jobs": [call or chain, ...]}``.
+Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}``; for a chain ``{"steps": [answer,
+...]}``, for a batch ``{"answers": [answer, ...]}``.  Anything worse (CPU limit, segfault) ends the process; the
 server sees the pipe close and starts a new worker.
 """
 
@@ -66,12 +67,41 @@ def main() -> None:
             request = read_frame(rfd, MAX_REQUEST)
         except FrameError:
             return
-        if request.get("op") == "chain":
-            text = _chain(request, scripts, limits, output, progress)
+        if request.get("op") == "batch":
+            text = _batch(request, scripts, limits, output, progress)
         else:
-            _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
-            text = _guarded(lambda: _handle(request, scripts, limits, output))
+            text = _one(request, scripts, limits, output, progress, 0)
         write_raw_frame(wfd, text)
+
+
+def _one(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
+         progress: SharedCounter, offset: int) -> bytes:
+    if request.get("op") == "chain":
+        return _chain(request, scripts, limits, output, progress, offset)
+    _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
+    return _guarded(lambda: _handle(request, scripts, limits, output))
+
+
+def _batch(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
+           progress: SharedCounter) -> bytes:
+    """Independent requests (calls and chains) in one round trip, in order, each as if it came
+    alone; the progress counter counts their steps, so the server knows which one was running
+    if this process dies.  Answer: ``{"answers": [answer, ...]}``."""
+    answers, offset = [], 0
+    for job in request["jobs"]:
+        if job.get("op") not in ("call", "chain"):
+            answers.append(_error("invalid_result", "a batch holds calls and chains only"))
+            continue
+        progress.set(offset)
+        answers.append(_one(job, scripts, limits, output, progress, offset))
+        offset += len(job["names"]) if job.get("op") == "chain" else 1
+    return _joined(b'{"answers":[', answers, b"]}")
+
+
+def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
+    """Answers in one JSON text, the stdlib marker (a leading space) moved to the front."""
+    body = head + b",".join(t[1:] if t[:1] == b" " else t for t in texts) + tail
+    return b" " + body if any(t[:1] == b" " for t in texts) else body
 
 
 def _guarded(work: Callable[[], bytes]) -> bytes:
@@ -91,7 +121,7 @@ def _guarded(work: Callable[[], bytes]) -> bytes:
 
 
 def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
-           progress: SharedCounter) -> bytes:
+           progress: SharedCounter, offset: int) -> bytes:
     """Several scripts' hook in one round trip, each on the previous one's output, each under
     its own CPU budget and a fresh copy of the context.  Stops where the server's chain would:
     a script answering False, a denial (not for revoke), or a failure unless ``skip_errors``
@@ -102,7 +132,7 @@ def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, A
     skip = bool(request.get("skip_errors"))
     steps: list[bytes] = []
     for index, name in enumerate(request["names"]):
-        progress.set(index)
+        progress.set(offset + index)
         if hook == "revoke" and index:
             payload = loads(original)
         _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
@@ -115,7 +145,7 @@ def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, A
             return policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"])
 
         text = _guarded(step)
-        steps.append(text[1:] if text[:1] == b" " else text)
+        steps.append(text)
         if text.startswith(b'{"error"') or not outcome:
             if not skip:
                 break
@@ -126,8 +156,7 @@ def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, A
             {"header": result["header"], "claims": result["claims"]} if hook == "create" else payload)
         if result["result"] is False or (result.get("denied") and hook != "revoke"):
             break
-    body = b'{"steps":[' + b",".join(steps) + b"]}"
-    return b" " + body if any(t[:1] == b" " for t in steps) else body
+    return _joined(b'{"steps":[', steps, b"]}")
 
 
 def _call(name: str, hook: str, payload: dict[str, Any], facts: dict[str, Any], scripts: dict[str, Any],

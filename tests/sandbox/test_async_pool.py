@@ -75,3 +75,133 @@ def test_the_blocking_and_the_loop_paths_agree(pool):
     blocking = pool.call("s", "create", payload("same", spin=10), {})
     on_loop = asyncio.run(pool.call_async("s", "create", payload("same", spin=10), {}))
     assert blocking == on_loop
+
+
+CRASH = """
+def create(jwt, context):
+    x = ()
+    i = 0
+    while i < 1000000:
+        x = (x,)
+        i = i + 1
+    jwt.claims["x"] = len({x})
+    return True
+"""
+
+TAG = """
+def create(jwt, context):
+    jwt.claims["tags"] = jwt.claims.get("tags", []) + ["t"]
+    return True
+"""
+
+
+@pytest.fixture
+def round_trips(monkeypatch):
+    """How many frames the pool sent to its workers (each a round trip)."""
+    from ssa_server.plugins.sandbox import pool as pool_module
+
+    sent: list[str] = []
+    original = pool_module._Worker.request_async
+
+    async def counting(self, message, timeout, *, steps=1):
+        sent.append(message["op"])
+        return await original(self, message, timeout, steps=steps)
+
+    monkeypatch.setattr(pool_module._Worker, "request_async", counting)
+    return sent
+
+
+def test_calls_of_one_loop_turn_share_one_round_trip(pool, round_trips):
+    async def go():
+        return await asyncio.gather(*(pool.call_async("s", "create", payload(f"j{i}"), {}) for i in range(12)))
+
+    results = asyncio.run(go())
+    assert [r["claims"]["echo"] for r in results] == [f"j{i}" for i in range(12)]
+    assert round_trips == ["batch"]  # twelve calls, one frame each way
+
+
+def test_a_lone_call_is_sent_as_itself(pool, round_trips):
+    asyncio.run(pool.call_async("s", "create", payload("alone"), {}))
+    assert round_trips == ["call"]
+
+
+def test_a_hanging_call_in_a_batch_fails_alone(pool, round_trips):
+    """The worker is killed mid-batch: the call it was running gets the timeout, and the calls
+    whose answers died with it are sent again to the fresh worker."""
+    async def go():
+        calls = [pool.call_async("s", "create", payload(f"j{i}", spin=-1 if i == 2 else 0), {}) for i in range(5)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(go())
+    assert isinstance(results[2], ScriptError) and results[2].kind in ("timeout", "limit")
+    assert [r["claims"]["echo"] for i, r in enumerate(results) if i != 2] == ["j0", "j1", "j3", "j4"]
+    assert round_trips == ["batch", "batch"]  # the four others went again, together
+
+
+def test_a_crashing_script_in_a_batch_fails_alone():
+    pool = SandboxPool(workers=1, limits=SandboxLimits(timeout=5))
+    try:
+        pool.load("s", SOURCE, {})
+        pool.load("crash", CRASH, {})
+
+        async def go():
+            calls = [pool.call_async("crash" if i == 1 else "s", "create", payload(f"j{i}"), {}) for i in range(4)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(go())
+        assert isinstance(results[1], ScriptError) and results[1].kind in ("crashed", "limit")
+        assert [r["claims"]["echo"] for i, r in enumerate(results) if i != 1] == ["j0", "j2", "j3"]
+        assert asyncio.run(pool.call_async("s", "create", payload("after"), {}))["claims"]["echo"] == "after"
+    finally:
+        pool.close()
+
+
+def test_chains_and_calls_in_one_batch(pool, round_trips):
+    pool.load("t", TAG, {})
+
+    async def go():
+        chain = pool.call_chain_async(["t", "s", "t"], "create", payload("c"), {}, skip_errors=False)
+        calls = [pool.call_async("s", "create", payload(f"j{i}"), {}) for i in range(3)]
+        return await asyncio.gather(chain, *calls)
+
+    chain, *calls = asyncio.run(go())
+    assert [step["claims"].get("tags") for step in chain] == [["t"], ["t"], ["t", "t"]]
+    assert chain[1]["claims"]["echo"] == "c"
+    assert [r["claims"]["echo"] for r in calls] == ["j0", "j1", "j2"]
+    assert round_trips == ["batch"]
+
+
+def test_cancelling_the_gathering_call_leaves_the_others_served(pool):
+    """The call that gathers a batch is cancelled while every worker is busy: the calls it was
+    gathering are still sent and answered."""
+    async def go():
+        busy = []
+        for i in range(2):  # one after the other: two batches, both workers taken
+            busy.append(asyncio.ensure_future(pool.call_async("s", "create", payload(f"busy{i}", spin=300_000), {})))
+            await asyncio.sleep(0.005)
+        gathering = asyncio.ensure_future(pool.call_async("s", "create", payload("gone"), {}))
+        others = [asyncio.ensure_future(pool.call_async("s", "create", payload(f"o{i}"), {})) for i in range(3)]
+        await asyncio.sleep(0.001)
+        gathering.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*others), 10)
+        await asyncio.gather(*busy)
+        return gathering.cancelled(), results
+
+    cancelled, results = asyncio.run(go())
+    assert cancelled
+    assert [r["claims"]["echo"] for r in results] == ["o0", "o1", "o2"]
+
+
+def test_a_cancelled_call_in_a_batch_keeps_the_worker(pool, round_trips):
+    async def go():
+        calls = [asyncio.ensure_future(pool.call_async("s", "create", payload(f"j{i}", spin=50_000), {}))
+                 for i in range(4)]
+        await asyncio.sleep(0.005)
+        calls[3].cancel()
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        return done, await pool.call_async("s", "create", payload("after"), {})
+
+    done, after = asyncio.run(go())
+    assert isinstance(done[3], asyncio.CancelledError)
+    assert [r["claims"]["echo"] for r in done[:3]] == ["j0", "j1", "j2"]
+    assert after["claims"]["echo"] == "after"
