@@ -48,6 +48,10 @@ def test_bench_runs_with_its_default_client(tmp_path):
     assert {"date", "machine", "client", "stack", "sizes", "seconds", "connections"} <= set(result)
     low = [r for r in result["rows"] if r["scenario"] == "create_1script" and r["connections"] == 1]
     assert low, "the script-overhead scenario has a low-concurrency run"
+    # the script runs sit between two runs of their base; sign_ops is measured beside the create runs
+    assert [bool(r.get("repeat")) for r in result["rows"] if r["scenario"] == "create_rs256"] == [False, False, True]
+    beside = result["per_size"][0]["info"]["sign_ops_beside"]["RS256"]
+    assert beside["scenario"] == "create_rs256" and beside["before"] > 0 and beside["after"] > 0
 
 
 def test_bench_runs_with_the_python_client(tmp_path):
