@@ -150,7 +150,8 @@ class SandboxPool:
         self._draining = False  # a load/unload is collecting every worker: waiters wait for it
         self._size = workers
         self._jobs: list[_Job] = []  # requests on the event loop not yet sent to a worker
-        self._gathering = False  # one of them is collecting a batch (waiting a loop turn or for a worker)
+        # The loop on which one of them is collecting a batch (waiting a loop turn or for a worker).
+        self._gathering: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # batches served for callers other than their gatherer
         self._admin = threading.Lock()  # loads/unloads/close: one at a time
         self._closed = False
@@ -310,9 +311,10 @@ class SandboxPool:
         first of them gathers the batch; the others wait for their answers."""
         if self._closed:
             raise ScriptError("crashed", "the sandbox is closed")
-        job = _Job(message, steps, check, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(message, steps, check, loop.create_future())
         self._jobs.append(job)
-        if self._gathering:
+        if self._gathering is loop:
             return await job.future  # type: ignore[no-any-return]
         try:
             worker, jobs = await self._gather()
@@ -334,17 +336,19 @@ class SandboxPool:
     async def _gather(self) -> tuple[_Worker, list[_Job]]:
         """A worker and every waiting job (after one loop turn, so that the requests of this
         turn join)."""
-        self._gathering = True
+        loop = self._gathering = asyncio.get_running_loop()
         try:
             await asyncio.sleep(0)
             worker = await self._acquire_async()
         finally:
-            self._gathering = False
-        jobs, self._jobs = [j for j in self._jobs if not j.future.done()], []
+            self._gathering = None
+        # (a job of another loop is one whose loop ended before it was sent: nobody awaits it)
+        jobs = [j for j in self._jobs if not j.future.done() and j.future.get_loop() is loop]
+        self._jobs = []
         return worker, jobs
 
     async def _gather_and_serve(self) -> None:
-        if self._jobs and not self._gathering:
+        if self._jobs and self._gathering is None:
             worker, jobs = await self._gather()
             await self._serve_batch(worker, jobs)
 

@@ -205,3 +205,23 @@ def test_a_cancelled_call_in_a_batch_keeps_the_worker(pool, round_trips):
     assert isinstance(done[3], asyncio.CancelledError)
     assert [r["claims"]["echo"] for r in done[:3]] == ["j0", "j1", "j2"]
     assert after["claims"]["echo"] == "after"
+
+
+def test_a_new_loop_is_served_after_one_ended_mid_batch(pool):
+    """asyncio.run ends with calls still gathering and running (they are cancelled): the pool
+    still serves the next loop, and nothing of the first one reaches it."""
+    async def abandon():
+        for i in range(2):  # both workers busy
+            asyncio.ensure_future(pool.call_async("s", "create", payload(f"busy{i}", spin=300_000), {}))
+            await asyncio.sleep(0.005)
+        for i in range(3):  # gathering, waiting for a worker
+            asyncio.ensure_future(pool.call_async("s", "create", payload(f"left{i}"), {}))
+        await asyncio.sleep(0.002)
+
+    asyncio.run(abandon())
+
+    async def after():
+        return await asyncio.wait_for(
+            asyncio.gather(*(pool.call_async("s", "create", payload(f"next{i}"), {}) for i in range(3))), 10)
+
+    assert [r["claims"]["echo"] for r in asyncio.run(after())] == ["next0", "next1", "next2"]
