@@ -93,4 +93,4 @@ class ClientService:
         return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": " ".join(scopes)}
 
     async def caller_exists(self, client_id: str) -> bool:
-        return await self.store.get_client(client_id) is not None
+        return await self.store.has_client(client_id)

@@ -269,6 +269,9 @@ class PgStore:
         rows = await self._rows("SELECT doc FROM clients WHERE client_id = %s", (client_id,))
         return rows[0]["doc"] if rows else None  # type: ignore[no-any-return]
 
+    async def has_client(self, client_id: str) -> bool:
+        return bool(await self._rows("SELECT 1 FROM clients WHERE client_id = %s", (client_id,)))
+
     async def list_clients(self) -> list[ClientRecord]:
         return [r["doc"] for r in await self._rows("SELECT doc FROM clients ORDER BY created_at, client_id")]
 

@@ -530,6 +530,10 @@ class TinyStore:
     async def get_client(self, client_id: str) -> ClientRecord | None:
         return self._get("clients", client_id)  # type: ignore[no-any-return]
 
+    async def has_client(self, client_id: str) -> bool:
+        self._catch_up()
+        return client_id in self.tables["clients"]
+
     async def list_clients(self) -> list[ClientRecord]:
         return self._all("clients")
 

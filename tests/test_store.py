@@ -78,7 +78,9 @@ def test_crud_and_copies(make_store):
         assert await s.count_ssas() == 3
         await s.add_client({"client_id": "c1", "name": "", "secret_hash": "h", "scopes": [], "created_at": 1})
         assert (await s.get_client("c1"))["secret_hash"] == "h"
+        assert await s.has_client("c1") and not await s.has_client("c2")
         assert await s.delete_client("c1") and not await s.delete_client("c1")
+        assert not await s.has_client("c1")
         await s.add_key({"kid": "k", "alg": "RS256", "use": "ssa", "jwk": {}, "status": "active", "created_at": 1})
         await s.update_key("k", {"status": "retiring"})
         assert (await s.list_keys())[0]["status"] == "retiring"
