@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +18,10 @@ from typing import Any
 from jwcrypto import jwk
 
 from .signing import Signer
+from .signing_process import SigningProcess, SigningUnavailable
 from .store import ACTIVE, KeyRecord, Store
+
+log = logging.getLogger("ssa_server.keys")
 
 SSA_USE, TOKEN_USE = "ssa", "token"
 
@@ -160,6 +164,19 @@ class KeyRing:
     def sign(self, header: dict[str, Any], claims: dict[str, Any], use: str = SSA_USE) -> str:
         """Compact JWS over ``claims``; ``alg`` and ``kid`` are set from the active key."""
         return self._signers[self.active(use)["kid"]].sign(header, claims)
+
+    async def sign_in(self, process: SigningProcess, header: dict[str, Any], claims: dict[str, Any],
+                      use: str = SSA_USE) -> str:
+        """``sign`` with the signature made by the helper process (inline if it is unavailable)."""
+        record = self.active(use)
+        signer = self._signers[record["kid"]]
+        signing_input = signer.signing_input(header, claims)
+        try:
+            signature = await process.sign(record["kid"], record["alg"], record["jwk"], signing_input)
+        except SigningUnavailable as e:
+            log.warning("signing process unavailable (%s): signing on the event loop", e)
+            return signer.sign(header, claims)
+        return (signing_input + b"." + signature).decode()
 
     def active_alg(self, use: str = SSA_USE) -> str:
         return self.active(use)["alg"]

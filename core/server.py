@@ -22,6 +22,7 @@ from .clients import ClientService
 from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
+from .signing_process import SigningProcess
 from .store import Store, StoreUnavailable
 from .tokens import TokenAuthority
 from ssa_server.plugins.manager import build_plugin_manager
@@ -119,6 +120,7 @@ class Server:
             # keep it out of the cyclic GC's scans, which would otherwise walk every record.
             gc.freeze()
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
+            self.service.signing = SigningProcess()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -126,6 +128,9 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.service.signing is not None:
+            self.service.signing.close()
+            self.service.signing = None
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
         await self.store.close()

@@ -22,7 +22,8 @@ import pluggy
 
 from .errors import ApiError, InvalidJti, NothingToRevoke, NotAcceptable, ScriptFailed
 from .keys import KeyRing
-from .signing import SLOW_ALGS
+from .signing import PROCESS_ALGS, SLOW_ALGS
+from .signing_process import SigningProcess
 from .settings import Settings
 from .store import ACTIVE, SsaRecord, Store, clone
 from .validation import CreateRequest
@@ -110,6 +111,7 @@ class SsaService:
         self._clock = clock
         self._scripts = scripts
         self._without_scripts: dict[str, Any] = {}  # hook name -> its caller minus the script chain
+        self.signing: SigningProcess | None = None  # the server's helper for EC/EdDSA signatures
 
     def now(self) -> int:
         return int(self._clock())
@@ -178,6 +180,8 @@ class SsaService:
             # while the event loop serves the next request.
             return await asyncio.get_running_loop().run_in_executor(_SIGNING_THREADS, self.keys.sign,
                                                                     unsigned, claims)
+        if self.signing is not None and self.keys.active_alg() in PROCESS_ALGS:
+            return await self.keys.sign_in(self.signing, unsigned, claims)
         return self.keys.sign(unsigned, claims)
 
     # --- list ---

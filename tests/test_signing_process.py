@@ -1,0 +1,152 @@
+"""The server's signing process (EC and EdDSA signatures off the event loop): the signatures
+verify, concurrent ones share a frame, and a dead or hung helper never fails a create."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from jwcrypto import jwk, jws
+
+from ssa_server.keys import KeyRing, generate_key
+from ssa_server.signing import Signer
+from ssa_server.signing_process import SigningProcess, SigningUnavailable
+from ssa_server.tinystore import TinyStore
+
+ALGS = ["ES256", "ES384", "ES512", "EdDSA"]
+
+
+def verify(token: str, record: dict) -> dict:
+    key = jwk.JWK(**record["jwk"])
+    parsed = jws.JWS()
+    parsed.deserialize(token)
+    parsed.verify(key, alg=record["alg"])
+    return parsed.jose_header
+
+
+def sign_many(process: SigningProcess, record: dict, count: int) -> list[str]:
+    signer = Signer(record["jwk"], record["alg"], record["kid"])
+
+    async def one(i: int) -> str:
+        data = signer.signing_input({"typ": "jwt"}, {"jti": f"j{i}"})
+        return (data + b"." + await process.sign(record["kid"], record["alg"], record["jwk"], data)).decode()
+
+    async def go() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def process():
+    p = SigningProcess(timeout=2.0)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_signatures_verify(process, alg):
+    record = generate_key(alg, "ssa", int(time.time()))
+    tokens = sign_many(process, record, 20)
+    assert len(set(tokens)) == 20
+    for token in tokens:
+        assert verify(token, record)["kid"] == record["kid"]
+
+
+def test_concurrent_signatures_share_a_frame(process, monkeypatch):
+    frames: list[int] = []
+    original = SigningProcess._round_trip
+
+    async def counting(self, batch):
+        frames.append(len(batch))
+        return await original(self, batch)
+
+    monkeypatch.setattr(SigningProcess, "_round_trip", counting)
+    sign_many(process, generate_key("ES256", "ssa", int(time.time())), 30)
+    assert frames == [30]
+
+
+def test_two_keys_in_one_batch(process):
+    a, b = (generate_key(alg, "ssa", int(time.time())) for alg in ("ES256", "EdDSA"))
+    sa, sb = Signer(a["jwk"], a["alg"], a["kid"]), Signer(b["jwk"], b["alg"], b["kid"])
+
+    async def go():
+        da, db = sa.signing_input({}, {"x": 1}), sb.signing_input({}, {"x": 2})
+        return await asyncio.gather(process.sign(a["kid"], a["alg"], a["jwk"], da),
+                                    process.sign(b["kid"], b["alg"], b["jwk"], db), return_exceptions=False), da, db
+
+    (siga, sigb), da, db = asyncio.run(go())
+    verify((da + b"." + siga).decode(), a)
+    verify((db + b"." + sigb).decode(), b)
+
+
+def test_a_killed_helper_fails_its_batch_and_is_replaced(process):
+    record = generate_key("ES256", "ssa", int(time.time()))
+    signer = Signer(record["jwk"], record["alg"], record["kid"])
+    data = signer.signing_input({}, {"x": 1})
+
+    async def go():
+        await process.sign(record["kid"], record["alg"], record["jwk"], data)
+        first = process._proc.pid
+        os.kill(first, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        with pytest.raises(SigningUnavailable):
+            await process.sign(record["kid"], record["alg"], record["jwk"], data)
+        sig = await process.sign(record["kid"], record["alg"], record["jwk"], data)  # a fresh helper
+        return first, process._proc.pid, sig
+
+    first, second, sig = asyncio.run(go())
+    assert first != second
+    verify((data + b"." + sig).decode(), record)
+
+
+def test_a_hung_helper_times_out(process):
+    record = generate_key("ES256", "ssa", int(time.time()))
+    data = Signer(record["jwk"], record["alg"], record["kid"]).signing_input({}, {"x": 1})
+
+    async def go():
+        await process.sign(record["kid"], record["alg"], record["jwk"], data)
+        os.kill(process._proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(SigningUnavailable):
+            await process.sign(record["kid"], record["alg"], record["jwk"], data)
+        return time.monotonic() - started, await process.sign(record["kid"], record["alg"], record["jwk"], data)
+
+    waited, sig = asyncio.run(go())
+    assert 1.5 < waited < 10
+    verify((data + b"." + sig).decode(), record)
+
+
+def test_the_key_ring_signs_inline_when_the_helper_is_gone(tmp_path):
+    """A create never fails because of the helper: KeyRing.sign_in falls back to the loop."""
+    async def go():
+        store = TinyStore(tmp_path)
+        await store.open()
+        keys = KeyRing(store, "ES256")
+        await keys.load()
+        process = SigningProcess(timeout=2.0)
+        try:
+            await keys.sign_in(process, {"typ": "jwt"}, {"jti": "a"})
+            os.kill(process._proc.pid, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+            token = await keys.sign_in(process, {"typ": "jwt"}, {"jti": "b"})
+        finally:
+            process.close()
+            await store.close()
+        return token, keys.active()
+
+    token, record = asyncio.run(go())
+    assert verify(token, record)["alg"] == "ES256"
+
+
+def test_a_new_event_loop_gets_a_fresh_helper(process):
+    record = generate_key("ES256", "ssa", int(time.time()))
+    first = sign_many(process, record, 2)
+    pid = process._proc.pid
+    second = sign_many(process, record, 2)
+    assert process._proc.pid != pid
+    for token in first + second:
+        verify(token, record)
