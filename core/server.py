@@ -22,6 +22,7 @@ from .clients import ClientService
 from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
+from .signing import PROCESS_ALGS
 from .signing_process import SigningProcess
 from .store import Store, StoreUnavailable
 from .tokens import TokenAuthority
@@ -121,6 +122,8 @@ class Server:
             gc.freeze()
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             self.service.signing = SigningProcess()
+            if self.keys.active_alg() in PROCESS_ALGS:
+                self.service.signing.start()  # its interpreter starts while the server begins serving
 
     async def stop(self) -> None:
         for task in self._tasks:

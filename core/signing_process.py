@@ -57,7 +57,7 @@ class SigningProcess:
         """The signature of ``data`` with private JWK ``key`` (kid ``kid``), base64url-encoded."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            self._start(loop)
+            self.start()
         future: asyncio.Future[bytes] = loop.create_future()
         self._queue.append((kid, alg, key, data, future))
         if not self._draining:
@@ -88,7 +88,7 @@ class SigningProcess:
     async def _round_trip(self, batch: list[tuple[str, str, dict[str, Any], bytes, asyncio.Future[bytes]]]) -> list[bytes]:
         loop = asyncio.get_running_loop()
         if self._proc is None:
-            self._start(loop)
+            self.start()
         keys, jobs = [], []
         for kid, alg, key, data, _ in batch:
             if kid not in self._known:
@@ -139,7 +139,9 @@ class SigningProcess:
                 if answer is not None and not answer.done():
                     answer.set_result(frame)
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self) -> None:
+        """Start a fresh helper for the running event loop (else the first signature does)."""
+        loop = asyncio.get_running_loop()
         self._stop()
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()

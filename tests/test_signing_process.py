@@ -150,3 +150,20 @@ def test_a_new_event_loop_gets_a_fresh_helper(process):
     assert process._proc.pid != pid
     for token in first + second:
         verify(token, record)
+
+
+@pytest.mark.parametrize("store_kind", ["tinydb"])
+def test_es256_creates_over_http_go_through_the_helper_and_survive_its_death(make_api):
+    api = make_api(signing_alg="ES256")
+    helper = api.server.service.signing
+    assert helper is not None and helper._proc is not None  # started with the server (active alg ES256)
+    first = api.create(org_id="o", software_id="s")
+    assert first.status_code == 201 and api.verify(first.json()["ssa"])[0]["alg"] == "ES256"
+    pid = helper._proc.pid
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    for _ in range(3):  # the batch the dead helper fails is signed inline; then a fresh helper
+        r = api.create(org_id="o", software_id="s")
+        assert r.status_code == 201, r.text
+        assert api.verify(r.json()["ssa"])[0]["alg"] == "ES256"
+    assert helper._proc is not None and helper._proc.pid != pid
