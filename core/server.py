@@ -23,7 +23,7 @@ from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
 from .signing import PROCESS_ALGS
-from .signing_process import SigningProcess
+from .signing_process import SigningProcess, SigningUnavailable
 from .store import Store, StoreUnavailable
 from .tokens import TokenAuthority
 from ssa_server.plugins.manager import build_plugin_manager
@@ -123,7 +123,10 @@ class Server:
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             self.service.signing = SigningProcess()
             if self.keys.active_alg() in PROCESS_ALGS:
-                self.service.signing.start()  # its interpreter starts while the server begins serving
+                try:
+                    self.service.signing.start()  # its interpreter starts while the server begins serving
+                except SigningUnavailable as e:  # the first signature tries again (and signs inline)
+                    log.warning("%s", e)
 
     async def stop(self) -> None:
         for task in self._tasks:

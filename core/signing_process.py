@@ -73,7 +73,9 @@ class SigningProcess:
                 batch, self._queue = self._queue, []
                 try:
                     signatures = await self._round_trip(batch)
-                except SigningUnavailable as e:
+                except Exception as e:  # SigningUnavailable, or a bug: the callers sign inline
+                    if not isinstance(e, SigningUnavailable):
+                        log.error("signing process failed: %s: %s", type(e).__name__, e)
                     self._stop()
                     for *_, future in batch:
                         if not future.done():
@@ -145,12 +147,18 @@ class SigningProcess:
         self._stop()
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "ssa_server.signing_process", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w), env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
-        os.close(to_child_r)
-        os.close(from_child_w)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "ssa_server.signing_process", str(to_child_r), str(from_child_w)],
+                pass_fds=(to_child_r, from_child_w), env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+        except OSError as e:
+            for fd in (self._to_child, self._from_child):
+                os.close(fd)
+            raise SigningUnavailable(f"cannot start the signing process: {e.strerror}") from None
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
         os.set_blocking(self._from_child, False)
         self._loop = loop
         self._known.clear()

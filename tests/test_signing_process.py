@@ -167,3 +167,30 @@ def test_es256_creates_over_http_go_through_the_helper_and_survive_its_death(mak
         assert r.status_code == 201, r.text
         assert api.verify(r.json()["ssa"])[0]["alg"] == "ES256"
     assert helper._proc is not None and helper._proc.pid != pid
+
+
+def test_a_helper_that_cannot_start_leaves_signing_inline(tmp_path, monkeypatch):
+    """No process can be spawned (say, out of file descriptors): signatures are made inline."""
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    async def go():
+        store = TinyStore(tmp_path)
+        await store.open()
+        keys = KeyRing(store, "ES256")
+        await keys.load()
+        process = SigningProcess(timeout=2.0)
+        monkeypatch.setattr(subprocess, "Popen", refuse)
+        try:
+            with pytest.raises(SigningUnavailable):
+                process.start()
+            tokens = await asyncio.gather(*(keys.sign_in(process, {"typ": "jwt"}, {"jti": str(i)}) for i in range(3)))
+        finally:
+            process.close()
+            await store.close()
+        return tokens, keys.active()
+
+    tokens, record = asyncio.run(go())
+    assert all(verify(t, record)["alg"] == "ES256" for t in tokens)
