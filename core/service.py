@@ -175,12 +175,13 @@ class SsaService:
 
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
         unsigned = {k: v for k, v in header.items() if k not in PROTECTED_HEADER}
-        if self.keys.active_alg() in SLOW_ALGS:
+        alg = self.keys.active_alg()
+        if alg in SLOW_ALGS:
             # An RSA signature releases the GIL: signing threads let it use the other core
             # while the event loop serves the next request.
             return await asyncio.get_running_loop().run_in_executor(_SIGNING_THREADS, self.keys.sign,
                                                                     unsigned, claims)
-        if self.signing is not None and self.keys.active_alg() in PROCESS_ALGS:
+        if self.signing is not None and alg in PROCESS_ALGS:
             return await self.keys.sign_in(self.signing, unsigned, claims)
         return self.keys.sign(unsigned, claims)
 

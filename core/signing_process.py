@@ -23,7 +23,8 @@ import subprocess
 import sys
 from typing import Any
 
-from ssa_server.plugins.sandbox.protocol import FrameError, dumps, loads, read_frame, write_raw_frame
+from ssa_server.plugins.sandbox.protocol import (FrameBuffer, FrameError, dumps, loads, read_frame, read_ready,
+                                                 write_raw_frame)
 
 from .signing import b64url, signature_function
 
@@ -50,8 +51,8 @@ class SigningProcess:
         self._queue: list[tuple[str, str, dict[str, Any], bytes, asyncio.Future[bytes]]] = []
         self._draining = False
         self._answer: asyncio.Future[bytes] | None = None
-        self._buffer = bytearray()
-        self._task: asyncio.Task[None] | None = None
+        self._frames = FrameBuffer()
+        self._task: asyncio.Task[None] | None = None  # the drain running (the loop holds tasks weakly)
 
     async def sign(self, kid: str, alg: str, key: dict[str, Any], data: bytes) -> bytes:
         """The signature of ``data`` with private JWK ``key`` (kid ``kid``), base64url-encoded."""
@@ -121,25 +122,19 @@ class SigningProcess:
         return [s.encode("ascii") for s in signatures]
 
     def _on_readable(self) -> None:
-        try:
-            chunk = os.read(self._from_child, 65536)
-        except BlockingIOError:
+        chunk = read_ready(self._from_child)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         answer = self._answer
         if not chunk:
             self._loop.remove_reader(self._from_child)  # type: ignore[union-attr]
             if answer is not None and not answer.done():
                 answer.set_exception(SigningUnavailable("the signing process exited"))
             return
-        self._buffer += chunk
-        if len(self._buffer) >= 4:
-            size = int.from_bytes(self._buffer[:4], "big")
-            if len(self._buffer) >= 4 + size:
-                frame, self._buffer = bytes(self._buffer[4:4 + size]), self._buffer[4 + size:]
-                if answer is not None and not answer.done():
-                    answer.set_result(frame)
+        self._frames.feed(chunk)
+        frame = self._frames.pop()
+        if frame is not None and answer is not None and not answer.done():
+            answer.set_result(frame)
 
     def start(self) -> None:
         """Start a fresh helper for the running event loop (else the first signature does)."""
@@ -162,7 +157,7 @@ class SigningProcess:
         os.set_blocking(self._from_child, False)
         self._loop = loop
         self._known.clear()
-        self._buffer = bytearray()
+        self._frames = FrameBuffer()
         loop.add_reader(self._from_child, self._on_readable)
 
     def _stop(self) -> None:

@@ -4,6 +4,7 @@ verify, concurrent ones share a frame, and a dead or hung helper never fails a c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -38,6 +39,21 @@ def sign_many(process: SigningProcess, record: dict, count: int) -> list[str]:
         return await asyncio.gather(*(one(i) for i in range(count)))
 
     return asyncio.run(go())
+
+
+@contextlib.asynccontextmanager
+async def es256_ring(path):
+    """An ES256 key ring on a fresh store, and a signing process for it."""
+    store = TinyStore(path)
+    await store.open()
+    keys = KeyRing(store, "ES256")
+    await keys.load()
+    process = SigningProcess(timeout=2.0)
+    try:
+        yield keys, process
+    finally:
+        process.close()
+        await store.close()
 
 
 @pytest.fixture
@@ -123,20 +139,11 @@ def test_a_hung_helper_times_out(process):
 def test_the_key_ring_signs_inline_when_the_helper_is_gone(tmp_path):
     """A create never fails because of the helper: KeyRing.sign_in falls back to the loop."""
     async def go():
-        store = TinyStore(tmp_path)
-        await store.open()
-        keys = KeyRing(store, "ES256")
-        await keys.load()
-        process = SigningProcess(timeout=2.0)
-        try:
+        async with es256_ring(tmp_path) as (keys, process):
             await keys.sign_in(process, {"typ": "jwt"}, {"jti": "a"})
             os.kill(process._proc.pid, signal.SIGKILL)
             await asyncio.sleep(0.2)
-            token = await keys.sign_in(process, {"typ": "jwt"}, {"jti": "b"})
-        finally:
-            process.close()
-            await store.close()
-        return token, keys.active()
+            return await keys.sign_in(process, {"typ": "jwt"}, {"jti": "b"}), keys.active()
 
     token, record = asyncio.run(go())
     assert verify(token, record)["alg"] == "ES256"
@@ -177,20 +184,12 @@ def test_a_helper_that_cannot_start_leaves_signing_inline(tmp_path, monkeypatch)
         raise OSError(24, "Too many open files")
 
     async def go():
-        store = TinyStore(tmp_path)
-        await store.open()
-        keys = KeyRing(store, "ES256")
-        await keys.load()
-        process = SigningProcess(timeout=2.0)
-        monkeypatch.setattr(subprocess, "Popen", refuse)
-        try:
+        async with es256_ring(tmp_path) as (keys, process):
+            monkeypatch.setattr(subprocess, "Popen", refuse)
             with pytest.raises(SigningUnavailable):
                 process.start()
             tokens = await asyncio.gather(*(keys.sign_in(process, {"typ": "jwt"}, {"jti": str(i)}) for i in range(3)))
-        finally:
-            process.close()
-            await store.close()
-        return tokens, keys.active()
+            return tokens, keys.active()
 
     tokens, record = asyncio.run(go())
     assert all(verify(t, record)["alg"] == "ES256" for t in tokens)

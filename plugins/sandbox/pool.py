@@ -26,7 +26,7 @@ from ssa_server.shared_counter import SharedCounter
 
 from .errors import ChainBroken, ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .protocol import FrameError, dumps, loads, read_frame, write_frame, write_raw_frame
+from .protocol import FrameBuffer, FrameError, dumps, loads, read_frame, read_ready, write_frame, write_raw_frame
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
@@ -504,36 +504,27 @@ class _PendingAnswer:
         self.loop, self.fd, self.max_bytes = loop, fd, max_bytes
         self.timeout, self.progress, self.steps, self.step = timeout, progress, steps, 0
         self.future: asyncio.Future[bytes] = loop.create_future()
-        self.buffer: bytearray | None = None  # only when a frame comes in several reads
+        self.frames = FrameBuffer()
         loop.add_reader(fd, self.on_readable)
         self.timer = loop.call_later(timeout, self.expire)
 
     def on_readable(self) -> None:
         if self.future.done():
             return
-        try:
-            chunk = os.read(self.fd, 65536)  # not more: a larger buffer is a fresh mmap per read (~30 us)
-        except BlockingIOError:
+        chunk = read_ready(self.fd)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self.future.set_exception(FrameError("pipe closed"))
             return
-        data: bytes | bytearray = chunk
-        if self.buffer is not None:
-            self.buffer += chunk
-            data = self.buffer
-        if len(data) < 4:
-            self.buffer = bytearray(data)
-            return
-        size = int.from_bytes(data[:4], "big")
-        if size > self.max_bytes:
+        self.frames.feed(chunk)
+        size = self.frames.next_size()
+        if size is not None and size > self.max_bytes:
             self.future.set_exception(FrameError(f"frame of {size} bytes is over the {self.max_bytes} byte limit"))
-        elif len(data) >= 4 + size:
-            self.future.set_result(data[4:4 + size])
-        elif self.buffer is None:
-            self.buffer = bytearray(data)
+            return
+        frame = self.frames.pop()
+        if frame is not None:
+            self.future.set_result(frame)
 
     def expire(self) -> None:
         if self.future.done():
