@@ -24,12 +24,12 @@ import pluggy
 from ssa_server.errors import ScriptDenied, ScriptFailed
 
 from .hookspecs import JwtDraft, hookimpl
+from .script_rules import HOOKS
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.errors import ChainBroken
 
 log = logging.getLogger("ssa_server.scripts")
 
-HOOKS = ("create", "get", "revoke")
 _DURATIONS_KEPT = 512
 
 

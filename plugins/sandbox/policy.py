@@ -27,13 +27,11 @@ from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_seque
                                      safer_getattr, safer_getattr_raise)
 
 from ssa_server.plugins.hookspecs import JwtDraft
+from ssa_server.plugins.script_rules import HOOKS, before_create, create_change
 
 from .errors import ScriptError, ScriptRefused
 from .protocol import dumps, loads
 
-HOOKS = ("create", "get", "revoke")
-PROTECTED_CLAIMS = ("jti", "iss", "iat")
-PROTECTED_HEADER = ("alg", "kid")
 MAX_LOG_LINES, MAX_LOG_LINE = 50, 1000
 
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
@@ -188,17 +186,12 @@ def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[st
     env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
     if hook == "create":
         header, claims = payload["header"], payload["claims"]
-        owned = [(claims, key, claims.get(key, _MISSING)) for key in PROTECTED_CLAIMS]
-        owned += [(header, key, header.get(key, _MISSING)) for key in PROTECTED_HEADER]
+        before = before_create(header, claims)
         jwt = JwtDraft(header, claims)
         returned = fn(jwt, context)
-        if not isinstance(jwt.header, dict) or not isinstance(jwt.claims, dict):
-            raise ScriptError("invalid_result", "jwt.header and jwt.claims must stay dicts")
-        for part, key, value in owned:
-            now = (jwt.claims if part is claims else jwt.header).get(key, _MISSING)
-            if now != value:
-                where = "claim" if part is claims else "header"
-                raise ScriptError("exception", f"the server-owned {where} '{key}' cannot be changed")
+        broken = create_change(*before, jwt.header, jwt.claims)
+        if broken is not None:
+            raise ScriptError("invalid_result", broken)
         out: dict[str, Any] = {"header": jwt.header, "claims": jwt.claims}
     else:
         ssa_list = payload["ssa_list"]
@@ -211,9 +204,6 @@ def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[st
     if context._denied is not None:
         out["denied"] = context._denied
     return out
-
-
-_MISSING = object()
 
 
 # Subclasses of str/int/dict/list, datetimes and dataclasses are refused, not converted.

@@ -1,0 +1,101 @@
+"""What a create hook may change in the SSA it hands back: the rules the sandbox worker applies
+after each script and the server applies again before it signs (it does not trust the worker).
+
+- The claims the server owns (``jti``, ``iss``, ``iat``) keep their value *and* type: ``1.0`` is
+  not ``1``, ``True`` is not ``1``.
+- Every JOSE header parameter name registered with IANA is the server's: a script may not add,
+  change (value or type) or remove one.  ``crit``, ``b64``, ``zip`` or ``typ`` change how a
+  verifier processes the token; ``jku``, ``x5u``, ``jwk``, ``x5c`` point relying parties at keys
+  the server does not hold.  Only unregistered (private) names are the scripts'.
+
+No pluggy or server import: the sandbox worker imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+HOOKS = ("create", "get", "revoke")
+PROTECTED_CLAIMS = ("jti", "iss", "iat")
+SIGNER_HEADER = ("alg", "kid")  # written by the signer from the active key
+
+# IANA "JSON Web Signature and Encryption Header Parameters" (https://www.iana.org/assignments/jose),
+# as registered by RFC 7515 (JWS), 7516 (JWE), 7518 (JWA), 7519 (JWT, replicated claims), 7797
+# (b64), 8225 (PASSporT), 8555 (ACME), 9118 (enhanced JWT claims) and OpenID Federation 1.0
+# (trust_chain): the snapshot of those documents' registrations, checked by hand, not fetched.
+# Names are case-sensitive (RFC 7515 §4): "Typ" is not "typ".
+REGISTERED_HEADER = frozenset({
+    "alg", "jku", "jwk", "kid", "x5u", "x5c", "x5t", "x5t#S256", "typ", "cty", "crit",  # RFC 7515
+    "enc", "zip",  # RFC 7516
+    "epk", "apu", "apv", "iv", "tag", "p2s", "p2c",  # RFC 7518
+    "iss", "sub", "aud",  # RFC 7519 §5.3
+    "b64",  # RFC 7797
+    "ppt",  # RFC 8225
+    "url", "nonce",  # RFC 8555
+    "svt",  # RFC 9118
+    "trust_chain",  # OpenID Federation 1.0
+})
+
+_ABSENT = object()
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal by type and value, all the way down (JSON values: ``1.0`` differs from ``1``)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if type(a) is list:
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def before_create(header: dict[str, Any], claims: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``create_change`` compares with: the registered header parameters and the protected
+    claims as they are now, copied (a script may change nested values in place)."""
+    return ({k: _copy(v) for k, v in header.items() if k in REGISTERED_HEADER},
+            {k: _copy(claims[k]) for k in PROTECTED_CLAIMS if k in claims})
+
+
+def _copy(value: Any) -> Any:
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    return value
+
+
+def header_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """Why ``after`` breaks the header rules, naming the parameter; None when it keeps them.
+    ``before`` needs to hold only its registered parameters (``before_create``)."""
+    for name, value in before.items():
+        if name in REGISTERED_HEADER:
+            now = after.get(name, _ABSENT)
+            if now is _ABSENT:
+                return f"the registered header parameter '{name}' cannot be removed"
+            if not same(value, now):
+                return f"the registered header parameter '{name}' cannot be changed"
+    for name in after:
+        if name in REGISTERED_HEADER and name not in before:
+            return (f"the registered header parameter '{name}' cannot be set by a script "
+                    "(only unregistered names may be)")
+    return None
+
+
+def claims_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """Why ``after`` changed a server-owned claim (value, type or presence); None when it did not."""
+    for name in PROTECTED_CLAIMS:
+        was, now = before.get(name, _ABSENT), after.get(name, _ABSENT)
+        if was is _ABSENT and now is _ABSENT:
+            continue
+        if was is _ABSENT or now is _ABSENT or not same(was, now):
+            return f"the server-owned claim '{name}' cannot be changed"
+    return None
+
+
+def create_change(header: dict[str, Any], claims: dict[str, Any], new_header: Any, new_claims: Any) -> str | None:
+    """The first rule a create hook's result breaks, or None.  ``header`` and ``claims`` are
+    the hook's input as it was (unchanged objects, or ``before_create``'s copies)."""
+    if not isinstance(new_header, dict) or not isinstance(new_claims, dict):
+        return "jwt.header and jwt.claims must stay dicts"
+    return claims_change(claims, new_claims) or header_change(header, new_header)
