@@ -314,10 +314,22 @@ def cmd_scripts_check(args: argparse.Namespace) -> int:
 
 
 def cmd_scripts_list(args: argparse.Namespace) -> int:
+    import os
+
+    from ssa_server.plugins.script_folder import NAME_RULE, entries, open_folder
+
     settings = _settings(args)
     folder = settings.scripts_dir
-    files = sorted(folder.glob("*.py")) if folder.is_dir() else []
-    _print([_check_one(p, _script_limits(settings)) for p in files])
+    dir_fd = open_folder(folder)
+    try:
+        found = entries(dir_fd) if dir_fd is not None else []
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    limits = _script_limits(settings)
+    _print([_check_one(folder / e.file, limits) if e.allowed else
+            {"name": e.name, "file": f"{folder}/{e.name}.py", "hooks": [], "revision": None, "state": "error",
+             "error": NAME_RULE} for e in found])
     return 0
 
 

@@ -93,7 +93,8 @@ def claims_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:
     return None
 
 
-def create_change(header: dict[str, Any], claims: dict[str, Any], new_header: Any, new_claims: Any) -> str | None:
+def create_change(header: dict[str, Any], claims: dict[str, Any], new_header: Any,
+                  new_claims: Any) -> str | None:
     """The first rule a create hook's result breaks, or None.  ``header`` and ``claims`` are
     the hook's input as it was (unchanged objects, or ``before_create``'s copies)."""
     if not isinstance(new_header, dict) or not isinstance(new_claims, dict):

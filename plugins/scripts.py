@@ -8,12 +8,11 @@ folder rebuilds the chains and swaps them in one assignment.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import statistics
 import threading
 import time
-import tomllib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .hookspecs import JwtDraft, hookimpl
 from .script_rules import HOOKS
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.errors import ChainBroken
+from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script, revision_of
 
 log = logging.getLogger("ssa_server.scripts")
 
@@ -53,34 +53,6 @@ class ScriptState:
         return {"name": self.name, "file": self.path, "hooks": list(self.hooks), "revision": self.revision,
                 "state": self.state, "last_error": self.last_error, "calls": self.calls,
                 "failures": self.failures, "p50_ms": round(p50, 3) if p50 is not None else None}
-
-
-def revision_of(source: bytes) -> str:
-    return hashlib.sha256(source).hexdigest()[:12]
-
-
-def read_script(path: Path, max_bytes: int) -> tuple[str, dict[str, Any], str]:
-    """Source, config (``NAME.toml`` beside it) and revision; ScriptRefused on any problem."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ScriptRefused(f"{path.name}: cannot be read ({e.strerror})") from None
-    if len(raw) > max_bytes:
-        raise ScriptRefused(f"{path.name}: larger than {max_bytes} bytes")
-    try:
-        source = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScriptRefused(f"{path.name}: not UTF-8 text") from None
-    config: dict[str, Any] = {}
-    config_path = path.with_suffix(".toml")
-    config_raw = b""
-    if config_path.exists():
-        try:
-            config_raw = config_path.read_bytes()
-            config = tomllib.loads(config_raw.decode("utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ScriptRefused(f"{config_path.name}: invalid TOML ({e})") from None
-    return source, config, revision_of(raw + b"\0" + config_raw)
 
 
 class _Adapter:
@@ -256,6 +228,7 @@ class ScriptHost:
         self.reload_interval = reload_interval
         self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
+        self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
         self._chain = _ScriptChain()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -283,28 +256,72 @@ class ScriptHost:
                 log.error("script reload failed: %s: %s", type(e).__name__, e)
 
     def reload(self) -> bool:
-        """Bring the pool and the registrations in step with the folder; True if anything changed."""
+        """Bring the pool and the registrations in step with the folder; True if anything changed.
+        One bad file is reported and skipped: it never stops the others (``script_folder``)."""
         with self._lock:
-            files = sorted(self.scripts_dir.glob("*.py")) if self.scripts_dir.is_dir() else []
-            changed = False
-            present = {p.stem for p in files}
-            for name in [n for n in self.scripts if n not in present]:
-                if self.scripts[name].revision:
-                    self.pool.unload(name)
-                del self.scripts[name]
-                log.info("script %s removed", name)
-                changed = True
-            for path in files:
-                changed |= self._load_one(path)
-            if changed:
-                self._register_all()
-            return changed
+            dir_fd = open_folder(self.scripts_dir)
+            try:
+                found = entries(dir_fd) if dir_fd is not None else []
+                self._note_rejected([e for e in found if not e.allowed])
+                present = {e.name for e in found if e.allowed}
+                changed = self._remove([n for n in self.scripts if n not in present])
+                for entry in found:
+                    if entry.allowed and dir_fd is not None:
+                        changed |= self._load_guarded(dir_fd, entry)
+                if changed:
+                    self._register_all()
+                return changed
+            finally:
+                if dir_fd is not None:
+                    os.close(dir_fd)
 
-    def _load_one(self, path: Path) -> bool:
-        name = path.stem
+    def _remove(self, names: list[str]) -> bool:
+        """Scripts whose file is gone: out of the chains first (no request can reach them), then
+        out of the workers."""
+        gone = [self.scripts.pop(name) for name in names]
+        if not gone:
+            return False
+        self._register_all()
+        for state in gone:
+            log.info("script %s removed", state.name)
+            if state.revision:
+                try:
+                    self.pool.unload(state.name)
+                except Exception as e:  # the workers forget it when they are replaced
+                    log.error("script %s: unload failed: %s", state.name, type(e).__name__)
+        return True
+
+    def _note_rejected(self, rejected: list[Entry]) -> None:
+        """Files whose names are not script names: listed as errors, logged once (escaped)."""
+        now = {e.name for e in rejected}
+        for name in [n for n in self.rejected if n not in now]:
+            del self.rejected[name]
+        for entry in rejected:
+            if entry.name not in self.rejected:
+                path = f"{self.scripts_dir}/{entry.name}.py"
+                self.rejected[entry.name] = ScriptState(entry.name, path, state="error", last_error=NAME_RULE)
+                log.error("scripts folder: %s.py ignored: %s", entry.name, NAME_RULE)
+
+    def _load_guarded(self, dir_fd: int, entry: Entry) -> bool:
+        try:
+            return self._load_one(dir_fd, entry)
+        except Exception as e:  # e.g. MemoryError: reported like a refusal, the next file goes on
+            state = self.scripts.setdefault(entry.name, ScriptState(name=entry.name, path=self._path(entry)))
+            error = f"{entry.file}: cannot be loaded ({type(e).__name__})"
+            if state.seen_hash != f"error:{error}":
+                state.seen_hash, state.last_error = f"error:{error}", error
+                state.state = "stale" if state.revision else "error"
+                log.error("script %s refused: %s", entry.name, error)
+            return False
+
+    def _path(self, entry: Entry) -> str:
+        return f"{self.scripts_dir}/{entry.file}"
+
+    def _load_one(self, dir_fd: int, entry: Entry) -> bool:
+        name = entry.name
         state = self.scripts.get(name)
         try:
-            source, config, revision = read_script(path, self.limits.max_source_kb * 1024)
+            source, config, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
         except ScriptRefused as e:
             revision, source, config, error = "", "", {}, str(e)
         else:
@@ -313,7 +330,7 @@ class ScriptHost:
         if state is not None and state.seen_hash == marker:
             return False  # nothing new since the last attempt
         if state is None:
-            state = self.scripts[name] = ScriptState(name=name, path=str(path))
+            state = self.scripts[name] = ScriptState(name=name, path=self._path(entry))
         state.seen_hash = marker
         if error is None and self.pool is None:  # workers start with the first script, not before
             self.pool = SandboxPool(workers=self.workers, limits=self.limits)
@@ -350,7 +367,8 @@ class ScriptHost:
         return self._chain if self.pm.get_plugin(_CHAIN_NAME) is self._chain else None
 
     def listing(self) -> list[dict[str, Any]]:
-        return [self.scripts[n].public() for n in sorted(self.scripts)]
+        states = {**self.rejected, **self.scripts}  # a rejected name is never a script name
+        return [states[n].public() for n in sorted(states)]
 
 
 def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, Any]:

@@ -31,6 +31,7 @@ from ssa_server.plugins.script_rules import HOOKS, before_create, create_change
 
 from .errors import ScriptError, ScriptRefused
 from .protocol import dumps, loads
+from .refusals import compile_errors, top_level_error
 
 MAX_LOG_LINES, MAX_LOG_LINE = 50, 1000
 
@@ -149,12 +150,13 @@ def load(name: str, source: str, *, max_source: int, output_limit: int) -> dict[
     """Compile and run the script's top level; its globals.  ScriptRefused on any failure."""
     if len(source.encode()) > max_source:
         raise ScriptRefused(f"{name}: larger than {max_source} bytes")
+    filename = f"<script {name}>"
     try:
-        result = compile_restricted_exec(source, filename=f"<script {name}>")
+        result = compile_restricted_exec(source, filename=filename)
     except BaseException as e:  # RecursionError, MemoryError in the parser
         raise ScriptRefused(f"{name}: cannot be compiled ({type(e).__name__})") from None
     if result.errors:
-        raise ScriptRefused(f"{name}: " + "; ".join(result.errors)[:1000])
+        raise ScriptRefused(f"{name}: {compile_errors(result.errors)}")
     env: dict[str, Any] = {
         "__builtins__": _builtins(), "__name__": f"script_{name}",
         "_getattr_": safer_getattr, "_getitem_": operator.getitem, "_getiter_": iter,
@@ -166,7 +168,7 @@ def load(name: str, source: str, *, max_source: int, output_limit: int) -> dict[
     try:
         exec(result.code, env)
     except BaseException as e:
-        raise ScriptRefused(f"{name}: top level raised {type(e).__name__}: {_printable(str(e))[:300]}") from None
+        raise ScriptRefused(f"{name}: {top_level_error(e, filename)}") from None
     return env
 
 
