@@ -7,9 +7,11 @@ way: checked input -> service -> hooks -> signing -> store -> result.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +68,21 @@ _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 new_jti = _Uuid4Source()
 
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+# Headers that carry credentials by their name: tokens and sessions a proxy or a gateway adds
+# (oauth2-proxy's x-forwarded-access-token and x-auth-request-*, AWS ALB's x-amzn-oidc-*, IAP's
+# jwt assertion), API keys, secrets, passwords.  "_" counts as "-" (uvicorn passes both).
+_CREDENTIAL_NAME = re.compile(r"token|secret|passw|api-?key|session|credential|cookie|jwt|assertion"
+                              r"|^x-amzn-oidc-|^x-auth-request-")
+
+
+@functools.lru_cache(maxsize=1024)
+def _script_header_name(raw: bytes) -> str | None:
+    """The header's name as scripts see it, or None when scripts must not see it.  Cached: a
+    server sees few distinct names, and the cache is bounded against a client sending many."""
+    name = raw.decode("latin-1").lower()
+    if name in _HIDDEN_HEADERS or _CREDENTIAL_NAME.search(name.replace("_", "-")):
+        return None
+    return name
 
 
 @dataclass(frozen=True)
@@ -79,11 +96,12 @@ class CallContext:
     raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()  # as the ASGI scope has them
 
     def headers(self) -> dict[str, str]:
-        """The request headers for hooks: never Authorization or Cookie (decoded only when a hook runs)."""
+        """The request headers for hooks, without the ones that carry credentials (Authorization,
+        Cookie, tokens, keys, sessions: ``_script_header_name``); decoded only when a hook runs."""
         out = {}
         for key, value in self.raw_headers:
-            name = key.decode("latin-1").lower()
-            if name not in _HIDDEN_HEADERS:
+            name = _script_header_name(key)
+            if name is not None:
                 out[name] = value.decode("latin-1")
         return out
 
