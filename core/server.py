@@ -78,7 +78,8 @@ class Server:
         if settings.scripts_enabled:
             scripts = ScriptHost(settings.scripts_dir, plugins, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
-                                 reload_interval=settings.script_reload_interval)
+                                 reload_interval=settings.script_reload_interval,
+                                 log_lines=settings.script_log_lines, log_interval=settings.script_log_interval)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens,
                    clients=ClientService(store, tokens, clock=clock),
                    service=SsaService(settings, store, keys, plugins, clock=clock, scripts=scripts),

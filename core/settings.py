@@ -59,6 +59,8 @@ class Settings:
     script_output_kb: int = 64  # max JSON result and print output per call
     script_workers: int = 2
     script_reload_interval: float = 1.0  # seconds between polls of the scripts folder
+    script_log_lines: int = 100  # log lines each script may write per script_log_interval (the rest: counted)
+    script_log_interval: float = 10.0  # seconds: the script log rate's period, and of its summary lines
     store_url: str = ""  # empty: the embedded TinyDB store in DATA_DIR; postgresql://...: PostgreSQL
     # PostgreSQL store and scale-out (issue 5).
     store_pool_min: int = 1  # connections each process keeps open
@@ -92,9 +94,11 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
-                     "store_pool_timeout", "store_statement_timeout"):
+                     "script_log_interval", "store_pool_timeout", "store_statement_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if self.script_log_lines < 0:
+            raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
         if self.cleanup_grace < 0:
             raise SettingsError(f"SSA_CLEANUP_GRACE={self.cleanup_grace} must not be negative")
         if self.store_pool_max < self.store_pool_min:

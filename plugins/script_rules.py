@@ -1,5 +1,6 @@
-"""What a create hook may change in the SSA it hands back: the rules the sandbox worker applies
-after each script and the server applies again before it signs (it does not trust the worker).
+"""What a script's output is held to: the rules the sandbox worker applies after each script
+and the server applies again (it does not trust the worker).  Above all, what a create hook may
+change in the SSA it hands back, before the server signs it:
 
 - The claims the server owns (``jti``, ``iss``, ``iat``) keep their value *and* type: ``1.0`` is
   not ``1``, ``True`` is not ``1``.
@@ -18,6 +19,8 @@ from typing import Any
 HOOKS = ("create", "get", "revoke")
 PROTECTED_CLAIMS = ("jti", "iss", "iat")
 SIGNER_HEADER = ("alg", "kid")  # written by the signer from the active key
+# What one call may log (``context.log`` and ``print`` together); the rest is counted as dropped.
+MAX_LOG_LINES, MAX_LOG_LINE = 20, 500
 
 # IANA "JSON Web Signature and Encryption Header Parameters" (https://www.iana.org/assignments/jose),
 # as registered by RFC 7515 (JWS), 7516 (JWE), 7518 (JWA), 7519 (JWT, replicated claims), 7797

@@ -26,6 +26,7 @@ from .hookspecs import JwtDraft, hookimpl
 from .script_rules import HOOKS
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.errors import ChainBroken
+from .script_log import ScriptLog
 from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script, revision_of
 
 log = logging.getLogger("ssa_server.scripts")
@@ -106,8 +107,7 @@ class _Adapter:
         """Count a success, log what the script logged, raise its denial."""
         name = self.state.name
         self._count(seconds)
-        for line in result.get("logs") or []:
-            log.info("script %s@%s: %s", name, self.state.revision, line)
+        self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"))
         denied = result.get("denied")
         if denied and self.hook != "revoke":
             raise ScriptDenied(str(denied.get("description") or f"denied by script {name}"),
@@ -219,13 +219,15 @@ class ScriptHost:
     """Loads the scripts folder into the sandbox pool, keeps it in step, registers the adapters."""
 
     def __init__(self, scripts_dir: Path, pm: pluggy.PluginManager, *, limits: SandboxLimits,
-                 workers: int, on_error: str = "fail", reload_interval: float = 1.0) -> None:
+                 workers: int, on_error: str = "fail", reload_interval: float = 1.0,
+                 log_lines: int = 100, log_interval: float = 10.0) -> None:
         self.scripts_dir = Path(scripts_dir)
         self.pm = pm
         self.limits = limits
         self.workers = workers
         self.on_error = on_error
         self.reload_interval = reload_interval
+        self.script_log = ScriptLog(log_lines, log_interval)
         self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
         self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
@@ -245,11 +247,13 @@ class ScriptHost:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._unregister_all()
+        self.script_log.flush(everything=True)
         if self.pool is not None:
             self.pool.close()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reload_interval):
+            self.script_log.flush()
             try:
                 self.reload()
             except Exception as e:  # keep watching; the next poll retries

@@ -27,13 +27,11 @@ from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_seque
                                      safer_getattr, safer_getattr_raise)
 
 from ssa_server.plugins.hookspecs import JwtDraft
-from ssa_server.plugins.script_rules import HOOKS, before_create, create_change
+from ssa_server.plugins.script_rules import HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change
 
 from .errors import ScriptError, ScriptRefused
 from .protocol import dumps, loads
 from .refusals import compile_errors, top_level_error
-
-MAX_LOG_LINES, MAX_LOG_LINE = 50, 1000
 
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
             "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow, "|=": operator.ior,
@@ -117,6 +115,7 @@ class ScriptContext:
         # The script's config outlives the call: a copy each time (plain JSON: the pool made it so).
         self.config = loads(dumps(config)) if config else {}
         self._logs: list[str] = []
+        self._dropped = 0  # log lines past the per-call cap
         self._denied: dict[str, str] | None = None
 
     def __repr__(self) -> str:
@@ -125,6 +124,8 @@ class ScriptContext:
     def log(self, message: Any) -> None:
         if len(self._logs) < MAX_LOG_LINES:
             self._logs.append(_printable(str(message))[:MAX_LOG_LINE])
+        else:
+            self._dropped += 1
 
     def deny(self, error: Any = "access_denied", description: Any = "") -> None:
         self._denied = {"error": _printable(str(error))[:64] or "access_denied",
@@ -201,11 +202,22 @@ def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[st
         out = {"ssa_list": ssa_list} if hook == "get" else {}
     if returned is not None and not isinstance(returned, bool):
         raise ScriptError("invalid_result", f"{hook}() must return True, False or None")
-    logs = list(context._logs) + [_printable(line)[:MAX_LOG_LINE] for line in printed().splitlines()[:MAX_LOG_LINES]]
+    logs, dropped = _call_logs(context, printed())
     out.update(result=returned is not False, logs=logs)
+    if dropped:
+        out["logs_dropped"] = dropped
     if context._denied is not None:
         out["denied"] = context._denied
     return out
+
+
+def _call_logs(context: ScriptContext, printed: str) -> tuple[list[str], int]:
+    """The call's log lines (``context.log`` first, then ``print``: MAX_LOG_LINES in all) and
+    how many were left out."""
+    lines = printed.splitlines()
+    room = MAX_LOG_LINES - len(context._logs)
+    kept = context._logs + [_printable(line)[:MAX_LOG_LINE] for line in lines[:room]]
+    return kept, context._dropped + max(0, len(lines) - room)
 
 
 # Subclasses of str/int/dict/list, datetimes and dataclasses are refused, not converted.
