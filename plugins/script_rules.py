@@ -42,8 +42,13 @@ REGISTERED_HEADER = frozenset({
 _ABSENT = object()
 
 
+_CONTAINERS = (dict, list)
+
+
 def same(a: Any, b: Any) -> bool:
     """Equal by type and value, all the way down (JSON values: ``1.0`` differs from ``1``)."""
+    if a is b:
+        return True
     if type(a) is not type(b):
         return False
     if type(a) is dict:
@@ -55,9 +60,10 @@ def same(a: Any, b: Any) -> bool:
 
 def before_create(header: dict[str, Any], claims: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``create_change`` compares with: the registered header parameters and the protected
-    claims as they are now, copied (a script may change nested values in place)."""
-    return ({k: _copy(v) for k, v in header.items() if k in REGISTERED_HEADER},
-            {k: _copy(claims[k]) for k in PROTECTED_CLAIMS if k in claims})
+    claims as they are now (containers copied: a script may change them in place)."""
+    return ({k: _copy(v) if type(v) in _CONTAINERS else v for k, v in header.items() if k in REGISTERED_HEADER},
+            {k: _copy(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k] for k in PROTECTED_CLAIMS
+             if k in claims})
 
 
 def _copy(value: Any) -> Any:
@@ -89,9 +95,7 @@ def claims_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:
     """Why ``after`` changed a server-owned claim (value, type or presence); None when it did not."""
     for name in PROTECTED_CLAIMS:
         was, now = before.get(name, _ABSENT), after.get(name, _ABSENT)
-        if was is _ABSENT and now is _ABSENT:
-            continue
-        if was is _ABSENT or now is _ABSENT or not same(was, now):
+        if was is not now and not same(was, now):  # an absent one stays absent, or it differs
             return f"the server-owned claim '{name}' cannot be changed"
     return None
 

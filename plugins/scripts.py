@@ -23,11 +23,11 @@ import pluggy
 from ssa_server.errors import ScriptDenied, ScriptFailed
 
 from .hookspecs import JwtDraft, hookimpl
-from .script_rules import HOOKS
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.errors import ChainBroken
+from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
 from .script_log import ScriptLog
-from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script, revision_of
+from .script_rules import HOOKS
 
 log = logging.getLogger("ssa_server.scripts")
 
