@@ -231,6 +231,7 @@ class ScriptHost:
         self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
         self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
+        self._folder_error = ""  # the last error reading the folder itself, logged once
         self._chain = _ScriptChain()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -263,9 +264,20 @@ class ScriptHost:
         """Bring the pool and the registrations in step with the folder; True if anything changed.
         One bad file is reported and skipped: it never stops the others (``script_folder``)."""
         with self._lock:
-            dir_fd = open_folder(self.scripts_dir)
+            dir_fd = None
             try:
+                dir_fd = open_folder(self.scripts_dir)
                 found = entries(dir_fd) if dir_fd is not None else []
+            except OSError as e:  # the folder itself (permissions, I/O): change nothing, say it once
+                if dir_fd is not None:
+                    os.close(dir_fd)
+                error = f"scripts folder cannot be read ({e.strerror}): the loaded scripts keep serving"
+                if error != self._folder_error:
+                    self._folder_error = error
+                    log.error("%s", error)
+                return False
+            self._folder_error = ""
+            try:
                 self._note_rejected([e for e in found if not e.allowed])
                 present = {e.name for e in found if e.allowed}
                 changed = self._remove([n for n in self.scripts if n not in present])

@@ -134,6 +134,25 @@ def test_a_removed_script_is_unregistered_beside_a_huge_file(harness):
     assert "larger than" in listing(h)["huge"]["last_error"]
 
 
+def test_a_folder_that_cannot_be_read_keeps_the_loaded_scripts(harness, caplog):
+    """An unreadable folder is not an empty one: a deny policy must not vanish on an I/O error."""
+    h = harness({"a.py": ADD.format(tag="a", ret=True)})
+    real = h.scripts.with_name("real")
+    h.scripts.rename(real)
+    h.scripts.symlink_to(h.scripts.name)  # a symlink loop: opening the folder fails with ELOOP
+    try:
+        with caplog.at_level("ERROR", logger="ssa_server.scripts"):
+            for _ in range(3):
+                assert h.server.scripts.reload() is False
+            assert h.claims(h.create())["trail"] == "a"  # unfixed: the script was removed
+        assert sum("scripts folder cannot be read" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        h.scripts.unlink()
+        real.rename(h.scripts)
+    (h.scripts / "a.py").unlink()
+    h.wait_for(lambda: "trail" not in h.claims(h.create()), timeout=3)
+
+
 def test_a_fifo_does_not_block_reload(harness):
     h = harness()
     fifo = h.scripts / "fifo.py"
