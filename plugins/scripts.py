@@ -264,19 +264,10 @@ class ScriptHost:
         """Bring the pool and the registrations in step with the folder; True if anything changed.
         One bad file is reported and skipped: it never stops the others (``script_folder``)."""
         with self._lock:
-            dir_fd = None
-            try:
-                dir_fd = open_folder(self.scripts_dir)
-                found = entries(dir_fd) if dir_fd is not None else []
-            except OSError as e:  # the folder itself (permissions, I/O): change nothing, say it once
-                if dir_fd is not None:
-                    os.close(dir_fd)
-                error = f"scripts folder cannot be read ({e.strerror}): the loaded scripts keep serving"
-                if error != self._folder_error:
-                    self._folder_error = error
-                    log.error("%s", error)
-                return False
-            self._folder_error = ""
+            listed = self._list_folder()
+            if listed is None:
+                return False  # the folder cannot be read: not the same as an empty folder
+            dir_fd, found = listed
             try:
                 self._note_rejected([e for e in found if not e.allowed])
                 present = {e.name for e in found if e.allowed}
@@ -290,6 +281,24 @@ class ScriptHost:
             finally:
                 if dir_fd is not None:
                     os.close(dir_fd)
+
+    def _list_folder(self) -> tuple[int | None, list[Entry]] | None:
+        """The folder's descriptor (None: no folder) and its entries; None when the folder
+        cannot be opened or listed (permissions, I/O), logged once."""
+        dir_fd = None
+        try:
+            dir_fd = open_folder(self.scripts_dir)
+            found = entries(dir_fd) if dir_fd is not None else []
+        except OSError as e:
+            if dir_fd is not None:
+                os.close(dir_fd)
+            error = f"scripts folder cannot be read ({e.strerror}): the loaded scripts keep serving"
+            if error != self._folder_error:
+                self._folder_error = error
+                log.error("%s", error)
+            return None
+        self._folder_error = ""
+        return dir_fd, found
 
     def _remove(self, names: list[str]) -> bool:
         """Scripts whose file is gone: out of the chains first (no request can reach them), then
