@@ -24,7 +24,7 @@ MAX_LOG_LINES, MAX_LOG_LINE = 20, 500
 
 # IANA "JSON Web Signature and Encryption Header Parameters" (https://www.iana.org/assignments/jose),
 # as registered by RFC 7515 (JWS), 7516 (JWE), 7518 (JWA), 7519 (JWT, replicated claims), 7797
-# (b64), 8225 (PASSporT), 8555 (ACME), 9118 (enhanced JWT claims) and OpenID Federation 1.0
+# (b64), 8225 (PASSporT), 8555 (ACME), 9321 (signature validation token) and OpenID Federation 1.0
 # (trust_chain): the snapshot of those documents' registrations, checked by hand, not fetched.
 # Names are case-sensitive (RFC 7515 §4): "Typ" is not "typ".
 REGISTERED_HEADER = frozenset({
@@ -35,7 +35,7 @@ REGISTERED_HEADER = frozenset({
     "b64",  # RFC 7797
     "ppt",  # RFC 8225
     "url", "nonce",  # RFC 8555
-    "svt",  # RFC 9118
+    "svt",  # RFC 9321
     "trust_chain",  # OpenID Federation 1.0
 })
 
