@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .responses import JSONResponse
@@ -68,6 +68,13 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
     return _error_response(ServiceUnavailable())
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or the edge cut it: a body too slow or too large) while its body was read;
+    # nothing can be answered, and nothing was done.
+    log.debug("client gone on %s %s", request.method, request.url.path)
+    return Response(b"", status_code=400)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # A bug: log it for the operator, never send a traceback to the client.
     log.exception("unexpected error on %s %s", request.method, request.url.path)
@@ -100,6 +107,7 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
         ApiError: _api_error,
         HTTPException: _http_error,
         StoreUnavailable: _store_unavailable,
+        ClientDisconnect: _client_gone,
         Exception: _unexpected,
     }
     app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)

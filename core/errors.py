@@ -138,3 +138,31 @@ class MethodNotAllowed(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, error, description = 503, "temporarily_unavailable", "The store is not available; retry later."
+
+
+# --- the HTTP edge (``edge.py``) ---
+class PayloadTooLarge(ApiError):
+    status, error = 413, "invalid_request"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than {limit} bytes.", headers={"Connection": "close"})
+
+
+class HeadTooLarge(ApiError):
+    status, error = 431, "invalid_request"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request line and headers are larger than {limit} bytes.")
+
+
+class RequestTimeout(ApiError):
+    status, error, description = 408, "invalid_request", "The request was not received in time."
+
+
+class TooManyConnections(ApiError):
+    status, error = 503, "temporarily_unavailable"
+    description = "The server has too many open connections; retry later."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+

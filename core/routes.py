@@ -15,7 +15,7 @@ from .errors import FeatureDisabled, InvalidRequest
 from .server import Server
 from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
 from .tokens import Caller
-from .validation import parse_create_request, parse_form, parse_json_body, storable
+from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
 
 def _server(request: Request) -> Server:
     return request.app.state.server  # type: ignore[no-any-return]
@@ -49,14 +49,15 @@ def _empty(status: int = 200) -> Response:
 
 async def token(request: Request) -> Response:
     server = _server(request)
-    form = parse_form(await request.body())
+    form = parse_form(await read_body(request))
     return JSONResponse(await server.clients.token(form, basic_credentials(request)))
 
 
 async def create_ssa(request: Request) -> Response:
     caller = await _ssa_caller(request, ADMIN)
     server = _server(request)
-    body = parse_create_request(parse_json_body(await request.body()), server.settings.custom_attributes)
+    raw = await read_body(request)
+    body = parse_create_request(parse_json_body(raw), server.settings.custom_attributes)
     jwt = await server.service.create(body, _context(request, caller))
     return JSONResponse({"ssa": jwt}, status_code=201)
 
@@ -152,3 +153,4 @@ ROUTES = [
     Route("/health/live", health_live, methods=["GET"]),
     Route("/health/ready", health_ready, methods=["GET"]),
 ]
+

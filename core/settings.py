@@ -66,6 +66,11 @@ class Settings:
     store_pool_timeout: float = 2.0  # seconds a request waits for a connection before a 503
     store_statement_timeout: float = 5.0  # seconds a statement may run before it is cancelled (503)
     workers: int = 1  # uvicorn worker processes of `serve` (more than 1 needs PostgreSQL)
+    # The HTTP edge (issue 11): time limits and the connection cap.
+    http_head_timeout: float = 10.0  # seconds from accept (or a request's first byte) to the end of its head
+    http_body_timeout: float = 30.0  # seconds from the end of a head to the end of its body
+    http_idle_timeout: float = 5.0  # seconds a kept-alive connection may wait for its next request
+    http_max_connections: int = 0  # open connections per process; 0: derived from RLIMIT_NOFILE
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -92,9 +97,13 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
-                     "store_pool_timeout", "store_statement_timeout"):
+                     "store_pool_timeout", "store_statement_timeout", "http_head_timeout",
+                     "http_body_timeout", "http_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if self.http_max_connections < 0:
+            raise SettingsError(f"SSA_HTTP_MAX_CONNECTIONS={self.http_max_connections} must not be negative "
+                                "(0: derived from the file-descriptor limit)")
         if self.cleanup_grace < 0:
             raise SettingsError(f"SSA_CLEANUP_GRACE={self.cleanup_grace} must not be negative")
         if self.store_pool_max < self.store_pool_min:

@@ -42,13 +42,16 @@ async def _prepare(settings: Settings) -> None:
 
 
 def serve_workers(settings: Settings) -> int:
-    import uvicorn
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from .edge import edge_config
 
     asyncio.run(_prepare(settings))
     os.environ[SETTINGS_ENV] = _encode(settings)  # inherited by the workers, never logged
-    uvicorn.run("ssa_server.workers:app_factory", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
-                proxy_headers=settings.access_log, lifespan="on", server_header=False)  # as in cli.cmd_serve
+    # The workers inherit the raised file-descriptor limit and get the edge's limits in the config.
+    config = edge_config(settings, "ssa_server.workers:app_factory", factory=True, workers=settings.workers,
+                         lifespan="on")
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
     return 0
 
 
