@@ -16,7 +16,7 @@ from .responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, MethodNotAllowed, NotFound, ServiceUnavailable
-from .routes import ROUTES
+from .routes import ALLOWED_METHODS, ROUTES
 from .server import Server
 from .settings import Settings
 from .store import StoreUnavailable
@@ -24,6 +24,8 @@ from .store import StoreUnavailable
 log = logging.getLogger("ssa_server.app")
 
 _NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+# Starlette answers an unexpected exception from its outermost middleware, outside NoStoreHeaders.
+_NO_STORE_HEADERS = {name.decode(): value.decode() for name, value in _NO_STORE}
 
 
 class NoStoreHeaders:
@@ -59,7 +61,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return _error_response(NotFound())
     if exc.status_code == 405:
-        return _error_response(MethodNotAllowed())
+        allowed = ALLOWED_METHODS.get(request.url.path) or (exc.headers or {}).get("Allow", "")
+        return _error_response(MethodNotAllowed(headers={"Allow": allowed}))
     return _error_response(ApiError("The request could not be served.", status=exc.status_code))
 
 
@@ -79,7 +82,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     # A bug: log it for the operator, never send a traceback to the client.
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse({"error": "server_error", "error_description": "An unexpected error occurred."},
-                        status_code=500)
+                        status_code=500, headers=_NO_STORE_HEADERS)
 
 
 def create_app(settings: Settings | None = None, *, server: Server | None = None,

@@ -7,6 +7,7 @@ inside a ``WWW-Authenticate`` header.
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNSAFE = re.compile(r'[^\x20-\x21\x23-\x5B\x5D-\x7E]')
@@ -140,7 +141,7 @@ class ServiceUnavailable(ApiError):
     status, error, description = 503, "temporarily_unavailable", "The store is not available; retry later."
 
 
-# --- the HTTP edge (``edge.py``) ---
+# --- the HTTP edge (``edge.py``) and the token endpoint's throttle ---
 class PayloadTooLarge(ApiError):
     status, error = 413, "invalid_request"
 
@@ -166,3 +167,12 @@ class TooManyConnections(ApiError):
     def __init__(self) -> None:
         super().__init__(headers={"Retry-After": "1"})
 
+
+class SlowDown(ApiError):
+    """Too many failed client authentications for this client id or from this address: refused
+    before the secret is checked, whether it is right or not (RFC 8628's ``slow_down`` code)."""
+
+    status, error, description = 429, "slow_down", "Too many failed client authentications; retry later."
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(headers={"Retry-After": str(max(1, math.ceil(retry_after)))})

@@ -14,6 +14,7 @@ from .auth import authenticate, basic_credentials
 from .errors import FeatureDisabled, InvalidRequest
 from .server import Server
 from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
+from .throttle import client_address
 from .tokens import Caller
 from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
 
@@ -48,9 +49,10 @@ def _empty(status: int = 200) -> Response:
 
 
 async def token(request: Request) -> Response:
-    server = _server(request)
+    clients = _server(request).clients
     form = parse_form(await read_body(request))
-    return JSONResponse(await server.clients.token(form, basic_credentials(request)))
+    return JSONResponse(await clients.token(form, basic_credentials(request),
+                                            lambda: client_address(request.scope, clients.proxies)))
 
 
 async def create_ssa(request: Request) -> Response:
@@ -154,3 +156,6 @@ ROUTES = [
     Route("/health/ready", health_ready, methods=["GET"]),
 ]
 
+# Every method of each path, for the Allow header of a 405 (/ssa is three routes).
+ALLOWED_METHODS = {path: ", ".join(sorted({m for r in ROUTES if r.path == path for m in r.methods or ()}))
+                   for path in {r.path for r in ROUTES}}

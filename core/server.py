@@ -79,8 +79,12 @@ class Server:
             scripts = ScriptHost(settings.scripts_dir, plugins, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval)
-        return cls(settings=settings, store=store, keys=keys, tokens=tokens,
-                   clients=ClientService(store, tokens, clock=clock),
+        clients = ClientService(store, tokens, clock=clock,
+                                failures_per_client=settings.token_failures_per_client,
+                                failures_per_address=settings.token_failures_per_address,
+                                failure_window=settings.token_failure_window,
+                                trusted_proxies=settings.trusted_proxies)
+        return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
                    service=SsaService(settings, store, keys, plugins, clock=clock, scripts=scripts),
                    plugins=plugins, scripts=scripts, clock=clock)
 

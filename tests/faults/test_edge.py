@@ -1,6 +1,7 @@
 """The HTTP edge under hostile clients (issue 11, findings 10-12): time limits for the request head,
 the body and idle connections; a cap on connections that keeps the server inside its file-descriptor
-limit; request heads and bodies bounded while they are read; every refusal a JSON error.
+limit; request heads and bodies bounded while they are read; every refusal a JSON error; and the
+token endpoint's throttling of failed client authentication.
 
 The real-server tests run ``ssa-server serve`` on 127.0.0.1 with limits of about a second (set by
 environment) and talk to it over raw sockets, so what a slow or silent client does is exactly what
@@ -21,8 +22,12 @@ import time
 
 import httpx2 as httpx
 import pytest
+from starlette.testclient import TestClient
 
+from conftest import ADMIN
 from served import Served, closed_by_server, connect, read_response
+from ssa_server.app import create_app
+from ssa_server.server import Server
 from ssa_server.settings import Settings
 
 FAST = {"SSA_HTTP_HEAD_TIMEOUT": "1", "SSA_HTTP_BODY_TIMEOUT": "1", "SSA_HTTP_IDLE_TIMEOUT": "1"}
@@ -341,6 +346,119 @@ def _send_until_cut(s: socket.socket, piece: bytes, total: int) -> int:
     return sent
 
 
+# --- finding 12: headers on every response ---
+def test_the_generic_500_is_no_store_json(api, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api.server.service, "list", broken)
+    r = api.client.get("/ssa", headers=api.auth())
+    assert r.status_code == 500 and r.json()["error"] == "server_error"
+    assert r.headers["cache-control"] == "no-store" and "a bug" not in r.text
+
+
+@pytest.mark.parametrize("method,path,allowed", [
+    ("PUT", "/ssa", {"GET", "POST", "DELETE"}),
+    ("PATCH", "/ssa", {"GET", "POST", "DELETE"}),
+    ("GET", "/token", {"POST"}),
+    ("DELETE", "/ssa/validation", {"POST"}),
+])
+def test_405_lists_every_method_of_the_path(api, method, path, allowed):
+    r = api.client.request(method, path)
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    assert {m.strip() for m in r.headers["allow"].split(",")} - {"HEAD"} == allowed
+
+
+# --- finding 12: /token throttling and timing ---
+def _token(client: TestClient, cid: str, secret: str):
+    return client.post("/token", data={"grant_type": "client_credentials"}, auth=(cid, secret))
+
+
+def test_failed_client_authentication_is_throttled_per_client_id(make_api):
+    now = [1_800_000_000.0]
+    api = make_api(clock=lambda: now[0], token_failures_per_client=3, token_failures_per_address=1000,
+                   token_failure_window=60)
+    cid, secret = api.register(ADMIN)
+    for _ in range(5):  # successes do not count
+        assert _token(api.client, cid, secret).status_code == 200
+    for _ in range(3):
+        assert _token(api.client, cid, "wrong").status_code == 401
+    for secret_tried in ("wrong", secret):  # refused before the secret is checked, right or wrong
+        r = _token(api.client, cid, secret_tried)
+        assert r.status_code == 429 and r.json()["error"] == "slow_down"
+        assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers["cache-control"] == "no-store"
+    other, other_secret = api.register(ADMIN)
+    assert _token(api.client, other, other_secret).status_code == 200  # another client is not affected
+    now[0] += 61
+    assert _token(api.client, cid, secret).status_code == 200
+
+
+def test_failed_client_authentication_is_throttled_per_address(make_api):
+    now = [1_800_000_000.0]
+    api = make_api(clock=lambda: now[0], token_failures_per_client=1000, token_failures_per_address=5,
+                   token_failure_window=30)
+    cid, secret = api.register(ADMIN)
+    for i in range(5):
+        assert _token(api.client, f"guess-{i}", "x").status_code == 401
+    r = _token(api.client, cid, secret)  # any id, from that address
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 30
+    elsewhere = TestClient(create_app(server=api.server), client=("192.0.2.7", 40000))
+    assert _token(elsewhere, cid, secret).status_code == 200
+    now[0] += 31
+    assert _token(api.client, cid, secret).status_code == 200
+
+
+def test_behind_a_trusted_proxy_the_address_is_the_forwarded_one(make_api):
+    api = make_api(token_failures_per_client=1000, token_failures_per_address=2,
+                   trusted_proxies=("10.0.0.0/8",))
+    proxy = TestClient(create_app(server=api.server), client=("10.1.2.3", 40000))
+    cid, secret = api.register(ADMIN)
+
+    def via(forwarded: str, secret_tried: str):
+        return proxy.post("/token", data={"grant_type": "client_credentials"}, auth=(cid, secret_tried),
+                          headers={"X-Forwarded-For": forwarded})
+
+    assert via("198.51.100.1", "wrong").status_code == 401
+    assert via("198.51.100.1, 10.0.0.9", "wrong").status_code == 401  # the proxy chain is skipped
+    assert via("198.51.100.1", secret).status_code == 429
+    assert via("198.51.100.2", secret).status_code == 200  # another client behind the same proxy
+    # A client cannot hide behind a forged X-Forwarded-For when it is not a trusted proxy itself.
+    direct = TestClient(create_app(server=api.server), client=("203.0.113.5", 40000))
+    for forged in ("1.1.1.1", "2.2.2.2"):
+        direct.post("/token", data={"grant_type": "client_credentials"}, auth=(cid, "wrong"),
+                    headers={"X-Forwarded-For": forged})
+    assert direct.post("/token", data={"grant_type": "client_credentials"}, auth=(cid, secret),
+                       headers={"X-Forwarded-For": "3.3.3.3"}).status_code == 429
+
+
+def test_throttle_memory_is_bounded():
+    from ssa_server.throttle import MAX_TRACKED, FailureThrottle
+
+    throttle = FailureThrottle(limit=3, window=60, clock=lambda: 1000.0)
+    for i in range(MAX_TRACKED * 2):
+        throttle.failed(f"id-{i}")
+    assert len(throttle) == MAX_TRACKED
+
+
+def test_unknown_and_known_client_ids_compute_one_hash_each(api, monkeypatch):
+    import ssa_server.clients as clients
+
+    cid, _ = api.register(ADMIN)
+    calls: list[str] = []
+    real = clients.hash_secret
+
+    def counting(secret, salt=None):
+        calls.append(secret)
+        return real(secret, salt)
+
+    monkeypatch.setattr(clients, "hash_secret", counting)
+    for client_id in (cid, "no-such-client", ""):
+        calls.clear()
+        r = api.client.post("/token", data={"grant_type": "client_credentials", "client_id": client_id,
+                                            "client_secret": "wrong"})
+        assert r.status_code == 401 and calls == ["wrong"], client_id
+
+
 # --- settings and the missing-httptools refusal ---
 def test_edge_settings_defaults_and_errors():
     from ssa_server.settings import SettingsError, load_settings
@@ -349,7 +467,9 @@ def test_edge_settings_defaults_and_errors():
     assert (s.http_head_timeout, s.http_body_timeout, s.http_idle_timeout, s.http_max_connections) == \
         (10.0, 30.0, 5.0, 0)
     for env in ({"SSA_HTTP_HEAD_TIMEOUT": "0"}, {"SSA_HTTP_BODY_TIMEOUT": "-1"},
-                {"SSA_HTTP_IDLE_TIMEOUT": "0"}, {"SSA_HTTP_MAX_CONNECTIONS": "-1"}):
+                {"SSA_HTTP_IDLE_TIMEOUT": "0"}, {"SSA_HTTP_MAX_CONNECTIONS": "-1"},
+                {"SSA_TRUSTED_PROXIES": "not-an-address"}, {"SSA_TOKEN_FAILURES_PER_CLIENT": "0"},
+                {"SSA_TOKEN_FAILURE_WINDOW": "0"}):
         with pytest.raises(SettingsError):
             load_settings({}, env)
 
