@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -86,11 +86,12 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings | None = None, *, server: Server | None = None,
-               manage_lifespan: bool = True) -> Starlette:
+               manage_lifespan: bool = True, on_stop: Callable[[], None] | None = None) -> Starlette:
     """The ASGI app; ``server`` may be given prebuilt, else it is built from ``settings``.
 
     ``manage_lifespan=False`` when the caller starts and stops the server itself (``serve``
-    does, so that a locked data dir is reported before uvicorn starts).
+    does, so that a locked data dir is reported before uvicorn starts).  ``on_stop`` runs after
+    the lifespan stopped the server.
     """
     if server is None:
         server = Server.build(settings or Settings())
@@ -105,6 +106,8 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
             yield
         finally:
             await server.stop()
+            if on_stop is not None:
+                on_stop()
 
     handlers: dict[Any, Any] = {
         ApiError: _api_error,

@@ -63,30 +63,31 @@ def _require_httptools() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _require_httptools()
-    configure_logging(settings.log_level)
+    logs = configure_logging(settings.log_level)
     if settings.workers > 1:
         from .workers import serve_workers
 
-        return serve_workers(settings)
-    import uvicorn
-
+        return serve_workers(settings, logs)
     from .app import create_app
     from .edge import edge_config
+    from .signals import GracefulServer, end_by, keep_signals
 
     server = Server.build(settings)
     app = create_app(settings, server=server, manage_lifespan=False)
     config = edge_config(settings, app, lifespan="off")
-    uv = uvicorn.Server(config)
+    uv = GracefulServer(config)
 
     async def run() -> None:
         await server.start()  # opens the store (takes the data-dir lock) before accepting requests
         try:
-            await uv.serve()
+            if not uv.should_exit:  # a signal during start-up: stop at once
+                await uv.serve()
         finally:
             await server.stop()
 
-    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # uvloop where installed
+    with keep_signals(uv), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # uvloop
         runner.run(run())
+    end_by(uv.signals, logs)
     return 0
 
 

@@ -66,6 +66,7 @@ class Server:
     scripts: ScriptHost | None = None
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _serving: bool = False
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
@@ -121,6 +122,7 @@ class Server:
                 self.scripts = None
             raise
         if background:
+            self._serving = True
             # What start-up loaded (the store's records above all) lives as long as the server:
             # keep it out of the cyclic GC's scans, which would otherwise walk every record.
             gc.freeze()
@@ -144,6 +146,9 @@ class Server:
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
         await self.store.close()
+        if self._serving:
+            self._serving = False
+            log.info("server stopped (cleaner, signing process, script workers and store closed)")
 
     async def cleanup_once(self) -> tuple[int, int]:
         """Expire SSAs past their expiration, purge old inactive ones, drop retired keys."""
