@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, MethodNotAllowed, NotFound, ServiceUnavailable
-from .routes import ROUTES
+from .routes import ALLOWED_METHODS, ROUTES
 from .server import Server
 from .settings import Settings
 from .store import StoreUnavailable
@@ -24,6 +24,8 @@ from .store import StoreUnavailable
 log = logging.getLogger("ssa_server.app")
 
 _NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+# Starlette answers an unexpected exception from its outermost middleware, outside NoStoreHeaders.
+_NO_STORE_HEADERS = {name.decode(): value.decode() for name, value in _NO_STORE}
 
 
 class NoStoreHeaders:
@@ -59,7 +61,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return _error_response(NotFound())
     if exc.status_code == 405:
-        return _error_response(MethodNotAllowed())
+        allowed = ALLOWED_METHODS.get(request.url.path) or (exc.headers or {}).get("Allow", "")
+        return _error_response(MethodNotAllowed(headers={"Allow": allowed}))
     return _error_response(ApiError("The request could not be served.", status=exc.status_code))
 
 
@@ -68,19 +71,27 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
     return _error_response(ServiceUnavailable())
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or the edge cut it: a body too slow or too large) while its body was read;
+    # nothing can be answered, and nothing was done.
+    log.debug("client gone on %s %s", request.method, request.url.path)
+    return Response(b"", status_code=400)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # A bug: log it for the operator, never send a traceback to the client.
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse({"error": "server_error", "error_description": "An unexpected error occurred."},
-                        status_code=500)
+                        status_code=500, headers=_NO_STORE_HEADERS)
 
 
 def create_app(settings: Settings | None = None, *, server: Server | None = None,
-               manage_lifespan: bool = True) -> Starlette:
+               manage_lifespan: bool = True, on_stop: Callable[[], None] | None = None) -> Starlette:
     """The ASGI app; ``server`` may be given prebuilt, else it is built from ``settings``.
 
     ``manage_lifespan=False`` when the caller starts and stops the server itself (``serve``
-    does, so that a locked data dir is reported before uvicorn starts).
+    does, so that a locked data dir is reported before uvicorn starts).  ``on_stop`` runs after
+    the lifespan stopped the server.
     """
     if server is None:
         server = Server.build(settings or Settings())
@@ -95,11 +106,14 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
             yield
         finally:
             await server.stop()
+            if on_stop is not None:
+                on_stop()
 
     handlers: dict[Any, Any] = {
         ApiError: _api_error,
         HTTPException: _http_error,
         StoreUnavailable: _store_unavailable,
+        ClientDisconnect: _client_gone,
         Exception: _unexpected,
     }
     app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)

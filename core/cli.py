@@ -49,35 +49,45 @@ async def _with_server(settings: Settings, action: Callable[[Server], Awaitable[
 
 
 # --- serve ---
+NO_HTTPTOOLS = ("serve needs httptools (pip install 'uvicorn[standard]'): its HTTP edge bounds request "
+                "heads, bodies and connections, uvicorn's h11 fallback cannot")
+
+
+def _require_httptools() -> None:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        raise SettingsError(NO_HTTPTOOLS) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
-
     settings = _settings(args)
-    configure_logging(settings.log_level)
+    _require_httptools()
+    logs = configure_logging(settings.log_level)
     if settings.workers > 1:
         from .workers import serve_workers
 
-        return serve_workers(settings)
+        return serve_workers(settings, logs)
+    from .app import create_app
+    from .edge import edge_config
+    from .signals import GracefulServer, end_by, keep_signals
+
     server = Server.build(settings)
     app = create_app(settings, server=server, manage_lifespan=False)
-    # X-Forwarded-* only change the client address and scheme uvicorn reports, which only its
-    # access log shows (every URL the server hands out comes from the configured issuer).
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, proxy_headers=settings.access_log,
-                            lifespan="off", server_header=False)
-    uv = uvicorn.Server(config)
+    config = edge_config(settings, app, lifespan="off")
+    uv = GracefulServer(config)
 
     async def run() -> None:
         await server.start()  # opens the store (takes the data-dir lock) before accepting requests
         try:
-            await uv.serve()
+            if not uv.should_exit:  # a signal during start-up: stop at once
+                await uv.serve()
         finally:
             await server.stop()
 
-    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # uvloop where installed
+    with keep_signals(uv), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # uvloop
         runner.run(run())
+    end_by(uv.signals, logs)
     return 0
 
 

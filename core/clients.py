@@ -2,7 +2,9 @@
 
 Client secrets are 256-bit random strings, so a salted SHA-256 is enough to store them: there
 is nothing to brute-force that a slow hash would protect.  The secret itself is shown once, at
-creation, and never stored.
+creation, and never stored.  An unknown client id is checked against a dummy hash, so it takes the
+time a known id with a wrong secret takes; failed authentications are throttled per client id and
+per client address (``throttle.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import time
 import uuid
 from collections.abc import Callable
 
-from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, UnsupportedGrantType
+from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
 from .service import SSA_SCOPES
 from .store import ClientRecord, Store
+from .throttle import FailureThrottle, parse_networks
 from .tokens import TokenAuthority
 
 
@@ -35,11 +38,19 @@ def secret_matches(secret: str, stored: str) -> bool:
     return scheme == "sha256" and hmac.compare_digest(hash_secret(secret, salt).split("$")[2], digest)
 
 
+_DUMMY_HASH = hash_secret(secrets.token_urlsafe(32))  # what an unknown client id is checked against
+
+
 class ClientService:
-    def __init__(self, store: Store, tokens: TokenAuthority, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, tokens: TokenAuthority, clock: Callable[[], float] = time.time, *,
+                 failures_per_client: int = 10, failures_per_address: int = 50,
+                 failure_window: float = 60.0, trusted_proxies: tuple[str, ...] = ()) -> None:
         self.store = store
         self.tokens = tokens
         self._clock = clock
+        self.by_client = FailureThrottle(failures_per_client, failure_window, clock)
+        self.by_address = FailureThrottle(failures_per_address, failure_window, clock)
+        self.proxies = parse_networks(trusted_proxies)  # whose X-Forwarded-For names the client
 
     async def create(self, scopes: list[str], name: str = "") -> tuple[ClientRecord, str]:
         """Register a client; returns its record and the secret (shown once)."""
@@ -63,12 +74,18 @@ class ClientService:
 
     async def authenticate(self, client_id: str, secret: str) -> ClientRecord:
         record = await self.store.get_client(client_id) if client_id else None
-        if record is None or not secret_matches(secret, record["secret_hash"]):
+        # One hash either way: an unknown id must not answer faster than a wrong secret.
+        matches = secret_matches(secret, record["secret_hash"] if record is not None else _DUMMY_HASH)
+        if record is None or not matches:
             raise InvalidClient()
         return record
 
-    async def token(self, form: dict[str, str], basic: tuple[str, str] | None) -> dict[str, object]:
-        """The client-credentials grant: authenticate, check scopes, issue an access token."""
+    async def token(self, form: dict[str, str], basic: tuple[str, str] | None,
+                    address: Callable[[], str] = lambda: "") -> dict[str, object]:
+        """The client-credentials grant: authenticate, check scopes, issue an access token.
+
+        ``address`` finds the client's address; it is only called when a failure is counted or
+        an address is being refused, so a normal request does not pay for it."""
         post_id, post_secret = form.get("client_id"), form.get("client_secret")
         if basic and (post_secret is not None or (post_id is not None and post_id != basic[0])):
             raise InvalidRequest("Use one client authentication method, not both.")
@@ -81,7 +98,7 @@ class ClientService:
         grant = form.get("grant_type")
         if not grant:
             raise InvalidRequest("The grant_type parameter is required.")
-        client = await self.authenticate(client_id, secret)
+        client = await self._authenticate_throttled(client_id, secret, address)
         if grant != "client_credentials":
             raise UnsupportedGrantType()
         requested = form.get("scope", "").split()
@@ -91,6 +108,23 @@ class ClientService:
         scopes = sorted(set(requested) if requested else registered)
         token, ttl = self.tokens.issue(client["client_id"], scopes)
         return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": " ".join(scopes)}
+
+    async def _authenticate_throttled(self, client_id: str, secret: str,
+                                      address: Callable[[], str]) -> ClientRecord:
+        """``authenticate``, unless this id or address failed too often (429 before the secret is
+        checked: a right secret is refused too, or the throttle would still let guesses through)."""
+        where = address() if self.by_address.blocking else None
+        wait = self.by_client.retry_after(client_id)
+        if where:
+            wait = max(wait, self.by_address.retry_after(where))
+        if wait > 0:
+            raise SlowDown(wait)
+        try:
+            return await self.authenticate(client_id, secret)
+        except InvalidClient:
+            self.by_client.failed(client_id)
+            self.by_address.failed(where if where is not None else address())
+            raise
 
     async def caller_exists(self, client_id: str) -> bool:
         return await self.store.has_client(client_id)

@@ -7,6 +7,7 @@ inside a ``WWW-Authenticate`` header.
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNSAFE = re.compile(r'[^\x20-\x21\x23-\x5B\x5D-\x7E]')
@@ -138,3 +139,40 @@ class MethodNotAllowed(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, error, description = 503, "temporarily_unavailable", "The store is not available; retry later."
+
+
+# --- the HTTP edge (``edge.py``) and the token endpoint's throttle ---
+class PayloadTooLarge(ApiError):
+    status, error = 413, "invalid_request"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than {limit} bytes.", headers={"Connection": "close"})
+
+
+class HeadTooLarge(ApiError):
+    status, error = 431, "invalid_request"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request line and headers are larger than {limit} bytes.")
+
+
+class RequestTimeout(ApiError):
+    status, error, description = 408, "invalid_request", "The request was not received in time."
+
+
+class TooManyConnections(ApiError):
+    status, error = 503, "temporarily_unavailable"
+    description = "The server has too many open connections; retry later."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
+
+class SlowDown(ApiError):
+    """Too many failed client authentications for this client id or from this address: refused
+    before the secret is checked, whether it is right or not (RFC 8628's ``slow_down`` code)."""
+
+    status, error, description = 429, "slow_down", "Too many failed client authentications; retry later."
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(headers={"Retry-After": str(max(1, math.ceil(retry_after)))})

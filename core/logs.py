@@ -16,6 +16,14 @@ import sys
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class _Listener(logging.handlers.QueueListener):
+    def stop(self) -> None:
+        """Write out what is queued and stop; a second call does nothing (``serve`` stops it
+        before ending by a signal, atexit stops it otherwise)."""
+        if self._thread is not None:  # type: ignore[attr-defined]
+            super().stop()
+
+
 class _QueueHandler(logging.handlers.QueueHandler):
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         # The stock prepare formats the message here; the listener's handler formats it instead.
@@ -34,7 +42,7 @@ def configure_logging(level: str) -> logging.handlers.QueueListener:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     output = logging.StreamHandler(sys.stderr)
     output.setFormatter(logging.Formatter(FORMAT))
-    listener = logging.handlers.QueueListener(records, output)
+    listener = _Listener(records, output)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -14,6 +14,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     text = {400: "Bad request", 401: "Missing or invalid token, or insufficient scope (unauthorized_client)",
             403: "Feature flag off (access_denied) or a script denied the request",
             406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
+            429: "Too many failed client authentications (slow_down, Retry-After)",
             502: "A script failed", 503: "Not ready, or the store is unreachable (temporarily_unavailable)"}
     return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
 
@@ -63,7 +64,7 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                                "client_id": {"type": "string"}, "client_secret": {"type": "string"}}}}}},
             "responses": {**_ok("Access token", {"type": "object", "required": ["access_token", "token_type",
                                                                                "expires_in", "scope"]}),
-                          **_errors(400, 401, 413, 503)},
+                          **_errors(400, 401, 413, 429, 503)},
         }},
         "/ssa": {
             "post": {"summary": "Create an SSA", "security": bearer(ADMIN),

@@ -14,8 +14,9 @@ from .auth import authenticate, basic_credentials
 from .errors import FeatureDisabled, InvalidRequest
 from .server import Server
 from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
+from .throttle import client_address
 from .tokens import Caller
-from .validation import parse_create_request, parse_form, parse_json_body, storable
+from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
 
 def _server(request: Request) -> Server:
     return request.app.state.server  # type: ignore[no-any-return]
@@ -48,15 +49,17 @@ def _empty(status: int = 200) -> Response:
 
 
 async def token(request: Request) -> Response:
-    server = _server(request)
-    form = parse_form(await request.body())
-    return JSONResponse(await server.clients.token(form, basic_credentials(request)))
+    clients = _server(request).clients
+    form = parse_form(await read_body(request))
+    return JSONResponse(await clients.token(form, basic_credentials(request),
+                                            lambda: client_address(request.scope, clients.proxies)))
 
 
 async def create_ssa(request: Request) -> Response:
     caller = await _ssa_caller(request, ADMIN)
     server = _server(request)
-    body = parse_create_request(parse_json_body(await request.body()), server.settings.custom_attributes)
+    raw = await read_body(request)
+    body = parse_create_request(parse_json_body(raw), server.settings.custom_attributes)
     jwt = await server.service.create(body, _context(request, caller))
     return JSONResponse({"ssa": jwt}, status_code=201)
 
@@ -152,3 +155,7 @@ ROUTES = [
     Route("/health/live", health_live, methods=["GET"]),
     Route("/health/ready", health_ready, methods=["GET"]),
 ]
+
+# Every method of each path, for the Allow header of a 405 (/ssa is three routes).
+ALLOWED_METHODS = {path: ", ".join(sorted({m for r in ROUTES if r.path == path for m in r.methods or ()}))
+                   for path in {r.path for r in ROUTES}}

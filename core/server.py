@@ -66,6 +66,7 @@ class Server:
     scripts: ScriptHost | None = None
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _serving: bool = False
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
@@ -80,8 +81,12 @@ class Server:
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval,
                                  log_lines=settings.script_log_lines, log_interval=settings.script_log_interval)
-        return cls(settings=settings, store=store, keys=keys, tokens=tokens,
-                   clients=ClientService(store, tokens, clock=clock),
+        clients = ClientService(store, tokens, clock=clock,
+                                failures_per_client=settings.token_failures_per_client,
+                                failures_per_address=settings.token_failures_per_address,
+                                failure_window=settings.token_failure_window,
+                                trusted_proxies=settings.trusted_proxies)
+        return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
                    service=SsaService(settings, store, keys, plugins, clock=clock, scripts=scripts),
                    plugins=plugins, scripts=scripts, clock=clock)
 
@@ -118,6 +123,7 @@ class Server:
                 self.scripts = None
             raise
         if background:
+            self._serving = True
             # What start-up loaded (the store's records above all) lives as long as the server:
             # keep it out of the cyclic GC's scans, which would otherwise walk every record.
             gc.freeze()
@@ -141,6 +147,9 @@ class Server:
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
         await self.store.close()
+        if self._serving:
+            self._serving = False
+            log.info("server stopped (cleaner, signing process, script workers and store closed)")
 
     async def cleanup_once(self) -> tuple[int, int]:
         """Expire SSAs past their expiration, purge old inactive ones, drop retired keys."""

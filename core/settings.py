@@ -11,6 +11,7 @@ config file (top level or under an ``[ssa]`` table).  Janssen's ``ssaConfigurati
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -68,6 +69,15 @@ class Settings:
     store_pool_timeout: float = 2.0  # seconds a request waits for a connection before a 503
     store_statement_timeout: float = 5.0  # seconds a statement may run before it is cancelled (503)
     workers: int = 1  # uvicorn worker processes of `serve` (more than 1 needs PostgreSQL)
+    # The HTTP edge (issue 11): time limits, the connection cap, failed-authentication throttling.
+    http_head_timeout: float = 10.0  # seconds from accept (or a request's first byte) to the end of its head
+    http_body_timeout: float = 30.0  # seconds from the end of a head to the end of its body
+    http_idle_timeout: float = 5.0  # seconds a kept-alive connection may wait for its next request
+    http_max_connections: int = 0  # open connections per process; 0: derived from RLIMIT_NOFILE
+    token_failures_per_client: int = 10  # failed client authentications per client_id per window
+    token_failures_per_address: int = 50  # ... per client address per window
+    token_failure_window: float = 60.0  # seconds
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For is believed
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -90,13 +100,24 @@ class Settings:
         if not 0 < self.port < 65536:
             raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
-                     "script_memory_mb", "script_output_kb", "store_pool_min", "store_pool_max", "workers"):
+                     "script_memory_mb", "script_output_kb", "store_pool_min", "store_pool_max", "workers",
+                     "token_failures_per_client", "token_failures_per_address"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
-                     "script_log_interval", "store_pool_timeout", "store_statement_timeout"):
+                     "script_log_interval", "store_pool_timeout", "store_statement_timeout", "http_head_timeout",
+                     "http_body_timeout", "http_idle_timeout", "token_failure_window"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if self.http_max_connections < 0:
+            raise SettingsError(f"SSA_HTTP_MAX_CONNECTIONS={self.http_max_connections} must not be negative "
+                                "(0: derived from the file-descriptor limit)")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(f"SSA_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") \
+                    from None
         if self.script_log_lines < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
         if self.cleanup_grace < 0:

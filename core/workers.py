@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging.handlers
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -41,21 +42,26 @@ async def _prepare(settings: Settings) -> None:
     await server.stop()
 
 
-def serve_workers(settings: Settings) -> int:
-    import uvicorn
+def serve_workers(settings: Settings, logs: logging.handlers.QueueListener) -> int:
+    from .edge import edge_config
+    from .signals import Supervisor, end_by
 
     asyncio.run(_prepare(settings))
     os.environ[SETTINGS_ENV] = _encode(settings)  # inherited by the workers, never logged
-    uvicorn.run("ssa_server.workers:app_factory", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, access_log=settings.access_log,
-                proxy_headers=settings.access_log, lifespan="on", server_header=False)  # as in cli.cmd_serve
+    # The workers inherit the raised file-descriptor limit and get the edge's limits in the config.
+    config = edge_config(settings, "ssa_server.workers:app_factory", factory=True, workers=settings.workers,
+                         lifespan="on")
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    end_by(supervisor.signals, logs)
     return 0
 
 
 def app_factory() -> Starlette:
-    """The app of one worker process (its lifespan starts and stops its ``Server``)."""
+    """The app of one worker process (its lifespan starts and stops its ``Server``; uvicorn then
+    ends the worker by the signal it got, so the log is written out before)."""
     from .app import create_app
 
     settings = load_settings(json.loads(os.environ[SETTINGS_ENV]), environ={})
-    configure_logging(settings.log_level)
-    return create_app(settings)
+    logs = configure_logging(settings.log_level)
+    return create_app(settings, on_stop=logs.stop)
