@@ -18,10 +18,10 @@ from .errors import ApiError
 from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
-from .store import StoreLocked, StoreSchemaError, StoreUnavailable
+from .store import StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
 from .transfer import TransferError
 from .service import ADMIN, CallContext
-from .validation import parse_create_request
+from .validation import check_fields, parse_create_request
 
 CLI_CLIENT = "cli"
 
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .workers import serve_workers
 
         return serve_workers(settings)
-    server = Server.build(settings)
+    server = Server.build(settings, accept_journal_loss=args.accept_journal_loss)
     app = create_app(settings, server=server, manage_lifespan=False)
     # X-Forwarded-* only change the client address and scheme uvicorn reports, which only its
     # access log shows (every URL the server hands out comes from the configured issuer).
@@ -164,6 +164,7 @@ def cmd_ssa_create(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
         fields = await server.service.template_fields(args.template) if args.template else {}
         fields.update(_create_fields(args))
+        check_fields(fields)  # flags and templates are not JSON text: the same rules as a body
         request = parse_create_request(fields, settings.custom_attributes)
         if args.save_template:
             await server.service.save_template(args.save_template, fields)
@@ -258,10 +259,12 @@ def cmd_store_import(args: argparse.Namespace) -> int:
     from .transfer import import_records, parse_lines
 
     if args.file == "-":
-        tables = parse_lines(sys.stdin)
+        import io
+
+        tables = parse_lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape"))
     else:
         try:
-            with open(args.file, encoding="utf-8") as f:
+            with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
                 tables = parse_lines(f)
         except OSError as e:
             print(f"ssa-server: cannot read {args.file}: {e.strerror}", file=sys.stderr)
@@ -375,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--scripts-dir", dest="scripts_dir")
     serve.add_argument("--workers", type=int, help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
+    serve.add_argument("--accept-journal-loss", dest="accept_journal_loss", action="store_true",
+                       help="open a journal shorter than its last acknowledged end (records lost; see docs/store.md)")
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
@@ -466,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TransferError as e:
         print(f"ssa-server: import: {e}", file=sys.stderr)
+        return 1
+    except UnstorableValue as e:
+        print(f"ssa-server: {e}", file=sys.stderr)
         return 1
     except ApiError as e:
         print(f"ssa-server: {e.error}: {e.description}", file=sys.stderr)

@@ -138,3 +138,6 @@ class MethodNotAllowed(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, error, description = 503, "temporarily_unavailable", "The store is not available; retry later."
+
+    def __init__(self, description: str | None = None) -> None:
+        super().__init__(description, headers={"Retry-After": "1"})  # the store probes about once a second
