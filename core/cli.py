@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -245,10 +246,22 @@ def cmd_store_export(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         n = write_lines(lines, sys.stdout)
     else:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            n = write_lines(lines, out)
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
+        except OSError as e:
+            print(f"ssa-server: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                n = write_lines(lines, out)
+                out.flush()
+                os.fsync(out.fileno())  # "exported" means on disk
+        except OSError as e:  # a full disk: no partial export is left to be taken for a whole one
+            with contextlib.suppress(OSError):
+                os.unlink(args.output)
+            print(f"ssa-server: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
     print(f"ssa-server: exported {n} records", file=sys.stderr)
     return 0
 

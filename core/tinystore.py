@@ -635,11 +635,12 @@ class TinyStore:
                 f"is still readable at {here} (cp {here} {self.path}.saved before the server stops), "
                 "then restart the server")
         if st.st_size < self._end.get():
+            who = "the server runs: writes are refused (503) and /health/ready is DOWN" if self.exclusive else \
+                "this command ran"
             return _JournalProblem(
                 "the journal was truncated",
-                f"{self.path} was truncated while the server runs ({st.st_size} bytes, {self._end.get()} "
-                "acknowledged): writes are refused (503) and /health/ready is DOWN; restore the journal "
-                "and restart the server")
+                f"{self.path} was truncated while {who} ({st.st_size} bytes, {self._end.get()} acknowledged); "
+                "restore the journal from a backup")
         return None
 
     def _describe(self, cause: OSError | _JournalProblem) -> tuple[str, str]:
@@ -647,6 +648,8 @@ class TinyStore:
         if isinstance(cause, _JournalProblem):
             return cause.reason, cause.detail
         what = cause.strerror or type(cause).__name__
+        if not self.exclusive:  # a CLI command: its one line
+            return f"the journal cannot be written ({what})", f"{self.path} cannot be written: {what}"
         return (f"the journal cannot be written ({what})",
                 f"{self.path} cannot be written: {what}: writes are refused (503) and /health/ready is DOWN "
                 f"until a probe write succeeds (tried at most every {_PROBE_INTERVAL:g} s)")
@@ -699,7 +702,7 @@ class TinyStore:
             self._rollback_due = False  # nothing was queued: writes were refused before they were applied
             return
         if self.exclusive:
-            log.warning("%s can be written again: the store accepts writes", self.path)
+            log.info("%s can be written again: the store accepts writes", self.path)
         self._degraded = None
 
     def _probe(self) -> None:
@@ -715,6 +718,10 @@ class TinyStore:
                 if st.st_size > self._truncate_to >= self._end.get():
                     os.ftruncate(self._fd, self._truncate_to)
                     os.fsync(self._fd)
+                elif st.st_size > self._truncate_to:  # another process appended and published after them
+                    log.warning("%s: the bytes of a failed batch (from offset %d) could not be cut and are "
+                                "followed by other writes now: they stay, and a restart replays them",
+                                self.path, self._truncate_to)
                 self._truncate_to = None
             probe = self.data_dir / PROBE
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -766,7 +773,8 @@ class TinyStore:
                 except BaseException:
                     lock.release()
                     raise
-            os.close(old)  # releases the old file's flock: a waiting CLI writer moves to the new file
+            os.close(old)  # releases the old file's flock: a waiting CLI writer moves to the new file...
+            _Flock(self._fd).release()  # ...and takes the new file's flock once we let it go
             return True
         except (OSError, _Unverified, ValueError, TypeError) as e:
             with contextlib.suppress(OSError):
@@ -779,29 +787,38 @@ class TinyStore:
 
     def _compact_locked(self, tmp: Path, snapshot: dict[str, dict[str, Any]], offset: int, lines: int) -> int:
         """The compaction under the old journal's flock; returns the old journal's descriptor
-        (closing it releases the flock)."""
+        (closing it releases that flock; the new journal's is released after it)."""
         assert self._end is not None
         end = os.fstat(self._fd).st_size
         if end > offset and os.pread(self._fd, 1, end - 1) != b"\n":
             end = self._last_line_end(end)  # a torn fragment of a dead writer is not copied
-        # The temp file's descriptor becomes the journal's: nothing can fail after the rename.
+        # The temp file's descriptor becomes the journal's (nothing can fail after the rename),
+        # locked from the start: a CLI process that opens the new journal waits until it is ours.
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             length, head, head_lines = self._write_compacted(fd, snapshot, offset, end)
             inode = os.fstat(fd).st_ino
             # Publish an end no longer than either file before the rename, so that a crash
             # between the two raises no false alarm at the next open; msync: not later.
             self._end.set(min(length, end))
             self._end.flush()
-            try:
-                os.replace(tmp, self.path)
-            except OSError:
-                self._end.set(end)
-                raise
+            # Under _offset_lock: the event loop (catch-up, readiness) sees the old file with its
+            # offset or the new one with its own, never the path of one and the descriptor of the other.
+            with self._offset_lock:
+                try:
+                    os.replace(tmp, self.path)
+                except OSError:
+                    self._end.set(end)
+                    raise
+                old, self._fd, self._inode = self._fd, fd, inode
+                # What the loop had read of the old file past the snapshot maps into the copied tail.
+                self._offset = head + (self._offset - offset)
+                self._lines = head_lines + (self._lines - lines)
+                self._end.set(length)
         except BaseException:
             os.close(fd)
             raise
-        self._end.set(length)
         try:
             dir_fd = os.open(self.data_dir, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -810,11 +827,6 @@ class TinyStore:
                 os.close(dir_fd)
         except OSError as e:  # the rename is done; only its durability across a power loss is in doubt
             log.warning("%s: fsync of the data dir after compaction failed: %s", self.path, e.strerror)
-        with self._offset_lock:  # the event loop reads _fd and _offset under this lock
-            old, self._fd, self._inode = self._fd, fd, inode
-            # What the loop had read of the old file past the snapshot maps into the copied tail.
-            self._offset = head + (self._offset - offset)
-            self._lines = head_lines + (self._lines - lines)
         return old
 
     def _write_compacted(self, fd: int, snapshot: dict[str, dict[str, Any]], offset: int,
@@ -1051,7 +1063,8 @@ class TinyStore:
         if self._fd < 0 or self._flusher is None or not self._flusher.is_alive():
             raise StoreUnavailable("the store is not open")
         if self.exclusive and self._degraded is None:
-            problem = self._journal_problem(os.fstat(self._fd))
+            with self._offset_lock:  # not in the middle of a compaction's rename
+                problem = self._journal_problem(os.fstat(self._fd))
             if problem is not None:
                 self._roll_back([], self._degrade(problem.reason, problem.detail))  # what is queued fails too
         if self._degraded is not None:

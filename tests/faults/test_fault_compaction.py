@@ -118,3 +118,46 @@ def test_a_leftover_temp_file_is_removed_at_open(tmp_path):
     jtis, client, _, _ = asyncio.run(contents(tmp_path))
     assert len(jtis) == 3 and client == CLIENT
     assert not (tmp_path / "store.jsonl.tmp").exists()
+
+
+def test_writes_of_the_server_and_of_a_cli_process_during_a_compaction_are_kept(tmp_path):
+    """A compaction runs in the writer thread where it was queued: writes applied before it are
+    in its snapshot or in the tail it copies, writes after it land in the new file, and a CLI
+    process appending meanwhile moves to the new file (its lines are copied or follow)."""
+
+    async def go():
+        server = TinyStore(tmp_path)
+        await server.open()
+        await server.add_client(CLIENT)
+        await server.add_ssas([ssa("dead", exp=1) for _ in range(12_000)])
+        await server.revoke_ssas(org_id="dead", now=1)
+        cli = TinyStore(tmp_path, exclusive=False)
+        await cli.open()
+        mine = [ssa("server") for _ in range(30)]
+        theirs = [ssa("cli") for _ in range(10)]
+
+        async def cli_writes():
+            for r in theirs:
+                await cli.add_ssa(r)
+                await asyncio.sleep(0.001)
+
+        before = asyncio.gather(*[server.add_ssa(r) for r in mine[:15]])  # queued before the compaction
+        cleanup = asyncio.ensure_future(server.expire_and_purge(int(time.time()) + 10, 0))
+        await asyncio.sleep(0)
+        after = asyncio.gather(*[server.add_ssa(r) for r in mine[15:]])  # queued behind it
+        await asyncio.gather(before, cleanup, after, cli_writes())
+        assert cleanup.result() == (0, 12_000)
+        assert (tmp_path / "store.jsonl").stat().st_size < 200_000  # compacted
+        assert len(await server.find_ssas(org_id="cli")) == 10  # the server sees the CLI's lines
+        await cli.put_template(TEMPLATE)
+        assert await server.get_template("t") == TEMPLATE
+        await cli.close()
+        await server.close()
+        s = TinyStore(tmp_path)
+        await s.open()
+        got = {r["jti"] for r in await s.find_ssas()}
+        assert got == {r["jti"] for r in mine + theirs}
+        assert await s.get_client("c1") == CLIENT and await s.get_template("t") == TEMPLATE
+        await s.close()
+
+    asyncio.run(go())

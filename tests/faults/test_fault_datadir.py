@@ -102,3 +102,27 @@ def test_a_full_disk_at_first_start_is_one_line(tmpfs):
     line = one_line_failure(run_cli(data, "clients", "create", "--scope", ADMIN))
     assert "No space left on device" in line, line
     assert json.loads(run_cli(data, "clients", "list").stdout or "[]") == []
+
+
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, tmpfs):
+    import asyncio
+
+    from ssa_server.tinystore import TinyStore
+    from test_store import ssa
+
+    data = tmp_path / "data"
+    make_store(data)
+
+    async def more() -> None:
+        store = TinyStore(data)
+        await store.open()
+        await store.add_ssas([ssa("o", description="x" * 500) for _ in range(10)])
+        await store.close()
+
+    asyncio.run(more())  # an export of ~12 KiB
+    mount = tmpfs("1m")
+    fill(mount, leave=4096)  # room for its first page only
+    out = mount / "export.jsonl"
+    line = one_line_failure(run_cli(data, "store", "export", "-o", str(out)))
+    assert "No space left on device" in line and str(out) in line, line
+    assert not out.exists()

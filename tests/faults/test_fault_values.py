@@ -158,16 +158,19 @@ def _ssa_line(custom: str) -> str:
     return '{"table": "ssa", "record": %s}\n' % record.replace('"custom": {"k": [1]}, ', "")
 
 
-@pytest.mark.parametrize("custom,message", [
+NOT_CANONICAL = [
     ('{"a": NaN}', "line 2 is not JSON"), ('{"a": Infinity}', "line 2 is not JSON"),
     ('{"a": [-Infinity]}', "line 2 is not JSON"), ('{"a": 1e400}', "line 2 holds a number beyond the float range"),
     ('{"a": [NaN, 123456789012345678901234]}', "line 2 is not JSON"),
     ('{"a": %s}' % nested(100_000), "line 2 is nested deeper than 34 levels"),
-])
-def test_import_refuses_values_that_are_not_canonical(tmp_path, where, custom, message):
+]
+
+
+def test_import_refuses_values_that_are_not_canonical(tmp_path, where):
     good = _ssa_line('{"a": 1}')
-    line = one_line_failure(run_cli(tmp_path / "d", "store", "import", "-", *where, stdin=good + _ssa_line(custom)))
-    assert line.startswith("ssa-server: import: ") and message in line
+    for custom, message in NOT_CANONICAL:
+        line = one_line_failure(run_cli(tmp_path / "d", "store", "import", "-", *where, stdin=good + _ssa_line(custom)))
+        assert line.startswith("ssa-server: import: ") and message in line, (custom[:40], line)
     assert stored(tmp_path, where) == []
 
 
