@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--scripts-dir", dest="scripts_dir")
     serve.add_argument("--workers", type=int, help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
     serve.add_argument("--accept-journal-loss", dest="accept_journal_loss", action="store_true",
-                       help="open a journal shorter than its last acknowledged end (records lost; see docs/store.md)")
+                       help="open a journal shorter than its last acknowledged end (docs/store.md)")
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)

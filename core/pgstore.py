@@ -195,7 +195,8 @@ class PgStore:
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from None
         except psycopg.DataError as e:  # a value PostgreSQL cannot hold (NUL) or of the wrong type
-            raise UnstorableValue(f"a value cannot be stored in PostgreSQL: {str(e).strip().splitlines()[0]}") from None
+            first = str(e).strip().splitlines()[0]
+            raise UnstorableValue(f"a value cannot be stored in PostgreSQL: {first}") from None
 
     async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         async with self._connection() as conn:

@@ -124,7 +124,8 @@ class Server:
             gc.freeze()
             for check in await self.readiness():  # e.g. a full disk: reads are served, writes wait
                 if check["status"] != "UP":
-                    log.warning("starting with %s DOWN: %s", check["name"], check.get("reason", check.get("detail")))
+                    log.warning("starting with %s DOWN: %s", check["name"],
+                                check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             self.service.signing = SigningProcess()
             if self.keys.active_alg() in PROCESS_ALGS:

@@ -289,8 +289,8 @@ class SsaService:
 
     # --- templates (operator CLI) ---
     async def save_template(self, name: str, fields: dict[str, Any]) -> None:
-        await self.store.put_template({"name": name, "fields": json.loads(json.dumps(fields, allow_nan=False)),
-                                       "created_at": self.now()})
+        fields = json.loads(json.dumps(fields, allow_nan=False))
+        await self.store.put_template({"name": name, "fields": fields, "created_at": self.now()})
 
     async def template_fields(self, name: str) -> dict[str, Any]:
         record = await self.store.get_template(name)

@@ -91,7 +91,8 @@ def _encode(entry: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         # An integer beyond 64 bits (orjson refuses it, and would read it back as a float):
         # the line is written by the stdlib and flagged to be read back by it.
         entry = dict(entry, j=1)
-        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\n", entry
+        text = json.dumps(entry, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode() + b"\n", entry
 
 
 def _load(line: bytes) -> Any:
@@ -201,7 +202,7 @@ class TinyStore:
         self._pending: list[_Write | _Compaction] = []
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._offset_lock = threading.Lock()  # _fd, _offset and _lines: the event loop and the flusher move them
+        self._offset_lock = threading.Lock()  # _fd, _offset, _lines: the event loop and the flusher move them
         self._wake = threading.Event()
         self._closing = False
         self._flusher: threading.Thread | None = None
@@ -226,7 +227,8 @@ class TinyStore:
         except OSError as e:
             self._close_files()
             where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.data_dir) else ""
-            raise StoreUnavailable(f"the data dir {self.data_dir} cannot be used: {e.strerror}{where}") from None
+            message = f"the data dir {self.data_dir} cannot be used: {e.strerror}{where}"
+            raise StoreUnavailable(message) from None
         except BaseException:
             self._close_files()
             raise
@@ -322,17 +324,18 @@ class TinyStore:
                 missing = published - self._offset
                 if not self.accept_journal_loss:
                     raise StoreUnavailable(
-                        f"{self.path} ends {missing} bytes before its last acknowledged end ({published} bytes, "
-                        f"published in {SEQ}): acknowledged records are missing; restore the journal from a "
-                        f"backup, or start `{_ACCEPT_FLAG}` to go on without them")
-                log.warning("%s: %d bytes of acknowledged records are missing; accepted (--accept-journal-loss): "
-                            "the store goes on with what is left", self.path, missing)
+                        f"{self.path} ends {missing} bytes before its last acknowledged end ({published} "
+                        f"bytes, published in {SEQ}): acknowledged records are missing; restore the journal "
+                        f"from a backup, or start `{_ACCEPT_FLAG}` to go on without them")
+                log.warning("%s: %d bytes of acknowledged records are missing; accepted (--accept-journal-"
+                            "loss): the store goes on with what is left", self.path, missing)
             size = os.fstat(self._fd).st_size
             if self._offset < size:
                 os.ftruncate(self._fd, self._offset)
                 os.fsync(self._fd)
-                log.warning("%s: cut a torn last line (%d bytes after the last complete line, left by a writer "
-                            "that died mid-write; it was never acknowledged)", self.path, size - self._offset)
+                log.warning("%s: cut a torn last line (%d bytes after the last complete line, left by a "
+                            "writer that died mid-write; it was never acknowledged)", self.path,
+                            size - self._offset)
             if self.exclusive:  # (also the end an accepted loss leaves: the next open is normal)
                 self._end.set(self._offset)
                 self._end.flush()
@@ -635,12 +638,12 @@ class TinyStore:
                 f"is still readable at {here} (cp {here} {self.path}.saved before the server stops), "
                 "then restart the server")
         if st.st_size < self._end.get():
-            who = "the server runs: writes are refused (503) and /health/ready is DOWN" if self.exclusive else \
-                "this command ran"
+            who = ("the server runs: writes are refused (503) and /health/ready is DOWN" if self.exclusive
+                   else "this command ran")
             return _JournalProblem(
                 "the journal was truncated",
-                f"{self.path} was truncated while {who} ({st.st_size} bytes, {self._end.get()} acknowledged); "
-                "restore the journal from a backup")
+                f"{self.path} was truncated while {who} ({st.st_size} bytes, {self._end.get()} "
+                "acknowledged); restore the journal from a backup")
         return None
 
     def _describe(self, cause: OSError | _JournalProblem) -> tuple[str, str]:
@@ -781,8 +784,8 @@ class TinyStore:
                 tmp.unlink(missing_ok=True)
             self._compact_after = time.monotonic() + self.compact_retry_interval
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-            log.warning("%s: compaction failed (%s): the store keeps serving on the old journal and tries again "
-                        "in %g s at the earliest", self.path, why, self.compact_retry_interval)
+            log.warning("%s: compaction failed (%s): the store keeps serving on the old journal and tries "
+                        "again in %g s at the earliest", self.path, why, self.compact_retry_interval)
             return False
 
     def _compact_locked(self, tmp: Path, snapshot: dict[str, dict[str, Any]], offset: int, lines: int) -> int:
@@ -843,7 +846,7 @@ class TinyStore:
         chunk: list[bytes] = []
         for name, table in snapshot.items():
             for doc_id, doc in table.items():
-                chunk.append(_encode({"t": name, "id": doc_id, "doc": doc})[0])  # each was checked when written
+                chunk.append(_encode({"t": name, "id": doc_id, "doc": doc})[0])  # checked when written
                 if len(chunk) >= 5000:
                     put(b"".join(chunk))
                     lines += len(chunk)
@@ -943,7 +946,8 @@ class TinyStore:
         self._catch_up()
         if jti is None and org_id is None and creator_id is None:
             return []
-        changed = [dict(doc, status=REVOKED, expiration=now) for doc in self._matching(jti, org_id, ACTIVE, creator_id)]
+        matching = self._matching(jti, org_id, ACTIVE, creator_id)
+        changed = [dict(doc, status=REVOKED, expiration=now) for doc in matching]
         lines = [self._line("ssa", new["jti"], new) for new in changed]
         await self._commit(lines, [self._put("ssa", new["jti"], new) for new in changed])
         return [_copy_ssa(doc) for doc in changed]

@@ -1,6 +1,5 @@
-"""Helpers and fixtures of the fault suite (imported by its modules; not a conftest, whose module name
-would shadow tests/conftest.py): small tmpfs mounts, real ``serve`` processes, CLI runs, disk filling
-and in-process disk faults."""
+"""Helpers of the fault suite: real ``serve`` processes, CLI runs, tmpfs mounts and disk filling,
+in-process disk faults (the fixtures that hand them out are in ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -32,8 +31,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def run_cli(data_dir: Path, *args: str, prefix: list[str] | None = None, env: dict[str, str] | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """The real ``ssa-server`` CLI on ``data_dir`` (``prefix``: e.g. :data:`NOBODY`)."""
-    return subprocess.run([*(prefix or []), sys.executable, "-m", "ssa_server", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=60, env=clean_env(env), input=stdin)
+    argv = [*(prefix or []), sys.executable, "-m", "ssa_server", *args, "--data-dir", str(data_dir)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env(env), input=stdin)
 
 
 def one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
@@ -48,9 +47,9 @@ def one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
 def serve_once(data_dir: Path, *extra: str, prefix: list[str] | None = None, timeout: float = 30
                ) -> subprocess.CompletedProcess[str]:
     """``serve`` expected to exit by itself (a start-up failure)."""
-    return subprocess.run([*(prefix or []), sys.executable, "-m", "ssa_server", "serve", "--port", str(free_port()),
-                           "--data-dir", str(data_dir), "--scripts-dir", str(data_dir.parent / "no-scripts"), *extra],
-                          capture_output=True, text=True, timeout=timeout, env=clean_env())
+    argv = [*(prefix or []), sys.executable, "-m", "ssa_server", "serve", "--port", str(free_port()),
+            "--data-dir", str(data_dir), "--scripts-dir", str(data_dir.parent / "no-scripts"), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=clean_env())
 
 
 class Serve:
@@ -67,8 +66,8 @@ class Serve:
         self.log_path = self.log_path.with_name(f"serve-{time.monotonic_ns()}.log")
         with open(self.log_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ssa_server", "serve", "--port", str(self.port), "--data-dir", str(self.data),
-                 "--scripts-dir", str(self.data.parent / "no-scripts"), *extra],
+                [sys.executable, "-m", "ssa_server", "serve", "--port", str(self.port),
+                 "--data-dir", str(self.data), "--scripts-dir", str(self.data.parent / "no-scripts"), *extra],
                 stdout=subprocess.DEVNULL, stderr=err,
                 env=clean_env({"SSA_KEY_REFRESH_INTERVAL": "0.5", "SSA_CUSTOM_ATTRIBUTES": "myattr"}))
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
@@ -121,45 +120,26 @@ class Serve:
         self.proc = None
 
 
-@pytest.fixture
-def serve(tmp_path):
-    """``serve(data_dir)`` -> a :class:`Serve` (not started); every one started is stopped after the test."""
-    started: list[Serve] = []
+def mount_tmpfs(size: str) -> Path:
+    """A tmpfs of ``size`` (e.g. "4m") on a new directory (skips the test unless root)."""
+    needs_root("this test mounts a tmpfs, which")
+    point = Path(tempfile.mkdtemp(prefix="ssa-fault-"))
+    os.chmod(point, 0o755)
+    options = f"size={size},mode=0755"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+    return point
 
-    def make(data_dir: Path) -> Serve:
-        server = Serve(data_dir, tmp_path)
-        started.append(server)
-        return server
 
-    yield make
-    for server in started:
-        server.stop(signal.SIGKILL)
+def unmount(point: Path) -> None:
+    """Unmount (lazily if still busy) and remove a :func:`mount_tmpfs` mount."""
+    if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    os.rmdir(point)
 
 
 def needs_root(what: str) -> None:
     if not IS_ROOT:
         pytest.skip(f"{what} needs root")
-
-
-@pytest.fixture
-def tmpfs():
-    """``tmpfs(size)`` mounts a tmpfs of ``size`` (e.g. "4m") on a new directory and returns it;
-    every mount is unmounted (lazily if still busy) and removed after the test."""
-    mounts: list[Path] = []
-
-    def mount(size: str) -> Path:
-        needs_root("this test mounts a tmpfs, which")
-        point = Path(tempfile.mkdtemp(prefix="ssa-fault-"))
-        os.chmod(point, 0o755)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)], check=True)
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
-        os.rmdir(point)
 
 
 def fill(mount: Path, leave: int = 0) -> Path:
@@ -260,12 +240,6 @@ class DiskFaults:
             code = self.fsync_errors[kind].pop(0)
             raise OSError(code, os.strerror(code))
         self._fsync(fd)
-
-
-@pytest.fixture
-def disk_faults(monkeypatch):
-    """``disk_faults(data_dir)`` -> a :class:`DiskFaults` active until the end of the test."""
-    return lambda data_dir: DiskFaults(monkeypatch, data_dir)
 
 
 def journal_lines(data_dir: Path) -> list[bytes]:

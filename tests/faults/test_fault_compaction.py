@@ -8,7 +8,6 @@ import asyncio
 import logging
 import time
 
-from faultlib import disk_faults  # noqa: F401  (a fixture)
 from ssa_server.tinystore import TinyStore
 from test_store import ssa
 
@@ -45,7 +44,8 @@ async def contents(path) -> tuple:
 
 
 def compaction_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "compact" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "compact" in r.getMessage()]
 
 
 def test_no_room_for_the_compacted_file_keeps_the_old_journal(tmp_path, disk_faults, caplog):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ADMIN
-from faultlib import NOBODY, fill, needs_root, one_line_failure, run_cli, serve_once, tmpfs  # noqa: F401
+from .faultlib import NOBODY, fill, needs_root, one_line_failure, run_cli, serve_once
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,8 @@ def make_store(data: Path) -> None:
 
 
 SHAPES = [b"[1,2]", b'"x"', b"7", b"null", b"true", b"garbage", b"\xff\xfe{", b"{}", b'{"t":"ssa"}',
-          b'{"t":"nope","id":"x","doc":{}}', b'{"t":"ssa","id":"x","doc":[1]}', b'{"t":"clients","id":5,"doc":{}}',
+          b'{"t":"nope","id":"x","doc":{}}', b'{"t":"ssa","id":"x","doc":[1]}',
+          b'{"t":"clients","id":5,"doc":{}}',
           b'{"t":"clients","id":"x","doc":"y"}', b'{"t":"clients","id":"x","doc":{},"j":1}',
           b"[" * 5000 + b"]" * 5000]
 

@@ -11,12 +11,11 @@ import json
 import os
 import signal
 import threading
-import time
 
 import pytest
 
 from conftest import ADMIN
-from faultlib import add_garbage, fill, free, free_bytes, run_cli, serve, tmpfs, verify  # noqa: F401
+from .faultlib import add_garbage, fill, free, free_bytes, run_cli, verify
 from test_live_server import jti_of
 
 pytestmark = pytest.mark.slow
@@ -80,8 +79,8 @@ def test_disk_full_cycles_lose_no_acknowledged_ssa_and_recover_without_restart(t
     s = serve(data).start()
     H = s.token_for(made)
     present = {i["ssa"]["jti"] for i in s.http.get("/ssa", params={"org_id": "full"}, headers=H).json()}
-    record_property("disk_full", {"acknowledged": len(acknowledged), "present": len(present), "refused": refused,
-                                  "recovery_s": [round(t, 3) for t in recovery]})
+    record_property("disk_full", {"acknowledged": len(acknowledged), "present": len(present),
+                                  "refused": refused, "recovery_s": [round(t, 3) for t in recovery]})
     print(f"\ndisk full x5: {len(acknowledged)} acknowledged, {len(present)} present after restart, "
           f"{refused} refused (503); back UP after freeing space in {[round(t, 2) for t in recovery]} s")
     assert present == set(acknowledged)  # every 201 is there, and no refused create came back

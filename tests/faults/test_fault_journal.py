@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from conftest import ADMIN
-from faultlib import add_garbage, journal_lines, one_line_failure, run_cli, serve, serve_once  # noqa: F401
+from .faultlib import add_garbage, journal_lines, one_line_failure, run_cli, serve_once
 from test_live_server import jti_of
 
 pytestmark = pytest.mark.slow

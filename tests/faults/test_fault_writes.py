@@ -17,7 +17,6 @@ from conftest import ADMIN
 from ssa_server.store import StoreUnavailable
 from ssa_server.tinystore import TinyStore
 from test_store import ssa
-from faultlib import disk_faults  # noqa: F401  (a fixture)
 
 
 def journal(data_dir) -> bytes:
@@ -39,7 +38,7 @@ def wait_ready(api, timeout: float = 5.0) -> float:
     return time.monotonic() - start
 
 
-def test_a_short_write_then_enospc_acknowledges_nothing_and_the_store_recovers(make_api, tmp_path, disk_faults):
+def test_a_short_write_then_enospc_acknowledges_nothing_and_recovers(make_api, tmp_path, disk_faults):
     data = tmp_path / "d"
     api = make_api(data_dir=data)
     H = api.auth(ADMIN)
@@ -49,7 +48,10 @@ def test_a_short_write_then_enospc_acknowledges_nothing_and_the_store_recovers(m
     faults.room = {"journal": 300, "other": 0}  # less than one SSA line: a short write, then ENOSPC
 
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(api.create(H, org_id="during"))) for _ in range(6)]
+    def create() -> None:
+        results.append(api.create(H, org_id="during"))
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
