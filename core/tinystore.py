@@ -629,14 +629,17 @@ class TinyStore:
         except FileNotFoundError:
             at_path = None
         if at_path != st.st_ino:  # (a deleted journal also has st_nlink == 0)
-            what = "deleted (or moved away)" if at_path is None else "replaced by another file"
             here = f"/proc/{os.getpid()}/fd/{self._fd}"
-            return _JournalProblem(
-                f"the journal was {what.split(' (')[0]}",
-                f"{self.path} was {what} while the server runs: writes are refused (503) and /health/ready "
-                f"is DOWN until the path is the server's journal again; the journal the server was writing "
-                f"is still readable at {here} (cp {here} {self.path}.saved before the server stops), "
-                "then restart the server")
+            refused = "writes are refused (503) and /health/ready is DOWN until the path is its journal again"
+            if at_path is None:
+                return _JournalProblem("the journal was deleted", (
+                    f"{self.path} was deleted (or moved away) while the server runs: {refused}; the journal "
+                    f"the server was writing is still readable at {here}: copy it back (cp {here} "
+                    f"{self.path}) and restart the server"))
+            return _JournalProblem("the journal was replaced by another file", (
+                f"{self.path} was replaced by another file while the server runs: {refused}; restart the "
+                f"server to use the file now there, or first copy back the journal the server was writing, "
+                f"still readable at {here}"))
         if st.st_size < self._end.get():
             who = ("the server runs: writes are refused (503) and /health/ready is DOWN" if self.exclusive
                    else "this command ran")

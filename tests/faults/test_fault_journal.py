@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 
 import pytest
@@ -61,7 +62,8 @@ def test_a_torn_tail_then_a_cli_write_then_serve_keeps_every_record(tmp_path, se
 def test_a_journal_deleted_while_serving_stops_writes_and_is_never_recreated(tmp_path, serve):
     data = tmp_path / "data"
     s = serve(data).start()
-    H = s.token()
+    made = json.loads(run_cli(data, "clients", "create", "--scope", ADMIN).stdout)
+    H = s.token_for(made)
     kept = create(s, H, 3)
     os.unlink(data / "store.jsonl")
     for _ in range(5):
@@ -76,9 +78,15 @@ def test_a_journal_deleted_while_serving_stops_writes_and_is_never_recreated(tmp
     assert not (data / "store.jsonl").exists()  # the CLI did not make a new, empty journal
     journal_errors = [line for line in error_lines(s) if "store.jsonl" in line]
     assert len(journal_errors) == 1, s.log()
-    assert "/proc/" in journal_errors[0]  # where the deleted file can still be copied from
+    (copy,) = re.findall(r"\(cp (/proc/\d+/fd/\d+) ", journal_errors[0])  # the advice: copy it back...
+    shutil.copyfile(copy, data / "store.jsonl")
     s.stop()
-    line = one_line_failure(serve_once(data))
+    s = serve(data).start()  # ...and restart: everything acknowledged is there
+    H = s.token_for(made)
+    assert listed(s, H) == set(kept)
+    s.stop()
+    os.unlink(data / "store.jsonl")
+    line = one_line_failure(serve_once(data))  # missing at start-up: refused with one line
     assert "missing" in line and "--accept-journal-loss" in line
 
 
