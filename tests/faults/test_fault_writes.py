@@ -84,13 +84,14 @@ def test_a_short_write_then_enospc_acknowledges_nothing_and_recovers(make_api, t
     assert asyncio.run(reopen()) == ["after", "before"]
 
 
-def test_eio_from_fsync_is_not_acknowledged(make_api, tmp_path, disk_faults):
+@pytest.mark.parametrize("code", [errno.EIO, errno.EDQUOT])
+def test_an_error_from_fsync_is_not_acknowledged(make_api, tmp_path, disk_faults, code):
     data = tmp_path / "d"
     api = make_api(data_dir=data)
     H = api.auth(ADMIN)
     faults = disk_faults(data)
     before = journal(data)
-    faults.fsync_errors = {"journal": [errno.EIO]}
+    faults.fsync_errors = {"journal": [code]}
     assert_unavailable(api.create(H, org_id="lost"))
     assert journal(data) == before
     assert api.client.get("/ssa", params={"org_id": "lost"}, headers=H).json() == []
