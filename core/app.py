@@ -19,7 +19,7 @@ from .errors import ApiError, MethodNotAllowed, NotFound, ServiceUnavailable
 from .routes import ALLOWED_METHODS, ROUTES
 from .server import Server
 from .settings import Settings
-from .store import StoreUnavailable
+from .store import StoreDegraded, StoreUnavailable
 
 log = logging.getLogger("ssa_server.app")
 
@@ -67,7 +67,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> Response:
-    log.error("store unavailable: %s", exc)
+    if not isinstance(exc, StoreDegraded):  # a degraded store logged its cause once, not per request
+        log.error("store unavailable: %s", exc)
     return _error_response(ServiceUnavailable())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -18,10 +19,10 @@ from .errors import ApiError
 from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
-from .store import StoreLocked, StoreSchemaError, StoreUnavailable
+from .store import StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
 from .transfer import TransferError
 from .service import ADMIN, CallContext
-from .validation import parse_create_request
+from .validation import check_fields, parse_create_request
 
 CLI_CLIENT = "cli"
 
@@ -72,13 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .edge import edge_config
     from .signals import GracefulServer, end_by, keep_signals
 
-    server = Server.build(settings)
+    server = Server.build(settings, accept_journal_loss=args.accept_journal_loss)
     app = create_app(settings, server=server, manage_lifespan=False)
     config = edge_config(settings, app, lifespan="off")
     uv = GracefulServer(config)
 
     async def run() -> None:
         await server.start()  # opens the store (takes the data-dir lock) before accepting requests
+        config.log_limits()
         try:
             if not uv.should_exit:  # a signal during start-up: stop at once
                 await uv.serve()
@@ -174,6 +176,7 @@ def cmd_ssa_create(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
         fields = await server.service.template_fields(args.template) if args.template else {}
         fields.update(_create_fields(args))
+        check_fields(fields)  # flags and templates are not JSON text: the same rules as a body
         request = parse_create_request(fields, settings.custom_attributes)
         if args.save_template:
             await server.service.save_template(args.save_template, fields)
@@ -254,10 +257,22 @@ def cmd_store_export(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         n = write_lines(lines, sys.stdout)
     else:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            n = write_lines(lines, out)
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
+        except OSError as e:
+            print(f"ssa-server: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                n = write_lines(lines, out)
+                out.flush()
+                os.fsync(out.fileno())  # "exported" means on disk
+        except OSError as e:  # a full disk: no partial export is left to be taken for a whole one
+            with contextlib.suppress(OSError):
+                os.unlink(args.output)
+            print(f"ssa-server: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
     print(f"ssa-server: exported {n} records", file=sys.stderr)
     return 0
 
@@ -268,10 +283,12 @@ def cmd_store_import(args: argparse.Namespace) -> int:
     from .transfer import import_records, parse_lines
 
     if args.file == "-":
-        tables = parse_lines(sys.stdin)
+        import io
+
+        tables = parse_lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape"))
     else:
         try:
-            with open(args.file, encoding="utf-8") as f:
+            with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
                 tables = parse_lines(f)
         except OSError as e:
             print(f"ssa-server: cannot read {args.file}: {e.strerror}", file=sys.stderr)
@@ -397,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--scripts-dir", dest="scripts_dir")
     serve.add_argument("--workers", type=int, help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
+    serve.add_argument("--accept-journal-loss", dest="accept_journal_loss", action="store_true",
+                       help="open a journal shorter than its last acknowledged end (docs/store.md)")
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
@@ -488,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TransferError as e:
         print(f"ssa-server: import: {e}", file=sys.stderr)
+        return 1
+    except UnstorableValue as e:
+        print(f"ssa-server: {e}", file=sys.stderr)
         return 1
     except ApiError as e:
         print(f"ssa-server: {e.error}: {e.description}", file=sys.stderr)

@@ -93,10 +93,19 @@ class EdgeConfig(uvicorn.Config):
     """uvicorn's ``Config`` with the edge's protocol and limits.  It pickles (the protocol by its
     name), so ``serve --workers N`` hands it to every worker."""
 
-    def __init__(self, app: Any, *, limits: EdgeLimits, **options: Any) -> None:
+    def __init__(self, app: Any, *, limits: EdgeLimits, fd_limit: int, **options: Any) -> None:
         super().__init__(app, http=EdgeProtocol,
                          timeout_keep_alive=limits.idle_timeout, **options)  # type: ignore[arg-type]
         self.limits = limits
+        self.fd_limit = fd_limit
+
+    def log_limits(self) -> None:
+        """One INFO line with the edge's limits (once the store opened: a store that cannot be
+        opened stays the one line a failed start-up writes)."""
+        limits = self.limits
+        log.info("HTTP edge: at most %d connections per process (file descriptors: %d), head %gs, body %gs, "
+                 "idle %gs", limits.max_connections, self.fd_limit, limits.head_timeout, limits.body_timeout,
+                 limits.idle_timeout)
 
 
 def edge_config(settings: Settings, app: Any, **options: Any) -> EdgeConfig:
@@ -106,12 +115,9 @@ def edge_config(settings: Settings, app: Any, **options: Any) -> EdgeConfig:
     limits = EdgeLimits(head_timeout=settings.http_head_timeout, body_timeout=settings.http_body_timeout,
                         idle_timeout=settings.http_idle_timeout,
                         max_connections=max_connections(settings, soft))
-    log.info("HTTP edge: at most %d connections per process (file descriptors: %d), head %gs, body %gs, "
-             "idle %gs", limits.max_connections, soft, limits.head_timeout, limits.body_timeout,
-             limits.idle_timeout)
     # X-Forwarded-* only change the client address and scheme uvicorn reports, which only its
     # access log shows (every URL the server hands out comes from the configured issuer).
-    return EdgeConfig(app, limits=limits, host=settings.host, port=settings.port,
+    return EdgeConfig(app, limits=limits, fd_limit=soft, host=settings.host, port=settings.port,
                       log_level=settings.log_level, access_log=settings.access_log,
                       proxy_headers=settings.access_log, server_header=False, **options)
 

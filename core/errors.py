@@ -140,6 +140,9 @@ class MethodNotAllowed(ApiError):
 class ServiceUnavailable(ApiError):
     status, error, description = 503, "temporarily_unavailable", "The store is not available; retry later."
 
+    def __init__(self, description: str | None = None) -> None:
+        super().__init__(description, headers={"Retry-After": "1"})  # the store probes about once a second
+
 
 # --- the HTTP edge (``edge.py``) and the token endpoint's throttle ---
 class PayloadTooLarge(ApiError):

@@ -13,8 +13,11 @@ or a timed-out statement become ``StoreUnavailable`` (503); the pool reconnects 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import select
+import uuid
+from decimal import Decimal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from . import pgschema
 from .store import (ACTIVE, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, SsaRecord, StoreSchemaError,
-                    StoreUnavailable, TemplateRecord)
+                    StoreUnavailable, TemplateRecord, UnstorableValue)
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
 KEY_COLUMNS = ("kid", "use", "status", "created_at", "remove_after")
@@ -45,8 +48,45 @@ def redact(url: str) -> str:
     return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
+def _dumps(value: Any) -> str:
+    """JSON for a JSONB column that reads back as it was given.
+
+    NaN and Infinity are refused (JSONB cannot hold them).  A float from 1e16 up is written by
+    Python with an exponent (``1e+16``), which JSONB keeps as a numeric of scale 0 and gives back
+    as an integer: such floats are written out in full with a ``.0``, which JSONB keeps.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False)
+        if "e+" not in text:  # the common case: no large float (or only a string holding "e+")
+            return text
+        floats: dict[str, str] = {}
+        marker = f"\x00{uuid.uuid4().hex}:"
+        text = json.dumps(_mark_large_floats(value, marker, floats), allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise UnstorableValue(f"a value cannot be stored in PostgreSQL: {e}") from None
+    for name, number in floats.items():
+        text = text.replace(json.dumps(name), number)
+    return text
+
+
+def _mark_large_floats(value: Any, marker: str, floats: dict[str, str]) -> Any:
+    if type(value) is float and abs(value) >= 1e16:
+        name = f"{marker}{len(floats)}"
+        floats[name] = f"{Decimal(repr(value)):f}.0"
+        return name
+    if type(value) is dict:
+        return {k: _mark_large_floats(v, marker, floats) for k, v in value.items()}
+    if type(value) is list:
+        return [_mark_large_floats(v, marker, floats) for v in value]
+    return value
+
+
+def _jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=_dumps)
+
+
 def _split(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[list[Any], Jsonb]:
-    return [record.get(c) for c in columns], Jsonb({k: v for k, v in record.items() if k not in columns})
+    return [record.get(c) for c in columns], _jsonb({k: v for k, v in record.items() if k not in columns})
 
 
 async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -155,7 +195,8 @@ class PgStore:
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from None
         except psycopg.DataError as e:  # a value PostgreSQL cannot hold (NUL) or of the wrong type
-            raise ValueError(f"a value cannot be stored in PostgreSQL: {str(e).strip().splitlines()[0]}") from None
+            first = str(e).strip().splitlines()[0]
+            raise UnstorableValue(f"a value cannot be stored in PostgreSQL: {first}") from None
 
     async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         async with self._connection() as conn:
@@ -261,7 +302,7 @@ class PgStore:
     async def add_client(self, record: ClientRecord) -> None:
         try:
             await self._rows("INSERT INTO clients (client_id, created_at, doc) VALUES (%s, %s, %s)",
-                             (record["client_id"], record["created_at"], Jsonb(dict(record))))
+                             (record["client_id"], record["created_at"], _jsonb(dict(record))))
         except psycopg.errors.UniqueViolation:
             raise ValueError(f"a client with id {record['client_id']} exists") from None
 
@@ -299,7 +340,7 @@ class PgStore:
         extra = {k: v for k, v in changes.items() if k not in KEY_COLUMNS}
         if extra:
             sets.append("doc = doc || %s")
-            params.append(Jsonb(extra))
+            params.append(_jsonb(extra))
         if not sets:
             sets.append("kid = kid")
         rows = await self._rows(f"UPDATE keys SET {', '.join(sets)} WHERE kid = %s RETURNING kid", [*params, kid])
@@ -314,7 +355,7 @@ class PgStore:
     async def put_template(self, record: TemplateRecord) -> None:
         await self._rows("INSERT INTO templates (name, created_at, doc) VALUES (%s, %s, %s) "
                          "ON CONFLICT (name) DO UPDATE SET created_at = EXCLUDED.created_at, doc = EXCLUDED.doc",
-                         (record["name"], record["created_at"], Jsonb(dict(record))))
+                         (record["name"], record["created_at"], _jsonb(dict(record))))
 
     async def get_template(self, name: str) -> TemplateRecord | None:
         rows = await self._rows("SELECT doc FROM templates WHERE name = %s", (name,))

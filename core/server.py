@@ -24,7 +24,7 @@ from .service import SsaService
 from .settings import Settings
 from .signing import PROCESS_ALGS
 from .signing_process import SigningProcess, SigningUnavailable
-from .store import Store, StoreUnavailable
+from .store import Store, StoreDegraded, StoreUnavailable
 from .tokens import TokenAuthority
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, limits_from
@@ -32,9 +32,10 @@ from ssa_server.plugins.scripts import ScriptHost, limits_from
 log = logging.getLogger("ssa_server")
 
 
-def open_store(settings: Settings, *, exclusive: bool) -> Store:
+def open_store(settings: Settings, *, exclusive: bool, accept_journal_loss: bool = False) -> Store:
     """The store named by ``store_url`` (empty: the embedded TinyDB store in ``data_dir``;
-    ``postgresql://...``: the shared PostgreSQL store)."""
+    ``postgresql://...``: the shared PostgreSQL store).  ``accept_journal_loss``: the operator's
+    ``serve --accept-journal-loss`` (the embedded store only; see ``docs/store.md``)."""
     from .settings import SettingsError
 
     if settings.uses_postgres:
@@ -51,7 +52,7 @@ def open_store(settings: Settings, *, exclusive: bool) -> Store:
     from .tinystore import TinyStore
 
     path = settings.store_url.removeprefix("tinydb://") or settings.data_dir
-    return TinyStore(path, exclusive=exclusive)
+    return TinyStore(path, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
 
 
 @dataclass
@@ -70,8 +71,9 @@ class Server:
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
-              plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time) -> Server:
-        store = store or open_store(settings, exclusive=exclusive)
+              plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
+              accept_journal_loss: bool = False) -> Server:
+        store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval, clock=clock)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
@@ -127,6 +129,10 @@ class Server:
             # What start-up loaded (the store's records above all) lives as long as the server:
             # keep it out of the cyclic GC's scans, which would otherwise walk every record.
             gc.freeze()
+            for check in await self.readiness():  # e.g. a full disk: reads are served, writes wait
+                if check["status"] != "UP":
+                    log.warning("starting with %s DOWN: %s", check["name"],
+                                check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             self.service.signing = SigningProcess()
             if self.keys.active_alg() in PROCESS_ALGS:
@@ -163,6 +169,8 @@ class Server:
         while True:
             try:
                 await self.cleanup_once()
+            except StoreDegraded:
+                pass  # the store logged why it refuses writes; the next run retries
             except Exception as e:  # keep the cleaner alive; the next run retries
                 log.error("cleanup failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(self.settings.cleanup_interval)
@@ -177,7 +185,10 @@ class Server:
             await self.store.check()
             checks.append({"name": "store", "status": "UP", "backend": self.backend})
         except (StoreUnavailable, OSError) as e:
-            checks.append({"name": "store", "status": "DOWN", "backend": self.backend, "detail": type(e).__name__})
+            check = {"name": "store", "status": "DOWN", "backend": self.backend, "detail": type(e).__name__}
+            if isinstance(e, StoreDegraded):  # why writes are refused (no path, no secret)
+                check["reason"] = e.reason
+            checks.append(check)
         try:
             self.keys.active()
             checks.append({"name": "signing_key", "status": "UP"})

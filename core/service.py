@@ -22,12 +22,12 @@ from typing import Any
 import anyio.to_thread
 import pluggy
 
-from .errors import ApiError, InvalidJti, NothingToRevoke, NotAcceptable, ScriptFailed
+from .errors import ApiError, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable, ScriptFailed
 from .keys import KeyRing
 from .signing import PROCESS_ALGS, SLOW_ALGS
 from .signing_process import SigningProcess
 from .settings import Settings
-from .store import ACTIVE, SsaRecord, Store, clone
+from .store import ACTIVE, SsaRecord, Store, UnstorableValue, clone
 from .validation import CreateRequest
 from ssa_server.plugins.hookspecs import JwtDraft
 from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
@@ -161,7 +161,10 @@ class SsaService:
             token = await self._sign(draft.header, draft.claims)
         except (TypeError, ValueError) as e:
             raise ScriptFailed(f"a create hook produced claims that cannot be signed: {type(e).__name__}") from None
-        await self.store.add_ssa(record)
+        try:
+            await self.store.add_ssa(record)
+        except UnstorableValue as e:  # the request's checks refuse these first; never a 500 anyway
+            raise InvalidRequest(f"A value of the request cannot be stored exactly: {e}.") from None
         log.debug("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
         return token
 
@@ -299,8 +302,8 @@ class SsaService:
 
     # --- templates (operator CLI) ---
     async def save_template(self, name: str, fields: dict[str, Any]) -> None:
-        await self.store.put_template({"name": name, "fields": json.loads(json.dumps(fields)),
-                                       "created_at": self.now()})
+        fields = json.loads(json.dumps(fields, allow_nan=False))
+        await self.store.put_template({"name": name, "fields": fields, "created_at": self.now()})
 
     async def template_fields(self, name: str) -> dict[str, Any]:
         record = await self.store.get_template(name)

@@ -14,9 +14,11 @@ _U64 = struct.Struct("<Q")
 
 class SharedCounter:
     def __init__(self, fd: int) -> None:
-        """Map the first 8 bytes of ``fd`` (the caller may close ``fd`` afterwards)."""
-        if os.fstat(fd).st_size < _U64.size:
-            os.ftruncate(fd, _U64.size)
+        """Map the first 8 bytes of ``fd`` (the caller may close ``fd`` afterwards).
+
+        The bytes are allocated first: a store through the map into a page the file system
+        cannot provide (a full disk) would kill the process with SIGBUS; here it is ENOSPC."""
+        os.posix_fallocate(fd, 0, _U64.size)
         self._map = mmap.mmap(fd, _U64.size)
 
     @classmethod
@@ -38,6 +40,10 @@ class SharedCounter:
 
     def set(self, value: int) -> None:
         _U64.pack_into(self._map, 0, value)
+
+    def flush(self) -> None:
+        """Write the page back to the file now (msync), not whenever the kernel gets to it."""
+        self._map.flush()
 
     def close(self) -> None:
         self._map.close()

@@ -8,6 +8,10 @@ Import into an empty store recreates it exactly.  Into a store that already has 
 whose id exists there is skipped (counted), and imported signing keys that would make a second
 active key of their use are stored as retiring instead (still published in ``/jwks`` until the
 imported SSAs they signed expire), so the target keeps exactly one active key per use.
+
+Lines are read by the request bodies' rules (``jsonvalues``: no NaN or Infinity, exact integers,
+UTF-8), nesting at most two levels more than a body (the line's object and the record around a
+custom attribute or a template's fields), checked before anything recursive reads the line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TextIO
 
+from . import jsonvalues
 from .store import ACTIVE, Store
 
 TABLES = ("clients", "keys", "templates", "ssa")
@@ -27,6 +32,7 @@ _REQUIRED = {
     "templates": ("fields", "created_at"),
 }
 _BATCH = 1000
+MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
 
 
 class TransferError(ValueError):
@@ -38,7 +44,8 @@ async def export_records(store: Store) -> Iterator[str]:
     out: list[str] = []
     for table in TABLES:
         for record in await _all(store, table):
-            out.append(json.dumps({"table": table, "record": record}, separators=(",", ":"), sort_keys=True))
+            out.append(json.dumps({"table": table, "record": record}, separators=(",", ":"), sort_keys=True,
+                                  allow_nan=False))
     return iter(out)
 
 
@@ -62,10 +69,12 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
+        try:  # (surrogateescape: what a file that is not UTF-8 was read as; refused as not JSON)
+            entry = jsonvalues.loads(line.encode("utf-8", "surrogateescape"), max_depth=MAX_LINE_DEPTH)
+        except jsonvalues.NotJson:
             raise TransferError(f"line {number} is not JSON") from None
+        except jsonvalues.JsonValueError as e:
+            raise TransferError(f"line {number} {e}") from None
         if (not isinstance(entry, dict) or entry.get("table") not in tables
                 or not isinstance(entry.get("record"), dict)):
             raise TransferError(f'line {number} is not {{"table": ..., "record": {{...}}}} of a known table')

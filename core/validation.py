@@ -1,21 +1,21 @@
 """Parsing and checking of request input, before the service sees it.
 
 Janssen answers 500 for malformed JSON or wrongly typed fields; we answer 400 invalid_request
-with a description that names the field.
+with a description that names the field.  The JSON value rules (no NaN or Infinity, nesting at
+most ``MAX_DEPTH``, exact integers, storable text) are ``jsonvalues``'s.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
-
+from . import jsonvalues
 from .errors import InvalidRequest, InvalidSsaMetadata, PayloadTooLarge
+from .jsonvalues import storable  # noqa: F401  (routes and auth take it from here)
 
 MAX_BODY = 64 * 1024
 MAX_STRING = 4096
@@ -38,19 +38,8 @@ class CreateRequest:
     custom: dict[str, Any] = field(default_factory=dict)
 
 
-def storable(text: str) -> bool:
-    """Whether every store can keep ``text``: no NUL (PostgreSQL text and JSONB refuse it) and no
-    unpaired surrogate (not encodable as UTF-8)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _check_strings(value: Any) -> None:
+    """NUL anywhere in a parsed body (its nesting is already known to be within MAX_DEPTH)."""
     if isinstance(value, str):
         if not storable(value):
             raise InvalidRequest("The request body holds a NUL character or an unpaired surrogate.")
@@ -87,19 +76,21 @@ def parse_json_body(raw: bytes) -> Any:
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
-        if _LONG_NUMBER.search(raw):  # orjson would read an integer beyond 64 bits as a float
-            body = json.loads(raw)
-            _check_strings(body)
-            return body
-        body = orjson.loads(raw)  # refuses unpaired surrogates itself
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The request body is not valid JSON.") from None
+        body = jsonvalues.loads(raw)  # refuses NaN, Infinity, deep nesting, unpaired surrogates
+    except jsonvalues.JsonValueError as e:
+        raise InvalidRequest(f"The request body {e}.") from None
     if b"\\u0000" in raw:  # the only way JSON text can carry a NUL
         _check_strings(body)
     return body
 
 
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+def check_fields(fields: dict[str, Any]) -> None:
+    """The rules of a parsed body for fields that did not come as JSON text (CLI flags, a saved
+    template): the same 400 ``invalid_request``."""
+    try:
+        jsonvalues.check(fields)
+    except jsonvalues.JsonValueError as e:
+        raise InvalidRequest(f"The request {e}.") from None
 
 
 def _string(body: dict[str, Any], name: str) -> str | None:
@@ -171,7 +162,11 @@ def parse_create_request(body: Any, custom_attributes: tuple[str, ...]) -> Creat
     for name in custom_attributes:
         if body.get(name) is not None:
             value = body[name]
-            if len(json.dumps(value)) > MAX_STRING:
+            try:
+                size = len(json.dumps(value, allow_nan=False))
+            except ValueError:  # NaN or Infinity from a caller that did not parse JSON text
+                raise InvalidRequest(f"'{name}' holds NaN or Infinity.") from None
+            if size > MAX_STRING:
                 raise InvalidRequest(f"'{name}' is too large.")
             custom[name] = value
     return CreateRequest(**{k: v for k, v in values.items() if v is not None}, custom=custom)

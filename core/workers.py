@@ -51,6 +51,7 @@ def serve_workers(settings: Settings, logs: logging.handlers.QueueListener) -> i
     # The workers inherit the raised file-descriptor limit and get the edge's limits in the config.
     config = edge_config(settings, "ssa_server.workers:app_factory", factory=True, workers=settings.workers,
                          lifespan="on")
+    config.log_limits()
     supervisor = Supervisor(config, sockets=[config.bind_socket()])
     supervisor.run()
     end_by(supervisor.signals, logs)

@@ -25,7 +25,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from conftest import ADMIN
-from served import Served, closed_by_server, connect, read_response
+from .served import Served, closed_by_server, connect, read_response
 from ssa_server.app import create_app
 from ssa_server.server import Server
 from ssa_server.settings import Settings

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from served import Served, alive
+from .served import Served, alive
 
 pytestmark = pytest.mark.slow
 
