@@ -23,6 +23,7 @@ keep lookups from scanning.  See ``docs/store.md``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -168,11 +169,10 @@ class _Unverified(Exception):
 class _Compaction:
     """A compaction queued behind the writes whose changes its snapshot holds (see ``_flush``)."""
 
-    __slots__ = ("snapshot", "offset", "lines", "loop", "future")
+    __slots__ = ("snapshot", "offset", "loop", "future")
 
-    def __init__(self, snapshot: dict[str, dict[str, Any]], offset: int, lines: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.snapshot, self.offset, self.lines, self.loop = snapshot, offset, lines, loop
+    def __init__(self, snapshot: dict[str, dict[str, Any]], offset: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.snapshot, self.offset, self.loop = snapshot, offset, loop
         self.future: asyncio.Future[bool] = loop.create_future()
 
 
@@ -234,7 +234,7 @@ class TinyStore:
             raise
         if self.exclusive:
             if self._garbage() > max(self._live(), 1000):
-                self._compact(self._snapshot(), self._offset, self._lines)  # a failure only logs
+                self._compact(self._snapshot(), self._offset)  # a failure only logs
             try:
                 self._probe()
             except (OSError, _JournalProblem) as e:
@@ -508,7 +508,7 @@ class TinyStore:
         while i < len(batch):
             item = batch[i]
             if isinstance(item, _Compaction):
-                done = self._compact(item.snapshot, item.offset, item.lines)
+                done = self._compact(item.snapshot, item.offset)
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
                     item.loop.call_soon_threadsafe(_set_result, item.future, done)
                 i += 1
@@ -754,16 +754,17 @@ class TinyStore:
         """Queue a compaction behind the writes applied so far (exclusive owner only)."""
         loop = asyncio.get_running_loop()
         with self._offset_lock:
-            offset, lines = self._offset, self._lines
-        marker = _Compaction(self._snapshot(), offset, lines, loop)  # in the same loop step as the append
+            offset = self._offset
+        marker = _Compaction(self._snapshot(), offset, loop)  # in the same loop step as the append
         with self._pending_lock:
             self._pending.append(marker)
         self._wake.set()
         return await marker.future
 
-    def _compact(self, snapshot: dict[str, dict[str, Any]], offset: int, lines: int) -> bool:
+    def _compact(self, snapshot: dict[str, dict[str, Any]], offset: int) -> bool:
         """Rewrite the journal as one line per record of ``snapshot`` (the state at ``offset`` of
-        the journal, ``lines`` lines in), followed by what others appended after ``offset``.
+        the journal and every write queued before the compaction), followed by what other
+        processes appended after ``offset``.
 
         The temp file is written whole, fsync'ed and read back (length and CRC-32) before it is
         renamed over the journal; the directory is fsync'ed after.  Without room (or any other
@@ -775,7 +776,7 @@ class TinyStore:
             with self._write_lock:
                 lock = self._lock_current_journal()  # no other process appends meanwhile
                 try:
-                    old = self._compact_locked(tmp, snapshot, offset, lines)
+                    old = self._compact_locked(tmp, snapshot, offset)
                 except BaseException:
                     lock.release()
                     raise
@@ -791,7 +792,7 @@ class TinyStore:
                         "again in %g s at the earliest", self.path, why, self.compact_retry_interval)
             return False
 
-    def _compact_locked(self, tmp: Path, snapshot: dict[str, dict[str, Any]], offset: int, lines: int) -> int:
+    def _compact_locked(self, tmp: Path, snapshot: dict[str, dict[str, Any]], offset: int) -> int:
         """The compaction under the old journal's flock; returns the old journal's descriptor
         (closing it releases that flock; the new journal's is released after it)."""
         assert self._end is not None
@@ -803,7 +804,7 @@ class TinyStore:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            length, head, head_lines = self._write_compacted(fd, snapshot, offset, end)
+            length, tail = self._write_compacted(fd, snapshot, offset, end)
             inode = os.fstat(fd).st_ino
             # Publish an end no longer than either file before the rename, so that a crash
             # between the two raises no false alarm at the next open; msync: not later.
@@ -812,15 +813,15 @@ class TinyStore:
             # Under _offset_lock: the event loop (catch-up, readiness) sees the old file with its
             # offset or the new one with its own, never the path of one and the descriptor of the other.
             with self._offset_lock:
+                # What the loop had read of the old file past the snapshot maps into the copied tail.
+                moved = tail.moved(self._offset)
                 try:
                     os.replace(tmp, self.path)
                 except OSError:
                     self._end.set(end)
                     raise
                 old, self._fd, self._inode = self._fd, fd, inode
-                # What the loop had read of the old file past the snapshot maps into the copied tail.
-                self._offset = head + (self._offset - offset)
-                self._lines = head_lines + (self._lines - lines)
+                self._offset, self._lines = moved
                 self._end.set(length)
         except BaseException:
             os.close(fd)
@@ -856,14 +857,22 @@ class TinyStore:
                     chunk.clear()
         put(b"".join(chunk))
         lines += len(chunk)
-        head = length
-        pos = offset
-        while pos < end:  # lines appended after the snapshot (other processes', and ours since), as they are
+        # Lines appended after the snapshot: other processes' are copied as they are; ours are in
+        # the snapshot already (written before the compaction was queued) and are dropped, or the
+        # compacted file would hold each change made meanwhile twice (a purge's deletions, say).
+        own = b'{"w":' + orjson.dumps(self._writer) + b","
+        tail = _Tail(offset, length, lines)
+        pos, rest = offset, b""
+        while pos < end:
             data = os.pread(self._fd, min(_CHUNK, end - pos), pos)
             if not data:
                 raise OSError(errno.EIO, "the journal ended while it was copied")
-            put(data)
             pos += len(data)
+            data, rest = rest + data, b""
+            cut = data.rfind(b"\n") + 1
+            data, rest = data[:cut], data[cut:]
+            kept = [line for line in data.splitlines(keepends=True) if tail.line(line, not line.startswith(own))]
+            put(b"".join(kept))
         os.fsync(fd)
         if os.fstat(fd).st_size != length:
             raise _Unverified(f"the compacted file holds {os.fstat(fd).st_size} bytes, {length} were written")
@@ -876,7 +885,7 @@ class TinyStore:
             pos += len(data)
         if check != crc:
             raise _Unverified("the compacted file does not read back as it was written (CRC-32)")
-        return length, head, lines
+        return length, tail
 
     # --- SSAs ---
     async def add_ssa(self, record: SsaRecord) -> None:
@@ -1092,6 +1101,27 @@ def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> Non
 def _set_result(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
         future.set_result(value)
+
+
+class _Tail:
+    """Where the lines of the old journal past a compaction's snapshot land in the new one: a
+    position of the old file (a line end the event loop had read up to) maps to the new file."""
+
+    def __init__(self, offset: int, head: int, head_lines: int) -> None:
+        self._old, self._new, self._lines = [offset], [head], [head_lines]  # at each line end
+
+    def line(self, line: bytes, kept: bool) -> bool:
+        self._old.append(self._old[-1] + len(line))
+        self._new.append(self._new[-1] + (len(line) if kept else 0))
+        self._lines.append(self._lines[-1] + kept)
+        return kept
+
+    def moved(self, old_offset: int) -> tuple[int, int]:
+        """The new file's offset and line count for ``old_offset`` of the old file."""
+        i = bisect.bisect_left(self._old, old_offset)
+        if i == len(self._old) or self._old[i] != old_offset:  # not a line end: cannot happen
+            raise _Unverified(f"offset {old_offset} is not a line end of the copied tail")
+        return self._new[i], self._lines[i]
 
 
 class _Flock:
