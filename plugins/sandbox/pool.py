@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import os
 import select
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +36,8 @@ from .limits import SandboxLimits
 from .protocol import (FrameBuffer, FrameError, LoneSurrogate, dumps, loads, read_frame, read_ready,
                        write_raw_frame)
 from .state import KEEP_STATES
+
+log = logging.getLogger("ssa_server.sandbox")
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
@@ -475,7 +479,9 @@ class SandboxPool:
         loop = self._gathering = asyncio.get_running_loop()
         try:
             await asyncio.sleep(0)
-            while True:
+            with self._handover:
+                worker = self._idle.pop() if self._idle else None
+            while worker is None:
                 pending = [j for j in self._jobs if not j.future.done() and j.future.get_loop() is loop]
                 if not pending:
                     return None
@@ -608,8 +614,15 @@ class SandboxPool:
         the caller answers without waiting for a fresh interpreter."""
         def retire() -> None:
             worker.kill()
-            if not self._closed:
-                self._release(self._fresh())
+            while not self._closed:
+                try:
+                    fresh = self._fresh()
+                except (OSError, subprocess.SubprocessError) as e:  # no process, pipe or memfd now
+                    log.error("a script worker could not be started (%s); trying again in 1 s", e)
+                    time.sleep(1.0)
+                    continue
+                self._release(fresh)
+                return
 
         asyncio.get_running_loop().run_in_executor(None, retire)
 

@@ -233,7 +233,7 @@ class Worker:
             self.progress.set(offset + index)
             text = self._step(name, hook, box, [loads(facts)], self.output + size)
             steps.append(text)
-            if text.lstrip()[:8] == b'{"error"':
+            if text.startswith(b'{"error"'):  # (an error's text never has the stdlib marker)
                 if not skip:
                     break
                 continue
