@@ -122,3 +122,24 @@ def test_a_new_script_refused_by_one_worker_is_loaded_nowhere(harness):
     assert listing(h)["late"]["state"] == "error"
     assert all("not loaded" in answer for answer in tags_in_each_worker(h, "late"))
     assert "tag" in h.claims(h.create()) and h.claims(h.create())["tag"] == "v1"
+
+
+def test_a_script_is_marked_failed_while_a_reload_waits_for_the_replacement(harness):
+    """The replacement marks 1_flaky failed while the folder watcher's reload of a new script
+    waits for that very worker: the host learns it without the reload's lock, nothing
+    deadlocks, and both end in their states."""
+    t = a_second_from_now()
+    h = harness({"1_flaky.py": FLAKY.format(t=t), "2_crashy.py": CRASHY}, script_timeout=0.5, script_cpu=0.3,
+                script_reload_interval=0.1)
+    wait_until(t)
+    assert h.create(org_id="crash").status_code in (502, 503)  # the worker is lost: its replacement starts
+    h.write("3_new.py", TAGGED.format(tag="new"))  # the watcher's reload now waits for the replacement
+
+    def settled() -> bool:
+        states = {name: entry["state"] for name, entry in listing(h).items()}
+        return states.get("1_flaky") == "failed" and states.get("3_new") == "loaded"
+
+    h.wait_for(settled, timeout=15)
+    h.wait_for(lambda: h.create(org_id="probe").status_code != 503, timeout=15)
+    r = h.create(org_id="ok")
+    assert r.status_code == 502 and "1_flaky" in r.json()["error_description"], r.text  # fail closed
