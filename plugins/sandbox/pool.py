@@ -574,7 +574,8 @@ class SandboxPool:
             message = {"op": "batch", "jobs": [j.message for j in jobs]}
             try:
                 steps = sum(j.steps for j in jobs)
-                answers = (await worker.request_async(message, self.limits.timeout, steps=steps)).get("answers")
+                answer = await worker.request_async(message, self.limits.timeout, steps=steps)
+                answers = answer.get("answers")
                 if not isinstance(answers, list) or len(answers) != len(jobs) \
                         or not all(isinstance(a, dict) for a in answers):
                     raise ScriptError("crashed", "malformed batch answer from the script worker")
