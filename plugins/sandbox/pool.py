@@ -43,7 +43,6 @@ _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
 _T = TypeVar("_T")
 _PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer (64 KiB on Linux)
-_WAIT_WEIGHT = 0.25  # weight of the newest job's wait in the pool's running estimate
 
 
 class _Worker:
@@ -217,7 +216,9 @@ class SandboxPool:
         # The loop on which one of them is collecting a batch (waiting a loop turn or for a worker).
         self._gathering: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # batches served for callers other than their gatherer
-        self._waited = 0.0  # admission control: how long recent jobs waited for a worker (seconds)
+        # Admission control: a call waited the timeout for a worker, and none since got one in
+        # less than half of it: new calls would wait as long (refused at once while none is idle).
+        self._saturated = False
         self._wary_until = 0.0  # a worker was lost lately: jobs go one per frame until then (loop clock)
         self._admin = threading.Lock()  # loads/unloads/close: one at a time
         self._closed = False
@@ -438,12 +439,12 @@ class SandboxPool:
         waking, the pipe I/O, the loop's reader and timer) is paid once for all of them.  The
         first of them gathers the batch; the others wait for their answers.
 
-        Admission control: a request is refused at once (ScriptError "busy") when no worker is
-        idle and recent requests waited longer than the timeout for one; a request still waiting
-        for a worker when the timeout has passed is refused then."""
+        Admission control: a request still waiting for a worker when the timeout has passed is
+        refused (ScriptError "busy"); after that, while no worker is idle, new requests are
+        refused at once, until one gets a worker within half the timeout."""
         if self._closed:
             raise ScriptError("crashed", "the sandbox is closed")
-        if not self._idle and self._waited > self.limits.timeout:
+        if self._saturated and not self._idle:
             raise _busy(self.limits.timeout)
         loop = asyncio.get_running_loop()
         job = _Job(message, steps, check, loop.create_future(), loop.time())
@@ -508,19 +509,17 @@ class SandboxPool:
                 self._background(self._gather_and_serve())
         else:
             self._jobs = []
-        self._note_wait(loop.time() - jobs[0].queued)
+        if loop.time() - jobs[0].queued < self.limits.timeout / 2:
+            self._saturated = False
         return worker, jobs
 
     def _refuse_expired(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
         for job in self._jobs:
             if not job.future.done() and now - job.queued >= self.limits.timeout:
-                self._note_wait(now - job.queued)
+                self._saturated = True
                 job.future.set_exception(_busy(self.limits.timeout))
         self._jobs = [j for j in self._jobs if not j.future.done()]
-
-    def _note_wait(self, seconds: float) -> None:
-        self._waited += _WAIT_WEIGHT * (seconds - self._waited)
 
     async def _gather_and_serve(self) -> None:
         if self._jobs and self._gathering is None:

@@ -137,11 +137,11 @@ def create(jwt, context):
 
 
 def test_a_request_that_cannot_get_a_worker_in_time_is_refused_and_a_revocation_stands(harness, caplog):
-    """One worker, held ~1.5 s by a chain of eight 0.2 s steps: a create arriving meanwhile
-    is refused once it has waited the 0.6 s timeout (503 JSON, Retry-After), and a revocation
-    stands with its revoke hook skipped (a log line)."""
-    scripts = {f"{i}_spin.py": SPIN_A_LITTLE for i in range(8)}
-    scripts["9_audit.py"] = "def revoke(ssa_list, context):\n    context.log('audit')\n    return True\n"
+    """One worker, held ~2 s by a chain of twelve 0.16 s steps: a create arriving meanwhile is
+    refused once it has waited the 0.6 s timeout (503 JSON, Retry-After); a revocation right
+    after it is refused a worker at once and stands, its revoke hook skipped (a log line)."""
+    scripts = {f"{i:02d}_spin.py": SPIN_A_LITTLE for i in range(12)}
+    scripts["99_audit.py"] = "def revoke(ssa_list, context):\n    context.log('audit')\n    return True\n"
     h = harness(scripts, script_timeout=0.6, script_cpu=0.5)
     victim = h.create(org_id="victim")
     assert victim.status_code == 201, victim.text
@@ -155,9 +155,11 @@ def test_a_request_that_cannot_get_a_worker_in_time_is_refused_and_a_revocation_
         assert r.status_code == 503, r.text
         assert r.json()["error"] == "temporarily_unavailable" and r.headers["retry-after"] == "1"
         assert waited < 1.0, waited  # refused at the timeout, not after the chain
+        started = time.perf_counter()
         with caplog.at_level("WARNING"):
             d = h.client.delete("/ssa", params={"org_id": "victim"}, headers=h.auth)
         assert d.status_code == 200, d.text
+        assert time.perf_counter() - started < 0.5  # refused at once: the calls before it waited in vain
         assert any("revoke skipped" in rec.getMessage() for rec in caplog.records)
     finally:
         holder.join()
