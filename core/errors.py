@@ -121,6 +121,16 @@ class ScriptFailed(ApiError):
     status, error = 502, "script_failed"  # the script is an upstream of the request; not a 500
 
 
+class SandboxBusy(ApiError):
+    """Admission control: no script worker could take the call within the script timeout, so the
+    request is refused at once instead of queueing (RFC 9110 §15.6.4, with ``Retry-After``)."""
+
+    status, error, description = 503, "temporarily_unavailable", "The script sandbox is busy; retry later."
+
+    def __init__(self, *, retry_after: int = 1) -> None:
+        super().__init__(headers={"Retry-After": str(retry_after)})
+
+
 class NotAcceptable(ApiError):
     status, error, description = 406, "not_acceptable", "Give jti or org_id to choose the SSAs to revoke."
 

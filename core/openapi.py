@@ -15,7 +15,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
             403: "Feature flag off (access_denied) or a script denied the request",
             406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
             429: "Too many failed client authentications (slow_down, Retry-After)",
-            502: "A script failed", 503: "Not ready, or the store is unreachable (temporarily_unavailable)"}
+            502: "A script failed", 503: "Not ready, the store is unreachable, or no script worker is free in time "
+                 "(temporarily_unavailable; Retry-After)"}
     return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
 
 

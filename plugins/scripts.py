@@ -9,6 +9,7 @@ folder rebuilds the chains and swaps them in one assignment.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import threading
@@ -16,15 +17,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pluggy
 
-from ssa_server.errors import ScriptDenied, ScriptFailed
+from ssa_server.errors import SandboxBusy, ScriptDenied, ScriptFailed
 
 from .hookspecs import JwtDraft, hookimpl
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
-from .sandbox.errors import ChainBroken
 from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
 from .script_log import ScriptLog
 from .script_rules import HOOKS
@@ -42,7 +42,9 @@ class ScriptState:
     path: str
     hooks: list[str] = field(default_factory=list)
     revision: str = ""  # content hash of the version that serves
-    state: str = "loading"  # loaded | error (never loaded) | stale (a newer version failed; old one serves)
+    # loaded | error (never loaded) | stale (a newer version failed; old one serves) | failed (its
+    # top level failed in a replacement worker: it does not serve until a new revision loads)
+    state: str = "loading"
     last_error: str | None = None
     calls: int = 0
     failures: int = 0
@@ -93,11 +95,19 @@ class _Adapter:
         return self.apply(self.finish(result, time.perf_counter() - started), data)
 
     def failed(self, e: ScriptError, seconds: float) -> None:
-        """Count and report a failure; ScriptFailed unless this hook's failures are skipped."""
+        """Count and report a failure; ScriptFailed unless this hook's failures are skipped.
+        A busy sandbox (admission control) is not the script's failure: 503, or for revoke a
+        skipped hook."""
         name = self.state.name
+        if e.kind == "busy":
+            if self.hook == "revoke":
+                log.warning("script %s revoke skipped: %s", name, e)
+                return None
+            raise SandboxBusy(retry_after=max(1, math.ceil(self.host.limits.timeout)))
         self._count(seconds)
         self.state.failures += 1
-        self.state.last_error = f"{self.hook}: {e.kind}: {e}"
+        if self.state.state != "failed":  # a failed script's listing keeps why it failed
+            self.state.last_error = f"{self.hook}: {e.kind}: {e}"
         log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
         if self.hook != "revoke" and self.host.on_error == "fail":
             raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
@@ -149,6 +159,27 @@ class _RevokeAdapter(_Adapter):
 _ADAPTERS = {"create": _CreateAdapter, "get": _GetAdapter, "revoke": _RevokeAdapter}
 
 
+class _FailedAdapter(_Adapter):
+    """A create/get hook of a script that failed pool-wide, with on_script_error=fail: it refuses
+    the request (fail closed, naming the script) until a new revision of the file loads.  It
+    ends its chain: nothing after it would run."""
+
+    def __init__(self, host: ScriptHost, state: ScriptState, hook: str) -> None:
+        super().__init__(host, state)
+        self.hook = hook
+
+    def run(self, data: Any, context: dict[str, Any]) -> bool | None:
+        self.refuse()
+
+    async def run_async(self, data: Any, context: dict[str, Any]) -> bool | None:
+        self.refuse()
+
+    def refuse(self) -> NoReturn:
+        self._count(0.0)
+        self.state.failures += 1
+        raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
+
+
 class _ScriptChain:
     """The one pluggy plugin for all scripts: exposes only the three hooks and runs the current
     chain of adapters in file-name order.  A reload swaps the chains in one assignment, so a
@@ -168,6 +199,15 @@ class _ScriptChain:
         """The chain for ``hook`` on the event loop (the service's path: no thread per call).
         Several scripts go to one worker in one round trip (``SandboxPool.call_chain_async``)."""
         chain = self.chains[hook]
+        if chain and isinstance(chain[-1], _FailedAdapter):  # the scripts before it run, then it refuses
+            if await self._run_scripts(hook, chain[:-1], data, context) is False:
+                return False
+            chain[-1].refuse()
+        return await self._run_scripts(hook, chain, data, context)
+
+    @staticmethod
+    async def _run_scripts(hook: str, chain: tuple[_Adapter, ...], data: Any,
+                           context: dict[str, Any]) -> bool | None:
         if len(chain) <= 1:
             for adapter in chain:
                 if await adapter.run_async(data, context) is False:
@@ -179,11 +219,18 @@ class _ScriptChain:
             outcomes = await host.pool.call_chain_async(
                 [a.state.name for a in chain], hook, chain[0].payload(data), context,
                 skip_errors=hook == "revoke" or host.on_error != "fail")
-        except ChainBroken as e:
-            culprit = chain[e.index]
-            culprit.failed(e, time.perf_counter() - started)  # raises unless failures are skipped
-            for adapter in chain:  # the rest again, one call each, without the culprit
-                if adapter is not culprit and await adapter.run_async(data, context) is False:
+        except ScriptError as e:
+            if e.kind == "busy":
+                if hook == "revoke":
+                    log.warning("revoke scripts %s skipped: %s", ",".join(a.state.name for a in chain), e)
+                    return None
+                return chain[0].failed(e, 0.0)  # 503
+            # The worker was lost: which script lost it is learnt only from a lone call, so
+            # every script runs again, one call each, in order; the one that fails names itself.
+            log.warning("a script worker was lost running the %s chain (%s: %s); its scripts run again one "
+                        "call each", hook, e.kind, e)
+            for adapter in chain:
+                if await adapter.run_async(data, context) is False:
                     return False
             return None
         share = (time.perf_counter() - started) / len(outcomes)
@@ -233,7 +280,8 @@ class ScriptHost:
         self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
         self._folder_error = ""  # the last error reading the folder itself, logged once
         self._chain = _ScriptChain()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one reload at a time (held while the pool loads)
+        self._registry = threading.Lock()  # chain rebuilds: never held while waiting for the pool
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -358,7 +406,7 @@ class ScriptHost:
             state = self.scripts[name] = ScriptState(name=name, path=self._path(entry))
         state.seen_hash = marker
         if error is None and self.pool is None:  # workers start with the first script, not before
-            self.pool = SandboxPool(workers=self.workers, limits=self.limits)
+            self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed)
         if error is None:
             try:
                 state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]
@@ -369,17 +417,46 @@ class ScriptHost:
                 log.info("script %s loaded revision=%s hooks=%s", name, revision, ",".join(state.hooks) or "-")
                 return True
         state.last_error = error
-        state.state = "stale" if state.revision else "error"
+        if state.state != "failed":  # a failed script stays failed until a revision loads
+            state.state = "stale" if state.revision else "error"
         log.error("script %s refused (%s): %s", name,
                   "previous revision keeps serving" if state.revision else "not loaded", error)
         return False
 
+    def _script_failed(self, name: str, reason: str) -> None:
+        """The pool dropped ``name``: its top level failed in a replacement worker.  Called from
+        the thread building that worker, maybe while a reload (holding ``_lock``) waits for it:
+        takes only ``_registry``."""
+        state = self.scripts.get(name)
+        if state is None:
+            return
+        state.state, state.last_error = "failed", reason
+        self._register_all()
+        effect = "its create and get hooks refuse requests" if self.on_error == "fail" else "its hooks are skipped"
+        log.error("script %s@%s failed and stopped serving (%s): %s", name, state.revision, effect, reason)
+
     def _register_all(self) -> None:
-        loaded = [self.scripts[n] for n in sorted(self.scripts) if self.scripts[n].revision]
-        self._chain.chains = {h: tuple(_ADAPTERS[h](self, st) for st in loaded if h in st.hooks) for h in HOOKS}
-        # Registered only while scripts exist, so a server without scripts pays nothing for them.
-        if loaded and not self.pm.has_plugin(_CHAIN_NAME):
-            self.pm.register(self._chain, name=_CHAIN_NAME)
+        with self._registry:
+            states = dict(self.scripts)  # a reload may add or remove entries meanwhile
+            loaded = [states[n] for n in sorted(states) if states[n].revision]
+            self._chain.chains = {h: self._chain_for(h, loaded) for h in HOOKS}
+            # Registered only while scripts exist, so a server without scripts pays nothing for them.
+            if loaded and not self.pm.has_plugin(_CHAIN_NAME):
+                self.pm.register(self._chain, name=_CHAIN_NAME)
+
+    def _chain_for(self, hook: str, loaded: list[ScriptState]) -> tuple[_Adapter, ...]:
+        """The adapters of ``hook`` in file-name order.  A failed script is left out (skip mode,
+        and always for revoke), or ends the chain with an adapter that refuses (fail mode)."""
+        chain: list[_Adapter] = []
+        for state in loaded:
+            if hook not in state.hooks:
+                continue
+            if state.state != "failed":
+                chain.append(_ADAPTERS[hook](self, state))
+            elif hook != "revoke" and self.on_error == "fail":
+                chain.append(_FailedAdapter(self, state, hook))
+                break
+        return tuple(chain)
 
     def _unregister_all(self) -> None:
         if self.pm.has_plugin(_CHAIN_NAME):

@@ -21,8 +21,8 @@ class Harness:
     def __init__(self, tmp_path: Path, **settings):
         self.scripts = tmp_path / "scripts"
         self.scripts.mkdir(exist_ok=True)
-        self.settings = Settings(data_dir=tmp_path / "data", scripts_dir=self.scripts, script_workers=1,
-                                 script_reload_interval=0.2, **settings)
+        settings = {"script_workers": 1, "script_reload_interval": 0.2, **settings}
+        self.settings = Settings(data_dir=tmp_path / "data", scripts_dir=self.scripts, **settings)
         self.server = Server.build(self.settings)
         self.client = TestClient(create_app(server=self.server), raise_server_exceptions=False)
 

@@ -30,7 +30,7 @@ from ssa_server.plugins.hookspecs import JwtDraft
 from ssa_server.plugins.script_rules import HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change
 
 from .errors import ScriptError, ScriptRefused
-from .protocol import dumps, loads
+from .protocol import dumps, loads, valid_unicode
 from .refusals import compile_errors, top_level_error
 
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
@@ -225,10 +225,10 @@ _PLAIN_ONLY = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME 
 
 
 def check_json(value: Any, *, max_bytes: int, max_depth: int) -> bytes:
-    """Serialise a result: plain JSON only, within the size and depth caps."""
+    """Serialise a result: plain JSON only (strings valid Unicode), within the size and depth caps."""
     try:
         text = orjson.dumps(value, option=_PLAIN_ONLY)
-    except TypeError:  # not plain JSON, nested past orjson's limit, or an integer beyond 64 bits
+    except TypeError:  # not plain JSON, a lone surrogate, nested past orjson's limit, or an integer beyond 64 bits
         _check_depth(value, max_depth)  # names what is wrong, or passes for the big integers
         text = dumps(value)
     else:
@@ -251,10 +251,18 @@ def _check_depth(value: Any, limit: int) -> None:
             for key in item:
                 if type(key) is not str:
                     raise ScriptError("invalid_result", "result keys must be strings")
+                _check_unicode(key)
             stack.extend((v, depth + 1) for v in item.values())
+        elif type(item) is str:
+            _check_unicode(item)
         elif type(item) is list:
             stack.extend((v, depth + 1) for v in item)
         elif type(item) is float and not math.isfinite(item):
             raise ScriptError("invalid_result", "the result holds NaN or infinity, not plain JSON")
-        elif item is not None and type(item) not in (str, int, float, bool):
+        elif item is not None and type(item) not in (int, float, bool):
             raise ScriptError("invalid_result", f"the result holds a {type(item).__name__}, not plain JSON")
+
+
+def _check_unicode(text: str) -> None:
+    if not valid_unicode(text):
+        raise ScriptError("invalid_result", "the result holds a lone surrogate (a string that is not valid Unicode)")

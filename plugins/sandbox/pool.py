@@ -3,6 +3,11 @@
 Each call takes an idle worker, sends one JSON frame, and waits for the answer with a wall-clock
 timeout.  On timeout, crash, a limit or a broken frame the worker's process group is killed and
 a fresh worker (with every loaded script) takes its place; the other workers keep serving.
+
+What a worker says about other calls than its own is not trusted: when a worker is lost, only a
+lone call's failure is pinned on its script (the calls of a lost batch go again one by one, a
+lost chain's scripts one call each, see ``docs/sandbox.md``).  A worker is handed out only with
+every loaded script in it, and a load reaches every worker or none.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import os
 import select
 import shutil
@@ -18,15 +24,20 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ssa_server.shared_counter import SharedCounter
 
-from .errors import ChainBroken, ScriptError, ScriptRefused
+from .errors import EXIT_UNSETTLED, ChainBroken, ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .protocol import FrameBuffer, FrameError, dumps, loads, read_frame, read_ready, write_frame, write_raw_frame
+from .protocol import (FrameBuffer, FrameError, LoneSurrogate, dumps, loads, read_frame, read_ready,
+                       write_raw_frame)
+from .state import KEEP_STATES
+
+log = logging.getLogger("ssa_server.sandbox")
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
@@ -40,7 +51,7 @@ class _Worker:
         os.chmod(self.cwd, 0o500)  # empty and not writable
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
-        self.progress, progress_fd = SharedCounter.in_memfd("ssa-sandbox-progress")  # the chain step running
+        self.progress, progress_fd = SharedCounter.in_memfd("ssa-sandbox-progress")  # the step running (a hint)
         config = json.dumps({"memory_mb": limits.memory_mb, "lifetime_cpu": limits.lifetime_cpu,
                              "cpu": limits.cpu, "output_kb": limits.output_kb,
                              "max_source_kb": limits.max_source_kb, "max_depth": limits.max_depth})
@@ -53,25 +64,27 @@ class _Worker:
         os.close(from_child_w)
         os.close(progress_fd)
         self.calls = 0
+        self.retiring = False  # its lifetime CPU is nearly spent: replaced when given back
+        self.dead = False
+        # An answer may be as large as the request plus a margin: a get result follows its input.
         self.max_answer = limits.output_kb * 1024 * 2 + 65536
 
     def request(self, message: dict[str, Any], timeout: float) -> Any:
         """Send one request and wait for its answer; ScriptError(timeout|crashed) if none."""
         self.calls += 1
+        data = dumps(message)
         try:
-            write_frame(self.to_child, message)
+            write_raw_frame(self.to_child, data)
         except OSError:
             raise ScriptError("crashed", "the script worker exited") from None
         ready, _, _ = select.select([self.from_child], [], [], timeout)
         if not ready:
             raise ScriptError("timeout", f"no answer within {timeout:g} s")
         try:
-            answer = read_frame(self.from_child, self.max_answer)
+            answer = read_frame(self.from_child, self.max_answer + len(data))
         except FrameError as e:
             raise self._failure(e) from None
-        if not isinstance(answer, dict):
-            raise ScriptError("crashed", "malformed answer from the script worker")
-        return answer
+        return self._checked(answer)
 
     async def request_async(self, message: dict[str, Any], timeout: float, *, steps: int = 1) -> Any:
         """``request`` on the event loop: the answer is read when the pipe is readable, so no
@@ -90,7 +103,8 @@ class _Worker:
                 await loop.run_in_executor(None, write_raw_frame, self.to_child, data)
         except OSError:
             raise ScriptError("crashed", "the script worker exited") from None
-        answer = _PendingAnswer(loop, self.from_child, self.max_answer * steps, timeout, self.progress, steps)
+        answer = _PendingAnswer(loop, self.from_child, (self.max_answer + len(data)) * steps, timeout,
+                                self.progress, steps)
         try:
             raw = await answer.future
         except FrameError as e:
@@ -101,11 +115,18 @@ class _Worker:
             answer.close()
         try:
             decoded = loads(raw)
+        except LoneSurrogate as e:
+            raise ScriptError("invalid_result", str(e)) from None
         except ValueError:
             raise ScriptError("crashed", "the script worker failed: frame is not JSON") from None
-        if not isinstance(decoded, dict):
+        return self._checked(decoded)
+
+    def _checked(self, answer: Any) -> dict[str, Any]:
+        if not isinstance(answer, dict):
             raise ScriptError("crashed", "malformed answer from the script worker")
-        return decoded
+        if answer.get("retire") is True:
+            self.retiring = True
+        return answer
 
     def _failure(self, error: FrameError) -> ScriptError:
         """Why the worker stopped answering (it may take a moment to be reaped)."""
@@ -117,11 +138,16 @@ class _Worker:
                 pass
         if code == -signal.SIGXCPU or code == -signal.SIGKILL:
             return ScriptError("limit", "CPU time limit exceeded")
+        if code == EXIT_UNSETTLED:
+            return ScriptError("limit", "its finalizers kept making garbage")
         if code is not None and code < 0:
             return ScriptError("crashed", f"the script worker died ({signal.Signals(-code).name})")
+        if code is None and "surrogate" in str(error):
+            return ScriptError("invalid_result", str(error))
         return ScriptError("crashed", f"the script worker failed: {error}")
 
     def kill(self) -> None:
+        self.dead = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -136,15 +162,52 @@ class _Worker:
         shutil.rmtree(self.cwd, ignore_errors=True)
 
 
-class SandboxPool:
-    """``workers`` fresh-interpreter workers; ``load`` goes to all, ``call`` to one idle worker."""
+@dataclass(frozen=True)
+class _Entry:
+    """A loaded revision of a script, as every worker must have it."""
 
-    def __init__(self, workers: int = 2, limits: SandboxLimits | None = None) -> None:
+    source: str
+    config: dict[str, Any]
+    keep_state: str
+
+    @classmethod
+    def of(cls, name: str, source: str, config: dict[str, Any]) -> _Entry:
+        """The revision to load: ``config`` without its ``[sandbox]`` table, which holds the
+        sandbox's options for this script (``keep_state``).  ScriptRefused if they are wrong."""
+        config = json.loads(json.dumps(config))
+        options = config.pop("sandbox", {})
+        if not isinstance(options, dict) or set(options) - {"keep_state"}:
+            raise ScriptRefused(f"{name}.toml: [sandbox] may only set keep_state")
+        keep_state = options.get("keep_state", "none")
+        if keep_state not in KEEP_STATES:
+            raise ScriptRefused(f"{name}.toml: [sandbox] keep_state must be one of {', '.join(KEEP_STATES)}")
+        return cls(source, config, keep_state)
+
+    def message(self, name: str) -> dict[str, Any]:
+        return {"op": "load", "name": name, "source": self.source, "config": self.config,
+                "keep_state": self.keep_state}
+
+
+class SandboxPool:
+    """``workers`` fresh-interpreter workers; ``load`` goes to all, ``call`` to one idle worker.
+
+    ``on_failed(name, reason)`` is told when a script is dropped pool-wide because its top level
+    failed in a replacement worker.  It is called from the thread that builds that worker,
+    possibly while a ``load`` waits for the worker: it must not wait for a lock that a caller of
+    ``load`` may hold.
+    """
+
+    def __init__(self, workers: int = 2, limits: SandboxLimits | None = None, *,
+                 on_failed: Callable[[str, str], None] | None = None) -> None:
         self.limits = limits or SandboxLimits()
-        self._scripts: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._scripts: dict[str, _Entry] = {}
+        self.failed: dict[str, str] = {}  # scripts dropped pool-wide -> why
+        self._on_failed = on_failed
+        self._registry = threading.Lock()  # _scripts and failed (a replacement reads them in a thread)
         self._idle: collections.deque[_Worker] = collections.deque()
         # Event-loop callers waiting for a worker get one handed over, not a thread each.
-        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[_Worker]]] = collections.deque()
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[_Worker | None]]] = \
+            collections.deque()
         self._handover = threading.Lock()
         self._freed = threading.Condition(self._handover)  # blocking callers wait on it
         self._draining = False  # a load/unload is collecting every worker: waiters wait for it
@@ -153,6 +216,10 @@ class SandboxPool:
         # The loop on which one of them is collecting a batch (waiting a loop turn or for a worker).
         self._gathering: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # batches served for callers other than their gatherer
+        # Admission control: a call waited the timeout for a worker, and none since got one in
+        # less than half of it: new calls would wait as long (refused at once while none is idle).
+        self._saturated = False
+        self._wary_until = 0.0  # a worker was lost lately: jobs go one per frame until then (loop clock)
         self._admin = threading.Lock()  # loads/unloads/close: one at a time
         self._closed = False
         for _ in range(workers):
@@ -160,47 +227,71 @@ class SandboxPool:
 
     # --- scripts ---
     def load(self, name: str, source: str, config: dict[str, Any]) -> list[str]:
-        """Compile ``source`` in every worker; the hooks it defines.  ScriptRefused if it cannot load."""
+        """Compile ``source`` in every worker; the hooks it defines.  ScriptRefused if it cannot
+        load in any of them: then every worker keeps the previous revision (or none)."""
         if len(source.encode()) > self.limits.max_source_kb * 1024:
             raise ScriptRefused(f"{name}: larger than {self.limits.max_source_kb * 1024} bytes")
-        config = json.loads(json.dumps(config))
+        entry = _Entry.of(name, source, config)
         with self._admin:
             workers = self._take_all()
             try:
-                hooks = None
+                with self._registry:
+                    previous = self._scripts.get(name)
+                hooks: list[str] = []
                 for i, worker in enumerate(workers):
-                    answer = self._load_into(worker, name, source, config)
-                    if answer is None:  # the worker died loading it: replace it, refuse the script
-                        workers[i] = self._fresh()
-                        raise ScriptRefused(f"{name}: its top level exceeded a limit while loading")
-                    if "error" in answer:
-                        raise ScriptRefused(str(answer["error"].get("message", "refused"))[:1000])
-                    hooks = answer["ok"]["hooks"]
-                self._scripts[name] = (source, config)
-                return list(hooks or [])
+                    hooks, error = self._load_into(worker, entry.message(name))
+                    if error is not None:
+                        if worker.dead:  # it died loading the script: its replacement has the previous set
+                            workers[i] = self._fresh()
+                            error = f"{name}: its top level exceeded a limit while loading ({error})"
+                        self._restore(workers, i, name, previous)
+                        raise ScriptRefused(error[:1000])
+                with self._registry:
+                    self._scripts[name] = entry
+                    self.failed.pop(name, None)
+                return hooks
             finally:
                 self._release_all(workers)
 
     def unload(self, name: str) -> None:
         with self._admin:
-            self._scripts.pop(name, None)
+            with self._registry:
+                self._scripts.pop(name, None)
+                self.failed.pop(name, None)
             workers = self._take_all()
             try:
                 for i, worker in enumerate(workers):
-                    try:
-                        worker.request({"op": "unload", "name": name}, self.limits.timeout + _LOAD_TIMEOUT_EXTRA)
-                    except ScriptError:
-                        workers[i] = self._fresh()
+                    if self._load_into(worker, {"op": "unload", "name": name})[1] is not None:
+                        workers[i] = self._rebuilt(worker)
             finally:
                 self._release_all(workers)
 
-    def _load_into(self, worker: _Worker, name: str, source: str, config: dict[str, Any]) -> Any:
-        try:
-            return worker.request({"op": "load", "name": name, "source": source, "config": config},
-                                  self.limits.timeout + _LOAD_TIMEOUT_EXTRA)
-        except ScriptError:
+    def _restore(self, workers: list[_Worker], count: int, name: str, previous: _Entry | None) -> None:
+        """Put the previous revision of ``name`` (or no script of that name) back in the first
+        ``count`` workers, which took the refused one; one that cannot take it is replaced."""
+        message = previous.message(name) if previous is not None else {"op": "unload", "name": name}
+        for i in range(count):
+            if self._load_into(workers[i], message)[1] is not None:
+                workers[i] = self._rebuilt(workers[i])
+
+    def _rebuilt(self, worker: _Worker) -> _Worker:
+        if not worker.dead:
             worker.kill()
-            return None
+        return self._fresh()
+
+    def _load_into(self, worker: _Worker, message: dict[str, Any]) -> tuple[list[str], str | None]:
+        """A load or unload in one worker: the hooks, and why it failed (None if it did not).
+        A worker that did not answer is killed (``worker.dead``)."""
+        try:
+            answer = worker.request(message, self.limits.timeout + _LOAD_TIMEOUT_EXTRA)
+        except ScriptError as e:
+            worker.kill()
+            return [], f"{e.kind}: {e}"
+        if "error" in answer:
+            error = answer["error"] if isinstance(answer["error"], dict) else {}
+            return [], str(error.get("message", "refused"))[:1000]
+        hooks = (answer.get("ok") or {}).get("hooks") if isinstance(answer.get("ok"), dict) else None
+        return [h for h in hooks if isinstance(h, str)] if isinstance(hooks, list) else [], None
 
     def _take_all(self) -> list[_Worker]:
         with self._handover:
@@ -222,7 +313,10 @@ class SandboxPool:
 
     def _release(self, worker: _Worker) -> None:
         """An idle worker: to the first event-loop waiter, else back to the pool (last in,
-        first out: the worker used last has the warmest caches)."""
+        first out: the worker used last has the warmest caches).  After ``close``: killed."""
+        if self._closed:
+            worker.kill()
+            return
         with self._handover:
             while self._waiters and not self._draining:
                 loop, waiter = self._waiters.popleft()
@@ -235,32 +329,60 @@ class SandboxPool:
             self._idle.append(worker)
             self._freed.notify()
 
-    def _hand_over(self, waiter: asyncio.Future[_Worker], worker: _Worker) -> None:
-        if waiter.done():  # the waiting request was cancelled meanwhile
+    def _hand_over(self, waiter: asyncio.Future[_Worker | None], worker: _Worker) -> None:
+        if waiter.done():  # the waiting request was cancelled (or gave up) meanwhile
             self._release(worker)
         else:
             waiter.set_result(worker)
 
-    async def _acquire_async(self) -> _Worker:
+    async def _acquire_async(self, until: float | None = None) -> _Worker | None:
+        """An idle worker, waiting on the loop for one; None once the loop's clock passes ``until``."""
+        loop = asyncio.get_running_loop()
         with self._handover:
             if self._idle:
                 return self._idle.pop()
-            waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-            self._waiters.append((asyncio.get_running_loop(), waiter))
+            waiter: asyncio.Future[_Worker | None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        timer = loop.call_at(until, _give_up, waiter) if until is not None else None
         try:
             return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed over just as we were cancelled
-                self._release(waiter.result())
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self._release(waiter.result())  # handed over just as we were cancelled
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _fresh(self) -> _Worker:
-        """A new worker with every loaded script (a script refused now is skipped)."""
-        worker = _Worker(self.limits)
-        for name, (source, config) in list(self._scripts.items()):
-            if self._load_into(worker, name, source, config) is None:
-                worker = _Worker(self.limits)
-        return worker
+        """A new worker with every loaded script.  A script whose top level fails in it is
+        dropped pool-wide (``failed``, ``on_failed``) and the worker is built again without it:
+        a worker is never handed out with part of the script set."""
+        while True:
+            worker = _Worker(self.limits)
+            with self._registry:
+                scripts = list(self._scripts.items())
+            for name, entry in scripts:
+                error = self._load_into(worker, entry.message(name))[1]
+                if error is not None:
+                    break
+            else:
+                return worker
+            if not worker.dead:
+                worker.kill()
+            self._mark_failed(name, entry, f"its top level failed in a replacement worker ({error})"[:1000])
+
+    def _mark_failed(self, name: str, entry: _Entry, reason: str) -> None:
+        with self._registry:
+            if self._scripts.get(name) is not entry:  # unloaded or replaced meanwhile
+                return
+            del self._scripts[name]
+            self.failed[name] = reason
+        if self._on_failed is not None:
+            try:
+                self._on_failed(name, reason)
+            except Exception:  # the host's bookkeeping must not break the replacement
+                pass
 
     # --- calls ---
     def call(self, name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -269,14 +391,19 @@ class SandboxPool:
             raise ScriptError("crashed", "the sandbox is closed")
         worker = self._take()
         try:
-            answer = worker.request(_call_message(name, hook, payload, context), self.limits.timeout)
-            return _result(hook, answer)
-        except ScriptError as e:
-            if e.kind in ("timeout", "crashed", "limit"):
+            try:
+                answer = worker.request(_call_message(name, hook, payload, context), self.limits.timeout)
+            except ScriptError:  # no answer, or one no worker should send
                 worker = self._replace(worker)
-            raise
+                raise
+            try:
+                return _result(hook, answer)
+            except ScriptError as e:
+                if e.kind in _WORKER_LOST:
+                    worker = self._replace(worker)
+                raise
         finally:
-            if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
+            if worker.calls >= self.limits.recycle_after or worker.retiring:
                 worker = self._replace(worker)
             self._release(worker)
 
@@ -291,7 +418,8 @@ class SandboxPool:
                                context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
         """Several scripts' ``hook`` in one worker round trip, each on the previous one's output
         (see the worker's ``_chain``).  One outcome per script that ran: its checked result, or
-        the ScriptError it ended with.  ChainBroken when the worker was lost, naming the step."""
+        the ScriptError it ended with.  ChainBroken when the worker was lost (the caller runs
+        the scripts again one call each: only a lone call's failure names a script)."""
         def outcomes(answer: dict[str, Any]) -> list[dict[str, Any] | ScriptError]:
             steps = answer.get("steps")
             if not isinstance(steps, list) or not 0 < len(steps) <= len(names) or not all(isinstance(x, dict) for x in steps):
@@ -302,30 +430,40 @@ class SandboxPool:
                    "skip_errors": skip_errors}
         return await self._request_async(message, len(names), outcomes)
 
-    async def _request_async(self, message: dict[str, Any], steps: int, check: Callable[[dict[str, Any]], _T]) -> _T:
+    async def _request_async(self, message: dict[str, Any], steps: int,
+                             check: Callable[[dict[str, Any]], _T]) -> _T:
         """One request on the event loop, its answer checked while the worker is held.
 
         Requests that reach the pool in the same loop turn, or while it waits for a worker, go
         to one worker together as one batch: the fixed cost of a round trip (both processes
         waking, the pipe I/O, the loop's reader and timer) is paid once for all of them.  The
-        first of them gathers the batch; the others wait for their answers."""
+        first of them gathers the batch; the others wait for their answers.
+
+        Admission control: a request still waiting for a worker when the timeout has passed is
+        refused (ScriptError "busy"); after that, while no worker is idle, new requests are
+        refused at once, until one gets a worker within half the timeout."""
         if self._closed:
             raise ScriptError("crashed", "the sandbox is closed")
+        if self._saturated and not self._idle:
+            raise _busy(self.limits.timeout)
         loop = asyncio.get_running_loop()
-        job = _Job(message, steps, check, loop.create_future())
+        job = _Job(message, steps, check, loop.create_future(), loop.time())
         self._jobs.append(job)
         if self._gathering is loop:
             return await job.future  # type: ignore[no-any-return]
         try:
-            worker, jobs = await self._gather()
+            gathered = await self._gather(job)
         except BaseException:  # cancelled while waiting for a worker
             job.future.cancel()
             if any(not j.future.done() for j in self._jobs):  # the others need someone to gather them
                 self._background(self._gather_and_serve())
             raise
-        if jobs == [job]:
-            return await self._serve_one(worker, job)  # type: ignore[no-any-return]
-        self._background(self._serve_batch(worker, jobs))
+        if gathered is not None:
+            worker, jobs = gathered
+            if jobs == [job]:
+                await self._serve_one(worker, job)  # in the caller's own task
+            else:
+                self._background(self._serve(worker, jobs))
         return await job.future  # type: ignore[no-any-return]
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -333,101 +471,166 @@ class SandboxPool:
         self._tasks.add(task)  # the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
-    async def _gather(self) -> tuple[_Worker, list[_Job]]:
-        """A worker and every waiting job (after one loop turn, so that the requests of this
-        turn join)."""
+    async def _gather(self, own: _Job | None = None) -> tuple[_Worker, list[_Job]] | None:
+        """A worker and the jobs it takes (after one loop turn, so that the requests of this
+        turn join): every waiting job, or only the oldest while the pool is wary (a worker was
+        lost lately) or the oldest must go alone.  Jobs that have waited the timeout are refused
+        (busy) meanwhile; None when ``own`` was (the others get a gatherer of their own) or no
+        job is left."""
         loop = self._gathering = asyncio.get_running_loop()
         try:
             await asyncio.sleep(0)
-            worker = await self._acquire_async()
+            with self._handover:
+                worker = self._idle.pop() if self._idle else None
+            while worker is None:
+                pending = [j for j in self._jobs if not j.future.done() and j.future.get_loop() is loop]
+                if not pending:
+                    return None
+                worker = await self._acquire_async(min(j.queued for j in pending) + self.limits.timeout)
+                if worker is not None:
+                    break
+                self._refuse_expired(loop)
+                if own is not None and own.future.done():
+                    if any(not j.future.done() for j in self._jobs):
+                        self._background(self._gather_and_serve())
+                    return None
         finally:
             self._gathering = None
         # (a job of another loop is one whose loop ended before it was sent: nobody awaits it)
         jobs = [j for j in self._jobs if not j.future.done() and j.future.get_loop() is loop]
-        self._jobs = []
+        if not jobs:
+            self._jobs = []
+            self._release(worker)
+            return None
+        if jobs[0].alone or loop.time() < self._wary_until:
+            jobs = jobs[:1]
+            self._jobs = [j for j in self._jobs if j is not jobs[0] and not j.future.done()]
+            if self._jobs:
+                self._background(self._gather_and_serve())
+        else:
+            self._jobs = []
+        if loop.time() - jobs[0].queued < self.limits.timeout / 2:
+            self._saturated = False
         return worker, jobs
+
+    def _refuse_expired(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for job in self._jobs:
+            if not job.future.done() and now - job.queued >= self.limits.timeout:
+                self._saturated = True
+                job.future.set_exception(_busy(self.limits.timeout))
+        self._jobs = [j for j in self._jobs if not j.future.done()]
 
     async def _gather_and_serve(self) -> None:
         if self._jobs and self._gathering is None:
-            worker, jobs = await self._gather()
+            gathered = await self._gather()
+            if gathered is not None:
+                await self._serve(*gathered)
+
+    async def _serve(self, worker: _Worker, jobs: list[_Job]) -> None:
+        if len(jobs) == 1:
+            await self._serve_one(worker, jobs[0])
+        else:
             await self._serve_batch(worker, jobs)
 
-    async def _serve_one(self, worker: _Worker | None, job: _Job) -> Any:
-        """A batch of one: the caller's own request, answered in the caller's task.  A worker
-        that timed out, crashed, hit a limit or was left mid-call by a cancellation is replaced;
-        for a chain the error names the step it was lost on."""
-        loop = asyncio.get_running_loop()
+    def _lost(self, worker: _Worker) -> None:
+        """A worker that will not answer right again: replaced, and the pool wary for a while
+        (jobs go one per frame, so that a script crashing its worker takes no batch with it)."""
+        self._wary_until = asyncio.get_running_loop().time() + self.limits.timeout
+        self._retire_later(worker)
+
+    async def _serve_one(self, worker: _Worker, job: _Job) -> None:
+        """A batch of one, its future settled with the checked answer or the error.  The only
+        failures the pool pins on a script: a worker lost during a lone call (for a chain, the
+        caller runs its scripts again one call each).  A lost worker is replaced in the
+        background; so is one left mid-call by a cancellation."""
         try:
-            return job.check(await worker.request_async(job.message, self.limits.timeout, steps=job.steps))  # type: ignore[union-attr]
-        except ScriptError as e:
-            if e.kind in _WORKER_LOST:
-                index = min(max(worker.progress.get(), 0), job.steps - 1)  # type: ignore[union-attr]
-                worker = await loop.run_in_executor(None, self._replace, worker)
-                if job.steps > 1:
-                    raise ChainBroken(e.kind, str(e), index) from None
-            raise
+            answer = await worker.request_async(job.message, self.limits.timeout, steps=job.steps)
         except asyncio.CancelledError:
-            self._retire_later(worker)  # type: ignore[arg-type]
-            worker = None
+            self._retire_later(worker)
             raise
-        finally:
-            if worker is not None:
-                await self._give_back(worker)
+        except Exception as e:
+            error = e if isinstance(e, ScriptError) else ScriptError("crashed", f"the worker failed: {e}")
+            hint = min(max(worker.progress.get(), 0), job.steps - 1)
+            self._lost(worker)
+            _fail(job, ChainBroken(error.kind, str(error), hint) if job.steps > 1 else error)
+            return
+        try:
+            _settle(job, job.check(answer))
+        except ScriptError as e:
+            _fail(job, e)
+            if e.kind in _WORKER_LOST:
+                self._lost(worker)
+                return
+        self._give_back(worker)
 
     async def _serve_batch(self, worker: _Worker, jobs: list[_Job]) -> None:
         """Several jobs in one round trip (the worker's ``batch`` op), each job's future settled
-        with its own checked answer or error.  When the worker is lost, the job it was running
-        (the progress counter says which) gets the error and is not retried; the others, whose
-        answers were lost with the worker, go again to its replacement."""
-        loop = asyncio.get_running_loop()
+        with its own checked answer or error.  When the worker is lost (or answers nonsense)
+        every job of the batch goes again alone: which of them lost it is learnt only from a
+        lone call, never from what the lost worker said."""
         try:
-            while jobs:
-                total = sum(j.steps for j in jobs)
-                message = {"op": "batch", "jobs": [j.message for j in jobs]}
-                try:
-                    answers = (await worker.request_async(message, self.limits.timeout, steps=total)).get("answers")
-                except ScriptError as e:
-                    step = min(max(worker.progress.get(), 0), total - 1)
-                    worker = await loop.run_in_executor(None, self._replace, worker)
-                    culprit, index = _job_at(jobs, step)
-                    if not culprit.future.done():
-                        culprit.future.set_exception(
-                            ChainBroken(e.kind, str(e), index) if culprit.steps > 1 else ScriptError(e.kind, str(e)))
-                    jobs = [j for j in jobs if j is not culprit and not j.future.done()]
-                    continue
-                if not isinstance(answers, list) or len(answers) != len(jobs) or not all(isinstance(a, dict) for a in answers):
-                    answers = [{"error": {"kind": "crashed", "message": "malformed batch answer from the script worker"}}] * len(jobs)
-                lost = False
-                for job, answer in zip(jobs, answers):
-                    if job.future.done():  # its caller was cancelled
-                        continue
-                    try:
-                        job.future.set_result(job.check(answer))
-                    except ScriptError as e:
-                        lost = lost or e.kind in _WORKER_LOST
-                        job.future.set_exception(e)
-                if lost:
-                    worker = await loop.run_in_executor(None, self._replace, worker)
+            message = {"op": "batch", "jobs": [j.message for j in jobs]}
+            try:
+                steps = sum(j.steps for j in jobs)
+                answer = await worker.request_async(message, self.limits.timeout, steps=steps)
+                answers = answer.get("answers")
+                if not isinstance(answers, list) or len(answers) != len(jobs) \
+                        or not all(isinstance(a, dict) for a in answers):
+                    raise ScriptError("crashed", "malformed batch answer from the script worker")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._lost(worker)
+                now = asyncio.get_running_loop().time()
+                for job in jobs:
+                    if not job.future.done():
+                        job.queued, job.alone = now, True
+                        self._jobs.append(job)
+                if self._gathering is None:
+                    self._background(self._gather_and_serve())
                 return
+            lost = False
+            for job, one in zip(jobs, answers):
+                if job.future.done():  # its caller was cancelled
+                    continue
+                try:
+                    _settle(job, job.check(one))
+                except ScriptError as e:
+                    lost = lost or e.kind in _WORKER_LOST
+                    _fail(job, e)
+            if lost:
+                self._lost(worker)
+            else:
+                self._give_back(worker)
         except asyncio.CancelledError:  # the server is stopping
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(ScriptError("crashed", "the sandbox is closed"))
+                _fail(job, ScriptError("crashed", "the sandbox is closed"))
             self._retire_later(worker)
-            worker = None  # type: ignore[assignment]
             raise
-        finally:
-            if worker is not None:
-                await self._give_back(worker)
 
     def _retire_later(self, worker: _Worker) -> None:
-        """Replace a worker left mid-request: it may still answer, and nobody may read that."""
-        asyncio.get_running_loop().run_in_executor(None, lambda: self._release(self._replace(worker)))
+        """Kill and replace a worker (lost, left mid-request, or due for recycling) in a thread:
+        the caller answers without waiting for a fresh interpreter."""
+        def retire() -> None:
+            worker.kill()
+            while not self._closed:
+                try:
+                    fresh = self._fresh()
+                except (OSError, subprocess.SubprocessError) as e:  # no process, pipe or memfd now
+                    log.error("a script worker could not be started (%s); trying again in 1 s", e)
+                    time.sleep(1.0)
+                    continue
+                self._release(fresh)
+                return
 
-    async def _give_back(self, worker: _Worker) -> None:
-        if worker.calls >= self.limits.recycle_after:  # script globals persist: start clean
-            worker = await asyncio.get_running_loop().run_in_executor(None, self._replace, worker)
-        self._release(worker)
+        asyncio.get_running_loop().run_in_executor(None, retire)
+
+    def _give_back(self, worker: _Worker) -> None:
+        if worker.calls >= self.limits.recycle_after or worker.retiring:  # recycled before it gets stale
+            self._retire_later(worker)
+        else:
+            self._release(worker)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -454,15 +657,27 @@ class _Job:
     steps: int  # scripts it runs: the worker's progress counter moves once per step
     check: Callable[[dict[str, Any]], Any]  # the checked result of its answer; ScriptError if bad
     future: asyncio.Future[Any]
+    queued: float  # the loop's clock when it reached the pool, or went again (admission control)
+    alone: bool = False  # must go in a frame of its own (its batch lost its worker)
 
 
-def _job_at(jobs: list[_Job], step: int) -> tuple[_Job, int]:
-    """The job running at a batch's ``step``, and the step within that job."""
-    for job in jobs:
-        if step < job.steps:
-            return job, step
-        step -= job.steps
-    return jobs[-1], jobs[-1].steps - 1
+def _settle(job: _Job, value: Any) -> None:
+    if not job.future.done():
+        job.future.set_result(value)
+
+
+def _fail(job: _Job, error: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)
+
+
+def _give_up(waiter: asyncio.Future[_Worker | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _busy(timeout: float) -> ScriptError:
+    return ScriptError("busy", f"no script worker free within {timeout:g} s")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Any
 
 import orjson
 
 _HEADER = struct.Struct(">I")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class FrameError(Exception):
     """The peer closed the pipe, or sent a frame that is too large or not JSON."""
+
+
+class LoneSurrogate(ValueError):
+    """A string in the JSON text is not valid Unicode (an escaped lone surrogate)."""
 
 
 def dumps(value: Any) -> bytes:
@@ -27,7 +33,41 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(data: bytes) -> Any:
-    return json.loads(data) if data[:1] == b" " else orjson.loads(data)
+    """The value of a JSON text; ValueError if it is not JSON or holds a string that is not
+    valid Unicode (orjson refuses lone surrogates itself; the stdlib path is checked here)."""
+    if data[:1] != b" ":
+        return orjson.loads(data)
+    value = json.loads(data)
+    if _SURROGATE_ESCAPE.search(data) and has_lone_surrogate(value):
+        raise LoneSurrogate("a string holds a lone surrogate (not valid Unicode)")
+    return value
+
+
+def valid_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (it has no UTF-8 form)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """True if a string (or key) anywhere in a JSON value is not valid Unicode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            if not valid_unicode(item):
+                return True
+        elif type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return False
 
 
 def write_frame(fd: int, message: Any) -> None:
@@ -88,9 +128,17 @@ def read_exact(fd: int, n: int) -> bytes:
 
 
 def read_frame(fd: int, max_bytes: int) -> Any:
-    """One frame.  The peer sends one frame and then waits for the answer, so what is readable
-    belongs to this frame: one read usually brings all of it (a read per part cost a syscall
-    more per call)."""
+    """One frame's value (see ``read_frame_bytes``)."""
+    try:
+        return loads(read_frame_bytes(fd, max_bytes))
+    except ValueError as e:
+        raise FrameError(str(e) if isinstance(e, LoneSurrogate) else "frame is not JSON") from None
+
+
+def read_frame_bytes(fd: int, max_bytes: int) -> bytes:
+    """One frame's JSON text.  The peer sends one frame and then waits for the answer, so what
+    is readable belongs to this frame: one read usually brings all of it (a read per part cost a
+    syscall more per call)."""
     data = os.read(fd, 65536)
     if not data:
         raise FrameError("pipe closed")
@@ -104,7 +152,4 @@ def read_frame(fd: int, max_bytes: int) -> Any:
         body += read_exact(fd, size - len(body))
     elif len(body) > size:
         raise FrameError("bytes past the end of the frame")
-    try:
-        return loads(body)
-    except ValueError:
-        raise FrameError("frame is not JSON") from None
+    return body

@@ -1,55 +1,135 @@
 """A script worker: a fresh interpreter (``python -I -m ssa_server.plugins.sandbox.worker R W P``)
 with an empty environment and working directory, OS limits, and JSON frames on two pipes (and
-``P``, a memfd holding the running chain step's index).
+``P``, a memfd holding the index of the step running, see ``docs/sandbox.md``).
 
-Requests: ``{"op": "load", "name", "source", "config"}``, ``{"op": "unload", "name"}``,
-``{"op": "call", "name", "hook", "payload", "context"}``, ``{"op": "chain", "names", "hook",
-"payload", "context", "skip_errors"}``, ``{"op": "batch", "jobs": [call or chain, ...]}``.
+Requests: ``{"op": "load", "name", "source", "config", "keep_state"}``, ``{"op": "unload",
+"name"}``, ``{"op": "call", "name", "hook", "payload", "context"}``, ``{"op": "chain", "names",
+"hook", "payload", "context", "skip_errors"}``, ``{"op": "batch", "jobs": [call or chain, ...]}``.
 Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}``; for a chain ``{"steps": [answer,
-...]}``, for a batch ``{"answers": [answer, ...]}``.  Anything worse (CPU limit, segfault) ends the process; the
-server sees the pipe close and starts a new worker.
+...]}``, for a batch ``{"answers": [answer, ...]}``; ``"retire": true`` in front when the
+worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the process;
+the server sees the pipe close and starts a new worker.
+
+Every script call is a *step* of its own: its own CPU budget, a fresh copy of its input and of
+the script's module state, and at its end its objects dropped and the garbage collected (the
+cyclic GC is off otherwise), so that its finalizers run, and fail, inside its own step.
 """
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import json
 import math
 import os
 import resource
+import stat
 import sys
-from collections.abc import Callable
+import tracemalloc
+import unicodedata  # noqa: F401  (the compiler imports it for non-ASCII names: no file can be opened later)
+import warnings
 from typing import Any
 
 from . import policy
 from ssa_server.shared_counter import SharedCounter
 
-from .errors import ScriptError, ScriptRefused
-from .protocol import FrameError, dumps, loads, read_frame, write_raw_frame
+from .errors import EXIT_UNSETTLED, ScriptError, ScriptRefused
+from .protocol import FrameError, dumps, loads, read_frame_bytes, write_raw_frame
+from .state import ModuleTemplate, ScriptWorlds
 
 MAX_REQUEST = 64 << 20
+REQUESTS_FD, ANSWERS_FD = 3, 4  # 0-2 are /dev/null; nothing else is open, nothing more can be
+_GC_ROUNDS = 16  # collections per step before its garbage counts as never settling
+LOAD_MEMORY_SHARE = 8  # a script's top level may keep 1/8 of the worker's memory limit
+_NOBODY = 65534
+
+
+def _wall(rfd: int, wfd: int) -> None:
+    """The pipes on fixed low descriptors, everything else closed: requests on 3, answers on 4,
+    /dev/null on 0-2 (as the pool starts the process)."""
+    high_r = fcntl.fcntl(rfd, fcntl.F_DUPFD_CLOEXEC, 16)
+    high_w = fcntl.fcntl(wfd, fcntl.F_DUPFD_CLOEXEC, 16)
+    for fd in range(3):
+        try:
+            if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                raise OSError
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    os.dup2(high_r, REQUESTS_FD)
+    os.dup2(high_w, ANSWERS_FD)
+    os.closerange(ANSWERS_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _set_limits(memory_mb: int, lifetime_cpu: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
     resource.setrlimit(resource.RLIMIT_CPU, (lifetime_cpu, lifetime_cpu))
-
-
-def _pin_files(fds: tuple[int, ...]) -> None:
-    """No new file descriptor can be opened: open(), sockets and imports fail from here on."""
-    highest = max(fds + (2,)) + 1
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest, highest))
+    # No descriptor is free: open(), sockets, pipes and new imports fail with EMFILE.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (ANSWERS_FD + 1, ANSWERS_FD + 1))
+    if os.geteuid() == 0:  # root could raise these limits again: not once it is nobody
+        try:
+            os.setgroups([])
+            os.setgid(_NOBODY)
+            os.setuid(_NOBODY)
+        except OSError:
+            pass
 
 
 _soft_cpu = [-1]  # the RLIMIT_CPU soft limit last set (whole seconds: it rarely moves)
 
 
-def _cpu_budget(seconds: float, hard: int) -> None:
+def _cpu_used() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = min(hard, math.ceil(usage.ru_utime + usage.ru_stime + seconds))
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_budget(seconds: float, hard: int) -> None:
+    soft = min(hard, math.ceil(_cpu_used() + seconds))
     if soft != _soft_cpu[0]:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
         _soft_cpu[0] = soft
+
+
+_finalizer_errors: list[str] = []  # what finalizers raised since the step began (sys.unraisablehook)
+
+
+def _unraisable(report: Any) -> None:
+    if not _finalizer_errors:
+        _finalizer_errors.append(_describe(report.exc_value) if report.exc_value is not None else "?")
+
+
+def _settle(careful: bool = True) -> None:
+    """Collect the garbage, so that finalizers run now, in the step that made it.
+
+    ``careful=False`` after a step of a script that keeps no state and has no code a finalizer
+    could run (see ``ModuleTemplate.finalizers``): what it made is all in the youngest
+    generation (the collector runs nowhere else, and loads freeze what they leave) and freeing
+    it runs nothing, so collecting that generation is enough (~0.5 us).  Otherwise full
+    collections until one finds nothing (a finalizer may bring objects back, which moves them
+    to an older generation; a full collection also empties the interpreter's free lists, which
+    costs the next call ~20 us).  Finalizers that keep making garbage would run in a later
+    step: this process ends instead."""
+    if not careful:
+        gc.collect(0)
+        return
+    for _ in range(_GC_ROUNDS):
+        if not gc.collect():
+            return
+    os._exit(EXIT_UNSETTLED)
+
+
+def _refreeze(replaced: bool) -> None:
+    """After a load or unload: the garbage is collected (when a revision went, also what it
+    left, which was frozen), and what lives now (the scripts' templates above all) moves out of
+    the collector's scans."""
+    if replaced:
+        gc.unfreeze()  # a full collection of everything: ~2 ms, only when a revision goes
+    _settle()
+    gc.freeze()
+    _finalizer_errors.clear()  # a revision that went: its finalizers are no step's failure
 
 
 def main() -> None:
@@ -57,45 +137,189 @@ def main() -> None:
     limits = json.loads(sys.argv[4])
     progress = SharedCounter(progress_fd)
     os.close(progress_fd)  # the mapping stays
+    _wall(rfd, wfd)
     _set_limits(limits["memory_mb"], limits["lifetime_cpu"])
     sys.setrecursionlimit(400)
-    scripts: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    output = limits["output_kb"] * 1024
-    _pin_files((rfd, wfd))
+    warnings.simplefilter("ignore")  # a warning's display would try to import and open files
+    sys.unraisablehook = _unraisable
+    gc.disable()  # garbage is collected at the end of each step, never in the middle of another
+    gc.collect()
+    gc.freeze()
+    worker = Worker(limits, progress)
     while True:
         try:
-            request = read_frame(rfd, MAX_REQUEST)
-        except FrameError:
+            body = read_frame_bytes(REQUESTS_FD, MAX_REQUEST)
+            request = loads(body)
+        except (FrameError, ValueError):
             return
+        write_raw_frame(ANSWERS_FD, worker.answer(request, len(body)))
+
+
+class Worker:
+    """The scripts loaded in this process and the steps that run them."""
+
+    def __init__(self, limits: dict[str, Any], progress: SharedCounter) -> None:
+        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any]]] = {}
+        self.output = limits["output_kb"] * 1024
+        self.max_depth = limits["max_depth"]
+        self.max_source = limits["max_source_kb"] * 1024
+        self.cpu, self.hard = limits["cpu"], limits["lifetime_cpu"]
+        self.load_budget = (limits["memory_mb"] << 20) // LOAD_MEMORY_SHARE
+        # Recycled once less CPU than this is left: a lone call (soft limit at most its budget
+        # plus a second, for the rounding) must never meet the hard cap.  A batch may: then it
+        # is lost and each of its jobs goes again alone, to a fresh worker.
+        self.reserve = math.ceil(self.cpu) + 1
+        self.progress = progress
+
+    def answer(self, request: dict[str, Any], size: int) -> bytes:
+        """The answer frame's JSON text for one request frame of ``size`` bytes."""
         if request.get("op") == "batch":
-            text = _batch(request, scripts, limits, output, progress)
+            text = self._batch(request, size)
         else:
-            text = _one(request, scripts, limits, output, progress, 0)
-        write_raw_frame(wfd, text)
+            text = self._one(request, size, 0)
+        if self.hard - _cpu_used() < self.reserve:
+            return _with_retire(text)
+        return text
+
+    def _one(self, request: dict[str, Any], size: int, offset: int) -> bytes:
+        op = request.get("op")
+        if op == "chain":
+            return self._chain(request, size, offset)
+        if op == "call":
+            self.progress.set(offset)
+            return self._step(request.get("name", ""), request["hook"], [request.pop("payload")],
+                              [request.pop("context", None) or {}], self.output + size)
+        if op == "load":
+            return self._load(request)
+        if op == "unload":
+            gone = self.scripts.pop(request.get("name", ""), None)
+            _refreeze(replaced=gone is not None)
+            return _ok(b"{}")
+        return _error("invalid_result", f"unknown op {op!r}")
+
+    def _batch(self, request: dict[str, Any], size: int) -> bytes:
+        """Independent requests (calls and chains) in one round trip, in order, each as if it
+        came alone; the progress counter counts their steps (a hint for the server's wall
+        clock).  Answer: ``{"answers": [answer, ...]}``."""
+        answers, offset = [], 0
+        for job in request["jobs"]:
+            if job.get("op") not in ("call", "chain"):
+                answers.append(_error("invalid_result", "a batch holds calls and chains only"))
+                continue
+            answers.append(self._one(job, size, offset))
+            offset += len(job["names"]) if job.get("op") == "chain" else 1
+        return _joined(b'{"answers":[', answers, b"]}")
+
+    def _chain(self, request: dict[str, Any], size: int, offset: int) -> bytes:
+        """Several scripts' hook in one round trip, each a step of its own on a fresh copy of
+        the previous step's serialised output.  Stops where the server's chain would: a script
+        answering False, a denial (not for revoke), or a failure unless ``skip_errors`` (then
+        that script's changes are dropped).  Answer: one step answer per script run."""
+        hook = request["hook"]
+        facts = dumps(request.get("context") or {})
+        skip = bool(request.get("skip_errors"))
+        box = [request.pop("payload")]
+        # Revoke scripts each see the list as revoked; after a skipped failure the next step
+        # gets the input the failed step got: ``replay`` is that input's JSON text, the payload
+        # itself or the answer of the step that made it.
+        replay = dumps(box[0]) if hook == "revoke" or skip else b""
+        replay_is_answer = False
+        steps: list[bytes] = []
+        for index, name in enumerate(request["names"]):
+            if not box:  # a fresh copy of the input this step gets
+                parsed = loads(replay)
+                box.append(_payload(hook, parsed["ok"]) if replay_is_answer else parsed)
+                parsed = None
+            self.progress.set(offset + index)
+            text = self._step(name, hook, box, [loads(facts)], self.output + size)
+            steps.append(text)
+            if text.startswith(b'{"error"'):  # (an error's text never has the stdlib marker)
+                if not skip:
+                    break
+                continue
+            if index + 1 == len(request["names"]):
+                break
+            done = loads(text)["ok"]
+            if done["result"] is False or (done.get("denied") and hook != "revoke"):
+                break
+            if hook != "revoke":
+                box.append(_payload(hook, done))
+                size, replay, replay_is_answer = len(text), text, True
+        return _joined(b'{"steps":[', steps, b"]}")
+
+    def _step(self, name: str, hook: str, box: list[dict[str, Any]], facts_box: list[dict[str, Any]],
+              cap: int) -> bytes:
+        """One script call on the payload and request facts in the boxes (taken out: nothing
+        else holds them), under its own CPU budget; its answer text.  Everything the call made
+        is dropped and collected before the answer is returned, and a finalizer that raised
+        fails the step."""
+        _cpu_budget(self.cpu, self.hard)
+        _finalizer_errors.clear()
+        payload, facts = box.pop(), facts_box.pop()
+        loaded = self.scripts.get(name)
+        world: dict[str, Any] | None = None
+        client = ""
+        try:
+            if loaded is None:
+                raise ScriptError("invalid_result", f"script {name} is not loaded")
+            client = str(facts.get("client_id", ""))
+            world = loaded[0].take(client)
+            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output)
+            payload = facts = None  # type: ignore[assignment]
+            text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
+        except BaseException as e:  # the script's own exception, SystemExit included
+            text = _error_of(e)
+        result = payload = facts = None  # type: ignore[assignment]
+        if world is not None:
+            loaded[0].done(client, world)  # type: ignore[index]
+            world = None
+        _settle(careful=loaded is not None and loaded[0].careful)
+        if _finalizer_errors:
+            text = _error("exception", f"a finalizer of this script raised {_finalizer_errors[0]}")
+        return text
+
+    def _load(self, request: dict[str, Any]) -> bytes:
+        """Compile and run a script's top level under a call's CPU budget; refused if it
+        fails, leaves state that cannot be reset between calls, a finalizer raises, or it keeps
+        more than its share of the worker's memory."""
+        name = request.get("name", "")
+        _cpu_budget(self.cpu, self.hard)
+        _finalizer_errors.clear()
+        tracemalloc.start()
+        env: dict[str, Any] | None = None
+        template = None
+        try:
+            env = policy.load(name, request["source"], max_source=self.max_source, output_limit=self.output)
+            template = ModuleTemplate(name, env)
+            hooks = policy.hooks_of(env)
+            env = None
+            _settle()
+            kept = tracemalloc.get_traced_memory()[0]
+            if _finalizer_errors:
+                raise ScriptRefused(f"{name}: a finalizer of its top level raised {_finalizer_errors[0]}")
+            if kept > self.load_budget:
+                raise ScriptRefused(f"{name}: its top level keeps {kept / 2**20:.1f} MiB of memory, over the "
+                                    f"{self.load_budget >> 20} MiB a script may keep")
+            text = _ok(json.dumps({"hooks": hooks}).encode())
+        except BaseException as e:
+            text, template = _error_of(e), None
+        finally:
+            tracemalloc.stop()
+        env = None
+        replaced = False
+        if template is not None:
+            replaced = name in self.scripts
+            self.scripts[name] = (ScriptWorlds(template, str(request.get("keep_state") or "none")),
+                                  request.get("config") or {})
+        _refreeze(replaced)
+        return text
 
 
-def _one(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
-         progress: SharedCounter, offset: int) -> bytes:
-    if request.get("op") == "chain":
-        return _chain(request, scripts, limits, output, progress, offset)
-    _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
-    return _guarded(lambda: _handle(request, scripts, limits, output))
-
-
-def _batch(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
-           progress: SharedCounter) -> bytes:
-    """Independent requests (calls and chains) in one round trip, in order, each as if it came
-    alone; the progress counter counts their steps, so the server knows which one was running
-    if this process dies.  Answer: ``{"answers": [answer, ...]}``."""
-    answers, offset = [], 0
-    for job in request["jobs"]:
-        if job.get("op") not in ("call", "chain"):
-            answers.append(_error("invalid_result", "a batch holds calls and chains only"))
-            continue
-        progress.set(offset)
-        answers.append(_one(job, scripts, limits, output, progress, offset))
-        offset += len(job["names"]) if job.get("op") == "chain" else 1
-    return _joined(b'{"answers":[', answers, b"]}")
+def _payload(hook: str, done: dict[str, Any]) -> dict[str, Any]:
+    """The next step's input from a fresh parse of a step's result."""
+    if hook == "get":
+        return {"ssa_list": done["ssa_list"]}
+    return {"header": done["header"], "claims": done["claims"]}
 
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
@@ -104,99 +328,38 @@ def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
     return b" " + body if any(t[:1] == b" " for t in texts) else body
 
 
-def _guarded(work: Callable[[], bytes]) -> bytes:
-    """The answer for one piece of work: its JSON text, or the error it raised."""
-    try:
-        return _ok(work())
-    except ScriptRefused as e:
-        return _error("refused", str(e))
-    except ScriptError as e:
-        return _error(e.kind, str(e)[:1000])
-    except MemoryError:
+def _with_retire(text: bytes) -> bytes:
+    """The answer with ``"retire": true`` in front of its first key."""
+    lead = b" " if text[:1] == b" " else b""
+    return lead + b'{"retire":true,' + text[len(lead) + 1:]
+
+
+def _error_of(error: BaseException) -> bytes:
+    if isinstance(error, ScriptRefused):
+        return _error("refused", str(error)[:1000])
+    if isinstance(error, ScriptError):
+        return _error(error.kind, str(error)[:1000])
+    if isinstance(error, MemoryError):
         return _error("limit", "memory limit exceeded")
-    except RecursionError:
+    if isinstance(error, RecursionError):
         return _error("limit", "recursion limit exceeded")
-    except BaseException as e:  # the script's own exception, SystemExit included
-        return _error("exception", f"{type(e).__name__}: {_text(e)}")
+    return _error("exception", _describe(error))
 
 
-def _chain(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int,
-           progress: SharedCounter, offset: int) -> bytes:
-    """Several scripts' hook in one round trip, each on the previous one's output, each under
-    its own CPU budget and a fresh copy of the context.  Stops where the server's chain would:
-    a script answering False, a denial (not for revoke), or a failure unless ``skip_errors``
-    (then that script's changes are dropped).  Answer: one step answer per script run."""
-    hook, payload = request["hook"], request["payload"]
-    original = dumps(payload) if hook == "revoke" else b""  # revoke scripts each see the list as revoked
-    facts = dumps(request.get("context") or {})
-    skip = bool(request.get("skip_errors"))
-    steps: list[bytes] = []
-    for index, name in enumerate(request["names"]):
-        progress.set(offset + index)
-        if hook == "revoke" and index:
-            payload = loads(original)
-        _cpu_budget(limits["cpu"], limits["lifetime_cpu"])
-        kept = dumps(payload) if skip else b""
-        outcome: list[dict[str, Any]] = []
-
-        def step() -> bytes:
-            result = _call(name, hook, payload, loads(facts), scripts, output)
-            outcome.append(result)
-            return policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"])
-
-        text = _guarded(step)
-        steps.append(text)
-        if text.startswith(b'{"error"') or not outcome:
-            if not skip:
-                break
-            payload = loads(kept)
-            continue
-        result = outcome[0]
-        payload = {"ssa_list": result["ssa_list"]} if hook == "get" else (
-            {"header": result["header"], "claims": result["claims"]} if hook == "create" else payload)
-        if result["result"] is False or (result.get("denied") and hook != "revoke"):
-            break
-    return _joined(b'{"steps":[', steps, b"]}")
-
-
-def _call(name: str, hook: str, payload: dict[str, Any], facts: dict[str, Any], scripts: dict[str, Any],
-          output: int) -> dict[str, Any]:
-    if name not in scripts:
-        raise ScriptError("invalid_result", f"script {name} is not loaded")
-    env, config = scripts[name]
-    return policy.call(env, hook, payload, facts, config, output_limit=output)
+def _describe(error: BaseException) -> str:
+    try:
+        return f"{type(error).__name__}: {policy._printable(str(error))[:500]}"
+    except BaseException:  # a hostile __str__
+        return type(error).__name__
 
 
 def _ok(text: bytes) -> bytes:
     # A leading space marks stdlib JSON (see protocol.dumps): keep it at the front of the frame.
-    return (b" " if text[:1] == b" " else b"") + b'{"ok":' + text + b"}"
+    return (b" " if text[:1] == b" " else b"") + b'{"ok":' + text.lstrip(b" ") + b"}"
 
 
 def _error(kind: str, message: str) -> bytes:
     return json.dumps({"error": {"kind": kind, "message": message}}).encode()
-
-
-def _text(error: BaseException) -> str:
-    try:
-        return policy._printable(str(error))[:500]
-    except BaseException:  # a hostile __str__
-        return "?"
-
-
-def _handle(request: dict[str, Any], scripts: dict[str, Any], limits: dict[str, Any], output: int) -> bytes:
-    """The answer's JSON text (results are checked and serialised once, by check_json)."""
-    op, name = request.get("op"), request.get("name", "")
-    if op == "load":
-        env = policy.load(name, request["source"], max_source=limits["max_source_kb"] * 1024, output_limit=output)
-        scripts[name] = (env, request.get("config") or {})
-        return json.dumps({"hooks": policy.hooks_of(env)}).encode()
-    if op == "unload":
-        scripts.pop(name, None)
-        return b"{}"
-    if op == "call":
-        result = _call(name, request["hook"], request["payload"], request.get("context") or {}, scripts, output)
-        return policy.check_json(result, max_bytes=output, max_depth=limits["max_depth"])
-    raise ScriptError("invalid_result", f"unknown op {op!r}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from ssa_server.plugins.sandbox.protocol import FrameBuffer, dumps, read_ready, write_frame
+import pytest
+
+from ssa_server.plugins.sandbox.protocol import (FrameBuffer, LoneSurrogate, dumps, loads, read_ready,
+                                                 write_frame)
 
 
 def framed(value) -> bytes:
@@ -36,3 +39,15 @@ def test_read_ready_nothing_yet_data_then_closed():
         assert read_ready(r) == b""
     finally:
         os.close(r)
+
+
+def test_the_server_refuses_a_lone_surrogate_in_an_answer_on_either_json_path():
+    """A worker's answer is parsed by orjson, or by the stdlib behind the leading-space marker
+    (integers beyond 64 bits): neither hands the server a string with a lone surrogate."""
+    assert loads(b' {"n": 1208925819614629174706176, "x": "\\ud83d\\ude00"}')["x"] == "\U0001F600"
+    with pytest.raises(LoneSurrogate):
+        loads(b' {"n": 1208925819614629174706176, "x": "a\\ud800"}')
+    with pytest.raises(LoneSurrogate):
+        loads(b' {"\\udfff": 1}')
+    with pytest.raises(ValueError):
+        loads(b'{"x": "\\ud800"}')
