@@ -109,7 +109,7 @@ def test_a_revision_refused_by_one_worker_is_refused_by_all(harness):
     h.write("tag.py", LATE.format(t=a_second_from_now(), tag="v2"))
     h.server.scripts.reload()
     entry = listing(h)["tag"]
-    assert entry["state"] == "stale" and "too late" in entry["last_error"], entry
+    assert entry["state"] == "stale" and "line 3: top level raised ValueError" in entry["last_error"], entry
     assert tags_in_each_worker(h, "tag") == ["v1", "v1"]  # the previous revision everywhere
     assert h.claims(h.create())["tag"] == "v1"
 
