@@ -77,8 +77,9 @@ class _Worker:
             write_raw_frame(self.to_child, data)
         except OSError:
             raise ScriptError("crashed", "the script worker exited") from None
-        ready, _, _ = select.select([self.from_child], [], [], timeout)
-        if not ready:
+        poller = select.poll()  # not select(): a busy server's descriptors may pass FD_SETSIZE (1024)
+        poller.register(self.from_child, select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
             raise ScriptError("timeout", f"no answer within {timeout:g} s")
         try:
             answer = read_frame(self.from_child, self.max_answer + len(data))

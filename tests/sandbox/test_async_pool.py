@@ -226,3 +226,32 @@ def test_a_new_loop_is_served_after_one_ended_mid_batch(pool):
             asyncio.gather(*(pool.call_async("s", "create", payload(f"next{i}"), {}) for i in range(3))), 10)
 
     assert [r["claims"]["echo"] for r in asyncio.run(after())] == ["next0", "next1", "next2"]
+
+
+def test_a_pool_whose_pipes_are_above_descriptor_1024_loads_and_calls():
+    """``serve`` raises its file-descriptor limit, so a busy server's sandbox pipes may get
+    numbers above select()'s FD_SETSIZE (1024): the blocking path (loads, unloads, ``call``)
+    must wait on them all the same."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        if hard < 1300:
+            pytest.skip(f"the file-descriptor hard limit ({hard}) is below 1300")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1300, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the pool's pipes come after these
+    try:
+        p = SandboxPool(workers=1, limits=SandboxLimits(timeout=2.0))
+        try:
+            assert min(w.from_child for w in p._idle) > 1024
+            p.load("s", SOURCE, {})
+            result = p.call("s", "create", payload("j-high"), {})
+            assert result["claims"]["echo"] == "j-high"
+            p.unload("s")
+        finally:
+            p.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
