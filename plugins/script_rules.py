@@ -9,12 +9,15 @@ change in the SSA it hands back, before the server signs it:
   verifier processes the token; ``jku``, ``x5u``, ``jwk``, ``x5c`` point relying parties at keys
   the server does not hold.  Only unregistered (private) names are the scripts'.
 
-No pluggy or server import: the sandbox worker imports this module.
+No pluggy import and nothing of the server but the plain JSON copy (``store.clone``): the sandbox
+worker imports this module.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ssa_server.store import clone
 
 HOOKS = ("create", "get", "revoke")
 PROTECTED_CLAIMS = ("jti", "iss", "iat")
@@ -61,17 +64,9 @@ def same(a: Any, b: Any) -> bool:
 def before_create(header: dict[str, Any], claims: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``create_change`` compares with: the registered header parameters and the protected
     claims as they are now (containers copied: a script may change them in place)."""
-    return ({k: _copy(v) if type(v) in _CONTAINERS else v for k, v in header.items() if k in REGISTERED_HEADER},
-            {k: _copy(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k] for k in PROTECTED_CLAIMS
+    return ({k: clone(v) if type(v) in _CONTAINERS else v for k, v in header.items() if k in REGISTERED_HEADER},
+            {k: clone(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k] for k in PROTECTED_CLAIMS
              if k in claims})
-
-
-def _copy(value: Any) -> Any:
-    if type(value) is dict:
-        return {k: _copy(v) for k, v in value.items()}
-    if type(value) is list:
-        return [_copy(v) for v in value]
-    return value
 
 
 def header_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:
