@@ -143,7 +143,12 @@ def next_payload(hook: str, result: dict[str, Any]) -> dict[str, Any] | None:
     """The next script's input from a script's answer (``PASSED_ON``); None when it gets the
     chain's input instead."""
     keys = PASSED_ON[hook]
-    return {key: result[key] for key in keys} if keys else None
+    if not keys:
+        return None
+    passed = {}
+    for key in keys:  # a loop, not a comprehension: this runs for every step of a chain
+        passed[key] = result[key]
+    return passed
 
 
 def replays_input(hook: str, skip_errors: bool) -> bool:
