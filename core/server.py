@@ -26,6 +26,7 @@ from .signing import PROCESS_ALGS
 from .signing_process import SigningProcess, SigningUnavailable
 from .store import Store, StoreDegraded, StoreUnavailable
 from .tokens import TokenAuthority
+from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, limits_from
 
@@ -79,17 +80,18 @@ class Server:
         plugins = plugins or build_plugin_manager()
         scripts = None
         if settings.scripts_enabled:
-            scripts = ScriptHost(settings.scripts_dir, plugins, limits=limits_from(settings),
+            scripts = ScriptHost(settings.scripts_dir, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval,
                                  log_lines=settings.script_log_lines, log_interval=settings.script_log_interval)
+        hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         clients = ClientService(store, tokens, clock=clock,
                                 failures_per_client=settings.token_failures_per_client,
                                 failures_per_address=settings.token_failures_per_address,
                                 failure_window=settings.token_failure_window,
                                 trusted_proxies=settings.trusted_proxies)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
-                   service=SsaService(settings, store, keys, plugins, clock=clock, scripts=scripts),
+                   service=SsaService(settings, store, keys, hooks, clock=clock),
                    plugins=plugins, scripts=scripts, clock=clock)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
@@ -98,7 +100,7 @@ class Server:
         nor run hooks pass ``keys=False, scripts=False``.
 
         The script workers start in a thread while the store replays its journal: both take
-        about a second at 100k SSAs, and they use different cores.
+        long with a large store, and they use different cores.
         """
         host = self.scripts if scripts else None
         self.scripts = host

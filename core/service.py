@@ -17,10 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import anyio.to_thread
-import pluggy
+from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable, ScriptFailed
 from .keys import KeyRing
@@ -29,9 +26,11 @@ from .signing_process import SigningProcess
 from .settings import Settings
 from .store import ACTIVE, SsaRecord, Store, UnstorableValue, clone
 from .validation import CreateRequest
-from ssa_server.plugins.hookspecs import JwtDraft
+from ssa_server.plugins.jwt_draft import JwtDraft
 from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
-from ssa_server.plugins.scripts import ScriptHost
+
+if TYPE_CHECKING:
+    from ssa_server.plugins.hooks import HookRunner
 
 log = logging.getLogger("ssa_server.service")
 
@@ -118,15 +117,13 @@ class CallContext:
 
 
 class SsaService:
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing, plugins: pluggy.PluginManager,
-                 clock: Callable[[], float] = time.time, scripts: ScriptHost | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
-        self.plugins = plugins
+        self.hooks = hooks  # scripts, then trusted plugins
         self._clock = clock
-        self._scripts = scripts
-        self._without_scripts: dict[str, Any] = {}  # hook name -> its caller minus the script chain
         self.signing: SigningProcess | None = None  # the server's helper for EC/EdDSA signatures
 
     def now(self) -> int:
@@ -153,9 +150,9 @@ class SsaService:
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
         claims = self.jwt_claims(record)
         draft = JwtDraft(header, claims)
-        if self._has_hooks("ssa_create"):  # else only the built-in no-op: nothing can change it
+        if self.hooks.wanted("create"):  # else nothing can change it: no copies
             draft = JwtDraft(clone(header), clone(claims))
-            await self._run_hook("ssa_create", jwt=draft, context=ctx.for_hook("create", self.settings))
+            await self.hooks.create(draft, ctx.for_hook("create", self.settings))
             self._check_protected(header, claims, draft)
         try:
             token = await self._sign(draft.header, draft.claims)
@@ -210,11 +207,10 @@ class SsaService:
         now = self.now()
         records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE, creator_id=creator)
         items = [self.list_item(r) for r in records if r["expiration"] > now]
-        if not items or not self._has_hooks("ssa_get"):
+        if not items or not self.hooks.wanted("get"):
             return items  # nothing can change the list: skip the copy
         edited = clone(items)
-        result = await self._run_hook("ssa_get", ssa_list=edited, context=ctx.for_hook("get", self.settings))
-        if result is False:
+        if await self.hooks.get(edited, ctx.for_hook("get", self.settings)) is False:
             return items  # Janssen: a get hook answering false discards the list changes
         if not isinstance(edited, list):
             raise ScriptFailed("a get hook left the SSA list in an invalid state.")
@@ -261,44 +257,10 @@ class SsaService:
         if not revoked:
             raise NothingToRevoke()
         log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
-        items = [self.list_item(r) for r in revoked]
-        try:
-            await self._run_hook("ssa_revoke", ssa_list=items, context=ctx.for_hook("revoke", self.settings))
-        except Exception as e:  # the revocation stands whatever a hook does
-            log.error("revoke hook failed: %s: %s", type(e).__name__, e)
+        if self.hooks.wanted("revoke"):  # never raises: the revocation stands whatever a hook does
+            items = [self.list_item(r) for r in revoked]
+            await self.hooks.revoke(items, ctx.for_hook("revoke", self.settings))
         return revoked
-
-    # --- hooks ---
-    def _has_hooks(self, name: str) -> bool:
-        """True when something besides the built-in no-op implements the hook."""
-        return len(getattr(self.plugins.hook, name).get_hookimpls()) > 1
-
-    async def _run_hook(self, name: str, **kwargs: Any) -> Any:
-        caller: Any = getattr(self.plugins.hook, name)
-        try:
-            chain = self._scripts.serving_chain() if self._scripts is not None else None
-            if chain is not None:
-                # The scripts run first (as pluggy would run the tryfirst chain), on the event
-                # loop: their sandbox round trips need no thread.  Then the other plugins.
-                hook = name.removeprefix("ssa_")
-                data = kwargs["jwt"] if hook == "create" else kwargs["ssa_list"]
-                if await chain.run_async(hook, data, kwargs["context"]) is False:
-                    return False
-                caller = self._without_scripts.get(name)
-                if caller is None:  # it filters the implementations at each call: safe to keep
-                    caller = self._without_scripts[name] = self.plugins.subset_hook_caller(name, [chain])
-            if len(caller.get_hookimpls()) <= 1:  # only the built-in no-op is left: it would return None
-                return None
-            return await anyio.to_thread.run_sync(lambda: caller(**kwargs))
-        except ApiError:
-            raise
-        except Exception as e:
-            if name == "ssa_revoke":
-                raise
-            if self.settings.on_script_error == "skip":
-                log.error("%s hook failed, skipped: %s: %s", name, type(e).__name__, e)
-                return None
-            raise ScriptFailed(f"{name} hook failed: {type(e).__name__}") from None
 
     # --- templates (operator CLI) ---
     async def save_template(self, name: str, fields: dict[str, Any]) -> None:

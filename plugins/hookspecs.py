@@ -1,9 +1,19 @@
-"""The hooks: one function each, called after the core built, listed or revoked SSAs.
+"""The hooks trusted plugins implement: one function each, called after the core built, listed
+or revoked SSAs.  ``HookRunner`` (``plugins/hooks.py``) calls them, after the scripts' chain of
+the same hook has run (the plugins get what the scripts handed back).  Arguments are copies of
+plain data; a plugin runs in a thread, never on the event loop.
 
-Every hook is ``firstresult``: implementations run in order and the chain stops at the first
-one that returns a value that is not None.  Returning ``False`` means "stop here": for
-``ssa_get`` the caller then answers with the unmodified list.  Raising ``ApiError`` (for
-example ``ScriptDenied``) refuses the request.  Arguments are copies of plain data.
+- ``ssa_create`` and ``ssa_get`` are ``firstresult``: the implementations run in pluggy's order
+  (``tryfirst`` first, then the last registered first) and the first that returns a value that
+  is not None ends the hook.  ``False`` means "stop here": for ``ssa_get`` the caller then
+  answers with the unmodified list (a script answering ``False`` ends the hook the same way,
+  before any plugin).  Raising ``ApiError`` (e.g. ``ScriptDenied``) refuses the request with its
+  status; any other exception is a 502 ``script_failed``, or with ``on_script_error = "skip"`` a
+  log line (the request goes on with the changes made so far).
+- ``ssa_revoke`` is a broadcast: every implementation runs, in the same order, on its own copy
+  of the revoked list, whatever the others return or raise; the return value is ignored, each
+  failure is a log line naming the plugin, and the revocation stands.  Hook wrappers
+  (``wrapper=True``, ``hookwrapper=True``) are not run for it (an error line says so).
 """
 
 from __future__ import annotations
@@ -12,43 +22,12 @@ from typing import Any
 
 import pluggy
 
+from .jwt_draft import JwtDraft
+
+__all__ = ["JwtDraft", "hookimpl", "hookspec", "ssa_create", "ssa_get", "ssa_revoke"]
+
 hookspec = pluggy.HookspecMarker("ssa_server")
 hookimpl = pluggy.HookimplMarker("ssa_server")
-
-
-class JwtDraft:
-    """The unsigned SSA JWT: plain ``header`` and ``claims`` dicts a create hook may change.
-
-    Janssen-style accessors (``getHeader().setClaim(k, v)``, ``getClaims().getClaim(k)``) are
-    provided so Janssen scripts port with little change.
-    """
-
-    def __init__(self, header: dict[str, Any], claims: dict[str, Any]) -> None:
-        self.header = header
-        self.claims = claims
-
-    def __repr__(self) -> str:  # plain data only: no class path or memory address for scripts
-        return f"JwtDraft(header={self.header!r}, claims={self.claims!r})"
-
-    def getHeader(self) -> _ClaimsView:  # noqa: N802 - Janssen's name
-        return _ClaimsView(self.header)
-
-    def getClaims(self) -> _ClaimsView:  # noqa: N802 - Janssen's name
-        return _ClaimsView(self.claims)
-
-
-class _ClaimsView:
-    def __init__(self, target: dict[str, Any]) -> None:
-        self._target = target
-
-    def __repr__(self) -> str:
-        return f"Claims({self._target!r})"
-
-    def setClaim(self, name: str, value: Any) -> None:  # noqa: N802
-        self._target[name] = value
-
-    def getClaim(self, name: str) -> Any:  # noqa: N802
-        return self._target.get(name)
 
 
 @hookspec(firstresult=True)
@@ -61,6 +40,6 @@ def ssa_get(ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | N
     """Change, in place, the list ``GET /ssa`` is about to return."""
 
 
-@hookspec(firstresult=True)
-def ssa_revoke(ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
+@hookspec
+def ssa_revoke(ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> None:
     """Observe the SSAs that were just revoked (the revocation stands whatever happens here)."""

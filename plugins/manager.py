@@ -1,4 +1,7 @@
-"""One plugin manager per app: built-in plugin, trusted entry-point plugins (group ``ssa_server``)."""
+"""One plugin manager per server: the hook specs and the trusted entry-point plugins (group ``ssa_server``).
+
+The scripts are not plugins: ``HookRunner`` runs their chain before it calls these.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import logging
 
 import pluggy
 
-from . import default_noop, hookspecs
+from . import hookspecs
 
 log = logging.getLogger("ssa_server.plugins")
 
@@ -15,14 +18,13 @@ ENTRY_POINT_GROUP = "ssa_server"
 
 
 def build_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A manager with the hook specs, the no-op built-in and every installed trusted plugin.
+    """A manager with the hook specs and every installed trusted plugin.
 
     Each entry point is loaded in its own try, so one broken package is logged and skipped
     instead of stopping the server.
     """
     pm = pluggy.PluginManager("ssa_server")
     pm.add_hookspecs(hookspecs)
-    pm.register(default_noop, name="builtin:noop")
     if load_entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:

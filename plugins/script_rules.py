@@ -9,6 +9,10 @@ change in the SSA it hands back, before the server signs it:
   verifier processes the token; ``jku``, ``x5u``, ``jwk``, ``x5c`` point relying parties at keys
   the server does not hold.  Only unregistered (private) names are the scripts'.
 
+And how a hook's scripts run as a chain, in file-name order, the same in the worker (a chain in
+one round trip) and in the server (``ScriptHost``, one call per script, or applying a chain's
+answers): what stops a chain, which failures refuse the request, what the next script gets.
+
 No pluggy import and nothing of the server but the plain JSON copy (``store.clone``): the sandbox
 worker imports this module.
 """
@@ -102,3 +106,52 @@ def create_change(header: dict[str, Any], claims: dict[str, Any], new_header: An
     if not isinstance(new_header, dict) or not isinstance(new_claims, dict):
         return "jwt.header and jwt.claims must stay dicts"
     return claims_change(claims, new_claims) or header_change(header, new_header)
+
+
+# --- chains: the worker's ``_chain`` and the server's ``ScriptHost`` both follow these ---
+def may_refuse(hook: str) -> bool:
+    """Whether a script of ``hook`` can refuse the request (a denial, a failure, a busy
+    sandbox): create and get can; a revocation stands whatever its scripts do (logged only)."""
+    return hook != "revoke"
+
+
+def failure_refuses(hook: str, on_error: str) -> bool:
+    """Whether a script's failure (exception, limit, timeout, invalid result) refuses the
+    request and ends the chain: create and get with ``on_script_error = "fail"``.  Otherwise
+    the failure is logged and skipped: that script's changes are dropped, the next script gets
+    what the failed one got."""
+    return on_error == "fail" and may_refuse(hook)
+
+
+def stops_chain(hook: str, result: dict[str, Any]) -> bool:
+    """Whether a script's answer ends its hook's chain: ``False`` returned, for every hook (its
+    changes kept), or a denial where a denial refuses (not for revoke)."""
+    return result["result"] is False or (bool(result.get("denied")) and may_refuse(hook))
+
+
+# What the next script of a chain gets of a script's answer: create its header and claims, get
+# its list; revoke nothing: each revoke script sees the list as it was revoked.
+PASSED_ON: dict[str, tuple[str, ...]] = {"create": ("header", "claims"), "get": ("ssa_list",), "revoke": ()}
+
+
+def passes_answer(hook: str) -> bool:
+    """Whether the next script of a chain gets a script's answer, or the chain's input (revoke)."""
+    return bool(PASSED_ON[hook])
+
+
+def next_payload(hook: str, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The next script's input from a script's answer (``PASSED_ON``); None when it gets the
+    chain's input instead."""
+    keys = PASSED_ON[hook]
+    if not keys:
+        return None
+    passed = {}
+    for key in keys:  # a loop, not a comprehension: this runs for every step of a chain
+        passed[key] = result[key]
+    return passed
+
+
+def replays_input(hook: str, skip_errors: bool) -> bool:
+    """Whether a later script may need the chain's input again: when scripts do not pass their
+    answers on, and after a skipped failure (the next script gets what the failed one got)."""
+    return skip_errors or not passes_answer(hook)

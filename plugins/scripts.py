@@ -1,9 +1,10 @@
-"""User scripts behind pluggy: one chain plugin, one adapter per (script, hook), hot reload.
+"""User scripts: the scripts folder in the sandbox pool, one adapter per (script, hook), hot reload.
 
-A script module is never registered itself: pluggy sees one ``_ScriptChain`` plugin exposing only
-create/get/revoke, which runs one adapter per (script, hook) in file-name order, before trusted
-plugins (``tryfirst``).  Each adapter holds the error boundary for its script.  A change in the
-folder rebuilds the chains and swaps them in one assignment.
+The scripts are not a pluggy plugin: ``ScriptHost.run`` runs a hook's chain of adapters in
+file-name order, on the event loop, and ``HookRunner`` (``hooks.py``) calls it before the trusted
+plugins.  The chain follows ``script_rules`` (what stops it, which failures refuse); each adapter
+holds the error boundary for its script.  A change in the folder rebuilds the chains and swaps
+them in one assignment, so a request sees either the old set or the new one, never a half-built set.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import pluggy
-
 from ssa_server.errors import SandboxBusy, ScriptDenied, ScriptFailed
 
-from .hookspecs import JwtDraft, hookimpl
+from .jwt_draft import JwtDraft
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
 from .script_log import ScriptLog
-from .script_rules import HOOKS
+from .script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
 
 log = logging.getLogger("ssa_server.scripts")
 
@@ -61,47 +60,38 @@ class ScriptState:
 class _Adapter:
     """Runs one hook of one script in the sandbox; the error boundary for that script.
 
-    ``run`` blocks (pluggy's synchronous path); ``run_async`` is the same on the event loop.
-    ``data`` is what the hook receives first: the JwtDraft for create, the SSA list otherwise.
+    ``payload`` is the hook's data as the sandbox takes it (``_payload``): the next script's
+    input, which ``apply`` moves on.  A method's ``False`` ends the chain (``stops_chain``).
     """
 
-    hook = ""
-
-    def __init__(self, host: ScriptHost, state: ScriptState) -> None:
+    def __init__(self, host: ScriptHost, state: ScriptState, hook: str) -> None:
         self.host = host
         self.state = state
+        self.hook = hook
+        self._passed_on = PASSED_ON[hook]
 
-    def payload(self, data: Any) -> dict[str, Any]:
-        return {"ssa_list": data}
+    def apply(self, result: dict[str, Any], payload: dict[str, Any]) -> bool | None:
+        """Take the script's answer into ``payload``; False when it ends the chain."""
+        for key in self._passed_on:  # in place: no dict per script
+            payload[key] = result[key]
+        return False if stops_chain(self.hook, result) else None
 
-    def apply(self, result: dict[str, Any] | None, data: Any) -> bool | None:
-        """Take the script's changes; False when the script stops the chain."""
-        return False if result is not None and result["result"] is False else None
-
-    def run(self, data: Any, context: dict[str, Any]) -> bool | None:
+    async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> bool | None:
         started = time.perf_counter()
         try:
-            result = self.host.pool.call(self.state.name, self.hook, self.payload(data), context)
+            result = await self.host.pool.call_async(self.state.name, self.hook, payload, context)
         except ScriptError as e:
             return self.failed(e, time.perf_counter() - started)
-        return self.apply(self.finish(result, time.perf_counter() - started), data)
-
-    async def run_async(self, data: Any, context: dict[str, Any]) -> bool | None:
-        started = time.perf_counter()
-        try:
-            result = await self.host.pool.call_async(self.state.name, self.hook, self.payload(data), context)
-        except ScriptError as e:
-            return self.failed(e, time.perf_counter() - started)
-        return self.apply(self.finish(result, time.perf_counter() - started), data)
+        return self.apply(self.finish(result, time.perf_counter() - started), payload)
 
     def failed(self, e: ScriptError, seconds: float) -> None:
-        """Count and report a failure; ScriptFailed unless this hook's failures are skipped.
-        A busy sandbox (admission control) is not the script's failure: 503, or for revoke a
-        skipped hook."""
+        """Count and report a failure; ScriptFailed when it refuses the request (``failure_refuses``).
+        A busy sandbox (admission control) is not the script's failure: 503, or where scripts
+        cannot refuse (revoke) a skipped hook."""
         name = self.state.name
         if e.kind == "busy":
-            if self.hook == "revoke":
-                log.warning("script %s revoke skipped: %s", name, e)
+            if not may_refuse(self.hook):
+                log.warning("script %s %s skipped: %s", name, self.hook, e)
                 return None
             raise SandboxBusy(retry_after=max(1, math.ceil(self.host.limits.timeout)))
         self._count(seconds)
@@ -109,17 +99,17 @@ class _Adapter:
         if self.state.state != "failed":  # a failed script's listing keeps why it failed
             self.state.last_error = f"{self.hook}: {e.kind}: {e}"
         log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
-        if self.hook != "revoke" and self.host.on_error == "fail":
+        if failure_refuses(self.hook, self.host.on_error):
             raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
         return None
 
     def finish(self, result: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """Count a success, log what the script logged, raise its denial."""
+        """Count a success, log what the script logged, raise its denial (where scripts may refuse)."""
         name = self.state.name
         self._count(seconds)
         self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"))
         denied = result.get("denied")
-        if denied and self.hook != "revoke":
+        if denied and may_refuse(self.hook):
             raise ScriptDenied(str(denied.get("description") or f"denied by script {name}"),
                                error=str(denied.get("error") or "access_denied"))
         if denied:
@@ -131,47 +121,12 @@ class _Adapter:
         self.state.durations.append(seconds)
 
 
-class _CreateAdapter(_Adapter):
-    hook = "create"
-
-    def payload(self, data: JwtDraft) -> dict[str, Any]:
-        return {"header": data.header, "claims": data.claims}
-
-    def apply(self, result: dict[str, Any] | None, data: JwtDraft) -> bool | None:
-        if result is not None:
-            data.header, data.claims = result["header"], result["claims"]
-        return super().apply(result, data)
-
-
-class _GetAdapter(_Adapter):
-    hook = "get"
-
-    def apply(self, result: dict[str, Any] | None, data: list[dict[str, Any]]) -> bool | None:
-        if result is not None:
-            data[:] = result["ssa_list"]
-        return super().apply(result, data)
-
-
-class _RevokeAdapter(_Adapter):
-    hook = "revoke"
-
-
-_ADAPTERS = {"create": _CreateAdapter, "get": _GetAdapter, "revoke": _RevokeAdapter}
-
-
 class _FailedAdapter(_Adapter):
-    """A create/get hook of a script that failed pool-wide, with on_script_error=fail: it refuses
-    the request (fail closed, naming the script) until a new revision of the file loads.  It
-    ends its chain: nothing after it would run."""
+    """A hook of a script that failed pool-wide, where its failure refuses the request: it
+    refuses every request (fail closed, naming the script) until a new revision of the file
+    loads.  It ends its chain: nothing after it would run."""
 
-    def __init__(self, host: ScriptHost, state: ScriptState, hook: str) -> None:
-        super().__init__(host, state)
-        self.hook = hook
-
-    def run(self, data: Any, context: dict[str, Any]) -> bool | None:
-        self.refuse()
-
-    async def run_async(self, data: Any, context: dict[str, Any]) -> bool | None:
+    async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> bool | None:
         self.refuse()
 
     def refuse(self) -> NoReturn:
@@ -180,81 +135,19 @@ class _FailedAdapter(_Adapter):
         raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
 
 
-class _ScriptChain:
-    """The one pluggy plugin for all scripts: exposes only the three hooks and runs the current
-    chain of adapters in file-name order.  A reload swaps the chains in one assignment, so a
-    request sees either the old set or the new one, never an empty or half-built set."""
-
-    def __init__(self) -> None:
-        self.chains: dict[str, tuple[_Adapter, ...]] = {h: () for h in HOOKS}
-
-    @staticmethod
-    def _run(chain: tuple[_Adapter, ...], *args: Any) -> bool | None:
-        for adapter in chain:
-            if adapter.run(*args) is False:
-                return False  # stops the chain (and pluggy's, as a non-None firstresult)
-        return None
-
-    async def run_async(self, hook: str, data: Any, context: dict[str, Any]) -> bool | None:
-        """The chain for ``hook`` on the event loop (the service's path: no thread per call).
-        Several scripts go to one worker in one round trip (``SandboxPool.call_chain_async``)."""
-        chain = self.chains[hook]
-        if chain and isinstance(chain[-1], _FailedAdapter):  # the scripts before it run, then it refuses
-            if await self._run_scripts(hook, chain[:-1], data, context) is False:
-                return False
-            chain[-1].refuse()
-        return await self._run_scripts(hook, chain, data, context)
-
-    @staticmethod
-    async def _run_scripts(hook: str, chain: tuple[_Adapter, ...], data: Any,
-                           context: dict[str, Any]) -> bool | None:
-        if len(chain) <= 1:
-            for adapter in chain:
-                if await adapter.run_async(data, context) is False:
-                    return False
-            return None
-        host = chain[0].host
-        started = time.perf_counter()
-        try:
-            outcomes = await host.pool.call_chain_async(
-                [a.state.name for a in chain], hook, chain[0].payload(data), context,
-                skip_errors=hook == "revoke" or host.on_error != "fail")
-        except ScriptError as e:
-            if e.kind == "busy":
-                if hook == "revoke":
-                    log.warning("revoke scripts %s skipped: %s", ",".join(a.state.name for a in chain), e)
-                    return None
-                return chain[0].failed(e, 0.0)  # 503
-            # The worker was lost: which script lost it is learnt only from a lone call, so
-            # every script runs again, one call each, in order; the one that fails names itself.
-            log.warning("a script worker was lost running the %s chain (%s: %s); its scripts run again one "
-                        "call each", hook, e.kind, e)
-            for adapter in chain:
-                if await adapter.run_async(data, context) is False:
-                    return False
-            return None
-        share = (time.perf_counter() - started) / len(outcomes)
-        for adapter, outcome in zip(chain, outcomes):
-            if isinstance(outcome, ScriptError):
-                adapter.failed(outcome, share)
-            elif adapter.apply(adapter.finish(outcome, share), data) is False:
-                return False
-        return None
-
-    @hookimpl(tryfirst=True)
-    def ssa_create(self, jwt: JwtDraft, context: dict[str, Any]) -> bool | None:
-        return self._run(self.chains["create"], jwt, context)
-
-    @hookimpl(tryfirst=True)
-    def ssa_get(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        return self._run(self.chains["get"], ssa_list, context)
-
-    @hookimpl(tryfirst=True)
-    def ssa_revoke(self, ssa_list: list[dict[str, Any]], context: dict[str, Any]) -> bool | None:
-        return self._run(self.chains["revoke"], ssa_list, context)
+def _payload(data: Any) -> dict[str, Any]:
+    """A hook's data as the sandbox takes it: a create draft's header and claims, or the list."""
+    if isinstance(data, JwtDraft):
+        return {"header": data.header, "claims": data.claims}
+    return {"ssa_list": data}
 
 
-_CHAIN_NAME = "scripts"
+def _take_back(data: Any, payload: dict[str, Any]) -> None:
+    """The chain's result into the hook's data (the draft, or the list changed in place)."""
+    if isinstance(data, JwtDraft):
+        data.header, data.claims = payload["header"], payload["claims"]
+    elif payload["ssa_list"] is not data:
+        data[:] = payload["ssa_list"]
 
 
 def limits_from(settings: Any) -> SandboxLimits:
@@ -263,13 +156,12 @@ def limits_from(settings: Any) -> SandboxLimits:
 
 
 class ScriptHost:
-    """Loads the scripts folder into the sandbox pool, keeps it in step, registers the adapters."""
+    """Loads the scripts folder into the sandbox pool, keeps it in step, runs each hook's chain."""
 
-    def __init__(self, scripts_dir: Path, pm: pluggy.PluginManager, *, limits: SandboxLimits,
+    def __init__(self, scripts_dir: Path, *, limits: SandboxLimits,
                  workers: int, on_error: str = "fail", reload_interval: float = 1.0,
                  log_lines: int = 100, log_interval: float = 10.0) -> None:
         self.scripts_dir = Path(scripts_dir)
-        self.pm = pm
         self.limits = limits
         self.workers = workers
         self.on_error = on_error
@@ -279,9 +171,9 @@ class ScriptHost:
         self.scripts: dict[str, ScriptState] = {}
         self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
         self._folder_error = ""  # the last error reading the folder itself, logged once
-        self._chain = _ScriptChain()
+        self._chains: dict[str, tuple[_Adapter, ...]] = {h: () for h in HOOKS}  # swapped whole
         self._lock = threading.Lock()  # one reload at a time (held while the pool loads)
-        self._registry = threading.Lock()  # chain rebuilds: never held while waiting for the pool
+        self._chains_lock = threading.Lock()  # chain rebuilds: never held while waiting for the pool
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -295,7 +187,7 @@ class ScriptHost:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._unregister_all()
+        self._clear_chains()
         self.script_log.flush(everything=True)
         if self.pool is not None:
             self.pool.close()
@@ -324,7 +216,7 @@ class ScriptHost:
                     if entry.allowed and dir_fd is not None:
                         changed |= self._load_guarded(dir_fd, entry)
                 if changed:
-                    self._register_all()
+                    self._build_chains()
                 return changed
             finally:
                 if dir_fd is not None:
@@ -354,7 +246,7 @@ class ScriptHost:
         gone = [self.scripts.pop(name) for name in names]
         if not gone:
             return False
-        self._register_all()
+        self._build_chains()
         for state in gone:
             log.info("script %s removed", state.name)
             if state.revision:
@@ -426,47 +318,98 @@ class ScriptHost:
     def _script_failed(self, name: str, reason: str) -> None:
         """The pool dropped ``name``: its top level failed in a replacement worker.  Called from
         the thread building that worker, maybe while a reload (holding ``_lock``) waits for it:
-        takes only ``_registry``."""
+        takes only ``_chains_lock``."""
         state = self.scripts.get(name)
         if state is None:
             return
         state.state, state.last_error = "failed", reason
-        self._register_all()
-        effect = "its create and get hooks refuse requests" if self.on_error == "fail" else "its hooks are skipped"
+        self._build_chains()
+        refusing = [h for h in HOOKS if failure_refuses(h, self.on_error)]
+        effect = (f"its {' and '.join(refusing)} hooks refuse requests"
+                  if refusing else "its hooks are skipped")
         log.error("script %s@%s failed and stopped serving (%s): %s", name, state.revision, effect, reason)
 
-    def _register_all(self) -> None:
-        with self._registry:
+    def _build_chains(self) -> None:
+        with self._chains_lock:
             states = dict(self.scripts)  # a reload may add or remove entries meanwhile
             loaded = [states[n] for n in sorted(states) if states[n].revision]
-            self._chain.chains = {h: self._chain_for(h, loaded) for h in HOOKS}
-            # Registered only while scripts exist, so a server without scripts pays nothing for them.
-            if loaded and not self.pm.has_plugin(_CHAIN_NAME):
-                self.pm.register(self._chain, name=_CHAIN_NAME)
+            self._chains = {h: self._chain_for(h, loaded) for h in HOOKS}
 
     def _chain_for(self, hook: str, loaded: list[ScriptState]) -> tuple[_Adapter, ...]:
-        """The adapters of ``hook`` in file-name order.  A failed script is left out (skip mode,
-        and always for revoke), or ends the chain with an adapter that refuses (fail mode)."""
+        """The adapters of ``hook`` in file-name order.  A failed script is left out where its
+        failure is skipped, or ends the chain with an adapter that refuses (``failure_refuses``)."""
         chain: list[_Adapter] = []
         for state in loaded:
             if hook not in state.hooks:
                 continue
             if state.state != "failed":
-                chain.append(_ADAPTERS[hook](self, state))
-            elif hook != "revoke" and self.on_error == "fail":
+                chain.append(_Adapter(self, state, hook))
+            elif failure_refuses(hook, self.on_error):
                 chain.append(_FailedAdapter(self, state, hook))
                 break
         return tuple(chain)
 
-    def _unregister_all(self) -> None:
-        if self.pm.has_plugin(_CHAIN_NAME):
-            self.pm.unregister(name=_CHAIN_NAME)
-        self._chain.chains = {h: () for h in HOOKS}
+    def _clear_chains(self) -> None:
+        self._chains = {h: () for h in HOOKS}
 
-    def serving_chain(self) -> _ScriptChain | None:
-        """The plugin that runs the scripts, while it is registered (while any script is loaded;
-        a dict lookup: asked on every request)."""
-        return self._chain if self.pm.get_plugin(_CHAIN_NAME) is self._chain else None
+    def serves(self, hook: str) -> bool:
+        """Whether any script runs on ``hook`` now (a dict lookup: asked on every request)."""
+        return bool(self._chains[hook])
+
+    async def run(self, hook: str, data: Any, context: dict[str, Any]) -> bool | None:
+        """The scripts' chain of ``hook`` on ``data`` (the JwtDraft for create, the SSA list
+        otherwise), on the event loop: each adapter awaits its sandbox answer without a thread
+        (a thread hop costs more than the round trip).  Their changes are taken into ``data``;
+        False when a script ended the chain.  A denial, a failure or a busy sandbox that refuses
+        the request raises ScriptDenied, ScriptFailed or SandboxBusy (``script_rules``)."""
+        chain = self._chains[hook]
+        if not chain:
+            return None
+        payload = _payload(data)
+        try:
+            if isinstance(chain[-1], _FailedAdapter):  # the scripts before it run, then it refuses
+                if await self._run_chain(hook, chain[:-1], payload, context) is False:
+                    return False
+                chain[-1].refuse()
+            return await self._run_chain(hook, chain, payload, context)
+        finally:
+            _take_back(data, payload)
+
+    async def _run_chain(self, hook: str, chain: tuple[_Adapter, ...], payload: dict[str, Any],
+                         context: dict[str, Any]) -> bool | None:
+        """One call per script for a lone script; several scripts go to one worker in one round
+        trip (``SandboxPool.call_chain_async``, the worker's ``_chain``)."""
+        if len(chain) <= 1:
+            for adapter in chain:
+                if await adapter.run(payload, context) is False:
+                    return False
+            return None
+        started = time.perf_counter()
+        try:
+            outcomes = await self.pool.call_chain_async(
+                [a.state.name for a in chain], hook, payload, context,
+                skip_errors=not failure_refuses(hook, self.on_error))
+        except ScriptError as e:
+            if e.kind == "busy":
+                if not may_refuse(hook):
+                    log.warning("%s scripts %s skipped: %s", hook, ",".join(a.state.name for a in chain), e)
+                    return None
+                return chain[0].failed(e, 0.0)  # 503
+            # The worker was lost: which script lost it is learnt only from a lone call, so
+            # every script runs again, one call each, in order; the one that fails names itself.
+            log.warning("a script worker was lost running the %s chain (%s: %s); its scripts run again one "
+                        "call each", hook, e.kind, e)
+            for adapter in chain:
+                if await adapter.run(payload, context) is False:
+                    return False
+            return None
+        share = (time.perf_counter() - started) / len(outcomes)
+        for adapter, outcome in zip(chain, outcomes):
+            if isinstance(outcome, ScriptError):
+                adapter.failed(outcome, share)
+            elif adapter.apply(adapter.finish(outcome, share), payload) is False:
+                return False
+        return None
 
     def listing(self) -> list[dict[str, Any]]:
         states = {**self.rejected, **self.scripts}  # a rejected name is never a script name

@@ -26,8 +26,9 @@ from RestrictedPython import compile_restricted_exec, safe_builtins
 from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_sequence, guarded_unpack_sequence,
                                      safer_getattr, safer_getattr_raise)
 
-from ssa_server.plugins.hookspecs import JwtDraft
-from ssa_server.plugins.script_rules import HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change
+from ssa_server.plugins.jwt_draft import JwtDraft
+from ssa_server.plugins.script_rules import (HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change,
+                                             passes_answer)
 
 from .errors import ScriptError, ScriptRefused
 from .protocol import dumps, loads, valid_unicode
@@ -199,7 +200,8 @@ def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[st
     else:
         ssa_list = payload["ssa_list"]
         returned = fn(ssa_list, context)
-        out = {"ssa_list": ssa_list} if hook == "get" else {}
+        # a revoke answer carries no list: the next script gets the list as revoked
+        out = {"ssa_list": ssa_list} if passes_answer(hook) else {}
     if returned is not None and not isinstance(returned, bool):
         raise ScriptError("invalid_result", f"{hook}() must return True, False or None")
     logs, dropped = _call_logs(context, printed())

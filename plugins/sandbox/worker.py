@@ -31,6 +31,7 @@ import warnings
 from typing import Any
 
 from . import policy
+from ssa_server.plugins.script_rules import next_payload, replays_input, stops_chain
 from ssa_server.shared_counter import SharedCounter
 
 from .errors import EXIT_UNSETTLED, ScriptError, ScriptRefused
@@ -107,10 +108,10 @@ def _settle(careful: bool = True) -> None:
     ``careful=False`` after a step of a script that keeps no state and has no code a finalizer
     could run (see ``ModuleTemplate.finalizers``): what it made is all in the youngest
     generation (the collector runs nowhere else, and loads freeze what they leave) and freeing
-    it runs nothing, so collecting that generation is enough (~0.5 us).  Otherwise full
+    it runs nothing, so collecting that generation is enough (and cheap).  Otherwise full
     collections until one finds nothing (a finalizer may bring objects back, which moves them
     to an older generation; a full collection also empties the interpreter's free lists, which
-    costs the next call ~20 us).  Finalizers that keep making garbage would run in a later
+    slows the next call).  Finalizers that keep making garbage would run in a later
     step: this process ends instead."""
     if not careful:
         gc.collect(0)
@@ -126,7 +127,7 @@ def _refreeze(replaced: bool) -> None:
     left, which was frozen), and what lives now (the scripts' templates above all) moves out of
     the collector's scans."""
     if replaced:
-        gc.unfreeze()  # a full collection of everything: ~2 ms, only when a revision goes
+        gc.unfreeze()  # a full collection of everything (costly): only when a revision goes
     _settle()
     gc.freeze()
     _finalizer_errors.clear()  # a revision that went: its finalizers are no step's failure
@@ -212,23 +213,23 @@ class Worker:
 
     def _chain(self, request: dict[str, Any], size: int, offset: int) -> bytes:
         """Several scripts' hook in one round trip, each a step of its own on a fresh copy of
-        the previous step's serialised output.  Stops where the server's chain would: a script
-        answering False, a denial (not for revoke), or a failure unless ``skip_errors`` (then
-        that script's changes are dropped).  Answer: one step answer per script run."""
+        the previous step's serialised output, by the server's chain rules (``script_rules``):
+        it stops at an answer that ``stops_chain`` or at a failure unless ``skip_errors`` (the
+        server's ``failure_refuses``; a skipped step's changes are dropped).  Answer: one step
+        answer per script run."""
         hook = request["hook"]
         facts = dumps(request.get("context") or {})
         skip = bool(request.get("skip_errors"))
         box = [request.pop("payload")]
-        # Revoke scripts each see the list as revoked; after a skipped failure the next step
-        # gets the input the failed step got: ``replay`` is that input's JSON text, the payload
-        # itself or the answer of the step that made it.
-        replay = dumps(box[0]) if hook == "revoke" or skip else b""
+        # ``replay``: the JSON text of the input a later step may get again (``replays_input``),
+        # the payload itself or the answer of the step that made it.
+        replay = dumps(box[0]) if replays_input(hook, skip) else b""
         replay_is_answer = False
         steps: list[bytes] = []
         for index, name in enumerate(request["names"]):
             if not box:  # a fresh copy of the input this step gets
                 parsed = loads(replay)
-                box.append(_payload(hook, parsed["ok"]) if replay_is_answer else parsed)
+                box.append(next_payload(hook, parsed["ok"]) if replay_is_answer else parsed)
                 parsed = None
             self.progress.set(offset + index)
             text = self._step(name, hook, box, [loads(facts)], self.output + size)
@@ -240,10 +241,11 @@ class Worker:
             if index + 1 == len(request["names"]):
                 break
             done = loads(text)["ok"]
-            if done["result"] is False or (done.get("denied") and hook != "revoke"):
+            if stops_chain(hook, done):
                 break
-            if hook != "revoke":
-                box.append(_payload(hook, done))
+            passed = next_payload(hook, done)
+            if passed is not None:
+                box.append(passed)
                 size, replay, replay_is_answer = len(text), text, True
         return _joined(b'{"steps":[', steps, b"]}")
 
@@ -313,13 +315,6 @@ class Worker:
                                   request.get("config") or {})
         _refreeze(replaced)
         return text
-
-
-def _payload(hook: str, done: dict[str, Any]) -> dict[str, Any]:
-    """The next step's input from a fresh parse of a step's result."""
-    if hook == "get":
-        return {"ssa_list": done["ssa_list"]}
-    return {"header": done["header"], "claims": done["claims"]}
 
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
