@@ -60,7 +60,7 @@ def test_postgres_url_without_psycopg_says_how_to_install(tmp_path):
 
 
 def test_unreachable_database_is_one_line_without_password(tmp_path):
-    from pg_cluster import free_port
+    from ports import free_port
 
     r = run("clients", "list", "--store-url", f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db",
             env={"SSA_STORE_POOL_TIMEOUT": "0.5"})
