@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 
 from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
-from .service import SSA_SCOPES
+from .ssa import SSA_SCOPES
 from .store import ClientRecord, Store
 from .throttle import FailureThrottle, parse_networks
 from .tokens import TokenAuthority

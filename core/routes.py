@@ -13,7 +13,8 @@ from starlette.routing import Route
 from .auth import authenticate, basic_credentials
 from .errors import FeatureDisabled, InvalidRequest
 from .server import Server
-from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
+from .service import CallContext
+from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
 from .throttle import client_address
 from .tokens import Caller
 from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
