@@ -112,7 +112,8 @@ def cmd_clients_create(args: argparse.Namespace) -> int:
 
 def cmd_clients_list(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        return [{k: v for k, v in c.items() if k != "secret_hash"} for c in await server.clients.list()]
+        clients = await server.clients.list_clients()
+        return [{k: v for k, v in c.items() if k != "secret_hash"} for c in clients]
 
     _print(asyncio.run(_with_server(_settings(args), action)))
     return 0
@@ -197,7 +198,7 @@ def cmd_ssa_create(args: argparse.Namespace) -> int:
 
 def cmd_ssa_list(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        return await server.service.list(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+        return await server.service.list_ssas(_cli_context("list"), jti=args.jti, org_id=args.org_id)
 
     _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
     return 0
@@ -214,7 +215,7 @@ def cmd_ssa_revoke(args: argparse.Namespace) -> int:
 
 def cmd_ssa_templates(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        return await server.store.list_templates()
+        return await server.service.list_templates()
 
     _print(asyncio.run(_with_server(_settings(args), action)))
     return 0

@@ -64,7 +64,7 @@ class ClientService:
         await self.store.add_client(record)
         return record, secret
 
-    async def list(self) -> list[ClientRecord]:
+    async def list_clients(self) -> list[ClientRecord]:
         return await self.store.list_clients()
 
     async def delete(self, client_id: str) -> bool:

@@ -67,7 +67,7 @@ async def create_ssa(request: Request) -> Response:
 
 async def list_ssas(request: Request) -> Response:
     caller = await _ssa_caller(request, ADMIN, PORTAL, DEVELOPER)
-    items = await _server(request).service.list(
+    items = await _server(request).service.list_ssas(
         _context(request, caller), jti=_query(request, "jti"), org_id=_query(request, "org_id"))
     return JSONResponse(items)
 

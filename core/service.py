@@ -28,7 +28,7 @@ from .signing_process import SigningProcess
 from .settings import Settings
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
                   record_from_request)
-from .store import Store, UnstorableValue, clone
+from .store import Store, TemplateRecord, UnstorableValue, clone
 from ssa_server.plugins.hookspecs import JwtDraft
 from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
 from ssa_server.plugins.scripts import ScriptHost
@@ -152,7 +152,8 @@ class SsaService:
         return self.keys.sign(unsigned, claims)
 
     # --- list ---
-    async def list(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[dict[str, Any]]:
+    async def list_ssas(self, ctx: CallContext, *, jti: str | None = None,
+                        org_id: str | None = None) -> list[dict[str, Any]]:
         """ACTIVE, unexpired SSAs matching the filters; developer-only callers see their own."""
         creator = None
         if DEVELOPER in ctx.scopes and not ctx.scopes & {ADMIN, PORTAL}:
@@ -243,3 +244,6 @@ class SsaService:
         if record is None:
             raise ApiError(f"No template named '{name}'.", status=404, error="not_found")
         return dict(record["fields"])
+
+    async def list_templates(self) -> list[TemplateRecord]:
+        return await self.store.list_templates()

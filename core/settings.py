@@ -10,7 +10,6 @@ config file (top level or under an ``[ssa]`` table).  Janssen's ``ssaConfigurati
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import tomllib
@@ -255,6 +254,3 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         out[key] = _cast(key, raw, _FIELD_TYPES[key])
     return out
 
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Settings)]
