@@ -109,8 +109,9 @@ class SsaService:
 
         Nothing is stored when a hook refuses or fails, or when signing fails.
         """
-        record = record_from_request(request, now=self.now(), expiration_in_days=self.settings.expiration_in_days,
-                                     creator_id=ctx.client_id, issuer=self.settings.issuer)
+        settings = self.settings
+        record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
+                                     creator_id=ctx.client_id, issuer=settings.issuer)
         await self.keys.refresh_if_due()
         active = self.keys.active()
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}

@@ -4,10 +4,11 @@ Each request field is declared once, on ``CreateRequest``: its type, its default
 where an SSA shows it.  The rest is derived from there: the request parser
 (``validation.parse_create_request``), the names a custom attribute may not take
 (``RESERVED_ATTRIBUTES``, checked by ``settings``), the flags of ``ssa create`` (``cli``), the
-OpenAPI request schema (``openapi``), the fields an exported SSA must hold (``transfer``), the
-record (``record_from_request``), its claims (``jwt_claims``) and its ``GET /ssa`` element
-(``list_item``).  ``SsaRecord`` spells the fields again for the type checker only;
-``tests/test_ssa_model.py`` fails when it, or any derived place, differs from ``CreateRequest``.
+OpenAPI request schema (``openapi``), the fields an exported SSA must hold (``transfer``), the lists
+the embedded store copies for each caller (``LIST_FIELDS``), the record (``record_from_request``),
+its claims (``jwt_claims``) and its ``GET /ssa`` element (``list_item``).  ``SsaRecord`` spells the
+fields again for the type checker only; ``tests/test_ssa_model.py`` fails when it, or any derived
+place, differs from ``CreateRequest``.
 """
 
 # No ``from __future__ import annotations`` here: a TypedDict sees ``NotRequired`` only in evaluated
