@@ -11,7 +11,7 @@ from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
-from .errors import FeatureDisabled, InvalidRequest
+from .errors import InvalidRequest
 from .server import Server
 from .service import CallContext
 from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
@@ -31,8 +31,7 @@ def _context(request: Request, caller: Caller) -> CallContext:
 async def _ssa_caller(request: Request, *scopes: str) -> Caller:
     """Feature flag first (as Janssen), then the token and its scopes."""
     server = _server(request)
-    if not server.settings.enabled:
-        raise FeatureDisabled()
+    server.service.require_enabled()
     return await authenticate(request, server.tokens, server.clients, scopes)
 
 
@@ -86,8 +85,6 @@ async def get_jwt(request: Request) -> Response:
 
 async def validate_ssa(request: Request) -> Response:
     server = _server(request)
-    if not server.settings.enabled:
-        raise FeatureDisabled()
     jti = request.headers.get("jti")
     await server.service.validate(jti if jti is None or storable(jti) else None)  # unstorable: no such SSA
     return _empty()

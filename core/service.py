@@ -21,7 +21,8 @@ from typing import Any
 import anyio.to_thread
 import pluggy
 
-from .errors import ApiError, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable, ScriptFailed
+from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
+                     ScriptFailed)
 from .keys import KeyRing
 from .signing import PROCESS_ALGS, SLOW_ALGS
 from .signing_process import SigningProcess
@@ -103,12 +104,20 @@ class SsaService:
     def now(self) -> int:
         return int(self._clock())
 
+    def require_enabled(self) -> None:
+        """The ``ssa`` feature flag (``enabled``): while it is off, every SSA operation of this service
+        refuses (403 ``access_denied``), over HTTP and in the CLI alike.  HTTP handlers also ask
+        before they check the token, since Janssen checks the flag first."""
+        if not self.settings.enabled:
+            raise FeatureDisabled()
+
     # --- create ---
     async def create(self, request: CreateRequest, ctx: CallContext) -> str:
         """Build, post-process (hooks), sign and store a new SSA; returns the compact JWT.
 
         Nothing is stored when a hook refuses or fails, or when signing fails.
         """
+        self.require_enabled()
         settings = self.settings
         record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
                                      creator_id=ctx.client_id, issuer=settings.issuer)
@@ -156,6 +165,7 @@ class SsaService:
     async def list_ssas(self, ctx: CallContext, *, jti: str | None = None,
                         org_id: str | None = None) -> list[dict[str, Any]]:
         """ACTIVE, unexpired SSAs matching the filters; developer-only callers see their own."""
+        self.require_enabled()
         creator = None
         if DEVELOPER in ctx.scopes and not ctx.scopes & {ADMIN, PORTAL}:
             creator = ctx.client_id
@@ -175,6 +185,7 @@ class SsaService:
     # --- get JWT ---
     async def get_jwt(self, jti: str | None) -> str:
         """The stored SSA re-signed with the active key (create hooks do not run)."""
+        self.require_enabled()
         record = await self.store.get_ssa(jti) if jti else None
         if record is None or record["status"] != ACTIVE or record["expiration"] <= self.now():
             raise InvalidJti()
@@ -184,12 +195,14 @@ class SsaService:
     # --- validate ---
     async def validate(self, jti: str | None) -> None:
         """Succeeds for an existing, ACTIVE, unexpired SSA; a one-time SSA becomes USED, atomically."""
+        self.require_enabled()
         if not jti or await self.store.mark_used(jti, self.now()) is None:
             raise InvalidJti()
 
     # --- revoke ---
     async def revoke(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[SsaRecord]:
         """REVOKED (expiration = now) for every ACTIVE SSA matching jti and/or org_id."""
+        self.require_enabled()
         if not jti and not org_id:
             raise NotAcceptable()
         revoked = await self.store.revoke_ssas(jti=jti or None, org_id=org_id or None, now=self.now())
@@ -237,14 +250,17 @@ class SsaService:
 
     # --- templates (operator CLI) ---
     async def save_template(self, name: str, fields: dict[str, Any]) -> None:
+        self.require_enabled()
         fields = json.loads(json.dumps(fields, allow_nan=False))
         await self.store.put_template({"name": name, "fields": fields, "created_at": self.now()})
 
     async def template_fields(self, name: str) -> dict[str, Any]:
+        self.require_enabled()
         record = await self.store.get_template(name)
         if record is None:
             raise ApiError(f"No template named '{name}'.", status=404, error="not_found")
         return dict(record["fields"])
 
     async def list_templates(self) -> list[TemplateRecord]:
+        self.require_enabled()
         return await self.store.list_templates()
