@@ -21,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx2 as httpx
 
-from ssa_server.store import ACTIVE
+from ssa_server.ssa import CreateRequest, record_from_request
 
 ADMIN = "https://jans.io/auth/ssa.admin"
 RESULTS = Path(__file__).parent / "results"
@@ -42,12 +41,10 @@ def preload(data_dir: Path, n: int) -> list[str]:
     from ssa_server.tinystore import TinyStore
 
     now = int(time.time())
-    records = [{
-        "jti": str(uuid.uuid4()), "org_id": f"org-{i // 10}", "description": "preloaded",
-        "software_id": f"sw-{i}", "software_roles": ["password"], "grant_types": ["client_credentials"],
-        "one_time_use": False, "rotate_ssa": True, "lifetime": None, "custom": {}, "created_at": now,
-        "expiration": now + 30 * 86400, "status": ACTIVE, "creator_id": "bench", "iss": "http://bench",
-    } for i in range(n)]
+    records = [record_from_request(
+        CreateRequest(org_id=f"org-{i // 10}", description="preloaded", software_id=f"sw-{i}",
+                      software_roles=["password"], grant_types=["client_credentials"], one_time_use=False),
+        now=now, expiration_in_days=30, creator_id="bench", issuer="http://bench") for i in range(n)]
 
     async def run() -> None:
         store = TinyStore(data_dir)

@@ -12,7 +12,7 @@ from jwcrypto import jwk, jws
 
 from ssa_server.keys import generate_key
 
-# The claims ``SsaService.jwt_claims`` builds for the benchmark's create body (same sizes).
+# The claims ``ssa.jwt_claims`` builds for the benchmark's create body (same sizes).
 PAYLOAD: dict[str, Any] = {
     "jti": "5d0c7f1e-2b8a-4c55-9a51-0e6f0a9e3c11", "iat": 1_790_000_000, "exp": 1_792_592_000,
     "iss": "http://127.0.0.1:8080", "software_id": "bench-software", "org_id": "bench-create",

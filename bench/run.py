@@ -121,10 +121,12 @@ def stack() -> str:
 
 # --- preload ---
 def _record(jti: str, org_id: str, one_time: bool, now: int) -> dict[str, Any]:
-    return {"jti": jti, "org_id": org_id, "description": "preloaded", "software_id": "bench-software",
-            "software_roles": ["password"], "grant_types": ["client_credentials"], "one_time_use": one_time,
-            "rotate_ssa": True, "lifetime": None, "custom": {}, "created_at": now,
-            "expiration": now + 30 * 86400, "status": "ACTIVE", "creator_id": "bench", "iss": "http://bench"}
+    from ssa_server.ssa import CreateRequest, record_from_request
+
+    request = CreateRequest(org_id=org_id, description="preloaded", software_id="bench-software",
+                            software_roles=["password"], grant_types=["client_credentials"], one_time_use=one_time)
+    return dict(record_from_request(request, now=now, expiration_in_days=30, creator_id="bench",
+                                    issuer="http://bench", jti=jti))
 
 
 def add_ssas(data_dir: Path, records: list[dict[str, Any]], *, exclusive: bool) -> float:

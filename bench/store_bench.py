@@ -17,22 +17,21 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from tinydb import Query, TinyDB
 
+from ssa_server.ssa import CreateRequest, record_from_request
 from ssa_server.tinystore import TinyStore
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def record(i: int) -> dict:
-    now = int(time.time())
-    return {"jti": str(uuid.uuid4()), "org_id": f"org-{i // 10}", "description": "bench", "software_id": f"s{i}",
-            "software_roles": ["password"], "grant_types": ["client_credentials"], "one_time_use": True,
-            "rotate_ssa": True, "lifetime": None, "custom": {}, "created_at": now, "expiration": now + 86400,
-            "status": "ACTIVE", "creator_id": "bench", "iss": "http://bench"}
+    request = CreateRequest(org_id=f"org-{i // 10}", description="bench", software_id=f"s{i}",
+                            software_roles=["password"], grant_types=["client_credentials"])
+    return dict(record_from_request(request, now=int(time.time()), expiration_in_days=1, creator_id="bench",
+                                    issuer="http://bench"))
 
 
 def pct(xs: list[float], q: float) -> float:

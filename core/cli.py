@@ -21,7 +21,8 @@ from .server import Server
 from .settings import Settings, SettingsError, load_settings
 from .store import StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
 from .transfer import TransferError
-from .service import ADMIN, CallContext
+from .service import CallContext
+from .ssa import ADMIN, REQUEST_FIELDS
 from .validation import check_fields, parse_create_request
 
 CLI_CLIENT = "cli"
@@ -111,7 +112,8 @@ def cmd_clients_create(args: argparse.Namespace) -> int:
 
 def cmd_clients_list(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        return [{k: v for k, v in c.items() if k != "secret_hash"} for c in await server.clients.list()]
+        clients = await server.clients.list_clients()
+        return [{k: v for k, v in c.items() if k != "secret_hash"} for c in clients]
 
     _print(asyncio.run(_with_server(_settings(args), action)))
     return 0
@@ -146,18 +148,25 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 # --- ssa ---
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per field of ``ssa.CreateRequest``: a list's flag is repeated, a boolean has ``--no-``."""
+    for f in REQUEST_FIELDS:
+        if f.kind == "boolean":
+            _bool_flag(parser, f.flag, f.help, f.off_help)
+        elif f.kind == "texts":
+            parser.add_argument(f"--{f.flag}", dest=f.name, action="append", help=f.help)
+        else:
+            parser.add_argument(f"--{f.flag}", dest=f.name, type=int if f.kind in ("epoch", "seconds") else str,
+                                help=f.help)
+
+
 def _create_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields the flags gave (as a body would hold them), then the custom attributes."""
     fields: dict[str, Any] = {}
-    for name in ("org_id", "description", "software_id", "expiration", "lifetime"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    for name in ("software_roles", "grant_types"):
-        if getattr(args, name):
-            fields[name] = getattr(args, name)
-    if args.one_time_use is not None:
-        fields["one_time_use"] = args.one_time_use
-    if args.rotate_ssa is not None:
-        fields["rotate_ssa"] = args.rotate_ssa
+    for f in REQUEST_FIELDS:
+        value = getattr(args, f.name)
+        if value is not None and (value or f.kind != "texts"):
+            fields[f.name] = value
     for item in args.attr or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -189,7 +198,7 @@ def cmd_ssa_create(args: argparse.Namespace) -> int:
 
 def cmd_ssa_list(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        return await server.service.list(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+        return await server.service.list_ssas(_cli_context("list"), jti=args.jti, org_id=args.org_id)
 
     _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
     return 0
@@ -206,7 +215,7 @@ def cmd_ssa_revoke(args: argparse.Namespace) -> int:
 
 def cmd_ssa_templates(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        return await server.store.list_templates()
+        return await server.service.list_templates()
 
     _print(asyncio.run(_with_server(_settings(args), action)))
     return 0
@@ -443,15 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action", required=True)
     sc = ssa.add_parser("create", parents=[common], help="create an SSA")
-    sc.add_argument("--org-id", dest="org_id")
-    sc.add_argument("--description")
-    sc.add_argument("--software-id", dest="software_id")
-    sc.add_argument("--software-role", dest="software_roles", action="append")
-    sc.add_argument("--grant-type", dest="grant_types", action="append")
-    sc.add_argument("--expiration", type=int, help="epoch seconds")
-    sc.add_argument("--lifetime", type=int, help="seconds")
-    _bool_flag(sc, "one-time-use", "valid for one validation (default)", "reusable")
-    _bool_flag(sc, "rotate-ssa", "rotate_ssa true (default)", "rotate_ssa false")
+    _add_request_flags(sc)
     sc.add_argument("--attr", action="append", metavar="NAME=VALUE", help="custom attribute (configured ones)")
     sc.add_argument("--template", help="start from a saved template")
     sc.add_argument("--save-template", dest="save_template", help="save these fields as a template")

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 
 from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
-from .service import SSA_SCOPES
+from .ssa import SSA_SCOPES
 from .store import ClientRecord, Store
 from .throttle import FailureThrottle, parse_networks
 from .tokens import TokenAuthority
@@ -64,7 +64,7 @@ class ClientService:
         await self.store.add_client(record)
         return record, secret
 
-    async def list(self) -> list[ClientRecord]:
+    async def list_clients(self) -> list[ClientRecord]:
         return await self.store.list_clients()
 
     async def delete(self, client_id: str) -> bool:

@@ -19,7 +19,8 @@ from jwcrypto import jwk
 
 from .signing import Signer
 from .signing_process import SigningProcess, SigningUnavailable
-from .store import ACTIVE, KeyRecord, Store
+from .ssa import ACTIVE
+from .store import KeyRecord, Store
 
 log = logging.getLogger("ssa_server.keys")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .service import ADMIN, DEVELOPER, PORTAL
+from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, Kind
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _JWT = {"type": "object", "required": ["ssa"], "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
@@ -31,20 +31,26 @@ def _query(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": description}
 
 
+_KIND_SCHEMAS: dict[Kind, dict[str, Any]] = {
+    "text": {"type": "string"}, "texts": {"type": "array", "items": {"type": "string"}},
+    "boolean": {"type": "boolean"}, "epoch": {"type": ["integer", "string"]},
+    "seconds": {"type": "integer", "minimum": 1},
+}
+
+
+def create_request_schema() -> dict[str, Any]:
+    """The POST /ssa body: the fields of ``ssa.CreateRequest``; configured custom attributes too."""
+    properties = {}
+    for f in REQUEST_FIELDS:
+        schema = {**_KIND_SCHEMAS[f.kind], "description": f.help}
+        if f.kind == "boolean":
+            schema["default"] = f.default
+        properties[f.name] = schema
+    return {"type": "object", "properties": properties, "additionalProperties": True}
+
+
 def openapi_document(issuer: str) -> dict[str, Any]:
     bearer = lambda *scopes: [{"bearer": list(scopes)}]  # noqa: E731
-    string_list = {"type": "array", "items": {"type": "string"}}
-    create_body = {
-        "type": "object",
-        "properties": {
-            "org_id": {"type": "string"}, "description": {"type": "string"}, "software_id": {"type": "string"},
-            "software_roles": string_list, "grant_types": string_list,
-            "expiration": {"type": ["integer", "string"], "description": "epoch seconds; <= 0 or absent: default"},
-            "one_time_use": {"type": "boolean", "default": True}, "rotate_ssa": {"type": "boolean", "default": True},
-            "lifetime": {"type": "integer", "minimum": 1},
-        },
-        "additionalProperties": True,
-    }
     ssa_item = {
         "type": "object",
         "required": ["ssa", "created_at", "expiration", "iss", "status"],
@@ -69,7 +75,8 @@ def openapi_document(issuer: str) -> dict[str, Any]:
         }},
         "/ssa": {
             "post": {"summary": "Create an SSA", "security": bearer(ADMIN),
-                     "requestBody": {"required": True, "content": {"application/json": {"schema": create_body}}},
+                     "requestBody": {"required": True,
+                                     "content": {"application/json": {"schema": create_request_schema()}}},
                      "responses": {**_ok("The signed SSA", _JWT, 201), **_errors(400, 401, 403, 413, 502, 503)}},
             "get": {"summary": "List active SSAs", "security": bearer(ADMIN, PORTAL, DEVELOPER),
                     "parameters": [_query("jti", "SSA id"), _query("org_id", "organization")],

@@ -28,8 +28,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from . import pgschema
-from .store import (ACTIVE, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, SsaRecord, StoreSchemaError,
-                    StoreUnavailable, TemplateRecord, UnstorableValue)
+from .ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
+from .store import (ClientRecord, KeyRecord, StoreSchemaError, StoreUnavailable, TemplateRecord,
+                    UnstorableValue)
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
 KEY_COLUMNS = ("kid", "use", "status", "created_at", "remove_after")

@@ -11,9 +11,10 @@ from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
-from .errors import FeatureDisabled, InvalidRequest
+from .errors import InvalidRequest
 from .server import Server
-from .service import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES, CallContext
+from .service import CallContext
+from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
 from .throttle import client_address
 from .tokens import Caller
 from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
@@ -30,8 +31,7 @@ def _context(request: Request, caller: Caller) -> CallContext:
 async def _ssa_caller(request: Request, *scopes: str) -> Caller:
     """Feature flag first (as Janssen), then the token and its scopes."""
     server = _server(request)
-    if not server.settings.enabled:
-        raise FeatureDisabled()
+    server.service.require_enabled()
     return await authenticate(request, server.tokens, server.clients, scopes)
 
 
@@ -66,7 +66,7 @@ async def create_ssa(request: Request) -> Response:
 
 async def list_ssas(request: Request) -> Response:
     caller = await _ssa_caller(request, ADMIN, PORTAL, DEVELOPER)
-    items = await _server(request).service.list(
+    items = await _server(request).service.list_ssas(
         _context(request, caller), jti=_query(request, "jti"), org_id=_query(request, "org_id"))
     return JSONResponse(items)
 
@@ -85,8 +85,6 @@ async def get_jwt(request: Request) -> Response:
 
 async def validate_ssa(request: Request) -> Response:
     server = _server(request)
-    if not server.settings.enabled:
-        raise FeatureDisabled()
     jti = request.headers.get("jti")
     await server.service.validate(jti if jti is None or storable(jti) else None)  # unstorable: no such SSA
     return _empty()

@@ -12,20 +12,21 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApiError, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable, ScriptFailed
+from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
+                     ScriptFailed)
 from .keys import KeyRing
 from .signing import PROCESS_ALGS, SLOW_ALGS
 from .signing_process import SigningProcess
 from .settings import Settings
-from .store import ACTIVE, SsaRecord, Store, UnstorableValue, clone
-from .validation import CreateRequest
+from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
+                  record_from_request)
+from .store import Store, TemplateRecord, UnstorableValue, clone
 from ssa_server.plugins.jwt_draft import JwtDraft
 from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
 
@@ -34,37 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ssa_server.service")
 
-ADMIN = "https://jans.io/auth/ssa.admin"
-PORTAL = "https://jans.io/auth/ssa.portal"
-DEVELOPER = "https://jans.io/auth/ssa.developer"
-SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
-
 # Shared by every service in the process; as many threads as cores (more only add GIL contention).
 _SIGNING_THREADS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
-
-
-class _Uuid4Source:
-    """uuid4 strings from a buffer of ``os.urandom`` (one getrandom call per 256 ids instead of
-    one per id).  Thread-safe, and the buffer is dropped in a forked child."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer, self._pos, self._pid = b"", 0, 0
-
-    def __call__(self) -> str:
-        with self._lock:
-            if self._pos >= len(self._buffer) or self._pid != os.getpid():
-                self._buffer, self._pos, self._pid = os.urandom(4096), 0, os.getpid()
-            raw = self._buffer[self._pos:self._pos + 16]
-            self._pos += 16
-        # RFC 9562 version 4: version nibble 4, variant bits 10 (what uuid.UUID(version=4) sets).
-        h = raw.hex()
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-
-
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-
-new_jti = _Uuid4Source()
 
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 # Headers that carry credentials by their name: tokens and sessions a proxy or a gateway adds
@@ -129,26 +101,27 @@ class SsaService:
     def now(self) -> int:
         return int(self._clock())
 
+    def require_enabled(self) -> None:
+        """The ``ssa`` feature flag (``enabled``): while it is off, every SSA operation of this service
+        refuses (403 ``access_denied``), over HTTP and in the CLI alike.  HTTP handlers also ask
+        before they check the token, since Janssen checks the flag first."""
+        if not self.settings.enabled:
+            raise FeatureDisabled()
+
     # --- create ---
     async def create(self, request: CreateRequest, ctx: CallContext) -> str:
         """Build, post-process (hooks), sign and store a new SSA; returns the compact JWT.
 
         Nothing is stored when a hook refuses or fails, or when signing fails.
         """
-        now = self.now()
-        expiration = request.expiration or now + self.settings.expiration_in_days * 86400
-        record = SsaRecord(
-            jti=new_jti(), org_id=request.org_id, description=request.description,
-            software_id=request.software_id, software_roles=list(request.software_roles),
-            grant_types=list(request.grant_types), one_time_use=request.one_time_use,
-            rotate_ssa=request.rotate_ssa, lifetime=request.lifetime, custom=dict(request.custom),
-            created_at=now, expiration=expiration, status=ACTIVE, creator_id=ctx.client_id,
-            iss=self.settings.issuer,
-        )
+        self.require_enabled()
+        settings = self.settings
+        record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
+                                     creator_id=ctx.client_id, issuer=settings.issuer)
         await self.keys.refresh_if_due()
         active = self.keys.active()
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
-        claims = self.jwt_claims(record)
+        claims = jwt_claims(record)
         draft = JwtDraft(header, claims)
         if self.hooks.wanted("create"):  # else nothing can change it: no copies
             draft = JwtDraft(clone(header), clone(claims))
@@ -164,19 +137,6 @@ class SsaService:
             raise InvalidRequest(f"A value of the request cannot be stored exactly: {e}.") from None
         log.debug("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
         return token
-
-    @staticmethod
-    def jwt_claims(record: SsaRecord) -> dict[str, Any]:
-        claims: dict[str, Any] = {
-            "jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
-            "iss": record["iss"], "software_id": record["software_id"], "org_id": record["org_id"],
-            "software_roles": list(record["software_roles"]), "grant_types": list(record["grant_types"]),
-        }
-        if record.get("lifetime") is not None:
-            claims["lifetime"] = record["lifetime"]
-        if record["custom"]:
-            claims.update(clone(record["custom"]))
-        return claims
 
     @staticmethod
     def _check_protected(header: dict[str, Any], claims: dict[str, Any], draft: JwtDraft) -> None:
@@ -199,14 +159,16 @@ class SsaService:
         return self.keys.sign(unsigned, claims)
 
     # --- list ---
-    async def list(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[dict[str, Any]]:
+    async def list_ssas(self, ctx: CallContext, *, jti: str | None = None,
+                        org_id: str | None = None) -> list[dict[str, Any]]:
         """ACTIVE, unexpired SSAs matching the filters; developer-only callers see their own."""
+        self.require_enabled()
         creator = None
         if DEVELOPER in ctx.scopes and not ctx.scopes & {ADMIN, PORTAL}:
             creator = ctx.client_id
         now = self.now()
         records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE, creator_id=creator)
-        items = [self.list_item(r) for r in records if r["expiration"] > now]
+        items = [list_item(r) for r in records if r["expiration"] > now]
         if not items or not self.hooks.wanted("get"):
             return items  # nothing can change the list: skip the copy
         edited = clone(items)
@@ -216,41 +178,27 @@ class SsaService:
             raise ScriptFailed("a get hook left the SSA list in an invalid state.")
         return edited
 
-    @staticmethod
-    def list_item(record: SsaRecord) -> dict[str, Any]:
-        """The GET /ssa element for one stored SSA (Janssen's shape)."""
-        inner: dict[str, Any] = {
-            "org_id": record["org_id"], "software_id": record["software_id"],
-            "software_roles": list(record["software_roles"]), "grant_types": list(record["grant_types"]),
-            "iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
-            "jti": record["jti"], "description": record["description"],
-            "one_time_use": record["one_time_use"], "rotate_ssa": record["rotate_ssa"],
-        }
-        if record.get("lifetime") is not None:
-            inner["lifetime"] = record["lifetime"]
-        for name, value in record["custom"].items():
-            inner.setdefault(name, clone(value))
-        return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
-                "iss": record["creator_id"], "status": record["status"]}
-
     # --- get JWT ---
     async def get_jwt(self, jti: str | None) -> str:
         """The stored SSA re-signed with the active key (create hooks do not run)."""
+        self.require_enabled()
         record = await self.store.get_ssa(jti) if jti else None
         if record is None or record["status"] != ACTIVE or record["expiration"] <= self.now():
             raise InvalidJti()
         await self.keys.refresh_if_due()
-        return await self._sign({"typ": "jwt"}, self.jwt_claims(record))
+        return await self._sign({"typ": "jwt"}, jwt_claims(record))
 
     # --- validate ---
     async def validate(self, jti: str | None) -> None:
         """Succeeds for an existing, ACTIVE, unexpired SSA; a one-time SSA becomes USED, atomically."""
+        self.require_enabled()
         if not jti or await self.store.mark_used(jti, self.now()) is None:
             raise InvalidJti()
 
     # --- revoke ---
     async def revoke(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[SsaRecord]:
         """REVOKED (expiration = now) for every ACTIVE SSA matching jti and/or org_id."""
+        self.require_enabled()
         if not jti and not org_id:
             raise NotAcceptable()
         revoked = await self.store.revoke_ssas(jti=jti or None, org_id=org_id or None, now=self.now())
@@ -258,17 +206,23 @@ class SsaService:
             raise NothingToRevoke()
         log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
         if self.hooks.wanted("revoke"):  # never raises: the revocation stands whatever a hook does
-            items = [self.list_item(r) for r in revoked]
+            items = [list_item(r) for r in revoked]
             await self.hooks.revoke(items, ctx.for_hook("revoke", self.settings))
         return revoked
 
     # --- templates (operator CLI) ---
     async def save_template(self, name: str, fields: dict[str, Any]) -> None:
+        self.require_enabled()
         fields = json.loads(json.dumps(fields, allow_nan=False))
         await self.store.put_template({"name": name, "fields": fields, "created_at": self.now()})
 
     async def template_fields(self, name: str) -> dict[str, Any]:
+        self.require_enabled()
         record = await self.store.get_template(name)
         if record is None:
             raise ApiError(f"No template named '{name}'.", status=404, error="not_found")
         return dict(record["fields"])
+
+    async def list_templates(self) -> list[TemplateRecord]:
+        self.require_enabled()
+        return await self.store.list_templates()

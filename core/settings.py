@@ -10,7 +10,6 @@ config file (top level or under an ``[ssa]`` table).  Janssen's ``ssaConfigurati
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import tomllib
@@ -18,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .ssa import RESERVED_ATTRIBUTES  # request fields and server claims: never custom attributes
 
 SIGNING_ALGS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
@@ -50,7 +51,7 @@ class Settings:
     cleanup_grace: int = 7 * 24 * 3600  # seconds an expired/revoked/used SSA is kept before purge
     key_refresh_interval: float = 2.0  # seconds between checks for keys rotated by another process
     log_level: str = "info"
-    access_log: bool = False  # uvicorn's access log costs ~45% of throughput; off by default
+    access_log: bool = False  # uvicorn's access log costs a large share of throughput; off by default
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"
@@ -160,13 +161,6 @@ class Settings:
         return Settings(**current)
 
 
-# Request fields of POST /ssa and claims the server owns: never accepted as custom attributes.
-RESERVED_ATTRIBUTES = frozenset({
-    "org_id", "description", "software_id", "software_roles", "grant_types", "expiration",
-    "one_time_use", "rotate_ssa", "lifetime", "jti", "iss", "iat", "exp", "nbf", "sub", "aud",
-})
-
-
 def _mask_url(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -260,6 +254,3 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         out[key] = _cast(key, raw, _FIELD_TYPES[key])
     return out
 
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Settings)]

@@ -1,35 +1,17 @@
 """The store interface: what the service needs from persistence, and nothing more.
 
-Records are plain JSON-ready dicts (TypedDicts below), so every backend stores them as they are
-and every caller gets copies it may change freely.  Every write method returns only after the
-change is durable (on disk or committed).
+Records are plain JSON-ready dicts (TypedDicts: below, and the SSA's in ``ssa.py``), so every
+backend stores them as they are and every caller gets copies it may change freely.  Every write
+method returns only after the change is durable (on disk or committed).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import Any, NotRequired, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
-ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
-STATES = (ACTIVE, USED, REVOKED, EXPIRED)
-
-
-class SsaRecord(TypedDict):
-    jti: str  # also the JWT's jti claim
-    org_id: str
-    description: str
-    software_id: str
-    software_roles: list[str]
-    grant_types: list[str]
-    one_time_use: bool
-    rotate_ssa: bool
-    lifetime: NotRequired[int | None]
-    custom: dict[str, Any]  # configured custom attributes given at creation
-    created_at: int  # epoch seconds; the JWT's iat
-    expiration: int  # epoch seconds; the JWT's exp (set to now on revoke)
-    status: str  # one of STATES
-    creator_id: str  # client_id that created it ("cli" for the operator CLI)
-    iss: str  # the issuer the SSA was signed under
+if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports ``clone`` from here)
+    from .ssa import SsaRecord
 
 
 class ClientRecord(TypedDict):

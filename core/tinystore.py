@@ -47,8 +47,9 @@ from tinydb.storages import MemoryStorage
 from tinydb.table import Table
 
 from .shared_counter import SharedCounter
-from .store import (ACTIVE, clone, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, SsaRecord, StoreDegraded,
-                    StoreLocked, StoreUnavailable, TemplateRecord, UnstorableValue)
+from .ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
+from .store import (clone, ClientRecord, KeyRecord, StoreDegraded, StoreLocked, StoreUnavailable,
+                    TemplateRecord, UnstorableValue)
 
 log = logging.getLogger("ssa_server.store")
 
@@ -126,16 +127,16 @@ def _compact_ssa(doc: dict[str, Any]) -> dict[str, Any]:
         value = doc.get(name)
         if type(value) is str:
             doc[name] = _intern(value)
-    doc["software_roles"] = [_intern(v) if type(v) is str else v for v in doc["software_roles"]]
-    doc["grant_types"] = [_intern(v) if type(v) is str else v for v in doc["grant_types"]]
+    for name in LIST_FIELDS:
+        doc[name] = [_intern(v) if type(v) is str else v for v in doc[name]]
     return doc
 
 
 def _copy_ssa(doc: dict[str, Any]) -> Any:
-    """A caller's copy of a stored SSA: its only mutable parts are the two lists and ``custom``."""
+    """A caller's copy of a stored SSA: its only mutable parts are its lists and ``custom``."""
     out = doc.copy()
-    out["software_roles"] = list(doc["software_roles"])
-    out["grant_types"] = list(doc["grant_types"])
+    for name in LIST_FIELDS:
+        out[name] = list(doc[name])
     out["custom"] = clone(doc["custom"]) if doc["custom"] else {}
     return out
 

@@ -21,12 +21,13 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from . import jsonvalues
-from .store import ACTIVE, Store
+from .ssa import ACTIVE, REQUIRED_RECORD_FIELDS
+from .store import Store
 
 TABLES = ("clients", "keys", "templates", "ssa")
 _ID = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
 _REQUIRED = {
-    "ssa": ("org_id", "status", "expiration", "creator_id", "created_at", "one_time_use"),
+    "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
     "clients": ("secret_hash", "scopes", "created_at"),
     "keys": ("alg", "use", "jwk", "status", "created_at"),
     "templates": ("fields", "created_at"),

@@ -8,34 +8,17 @@ most ``MAX_DEPTH``, exact integers, storable text) are ``jsonvalues``'s.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from . import jsonvalues
 from .errors import InvalidRequest, InvalidSsaMetadata, PayloadTooLarge
 from .jsonvalues import storable  # noqa: F401  (routes and auth take it from here)
+from .ssa import REQUEST_FIELDS, CreateRequest, Kind
 
 MAX_BODY = 64 * 1024
 MAX_STRING = 4096
 MAX_LIST = 100
-
-
-@dataclass(frozen=True)
-class CreateRequest:
-    """A checked POST /ssa body.  ``expiration`` is None when the default applies."""
-
-    org_id: str = ""
-    description: str = ""
-    software_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    software_roles: list[str] = field(default_factory=list)
-    grant_types: list[str] = field(default_factory=list)
-    expiration: int | None = None
-    one_time_use: bool = True
-    rotate_ssa: bool = True
-    lifetime: int | None = None
-    custom: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_strings(value: Any) -> None:
@@ -139,25 +122,35 @@ def _integer(body: dict[str, Any], name: str, *, allow_numeric_string: bool = Fa
     return value
 
 
+def _epoch(body: dict[str, Any], name: str) -> int | None:
+    value = _integer(body, name, allow_numeric_string=True)
+    return value if value is not None and value > 0 else None  # 0 or less: the default
+
+
+def _seconds(body: dict[str, Any], name: str) -> int | None:
+    value = _integer(body, name)
+    if value is not None and value < 1:
+        raise InvalidSsaMetadata(f"Invalid SSA Metadata: '{name}' must be at least 1 second.")
+    return value
+
+
+_PARSERS: dict[Kind, Callable[[dict[str, Any], str], Any]] = {
+    "text": _string, "texts": _string_list, "boolean": _bool, "epoch": _epoch, "seconds": _seconds,
+}
+_FIELDS = tuple((f.name, _PARSERS[f.kind], f.generated) for f in REQUEST_FIELDS)
+
+
 def parse_create_request(body: Any, custom_attributes: tuple[str, ...]) -> CreateRequest:
-    """Check a POST /ssa body; unknown keys are ignored (never stored), as in Janssen."""
+    """Check a create request (the fields of ``ssa.CreateRequest``, by their kind); unknown keys
+    are ignored (never stored), as in Janssen.  An absent or null field takes its default, and so
+    does an empty one whose default is generated (``software_id``)."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    lifetime = _integer(body, "lifetime")
-    if lifetime is not None and lifetime < 1:
-        raise InvalidSsaMetadata("Invalid SSA Metadata: 'lifetime' must be at least 1 second.")
-    expiration = _integer(body, "expiration", allow_numeric_string=True)
-    values: dict[str, Any] = {
-        "org_id": _string(body, "org_id"),
-        "description": _string(body, "description"),
-        "software_id": _string(body, "software_id") or None,
-        "software_roles": _string_list(body, "software_roles"),
-        "grant_types": _string_list(body, "grant_types"),
-        "expiration": expiration if expiration is not None and expiration > 0 else None,
-        "one_time_use": _bool(body, "one_time_use"),
-        "rotate_ssa": _bool(body, "rotate_ssa"),
-        "lifetime": lifetime,
-    }
+    values: dict[str, Any] = {}
+    for name, parse, generated in _FIELDS:
+        value = parse(body, name)
+        if value is not None and (value or not generated):
+            values[name] = value
     custom = {}
     for name in custom_attributes:
         if body.get(name) is not None:
@@ -169,7 +162,7 @@ def parse_create_request(body: Any, custom_attributes: tuple[str, ...]) -> Creat
             if size > MAX_STRING:
                 raise InvalidRequest(f"'{name}' is too large.")
             custom[name] = value
-    return CreateRequest(**{k: v for k, v in values.items() if v is not None}, custom=custom)
+    return CreateRequest(**values, custom=custom)
 
 
 def parse_form(raw: bytes) -> dict[str, str]:

@@ -418,14 +418,12 @@ class ScriptHost:
 
 def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, Any]:
     """A realistic event for ``hook``: what the server would hand a script for a fresh SSA."""
-    from ssa_server.service import ADMIN, SsaService
-    from ssa_server.store import ACTIVE, SsaRecord
+    from ssa_server.ssa import ADMIN, CreateRequest, jwt_claims, list_item, record_from_request
 
-    now = int(time.time())
-    record = SsaRecord(jti="4f7c2b3e-0000-4000-8000-000000000001", org_id="acme", description="sample SSA",
-                       software_id="acme-scanner", software_roles=["password"], grant_types=["client_credentials"],
-                       one_time_use=True, rotate_ssa=True, lifetime=86400, custom={}, created_at=now,
-                       expiration=now + 30 * 86400, status=ACTIVE, creator_id="sample-client", iss=issuer)
+    request = CreateRequest(org_id="acme", description="sample SSA", software_id="acme-scanner",
+                            software_roles=["password"], grant_types=["client_credentials"], lifetime=86400)
+    record = record_from_request(request, now=int(time.time()), expiration_in_days=30, creator_id="sample-client",
+                                 issuer=issuer, jti="4f7c2b3e-0000-4000-8000-000000000001")
     context = {"client_id": "sample-client", "scopes": [ADMIN], "hook": hook,
                "settings": {"issuer": issuer, "signing_alg": "RS256", "expiration_in_days": 30,
                             "custom_attributes": []},
@@ -433,9 +431,9 @@ def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, 
                            "path": "/ssa", "headers": {"content-type": "application/json"}}}
     if hook == "create":
         payload = {"header": {"typ": "jwt", "alg": "RS256", "kid": "ssa_sample_sig_rs256"},
-                   "claims": SsaService.jwt_claims(record)}
+                   "claims": jwt_claims(record)}
     else:
-        payload = {"ssa_list": [SsaService.list_item(record)]}
+        payload = {"ssa_list": [list_item(record)]}
     return {"payload": payload, "context": context}
 
 

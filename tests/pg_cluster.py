@@ -11,10 +11,11 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from ports import free_port  # also what bench/pg_bench.py imports from here
 
 HOW_TO = ("PostgreSQL tests need a server: install PostgreSQL (initdb and pg_ctl on PATH or in "
           "/usr/lib/postgresql/*/bin) or set SSA_TEST_PG_URL=postgresql://USER@127.0.0.1:PORT/postgres "
@@ -23,12 +24,6 @@ HOW_TO = ("PostgreSQL tests need a server: install PostgreSQL (initdb and pg_ctl
 
 class ClusterError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_bin() -> Path | None:

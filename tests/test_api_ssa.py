@@ -8,9 +8,11 @@ import time
 import pytest
 
 from conftest import ADMIN, DEVELOPER, PORTAL
-from ssa_server.errors import ScriptDenied
+from ssa_server.errors import FeatureDisabled, ScriptDenied
 from ssa_server.plugins.hookspecs import hookimpl
+from ssa_server.service import CallContext
 from ssa_server.settings import SIGNING_ALGS
+from ssa_server.ssa import CreateRequest
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "k"}
 
@@ -254,6 +256,22 @@ def test_feature_flag_off(make_api):
                          ("POST", "/ssa/validation")]:
         assert_error(a.client.request(method, path, headers=H), 403, "access_denied")
     assert "ssa_endpoint" not in a.client.get("/.well-known/openid-configuration").json()
+
+
+def test_feature_flag_is_the_services_rule(make_api):
+    """Every SSA operation of ``SsaService`` refuses while the flag is off, whoever calls it; over
+    HTTP the flag is checked before the token (as Janssen)."""
+    a = make_api(enabled=False)
+    service, ctx = a.server.service, CallContext("c", frozenset({ADMIN}))
+    for call in (lambda: service.create(CreateRequest(org_id="o"), ctx), lambda: service.list_ssas(ctx),
+                 lambda: service.get_jwt("x"), lambda: service.validate("x"), lambda: service.revoke(ctx, jti="x"),
+                 lambda: service.save_template("t", {}), lambda: service.template_fields("t"),
+                 lambda: service.list_templates()):
+        with pytest.raises(FeatureDisabled):
+            a.call(call)
+    for method, path in [("POST", "/ssa"), ("GET", "/ssa"), ("DELETE", "/ssa?jti=x"), ("GET", "/ssa/jwt?jti=x")]:
+        assert_error(a.client.request(method, path), 403, "access_denied")  # no token at all
+    assert a.call(a.server.store.count_ssas) == 0 and a.call(a.server.store.list_templates) == []
 
 
 # --- discovery, jwks, health, errors ---

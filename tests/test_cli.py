@@ -73,6 +73,23 @@ def test_ssa_create_list_revoke_and_templates(cli):
     assert code == 1 and "invalid_ssa_metadata" in err
 
 
+def test_the_feature_flag_off_refuses_every_ssa_command(cli, monkeypatch):
+    """``enabled = false`` is the service's rule, so the CLI refuses as HTTP does (403 there): nothing
+    is created, listed, revoked or saved as a template.  Clients and keys are not the SSA feature."""
+    cli("ssa", "create", "--org-id", "kept", "--save-template", "kept")
+    monkeypatch.setenv("SSA_ENABLED", "false")
+    refused = (1, "", "ssa-server: access_denied: The SSA feature is disabled on this server.\n")
+    commands = [["ssa", "create", "--org-id", "new", "--save-template", "new"],
+                ["ssa", "create", "--template", "kept"], ["ssa", "list"], ["ssa", "revoke", "--org-id", "kept"],
+                ["ssa", "templates"]]
+    for argv in commands:
+        assert cli(*argv, ok=False) == refused
+    assert cli("clients", "list") == [] and [k["use"] for k in cli("keys", "list")].count("ssa") == 1
+    monkeypatch.delenv("SSA_ENABLED")
+    assert [i["ssa"]["org_id"] for i in cli("ssa", "list")] == ["kept"]
+    assert [t["name"] for t in cli("ssa", "templates")] == ["kept"]
+
+
 def test_config_show_precedence_and_bad_setting(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('signing_alg = "ES256"\nport = 9000\nstore_url = "tinydb://app:pw@x"\n')

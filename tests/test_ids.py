@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import uuid
 
-from ssa_server.service import new_jti
+from ssa_server.ssa import new_jti
 
 
 def test_jtis_are_version_4_uuids_and_unique():
-    jtis = [new_jti() for _ in range(5000)]  # spans many refills of the random buffer
+    jtis = [new_jti() for _ in range(5000)]
     assert len(set(jtis)) == len(jtis)
     for jti in jtis[:600]:
         parsed = uuid.UUID(jti)
@@ -17,7 +17,7 @@ def test_jtis_are_version_4_uuids_and_unique():
 
 
 def test_a_forked_child_does_not_repeat_the_parents_jtis():
-    new_jti()  # the parent's buffer holds unused random bytes now
+    new_jti()  # (a buffered random source would hold unused bytes now)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -17,7 +17,8 @@ import pytest
 psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' installs the PostgreSQL driver")
 
 from conftest import ADMIN, truncate, with_database  # noqa: E402
-from pg_cluster import free_port, start_cluster  # noqa: E402
+from pg_cluster import start_cluster  # noqa: E402
+from ports import free_port  # noqa: E402
 from test_live_server import jti_of  # noqa: E402
 
 pytestmark = pytest.mark.slow

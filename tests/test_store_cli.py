@@ -60,7 +60,7 @@ def test_postgres_url_without_psycopg_says_how_to_install(tmp_path):
 
 
 def test_unreachable_database_is_one_line_without_password(tmp_path):
-    from pg_cluster import free_port
+    from ports import free_port
 
     r = run("clients", "list", "--store-url", f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db",
             env={"SSA_STORE_POOL_TIMEOUT": "0.5"})
@@ -160,6 +160,25 @@ def test_bad_import_file_is_one_line_and_imports_nothing(tmp_path, line, message
     r = run("store", "import", "-", "--data-dir", str(tmp_path), stdin=line + "\n")
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert not Path(tmp_path / "store.jsonl").exists() or Path(tmp_path / "store.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("missing", ["software_roles", "description", "iss"])
+def test_an_exported_ssa_without_a_field_of_the_model_is_refused(tmp_path, missing):
+    """An SSA line must hold every field of the model's record (``ssa.REQUIRED_RECORD_FIELDS``):
+    one without its lists crashed the import, one without another field was imported and broke
+    ``ssa list`` and GET /ssa on it."""
+    import time
+
+    now = int(time.time())
+    record = {"jti": "j1", "org_id": "acme", "description": "", "software_id": "s", "software_roles": [],
+              "grant_types": [], "one_time_use": False, "rotate_ssa": True, "lifetime": None, "custom": {},
+              "created_at": now, "expiration": now + 3600, "status": "ACTIVE", "creator_id": "c",
+              "iss": "http://x"}
+    del record[missing]
+    line = json.dumps({"table": "ssa", "record": record})
+    r = run("store", "import", "-", "--data-dir", str(tmp_path), stdin=line)
+    assert r.returncode == 1 and r.stderr == f"ssa-server: import: line 1: a ssa record without {missing}\n"
+    assert json.loads(ok("ssa", "list", "--data-dir", str(tmp_path)).stdout) == []
 
 
 def test_import_of_text_postgresql_cannot_hold_is_one_line(tmp_path, pg_url):

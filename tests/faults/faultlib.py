@@ -16,7 +16,7 @@ import httpx2 as httpx
 import pytest
 
 from conftest import ADMIN
-from test_live_server import free_port
+from ports import free_port
 
 IS_ROOT = os.geteuid() == 0
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -19,13 +19,9 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from ports import free_port
+
 ADMIN = "https://jans.io/auth/ssa.admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:

@@ -351,7 +351,7 @@ def test_the_generic_500_is_no_store_json(api, monkeypatch):
     async def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(api.server.service, "list", broken)
+    monkeypatch.setattr(api.server.service, "list_ssas", broken)
     r = api.client.get("/ssa", headers=api.auth())
     assert r.status_code == 500 and r.json()["error"] == "server_error"
     assert r.headers["cache-control"] == "no-store" and "a bug" not in r.text
@@ -497,9 +497,11 @@ def test_serve_without_httptools_is_refused_in_one_line(tmp_path):
 
 
 def test_every_setting_is_documented():
+    from dataclasses import fields
     from pathlib import Path
 
-    from ssa_server.settings import field_names
+    from ssa_server.settings import Settings
 
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
-    assert [n for n in field_names() if f"| `{n}` | `SSA_{n.upper()}` |" not in doc] == []
+    names = [f.name for f in fields(Settings)]
+    assert [n for n in names if f"| `{n}` | `SSA_{n.upper()}` |" not in doc] == []

@@ -14,7 +14,7 @@ import httpx2 as httpx
 import pytest
 
 from ssa_server.plugins.sandbox import SandboxLimits, SandboxPool
-from ssa_server.store import ACTIVE
+from ssa_server.ssa import ACTIVE
 from tests.test_scripts_http import harness  # noqa: F401  (pytest fixture)
 
 

@@ -1,0 +1,197 @@
+"""The SSA model: the fields of a create request, the stored record, its JWT claims and list element.
+
+Each request field is declared once, on ``CreateRequest``: its type, its default, its JSON kind and
+where an SSA shows it.  The rest is derived from there: the request parser
+(``validation.parse_create_request``), the names a custom attribute may not take
+(``RESERVED_ATTRIBUTES``, checked by ``settings``), the flags of ``ssa create`` (``cli``), the
+OpenAPI request schema (``openapi``), the fields an exported SSA must hold (``transfer``), the lists
+the embedded store copies for each caller (``LIST_FIELDS``), the record (``record_from_request``),
+its claims (``jwt_claims``) and its ``GET /ssa`` element (``list_item``).  ``SsaRecord`` spells the
+fields again for the type checker only; ``tests/test_ssa_model.py`` fails when it, or any derived
+place, differs from ``CreateRequest``.
+"""
+
+# No ``from __future__ import annotations`` here: a TypedDict sees ``NotRequired`` only in evaluated
+# annotations (Python 3.11), and REQUIRED_RECORD_FIELDS is read from SsaRecord.
+
+import uuid
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Literal, NotRequired, TypedDict
+
+from .store import clone
+
+ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
+STATES = (ACTIVE, USED, REVOKED, EXPIRED)
+
+ADMIN = "https://jans.io/auth/ssa.admin"
+PORTAL = "https://jans.io/auth/ssa.portal"
+DEVELOPER = "https://jans.io/auth/ssa.developer"
+SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
+
+# Claims the server sets on every SSA, and the registered ones verifiers read: never custom attributes.
+SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud")
+
+Kind = Literal["text", "texts", "boolean", "epoch", "seconds"]
+"""A request field's JSON kind, which says how it is checked (``validation``), offered as a flag
+(``cli``) and documented (``openapi``): ``text`` a string; ``texts`` a list of strings;
+``boolean`` true or false; ``epoch`` epoch seconds, an integer or one written as a string (Janssen's
+docs send ``"expiration": "1696799089"``), 0 or less meaning the default; ``seconds`` an integer of
+at least 1 (less is ``invalid_ssa_metadata``, as in Janssen)."""
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One field of a create request: how it travels and where the SSA shows it."""
+
+    kind: Kind
+    help: str  # one line: the ``ssa create`` flag's help and the OpenAPI description
+    claim: bool = True  # a JWT claim of the same name
+    listed: bool = True  # a member of the GET /ssa element's "ssa" object
+    flag: str = ""  # the ``ssa create`` flag without its dashes (default: the name with dashes)
+    off_help: str = ""  # a boolean's ``--no-FLAG`` help
+    # Filled in from the CreateRequest attribute:
+    name: str = ""
+    default: Any = None  # the fixed default (None when it is generated per request)
+    generated: bool = False  # the default is made per request; an empty value takes it too
+
+    @property
+    def optional(self) -> bool:
+        """None is its default: left out of the claims and the list element while None."""
+        return self.default is None and not self.generated
+
+
+def _field(kind: Kind, default: Any, help: str, **where: Any) -> Any:
+    spec = {"ssa": RequestField(kind, help, **where)}
+    if callable(default):
+        return field(default_factory=default, metadata=spec)
+    return field(default=default, metadata=spec)
+
+
+def new_jti() -> str:
+    """An SSA's id: a random (version 4) UUID."""
+    return str(uuid.uuid4())
+
+
+def _new_software_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A checked create request: a POST /ssa body, the flags of ``ssa create`` or a template.
+
+    ``expiration`` None means ``expiration_in_days`` from creation.  ``custom`` holds the
+    configured custom attributes the request gave (``settings.custom_attributes``).
+    """
+
+    org_id: str = _field("text", "", "the organization the software belongs to")
+    description: str = _field("text", "", "free text about the SSA", claim=False)
+    software_id: str = _field("text", _new_software_id, "the software's id (default: a new UUID)")
+    software_roles: list[str] = _field("texts", list, "a software role (repeatable)", flag="software-role")
+    grant_types: list[str] = _field("texts", list, "a grant type (repeatable)", flag="grant-type")
+    # The record keeps it (the default filled in) as the JWT's exp and the element's exp/expiration.
+    expiration: int | None = _field("epoch", None, "epoch seconds; <= 0 or absent: default",
+                                    claim=False, listed=False)
+    one_time_use: bool = _field("boolean", True, "valid for one validation (default)", claim=False,
+                                off_help="reusable")
+    rotate_ssa: bool = _field("boolean", True, "rotate_ssa true (default)", claim=False,
+                              off_help="rotate_ssa false")
+    lifetime: int | None = _field("seconds", None, "seconds")
+    custom: dict[str, Any] = field(default_factory=dict)
+
+
+def _request_field(f: Any) -> RequestField:
+    spec: RequestField = f.metadata["ssa"]
+    return replace(spec, name=f.name, flag=spec.flag or f.name.replace("_", "-"),
+                   default=None if f.default is MISSING else f.default,
+                   generated=f.default_factory is not MISSING)
+
+
+REQUEST_FIELDS: tuple[RequestField, ...] = tuple(_request_field(f) for f in fields(CreateRequest)
+                                                  if "ssa" in f.metadata)
+# A record's lists: with ``custom``, its only mutable parts (what a store copies for each caller).
+LIST_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.kind == "texts")
+RESERVED_ATTRIBUTES = frozenset(f.name for f in REQUEST_FIELDS) | frozenset(SERVER_CLAIMS)
+
+
+class SsaRecord(TypedDict):
+    """One stored SSA: the request's fields (as ``CreateRequest``), then what the server sets."""
+
+    org_id: str
+    description: str
+    software_id: str
+    software_roles: list[str]
+    grant_types: list[str]
+    expiration: int  # epoch seconds; the JWT's exp (set to now on revoke)
+    one_time_use: bool
+    rotate_ssa: bool
+    lifetime: NotRequired[int | None]
+    custom: dict[str, Any]  # configured custom attributes given at creation
+    jti: str  # also the JWT's jti claim
+    created_at: int  # epoch seconds; the JWT's iat
+    status: str  # one of STATES
+    creator_id: str  # client_id that created it ("cli" for the operator CLI)
+    iss: str  # the issuer the SSA was signed under
+
+
+# What an exported SSA must hold to be imported (every field but the optional ones), in order.
+REQUIRED_RECORD_FIELDS = tuple(k for k in SsaRecord.__annotations__ if k in SsaRecord.__required_keys__)
+
+
+def _names(shown: list[RequestField]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The names of ``shown`` in three groups: values kept as they are, lists (copied), optional."""
+    return (tuple(f.name for f in shown if f.kind != "texts" and not f.optional),
+            tuple(f.name for f in shown if f.kind == "texts"),
+            tuple(f.name for f in shown if f.optional))
+
+
+_STORED = _names([f for f in REQUEST_FIELDS if f.kind != "epoch"])
+_CLAIMED = _names([f for f in REQUEST_FIELDS if f.claim])
+_LISTED = _names([f for f in REQUEST_FIELDS if f.listed])
+
+
+def record_from_request(request: CreateRequest, *, now: int, expiration_in_days: int, creator_id: str,
+                        issuer: str, jti: str | None = None) -> SsaRecord:
+    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``."""
+    values, lists, optional = _STORED
+    record: dict[str, Any] = {name: getattr(request, name) for name in values}
+    for name in lists:
+        record[name] = list(getattr(request, name))
+    for name in optional:
+        record[name] = getattr(request, name)
+    record.update(expiration=request.expiration or now + expiration_in_days * 86400,
+                  custom=dict(request.custom), jti=jti or new_jti(), created_at=now, status=ACTIVE,
+                  creator_id=creator_id, iss=issuer)
+    return record  # type: ignore[return-value]
+
+
+def _shown(record: SsaRecord, out: dict[str, Any], names: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    values, lists, optional = names
+    for name in values:
+        out[name] = record[name]  # type: ignore[literal-required]
+    for name in lists:
+        out[name] = list(record[name])  # type: ignore[literal-required]
+    for name in optional:
+        value = record.get(name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def jwt_claims(record: SsaRecord) -> dict[str, Any]:
+    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes."""
+    claims = _shown(record, {"jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
+                             "iss": record["iss"]}, _CLAIMED)
+    if record["custom"]:
+        claims.update(clone(record["custom"]))
+    return claims
+
+
+def list_item(record: SsaRecord) -> dict[str, Any]:
+    """The GET /ssa element for one stored SSA (Janssen's shape)."""
+    inner = _shown(record, {"iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
+                            "jti": record["jti"]}, _LISTED)
+    for name, value in record["custom"].items():
+        inner.setdefault(name, clone(value))
+    return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
+            "iss": record["creator_id"], "status": record["status"]}
