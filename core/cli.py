@@ -20,7 +20,7 @@ from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
 from .store import StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
-from .transfer import TransferError
+from .store.transfer import TransferError
 from .service import ADMIN, CallContext
 from .validation import check_fields, parse_create_request
 
@@ -214,7 +214,7 @@ def cmd_ssa_templates(args: argparse.Namespace) -> int:
 
 # --- store ---
 async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[Any]]) -> Any:
-    from .server import open_store
+    from .store.backends import open_store
 
     store = open_store(settings, exclusive=False)
     await store.open()
@@ -229,11 +229,13 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     if not settings.uses_postgres:
         _print({"store": "tinydb", "schema": "the embedded store has no schema; nothing to do"})
         return 0
-    from .pgstore import PgStore, redact
+    from .settings import redact_url
+    from .store.backends import open_store
+    from .store.postgres import PgStore
 
     async def run() -> tuple[int, int]:
-        store = PgStore(settings.store_url, pool_min=1, pool_max=2, pool_timeout=settings.store_pool_timeout,
-                        statement_timeout=max(settings.store_statement_timeout, 60.0))
+        store = open_store(settings, exclusive=False, migration=True)
+        assert isinstance(store, PgStore)
         await store.connect()
         try:
             return await store.migrate()
@@ -241,21 +243,24 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
             await store.close()
 
     before, after = asyncio.run(run())
-    _print({"store": redact(settings.store_url), "schema_version_before": before, "schema_version": after})
+    _print({"store": redact_url(settings.store_url), "schema_version_before": before,
+            "schema_version": after})
     return 0
 
 
 def cmd_store_export(args: argparse.Namespace) -> int:
     import os
 
-    from .transfer import export_records, write_lines
+    from .store.transfer import export_records, write_lines
 
     async def action(store: Any) -> Any:
         return list(await export_records(store))
 
     lines = asyncio.run(_with_store(_settings(args), action))
     if args.output in (None, "-"):
-        n = write_lines(lines, sys.stdout)
+        sys.stdout.flush()
+        n = write_lines(lines, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
     else:
         try:
             fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
@@ -264,7 +269,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
             return 1
         try:
             os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
+            with os.fdopen(fd, "wb") as out:
                 n = write_lines(lines, out)
                 out.flush()
                 os.fsync(out.fileno())  # "exported" means on disk
@@ -280,7 +285,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
 def cmd_store_import(args: argparse.Namespace) -> int:
     import time
 
-    from .transfer import import_records, parse_lines
+    from .store.transfer import import_records, parse_lines
 
     if args.file == "-":
         import io
