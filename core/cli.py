@@ -20,6 +20,7 @@ from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
 from .store import StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
+from .store.search import DEFAULT_LIMIT, MAX_LIMIT
 from .store.transfer import TransferError
 from .service import ADMIN, CallContext
 from .validation import check_fields, parse_create_request
@@ -188,10 +189,23 @@ def cmd_ssa_create(args: argparse.Namespace) -> int:
 
 
 def cmd_ssa_list(args: argparse.Namespace) -> int:
-    async def action(server: Server) -> Any:
-        return await server.service.list(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+    if args.where is None:
+        if args.limit is not None:
+            raise ApiError("--limit goes with --where.")
 
-    _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
+        async def action(server: Server) -> Any:
+            return await server.service.list(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+
+        _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
+        return 0
+    if args.jti is not None or args.org_id is not None:
+        raise ApiError("--where searches every stored SSA: put jti=... or org_id=... in it instead of "
+                       "--jti or --org-id.")
+
+    async def search(server: Server) -> Any:
+        return await server.service.search(_cli_context("list"), args.where, limit=args.limit)
+
+    _print(asyncio.run(_with_server(_settings(args), search)))
     return 0
 
 
@@ -461,9 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--template", help="start from a saved template")
     sc.add_argument("--save-template", dest="save_template", help="save these fields as a template")
     sc.set_defaults(func=cmd_ssa_create)
-    sl = ssa.add_parser("list", parents=[common], help="list active SSAs")
+    sl = ssa.add_parser("list", parents=[common],
+                        help="list active SSAs, or search every stored SSA (--where)")
     sl.add_argument("--jti")
     sl.add_argument("--org-id", dest="org_id")
+    sl.add_argument("--where", action="append", metavar="FILTER",
+                    help="e.g. 'status=REVOKED,created_at>=2024-01-01' (repeatable; docs/store.md, Search)")
+    sl.add_argument("--limit", type=int,
+                    help=f"at most this many SSAs with --where (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})")
     sl.set_defaults(func=cmd_ssa_list)
     sr = ssa.add_parser("revoke", parents=[common], help="revoke SSAs by jti and/or org id")
     sr.add_argument("--jti")

@@ -7,9 +7,12 @@ write method returns only after the change is durable (on disk or committed).
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .records import ClientRecord, KeyRecord, SsaRecord, TemplateRecord
+
+if TYPE_CHECKING:
+    from .search import SsaFilter
 
 
 class Store(Protocol):
@@ -38,6 +41,10 @@ class Store(Protocol):
     async def find_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                         status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
         """SSAs matching every given filter (AND), oldest first."""
+
+    async def search_ssas(self, where: SsaFilter, limit: int) -> list[SsaRecord]:
+        """The first ``limit`` SSAs, oldest first, matching every term of ``where`` (the admin
+        search; ``search.py`` defines what a term matches, the same on every store)."""
 
     async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
         """Atomically: if the SSA is ACTIVE and expiration > now, set USED (one-time) and return it.

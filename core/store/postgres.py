@@ -30,6 +30,7 @@ from ..settings import redact_url
 from . import pgschema
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
 from .records import ACTIVE, EXPIRED, REVOKED, USED, ClientRecord, KeyRecord, SsaRecord, TemplateRecord
+from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
 KEY_COLUMNS = ("kid", "use", "status", "created_at", "remove_after")
@@ -251,6 +252,14 @@ class PgStore:
         where, params = self._where({"jti": jti, "org_id": org_id, "status": status,
                                      "creator_id": creator_id})
         return [_ssa(r) for r in await self._rows(f"{_SSA_SELECT}{where} ORDER BY created_at, seq", params)]
+
+    async def search_ssas(self, where: SsaFilter, limit: int) -> list[SsaRecord]:
+        """Parameterised SQL over the columns and the JSONB doc; the indexes serve its equality
+        and range terms on columns."""
+        condition, params = to_sql(where, SSA_COLUMNS)
+        rows = await self._rows(f'{_SSA_SELECT} WHERE {condition} ORDER BY created_at, jti COLLATE "C" '
+                                "LIMIT %s", [*params, limit])
+        return [_ssa(r) for r in rows]
 
     async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
         # One statement: a one-time SSA only ever leaves through the conditional UPDATE (the row

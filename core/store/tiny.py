@@ -1,27 +1,28 @@
-"""The embedded store: TinyDB tables in memory, every change recorded by the durable journal.
+"""The embedded store: tables of documents in memory, every change recorded by the durable journal,
+the admin search run by TinyDB's query engine.
 
-Why not stock TinyDB storage: ``JSONStorage`` rewrites and re-reads the whole file on every
+Why not TinyDB's storage and tables: ``JSONStorage`` rewrites and re-reads the whole file on every
 operation and a crash mid-write corrupts it; even ``MemoryStorage`` rebuilds the whole table dict
-on every write.  Here TinyDB holds the tables (dicts of documents, searched with TinyDB's
-``Query`` by the admin search), writes change the documents in place, and the journal
-(``journal.py``: durability, replay, compaction, degraded mode) appends one line per change.
-Indexes on ``org_id`` and ``creator_id`` (and the jti, the tables' key) keep the hot lookups from
-scanning.  See ``docs/store.md``.
+on every write.  So the tables are plain dicts (id -> document) whose documents are replaced,
+never changed in place; the journal (``journal.py``: durability, replay, compaction, degraded
+mode) appends one line per change; indexes on ``org_id`` and ``creator_id`` (and the jti, the
+table's key) keep the hot lookups from scanning; and a search's filter becomes a TinyDB ``Query``
+(``search.py``) tested on the documents.  See ``docs/store.md``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from tinydb import TinyDB
-from tinydb.storages import MemoryStorage
-from tinydb.table import Table
+from tinydb.queries import QueryInstance
 
 from .journal import Journal
+from .search import INDEXED, SsaFilter, tinydb_query
 from .records import (ACTIVE, EXPIRED, ID_FIELDS, REVOKED, TABLES, USED, ClientRecord, KeyRecord, SsaRecord,
                       TemplateRecord, clone)
 
@@ -29,25 +30,13 @@ from .records import (ACTIVE, EXPIRED, ID_FIELDS, REVOKED, TABLES, USED, ClientR
 _Change = tuple[str, str, Any, Any]
 
 
-class _LiveTable(Table):
-    """A TinyDB table whose documents are read from the live in-memory dict (no copy, no rebuild)."""
-
-    document_id_class = str  # type: ignore[assignment]
-
-    def _read_table(self) -> dict[str, Any]:
-        return self._storage.read()[self.name]  # type: ignore[no-any-return]
-
-
-class _Db(TinyDB):
-    table_class = _LiveTable
-
-
+_SCAN_SLICE = 5000  # documents a search tests between two turns of the event loop
 _intern = sys.intern
 _SHARED_STRINGS = ("org_id", "status", "creator_id", "iss", "software_id")
 
 
 def _compact_ssa(doc: dict[str, Any]) -> dict[str, Any]:
-    """Share the strings that repeat across SSAs (about a third less memory at 100k SSAs)."""
+    """Share the strings that repeat across SSAs (a large store holds each once, not per SSA)."""
     for name in _SHARED_STRINGS:
         value = doc.get(name)
         if type(value) is str:
@@ -55,6 +44,24 @@ def _compact_ssa(doc: dict[str, Any]) -> dict[str, Any]:
     doc["software_roles"] = [_intern(v) if type(v) is str else v for v in doc["software_roles"]]
     doc["grant_types"] = [_intern(v) if type(v) is str else v for v in doc["grant_types"]]
     return doc
+
+
+async def _scan(docs: list[dict[str, Any]], query: QueryInstance | None) -> list[dict[str, Any]]:
+    """The documents ``query`` matches, tested a slice at a time with a turn of the event loop in
+    between: a search of a large store does not hold up the requests around it, and the
+    documents taken at its start are its snapshot (they are replaced, never changed)."""
+    if query is None:
+        return docs
+    found: list[dict[str, Any]] = []
+    for start in range(0, len(docs), _SCAN_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        found.extend(doc for doc in docs[start:start + _SCAN_SLICE] if query(doc))
+    return found
+
+
+def _oldest_first(doc: dict[str, Any]) -> tuple[int, str]:
+    return doc["created_at"], doc["jti"]
 
 
 def _copy_ssa(doc: dict[str, Any]) -> Any:
@@ -74,16 +81,9 @@ class TinyStore:
         self.journal = Journal(data_dir, self, exclusive=exclusive, accept_journal_loss=accept_journal_loss,
                                compact_retry_interval=compact_retry_interval)
         self.data_dir, self.path, self.exclusive = self.journal.data_dir, self.journal.path, exclusive
-        self._db = _Db(storage=MemoryStorage)
-        self._db.storage.write({name: {} for name in TABLES})
-        self.tables: dict[str, dict[str, Any]] = self._db.storage.read()  # type: ignore[assignment]
+        self.tables: dict[str, dict[str, Any]] = {name: {} for name in TABLES}
         self._by_org: dict[str, dict[str, None]] = {}
         self._by_creator: dict[str, dict[str, None]] = {}
-
-    def table(self, name: str) -> Table:
-        """A TinyDB table over the live documents (``table("ssa").search(Query()...)``): read it,
-        never write through it (its writes would not reach the journal)."""
-        return self._db.table(name, cache_size=0)
 
     # --- open / close ---
     async def open(self) -> None:
@@ -205,6 +205,27 @@ class TinyStore:
                         status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
         self.journal.catch_up()
         return [_copy_ssa(doc) for doc in self._matching(jti, org_id, status, creator_id)]
+
+    async def search_ssas(self, where: SsaFilter, limit: int) -> list[SsaRecord]:
+        """The filter's TinyDB query tested on the candidates of an index (a term ``jti=``,
+        ``org_id=`` or ``creator_id=``), else on every SSA (``_scan``)."""
+        self.journal.catch_up()
+        query = tinydb_query(where)
+        table = self.tables["ssa"]
+        jti, org_id, creator_id = (where.equal_to(field) for field in INDEXED)
+        if jti is not None:
+            docs = [table[jti]] if jti in table else []
+        elif org_id is not None:
+            docs = [table[i] for i in self._by_org.get(org_id, ())]
+        elif creator_id is not None:
+            docs = [table[i] for i in self._by_creator.get(creator_id, ())]
+        else:
+            docs = await _scan(list(table.values()), query)
+            query = None
+        if query is not None:
+            docs = [doc for doc in docs if query(doc)]
+        docs.sort(key=_oldest_first)
+        return [_copy_ssa(doc) for doc in docs[:limit]]
 
     async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
         self.journal.catch_up()
