@@ -26,7 +26,6 @@ import fcntl
 import gc
 import logging
 import os
-import stat
 import threading
 import time
 import uuid
@@ -37,21 +36,16 @@ from typing import Any, Protocol
 import orjson
 
 from ..shared_counter import SharedCounter
-from . import compaction, entries
-from .errors import StoreDegraded, StoreLocked, StoreUnavailable
+from . import checks, compaction, datadir, entries
+from .checks import JournalProblem
+from .datadir import JOURNAL, SEQ, TEMP, Flock
+from .errors import StoreDegraded, StoreUnavailable
 
 log = logging.getLogger("ssa_server.store")
 
-JOURNAL = "store.jsonl"
-TEMP = "store.jsonl.tmp"  # a compaction in progress (removed at open when one was interrupted)
-LOCK = "server.lock"
-SEQ = "store.seq"
-PROBE = ".write-probe"  # written, fsync'ed and removed to learn whether the disk takes writes again
 _COMPACT_MIN_GARBAGE = 10_000  # lines of garbage before the cleaner compacts (at open: 1,000)
 _CHUNK = 8 << 20  # replay reads the journal in chunks: the file is never in memory whole
 _PROBE_INTERVAL = 1.0  # seconds between two probes of a degraded journal
-_PROBE_SIZE = 16 << 10  # a few pages: the probe needs real room, more than a freed partial page
-_ACCEPT_FLAG = "ssa-server serve --accept-journal-loss"
 
 # One queued write: (journal bytes, loop, future of the caller, the state's changes to undo on failure).
 _Write = tuple[bytes, asyncio.AbstractEventLoop, "asyncio.Future[None]", Any]
@@ -75,14 +69,6 @@ class JournalState(Protocol):
 
     def snapshot(self) -> compaction.Snapshot:
         """The records as they are now, unchanged by later writes (for a compaction)."""
-
-
-class _JournalProblem(Exception):
-    """The journal is not the file the store writes (deleted, replaced) or lost acknowledged bytes."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 class _Compaction:
@@ -149,7 +135,7 @@ class Journal:
                 self._compact(self._state.snapshot(), self._offset)  # a failure only logs
             try:
                 self._probe()
-            except (OSError, _JournalProblem) as e:
+            except (OSError, JournalProblem) as e:
                 # Serve reads; writes wait for room.  Not logged here: a start that fails for it
                 # (no keys yet) says so in its one line, a start that goes on logs the store DOWN.
                 self.degraded = self._describe(e)
@@ -176,11 +162,9 @@ class Journal:
             self._lock_fd = -1
 
     def _open_files(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if stat.S_IMODE(os.stat(self.data_dir).st_mode) != 0o700:
-            os.chmod(self.data_dir, 0o700)
+        datadir.prepare(self.data_dir)
         if self.exclusive:
-            self._take_server_lock()
+            self._lock_fd = datadir.take_server_lock(self.data_dir)
             temp = self.data_dir / TEMP
             if temp.exists():  # a compaction was interrupted: the journal is the old one, whole
                 temp.unlink()
@@ -189,36 +173,14 @@ class Journal:
         published = self._end.get()
         exists = self.path.exists()
         if not exists and published > 0 and not self.accept_journal_loss:
-            raise StoreUnavailable(
-                f"{self.path} is missing, but {published} bytes of acknowledged records were written to it "
-                f"(its end is published in {SEQ}): restore it from a backup, or start `{_ACCEPT_FLAG}` "
-                "to begin again with an empty store")
+            raise StoreUnavailable(checks.missing(self.path, published))
         self._open_journal(create=not exists)
-
-    def _take_server_lock(self) -> None:
-        fd = os.open(self.data_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StoreLocked(f"data dir {self.data_dir} is in use by another ssa-server process "
-                              f"(pid {holder})") from None
-        try:  # the pid is for the message above only: a full disk must not stop the start
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        except OSError:
-            pass
-        self._lock_fd = fd
 
     def _open_journal(self, *, create: bool = False) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        self._fd = os.open(self.path, flags, 0o600)
-        if stat.S_IMODE(os.fstat(self._fd).st_mode) != 0o600:
-            os.fchmod(self._fd, 0o600)
+        self._fd = datadir.open_journal(self.path, create=create)
         self._inode = os.fstat(self._fd).st_ino
 
     def _replay_and_check(self) -> None:
@@ -236,10 +198,7 @@ class Journal:
             if self._offset < published:
                 missing = published - self._offset
                 if not self.accept_journal_loss:
-                    raise StoreUnavailable(
-                        f"{self.path} ends {missing} bytes before its last acknowledged end ({published} "
-                        f"bytes, published in {SEQ}): acknowledged records are missing; restore the journal "
-                        f"from a backup, or start `{_ACCEPT_FLAG}` to go on without them")
+                    raise StoreUnavailable(checks.shorter(self.path, missing, published))
                 log.warning("%s: %d bytes of acknowledged records are missing; accepted (--accept-journal-"
                             "loss): the store goes on with what is left", self.path, missing)
             size = os.fstat(self._fd).st_size
@@ -417,7 +376,7 @@ class Journal:
                             self._offset = start + len(data)
                             self._lines += data.count(b"\n")
                 self._end.set(start + len(data))
-        except (OSError, _JournalProblem) as e:
+        except (OSError, JournalProblem) as e:
             error = self._degrade_for(e)
         if error is None:
             by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
@@ -467,12 +426,12 @@ class Journal:
         finally:
             lock.release()
 
-    def _lock_current_journal(self) -> _Flock:
+    def _lock_current_journal(self) -> Flock:
         """Hold the flock of the file that is the journal now.  A CLI process may still have
         the file the server compacted away open: it moves to the new file (the event-loop side
         notices the inode change and replays) and locks that one, never appending unlocked."""
         while True:
-            lock = _Flock(self._fd)
+            lock = Flock(self._fd)
             lock.acquire()
             try:
                 if self.exclusive or os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
@@ -487,47 +446,14 @@ class Journal:
             os.close(old)
 
     # --- degraded mode: a write failed or the journal is not ours any more ---
-    def _journal_problem(self, st: os.stat_result) -> _JournalProblem | None:
-        """Is the journal still the file at its path (the server's only: a CLI process follows a
-        compaction to the new file), and not shorter than its published end?"""
+    def _journal_problem(self, st: os.stat_result) -> JournalProblem | None:
         assert self._end is not None
-        try:
-            at_path = os.stat(self.path).st_ino if self.exclusive else st.st_ino
-        except FileNotFoundError:
-            at_path = None
-        if at_path != st.st_ino:  # (a deleted journal also has st_nlink == 0)
-            here = f"/proc/{os.getpid()}/fd/{self._fd}"
-            refused = "writes are refused (503) and /health/ready is DOWN until the path is its journal again"
-            if at_path is None:
-                return _JournalProblem("the journal was deleted", (
-                    f"{self.path} was deleted (or moved away) while the server runs: {refused}; the journal "
-                    f"the server was writing is still readable at {here}: copy it back (cp {here} "
-                    f"{self.path}) and restart the server"))
-            return _JournalProblem("the journal was replaced by another file", (
-                f"{self.path} was replaced by another file while the server runs: {refused}; restart the "
-                f"server to use the file now there, or first copy back the journal the server was writing, "
-                f"still readable at {here}"))
-        if st.st_size < self._end.get():
-            who = ("the server runs: writes are refused (503) and /health/ready is DOWN" if self.exclusive
-                   else "this command ran")
-            return _JournalProblem(
-                "the journal was truncated",
-                f"{self.path} was truncated while {who} ({st.st_size} bytes, {self._end.get()} "
-                "acknowledged); restore the journal from a backup")
-        return None
+        return checks.identity_problem(self.path, st, self._fd, self._end.get(), self.exclusive)
 
-    def _describe(self, cause: OSError | _JournalProblem) -> tuple[str, str]:
-        """(public reason, message) of a failure to write."""
-        if isinstance(cause, _JournalProblem):
-            return cause.reason, cause.detail
-        what = cause.strerror or type(cause).__name__
-        if not self.exclusive:  # a CLI command: its one line
-            return f"the journal cannot be written ({what})", f"{self.path} cannot be written: {what}"
-        return (f"the journal cannot be written ({what})",
-                f"{self.path} cannot be written: {what}: writes are refused (503) and /health/ready is DOWN "
-                f"until a probe write succeeds (tried at most every {_PROBE_INTERVAL:g} s)")
+    def _describe(self, cause: OSError | JournalProblem) -> tuple[str, str]:
+        return checks.describe(cause, self.path, self.exclusive, _PROBE_INTERVAL)
 
-    def _degrade_for(self, cause: OSError | _JournalProblem) -> StoreDegraded:
+    def _degrade_for(self, cause: OSError | JournalProblem) -> StoreDegraded:
         return self._degrade(*self._describe(cause))
 
     def _degrade(self, reason: str, detail: str) -> StoreDegraded:
@@ -570,7 +496,7 @@ class Journal:
         self._next_probe = time.monotonic() + _PROBE_INTERVAL
         try:
             await asyncio.to_thread(self._probe)
-        except (OSError, _JournalProblem) as e:
+        except (OSError, JournalProblem) as e:
             self._degrade_for(e)
             self._rollback_due = False  # nothing was queued: writes were refused before they were applied
             return
@@ -596,15 +522,7 @@ class Journal:
                                 "followed by other writes now: they stay, and a restart replays them",
                                 self.path, self._truncate_to)
                 self._truncate_to = None
-            probe = self.data_dir / PROBE
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                entries.write_all(fd, b"\0" * _PROBE_SIZE)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    probe.unlink()
+            datadir.write_probe(self.data_dir)
 
     # --- compaction ---
     @property
@@ -653,7 +571,7 @@ class Journal:
                     lock.release()
                     raise
             os.close(old)  # releases the old file's flock: a waiting CLI writer moves to the new file...
-            _Flock(self._fd).release()  # ...and takes the new file's flock once we let it go
+            Flock(self._fd).release()  # ...and takes the new file's flock once we let it go
             return True
         except (OSError, compaction.Unverified, ValueError, TypeError) as e:
             with contextlib.suppress(OSError):
@@ -700,11 +618,7 @@ class Journal:
             os.close(fd)
             raise
         try:
-            dir_fd = os.open(self.data_dir, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            datadir.fsync_dir(self.data_dir)
         except OSError as e:  # the rename is done; only its durability across a power loss is in doubt
             log.warning("%s: fsync of the data dir after compaction failed: %s", self.path, e.strerror)
         return old
@@ -725,7 +639,6 @@ class Journal:
         self.catch_up()
 
 
-
 def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
     for future in futures:
         if future.done():
@@ -739,20 +652,3 @@ def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> Non
 def _set_result(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
         future.set_result(value)
-
-
-
-class _Flock:
-    """An exclusive flock on the journal (``acquire``/``release``)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def acquire(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        except OSError:
-            pass  # compaction closed this fd; closing released the lock
