@@ -287,22 +287,21 @@ def tinydb_query(where: SsaFilter) -> QueryInstance | None:
 def _tinydb_term(term: Term) -> QueryInstance:
     if term.op == "!=":
         return ~_tinydb_term(Term(term.field, term.custom, term.kind, "=", term.value))
-    path = Query()["custom"][term.field] if term.custom else Query()[term.field]
+    path: Query = Query()["custom"][term.field] if term.custom else Query()[term.field]
     value = term.value
+    test: QueryInstance
     if term.kind == LIST:
-        return path.any([value])
-    if term.kind != CUSTOM and term.field not in NULLABLE:
+        test = path.any([value])
+    elif term.kind != CUSTOM and term.field not in NULLABLE:
         # The field always holds a value of its kind: TinyDB's own operators are exact.
-        if term.op == "~":
-            return path.search(re.escape(value))  # type: ignore[arg-type]
-        return _NATIVE[term.op](path, value)
-    if value is None:
-        return ~path.exists() | (path == None)  # noqa: E711  (a TinyDB query, not a comparison)
-    if term.op == "=":
-        return path.test(_equal, value)
-    if term.op == "~":
-        return path.test(_contains, value)
-    return path.test(_ORDERED[term.op], value)
+        test = path.search(re.escape(str(value))) if term.op == "~" else _NATIVE[term.op](path, value)
+    elif value is None:
+        test = ~path.exists() | (path == None)  # noqa: E711  (a TinyDB query, not a comparison)
+    else:
+        compare = _equal if term.op == "=" else _contains if term.op == "~" else _ORDERED[term.op]
+        # (TinyDB types test()'s function as taking the value only; it passes the extra arguments too.)
+        test = path.test(compare, value)  # type: ignore[arg-type]
+    return test
 
 
 # --- evaluation by SQL (PostgreSQL: the ssa table's columns, the rest in the JSONB doc) ---
