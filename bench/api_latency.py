@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def preload(data_dir: Path, n: int) -> list[str]:
-    from ssa_server.tinystore import TinyStore
+    from ssa_server.store.tiny import TinyStore
 
     now = int(time.time())
     records = [record_from_request(

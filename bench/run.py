@@ -131,7 +131,7 @@ def _record(jti: str, org_id: str, one_time: bool, now: int) -> dict[str, Any]:
 
 def add_ssas(data_dir: Path, records: list[dict[str, Any]], *, exclusive: bool) -> float:
     """Bulk insert through the store (``TinyStore.add_ssas``); non-exclusive works beside a running server."""
-    from ssa_server.tinystore import TinyStore
+    from ssa_server.store.tiny import TinyStore
 
     async def go() -> None:
         store = TinyStore(data_dir, exclusive=exclusive)

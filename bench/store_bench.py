@@ -22,7 +22,7 @@ from pathlib import Path
 from tinydb import Query, TinyDB
 
 from ssa_server.ssa import CreateRequest, record_from_request
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -20,7 +20,8 @@ from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
 from .store import StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
-from .transfer import TransferError
+from .store.search import DEFAULT_LIMIT, MAX_LIMIT
+from .store.transfer import TransferError
 from .service import CallContext
 from .ssa import ADMIN, REQUEST_FIELDS
 from .validation import check_fields, parse_create_request
@@ -197,10 +198,23 @@ def cmd_ssa_create(args: argparse.Namespace) -> int:
 
 
 def cmd_ssa_list(args: argparse.Namespace) -> int:
-    async def action(server: Server) -> Any:
-        return await server.service.list_ssas(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+    if args.where is None:
+        if args.limit is not None:
+            raise ApiError("--limit goes with --where.")
 
-    _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
+        async def action(server: Server) -> Any:
+            return await server.service.list_ssas(_cli_context("list"), jti=args.jti, org_id=args.org_id)
+
+        _print(asyncio.run(_with_server(_settings(args), action, keys=True, hooks=True)))
+        return 0
+    if args.jti is not None or args.org_id is not None:
+        raise ApiError("--where searches every stored SSA: put jti=... or org_id=... in it instead of "
+                       "--jti or --org-id.")
+
+    async def search(server: Server) -> Any:
+        return await server.service.search(_cli_context("list"), args.where, limit=args.limit)
+
+    _print(asyncio.run(_with_server(_settings(args), search)))
     return 0
 
 
@@ -223,7 +237,7 @@ def cmd_ssa_templates(args: argparse.Namespace) -> int:
 
 # --- store ---
 async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[Any]]) -> Any:
-    from .server import open_store
+    from .store.backends import open_store
 
     store = open_store(settings, exclusive=False)
     await store.open()
@@ -238,11 +252,13 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     if not settings.uses_postgres:
         _print({"store": "tinydb", "schema": "the embedded store has no schema; nothing to do"})
         return 0
-    from .pgstore import PgStore, redact
+    from .settings import redact_url
+    from .store.backends import open_store
+    from .store.postgres import PgStore
 
     async def run() -> tuple[int, int]:
-        store = PgStore(settings.store_url, pool_min=1, pool_max=2, pool_timeout=settings.store_pool_timeout,
-                        statement_timeout=max(settings.store_statement_timeout, 60.0))
+        store = open_store(settings, exclusive=False, migration=True)
+        assert isinstance(store, PgStore)
         await store.connect()
         try:
             return await store.migrate()
@@ -250,21 +266,24 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
             await store.close()
 
     before, after = asyncio.run(run())
-    _print({"store": redact(settings.store_url), "schema_version_before": before, "schema_version": after})
+    _print({"store": redact_url(settings.store_url), "schema_version_before": before,
+            "schema_version": after})
     return 0
 
 
 def cmd_store_export(args: argparse.Namespace) -> int:
     import os
 
-    from .transfer import export_records, write_lines
+    from .store.transfer import export_records, write_lines
 
     async def action(store: Any) -> Any:
         return list(await export_records(store))
 
     lines = asyncio.run(_with_store(_settings(args), action))
     if args.output in (None, "-"):
-        n = write_lines(lines, sys.stdout)
+        sys.stdout.flush()
+        n = write_lines(lines, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
     else:
         try:
             fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
@@ -273,7 +292,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
             return 1
         try:
             os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
+            with os.fdopen(fd, "wb") as out:
                 n = write_lines(lines, out)
                 out.flush()
                 os.fsync(out.fileno())  # "exported" means on disk
@@ -289,7 +308,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
 def cmd_store_import(args: argparse.Namespace) -> int:
     import time
 
-    from .transfer import import_records, parse_lines
+    from .store.transfer import import_records, parse_lines
 
     if args.file == "-":
         import io
@@ -457,9 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--template", help="start from a saved template")
     sc.add_argument("--save-template", dest="save_template", help="save these fields as a template")
     sc.set_defaults(func=cmd_ssa_create)
-    sl = ssa.add_parser("list", parents=[common], help="list active SSAs")
+    sl = ssa.add_parser("list", parents=[common],
+                        help="list active SSAs, or search every stored SSA (--where)")
     sl.add_argument("--jti")
     sl.add_argument("--org-id", dest="org_id")
+    sl.add_argument("--where", action="append", metavar="FILTER",
+                    help="e.g. 'status=REVOKED,created_at>=2024-01-01' (repeatable; docs/store.md, Search)")
+    sl.add_argument("--limit", type=int,
+                    help=f"at most this many SSAs with --where (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})")
     sl.set_defaults(func=cmd_ssa_list)
     sr = ssa.add_parser("revoke", parents=[common], help="revoke SSAs by jti and/or org id")
     sr.add_argument("--jti")

@@ -1,4 +1,6 @@
-"""JSON values every store keeps exactly, checked before anything else touches them.
+"""JSON values every store keeps exactly, and the one way this server writes and reads JSON text.
+
+Reading untrusted text (``loads``, ``check``), checked before anything else touches it:
 
 - No NaN, Infinity or -Infinity, and no number beyond the float range: they are not JSON, yet the
   stdlib reads and writes them, orjson writes NaN as null and PostgreSQL refuses them.
@@ -10,6 +12,14 @@
 
 The depth check costs two ``bytes.count`` calls on the raw text; only a text with more brackets
 than the limit is walked.
+
+Writing (``dumps``, ``encode``), the one convention of orjson and the stdlib: orjson writes; what
+it refuses (an integer beyond 64 bits) the stdlib writes in the same form (compact, UTF-8, no NaN).
+Such a text is *wide*: read back by orjson its big integers would become floats, so a reader of
+text we wrote reads a wide one with ``loads_wide``.  The container records which texts are wide
+its own way (a journal line carries ``"j": 1``; a sandbox frame can start with a space, as
+``plugins/sandbox/protocol.py`` does); a reader of text from outside uses ``loads``, which finds
+the long digit runs itself.
 """
 
 from __future__ import annotations
@@ -59,6 +69,37 @@ def loads(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         except ValueError:
             raise NotJson("is not valid JSON") from None
     return value
+
+
+def dumps(value: Any, *, sort_keys: bool = False) -> bytes:
+    """Compact UTF-8 JSON text of ``value`` (orjson; the stdlib for what orjson refuses)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except TypeError:
+        return _stdlib_dumps(value, sort_keys)
+
+
+def encode(value: Any, *, sort_keys: bool = False, newline: bool = False) -> tuple[bytes, bool]:
+    """``dumps`` (with a final newline if asked), and whether the text is wide (read it back
+    with ``loads_wide``)."""
+    try:
+        option = (orjson.OPT_SORT_KEYS if sort_keys else 0) | (orjson.OPT_APPEND_NEWLINE if newline else 0)
+        return orjson.dumps(value, option=option), False
+    except TypeError:
+        text = _stdlib_dumps(value, sort_keys)
+        return (text + b"\n" if newline else text), True
+
+
+def _stdlib_dumps(value: Any, sort_keys: bool) -> bytes:
+    # UnicodeEncodeError (a ValueError) for text that is not UTF-8; ValueError for NaN.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      sort_keys=sort_keys).encode()
+
+
+def loads_wide(text: bytes) -> Any:
+    """The value of a wide text this server wrote (integers beyond 64 bits exact).  Not for text
+    from outside: it checks nothing ``loads`` checks."""
+    return json.loads(text)
 
 
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:

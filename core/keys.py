@@ -20,7 +20,7 @@ from jwcrypto import jwk
 from .signing import Signer
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
-from .store import KeyRecord, Store
+from .store import KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store
 
 log = logging.getLogger("ssa_server.keys")
 
@@ -43,7 +43,7 @@ def generate_key(alg: str, use: str, now: int) -> KeyRecord:
     kid = f"{use}_{uuid.uuid4()}_sig_{alg.lower()}"
     key = jwk.JWK.generate(kid=kid, **params)
     return KeyRecord(kid=kid, alg=alg, use=use, jwk=json.loads(key.export(private_key=True)),
-                     status=ACTIVE.lower(), created_at=now, remove_after=None)
+                     status=KEY_ACTIVE, created_at=now, remove_after=None)
 
 
 class KeyRing:
@@ -75,10 +75,10 @@ class KeyRing:
         async with self._lock, self._store.lock("keys"):  # workers starting together: one creates
             records = await self._store.list_keys()
             now = int(self._clock())
-            if not any(r["use"] == TOKEN_USE and r["status"] == "active" for r in records):
+            if not any(r["use"] == TOKEN_USE and r["status"] == KEY_ACTIVE for r in records):
                 rec = generate_key("HS256", TOKEN_USE, now)
                 await self._store.add_key(rec)
-            active_ssa = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
+            active_ssa = [r for r in records if r["use"] == SSA_USE and r["status"] == KEY_ACTIVE]
             wanted = [r for r in active_ssa if r["alg"] == self._alg] if adopt_alg else active_ssa
             if not wanted:
                 await self._replace_active_ssa_keys(records, generate_key(self._alg, SSA_USE, now), now)
@@ -97,8 +97,9 @@ class KeyRing:
     def _install(self, records: list[KeyRecord]) -> None:
         self._records = records
         self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records}
-        self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records if r["status"] == "active"}
-        self._uses = {r["kid"]: r["use"] for r in records if r["status"] != "retired"}
+        self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records
+                         if r["status"] == KEY_ACTIVE}
+        self._uses = {r["kid"]: r["use"] for r in records if r["status"] != KEY_RETIRED}
         self._active = {use: rec for use in (SSA_USE, TOKEN_USE) if (rec := self._newest_active(use)) is not None}
         self._fingerprint = _fingerprint(records)
         self._checked_at = self._clock()
@@ -109,7 +110,7 @@ class KeyRing:
         async with self._lock, self._store.lock("keys"):
             records = await self._store.list_keys()
             now = int(self._clock())
-            current = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
+            current = [r for r in records if r["use"] == SSA_USE and r["status"] == KEY_ACTIVE]
             alg = alg or (max(current, key=lambda r: r["created_at"])["alg"] if current else self._alg)
             new = generate_key(alg, SSA_USE, now)
             await self._replace_active_ssa_keys(records, new, now)
@@ -120,7 +121,7 @@ class KeyRing:
         """Add ``new``, then retire the keys that were active: another process refreshing in
         between sees two active keys (both published), never none."""
         await self._store.add_key(new)
-        active = [r for r in records if r["use"] == SSA_USE and r["status"] == "active"]
+        active = [r for r in records if r["use"] == SSA_USE and r["status"] == KEY_ACTIVE]
         if not active:
             return
         # Every SSA still valid may have been signed by one of these keys: keep them published
@@ -128,15 +129,15 @@ class KeyRing:
         valid = await self._store.find_ssas(status=ACTIVE)
         remove_after = max([now] + [s["expiration"] for s in valid])
         for r in active:
-            await self._store.update_key(r["kid"], {"status": "retiring", "remove_after": remove_after})
+            await self._store.update_key(r["kid"], {"status": KEY_RETIRING, "remove_after": remove_after})
 
     async def drop_expired_keys(self) -> int:
         """Mark retiring keys past ``remove_after`` as retired (they leave /jwks)."""
         now = int(self._clock())
         dropped = 0
         for r in await self._store.list_keys():
-            if r["status"] == "retiring" and (r.get("remove_after") or 0) < now:
-                await self._store.update_key(r["kid"], {"status": "retired"})
+            if r["status"] == KEY_RETIRING and (r.get("remove_after") or 0) < now:
+                await self._store.update_key(r["kid"], {"status": KEY_RETIRED})
                 dropped += 1
         if dropped:
             self._install(await self._store.list_keys())
@@ -151,7 +152,7 @@ class KeyRing:
             raise RuntimeError(f"no active {use} key; run load() first") from None
 
     def _newest_active(self, use: str) -> KeyRecord | None:
-        candidates = [r for r in self._records if r["use"] == use and r["status"] == "active"]
+        candidates = [r for r in self._records if r["use"] == use and r["status"] == KEY_ACTIVE]
         preferred = [r for r in candidates if r["alg"] == self._alg] if use == SSA_USE else candidates
         pool = preferred or candidates
         return max(pool, key=lambda r: r["created_at"]) if pool else None
@@ -187,9 +188,9 @@ class KeyRing:
         now = int(self._clock())
         keys = []
         for r in sorted(self._records, key=lambda r: r["created_at"], reverse=True):
-            if r["use"] != SSA_USE or r["status"] not in ("active", "retiring"):
+            if r["use"] != SSA_USE or r["status"] not in (KEY_ACTIVE, KEY_RETIRING):
                 continue
-            if r["status"] == "retiring" and (r.get("remove_after") or 0) < now:
+            if r["status"] == KEY_RETIRING and (r.get("remove_after") or 0) < now:
                 continue
             public = json.loads(self._objects[r["kid"]].export_public())
             public.update(kid=r["kid"], use="sig", alg=r["alg"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, Kind
+from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, STATES, Kind
+from .store.search import DEFAULT_LIMIT, MAX_LENGTH, MAX_LIMIT, MAX_TERMS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _JWT = {"type": "object", "required": ["ssa"], "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
@@ -61,6 +62,8 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "status": {"type": "string", "enum": ["ACTIVE"]},
         },
     }
+    stored_item = dict(ssa_item, properties=dict(ssa_item["properties"],
+                                                 status={"type": "string", "enum": list(STATES)}))
     any_object = {"type": "object", "additionalProperties": True}
     paths: dict[str, Any] = {
         "/token": {"post": {
@@ -86,6 +89,20 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                        "parameters": [_query("jti", "SSA id"), _query("org_id", "organization")],
                        "responses": {**_ok("Revoked (empty body)"), **_errors(400, 401, 403, 406, 422, 503)}},
         },
+        "/ssa/search": {"get": {
+            "summary": "Search every stored SSA, of any status (admin; docs/store.md, Search)",
+            "security": bearer(ADMIN),
+            "parameters": [
+                {"name": "where", "in": "query", "required": False, "explode": True,
+                 "schema": {"type": "array", "items": {"type": "string"}},
+                 "description": f"field op value[,field op value...]; repeatable, every term must hold "
+                                f"(at most {MAX_TERMS} terms, {MAX_LENGTH} characters); "
+                                "ops = != < <= > >= ~; fields: any SSA field, a configured custom attribute, "
+                                "or custom.NAME; created_at and expiration also take ISO 8601 dates"},
+                {"name": "limit", "in": "query", "required": False, "schema": {
+                    "type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}}],
+            "responses": {**_ok("Matching SSAs, oldest first", {"type": "array", "items": stored_item}),
+                          **_errors(400, 401, 403, 503)}}},
         "/ssa/jwt": {"get": {"summary": "The SSA JWT, re-signed", "security": bearer(ADMIN),
                              "parameters": [_query("jti", "SSA id")],
                              "responses": {**_ok("The JWT", _JWT), **_errors(400, 401, 403, 503)}}},

@@ -71,6 +71,17 @@ async def list_ssas(request: Request) -> Response:
     return JSONResponse(items)
 
 
+async def search_ssas(request: Request) -> Response:
+    caller = await _ssa_caller(request, ADMIN)
+    limit = _query(request, "limit")
+    if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) <= 9):
+        raise InvalidRequest("'limit' must be a positive integer.")
+    items = await _server(request).service.search(
+        _context(request, caller), request.query_params.getlist("where"),
+        limit=int(limit) if limit is not None else None)
+    return JSONResponse(items)
+
+
 async def revoke_ssas(request: Request) -> Response:
     caller = await _ssa_caller(request, ADMIN)
     await _server(request).service.revoke(
@@ -144,6 +155,7 @@ ROUTES = [
     Route("/ssa", list_ssas, methods=["GET"]),
     Route("/ssa", revoke_ssas, methods=["DELETE"]),
     Route("/ssa/jwt", get_jwt, methods=["GET"]),
+    Route("/ssa/search", search_ssas, methods=["GET"]),
     Route("/ssa/validation", validate_ssa, methods=["POST"]),
     Route("/scripts", list_scripts, methods=["GET"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),

@@ -25,35 +25,13 @@ from .settings import Settings
 from .signing import PROCESS_ALGS
 from .signing_process import SigningProcess, SigningUnavailable
 from .store import Store, StoreDegraded, StoreUnavailable
+from .store.backends import open_store
 from .tokens import TokenAuthority
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, limits_from
 
 log = logging.getLogger("ssa_server")
-
-
-def open_store(settings: Settings, *, exclusive: bool, accept_journal_loss: bool = False) -> Store:
-    """The store named by ``store_url`` (empty: the embedded TinyDB store in ``data_dir``;
-    ``postgresql://...``: the shared PostgreSQL store).  ``accept_journal_loss``: the operator's
-    ``serve --accept-journal-loss`` (the embedded store only; see ``docs/store.md``)."""
-    from .settings import SettingsError
-
-    if settings.uses_postgres:
-        try:
-            from .pgstore import PgStore
-        except ImportError:
-            raise SettingsError("SSA_STORE_URL is a PostgreSQL URL but psycopg is not installed: "
-                                "pip install 'ssa-server[postgres]'") from None
-        return PgStore(settings.store_url, pool_min=settings.store_pool_min, pool_max=settings.store_pool_max,
-                       pool_timeout=settings.store_pool_timeout,
-                       statement_timeout=settings.store_statement_timeout)
-    if settings.store_url and not settings.store_url.startswith("tinydb://"):
-        raise SettingsError(f"SSA_STORE_URL: unsupported store {settings.store_url.split(':', 1)[0]!r}")
-    from .tinystore import TinyStore
-
-    path = settings.store_url.removeprefix("tinydb://") or settings.data_dir
-    return TinyStore(path, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from .settings import Settings
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
                   record_from_request)
 from .store import Store, TemplateRecord, UnstorableValue, clone
+from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
 from ssa_server.plugins.jwt_draft import JwtDraft
 from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
 
@@ -177,6 +178,23 @@ class SsaService:
         if not isinstance(edited, list):
             raise ScriptFailed("a get hook left the SSA list in an invalid state.")
         return edited
+
+    # --- search (admins: HTTP and CLI) ---
+    async def search(self, ctx: CallContext, where: str | Sequence[str] = (), *,
+                     limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored SSAs of any status whose every filter term holds (``store/search.py``), oldest
+        first, at most ``limit`` (None: ``DEFAULT_LIMIT``), in GET /ssa's element shape.
+        No hook runs: this is the operators' view of the store, not Janssen's list."""
+        limit = DEFAULT_LIMIT if limit is None else limit
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequest(f"'limit' must be from 1 to {MAX_LIMIT}.")
+        try:
+            terms = parse_filter(where, self.settings.custom_attributes)
+        except FilterError as e:
+            raise InvalidRequest(str(e)) from None
+        records = await self.store.search_ssas(terms, limit)
+        log.debug("ssa search terms=%d found=%d client_id=%s", len(terms.terms), len(records), ctx.client_id)
+        return [list_item(r) for r in records]
 
     # --- get JWT ---
     async def get_jwt(self, jti: str | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -150,7 +151,7 @@ class Settings:
             elif isinstance(value, tuple):
                 value = list(value)
             if f.name in SECRET_FIELDS and value:
-                value = _mask_url(str(value))
+                value = redact_url(str(value))
             out[f.name] = value
         return out
 
@@ -161,13 +162,16 @@ class Settings:
         return Settings(**current)
 
 
-def _mask_url(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
+def redact_url(url: str) -> str:
+    """The URL without its password (``config show``, messages and logs): the password of the
+    user part and any ``password=`` parameter become ``***``; the rest stays readable."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.split("?", 1)[0].rfind("@")
+    if sep and at >= 0:
+        creds, tail = rest[:at], rest[at:]
         user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return "***"
+        url = f"{scheme}://{user}:***{tail}" if ":" in creds else url
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
 def _cast(name: str, raw: Any, kind: Any) -> Any:

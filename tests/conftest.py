@@ -124,7 +124,7 @@ def pg_url(pg_server):
 
 
 async def _migrate(url: str) -> None:
-    from ssa_server.pgstore import PgStore
+    from ssa_server.store.postgres import PgStore
 
     store = PgStore(url)
     await store.open()

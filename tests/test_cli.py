@@ -103,3 +103,25 @@ def test_config_show_precedence_and_bad_setting(tmp_path):
                          capture_output=True, text=True, env=dict(env, SSA_SIGNING_ALG="none"), timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "SSA_SIGNING_ALG" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ssa_list_where_searches_every_stored_ssa(cli):
+    cli("ssa", "create", "--org-id", "acme")
+    cli("ssa", "create", "--org-id", "acme", "--lifetime", "60")
+    cli("ssa", "create", "--org-id", "beta")
+    by_lifetime = {i["ssa"].get("lifetime"): i["ssa"]["jti"] for i in cli("ssa", "list", "--org-id", "acme")}
+    cli("ssa", "revoke", "--jti", by_lifetime[60])
+    found = cli("ssa", "list", "--where", "status=REVOKED")
+    assert [(i["ssa"]["jti"], i["status"]) for i in found] == [(by_lifetime[60], "REVOKED")]
+    found = cli("ssa", "list", "--where", "org_id=acme", "--where", "lifetime=null")
+    assert [i["ssa"]["jti"] for i in found] == [by_lifetime[None]]
+    assert len(cli("ssa", "list", "--where", "created_at>=2020-01-01")) == 3
+    assert len(cli("ssa", "list", "--where", "created_at>=2020-01-01", "--limit", "2")) == 2
+    for args, problem in [(("--where", "status=active"), "status is one of"),
+                          (("--where", "tenant=x"), "custom.tenant"),
+                          (("--where", "org_id=acme", "--jti", "x"), "--where"),
+                          (("--limit", "2"), "--limit"),
+                          (("--where", "org_id=acme", "--limit", "0"), "limit")]:
+        code, out, err = cli("ssa", "list", *args, ok=False)
+        assert code == 1 and out == "" and err.count("\n") == 1 and "invalid_request" in err, err
+        assert problem in err and "Traceback" not in err

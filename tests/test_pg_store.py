@@ -10,7 +10,7 @@ psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' instal
 
 from conftest import truncate  # noqa: E402
 from ssa_server.keys import KeyRing  # noqa: E402
-from ssa_server.pgstore import PgStore  # noqa: E402
+from ssa_server.store.postgres import PgStore  # noqa: E402
 
 
 def test_statement_timeout_is_503_json_and_nothing_is_stored(make_api, pg_url):
@@ -59,6 +59,6 @@ def store_kind():
     ("postgresql://app@db/ssa", "postgresql://app@db/ssa"),
 ])
 def test_messages_never_show_the_password(url, shown):
-    from ssa_server.pgstore import redact
+    from ssa_server.settings import redact_url as redact
 
     assert redact(url) == shown

@@ -15,7 +15,7 @@ from jwcrypto import jwk, jws
 from ssa_server.keys import KeyRing, generate_key
 from ssa_server.signing import Signer
 from ssa_server.signing_process import SigningProcess, SigningUnavailable
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 
 ALGS = ["ES256", "ES384", "ES512", "EdDSA"]
 

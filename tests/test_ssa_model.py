@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 
 import ssa_server.plugins
-from ssa_server import cli, openapi, ssa, transfer, validation
+from ssa_server import cli, openapi, ssa, validation
+from ssa_server.store import transfer
 from ssa_server.errors import ApiError
 from ssa_server.settings import Settings, SettingsError
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 
 SERVER_CLAIMS = {"jti", "iat", "exp", "iss"}  # on every SSA's claims and element, set by the server
 SERVER_FIELDS = {"custom", "jti", "created_at", "status", "creator_id", "iss"}  # a record's, not a request's

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from ssa_server.store import StoreLocked, StoreUnavailable
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 
 
 def ssa(org="o", *, one_time=True, exp=None, creator="c", **extra):
@@ -45,7 +45,7 @@ def make_store(request, tmp_path):
     if request.param == "tinydb":
         return lambda: opened(tmp_path)
     from conftest import truncate
-    from ssa_server.pgstore import PgStore
+    from ssa_server.store.postgres import PgStore
 
     url = request.getfixturevalue("pg_url")
     truncate(url)
@@ -183,7 +183,7 @@ def test_second_exclusive_open_is_refused_and_other_processes_are_seen(tmp_path)
         # Another process appends while this one runs; it is seen without reopening.
         code = textwrap.dedent(f"""
             import asyncio
-            from ssa_server.tinystore import TinyStore
+            from ssa_server.store.tiny import TinyStore
             async def go():
                 s = TinyStore({str(tmp_path)!r}, exclusive=False)
                 await s.open()
@@ -204,7 +204,7 @@ def test_second_exclusive_open_is_refused_and_other_processes_are_seen(tmp_path)
 def test_kill_9_mid_burst_keeps_every_acknowledged_write(tmp_path):
     code = textwrap.dedent(f"""
         import asyncio, sys, time, uuid
-        from ssa_server.tinystore import TinyStore
+        from ssa_server.store.tiny import TinyStore
         async def one(s):
             now = int(time.time())
             r = {{"jti": str(uuid.uuid4()), "org_id": "o", "description": "x" * 200, "software_id": "s",

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from ssa_server.store import clone
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 
 
 def ssa(**extra):
@@ -57,7 +57,7 @@ def test_server_sees_appends_of_another_process_but_not_its_own_twice(tmp_path):
         await cli.close()
         seen = await server.get_ssa(theirs["jti"])
         revoked = await server.get_ssa(mine["jti"])
-        lines = server._lines
+        lines = server.journal.lines
         await server.close()
         return seen, revoked, lines
 
@@ -68,7 +68,7 @@ def test_server_sees_appends_of_another_process_but_not_its_own_twice(tmp_path):
 
 
 def test_replay_reads_a_journal_larger_than_one_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr("ssa_server.tinystore._CHUNK", 1024)  # lines straddle many chunk borders
+    monkeypatch.setattr("ssa_server.store.journal._CHUNK", 1024)  # lines straddle many chunk borders
     records = [ssa(description="x" * 700) for _ in range(50)]
 
     async def go():

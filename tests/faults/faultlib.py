@@ -252,7 +252,7 @@ def add_garbage(data_dir: Path, count: int) -> None:
     import asyncio
     import uuid
 
-    from ssa_server.tinystore import TinyStore
+    from ssa_server.store.tiny import TinyStore
 
     async def go() -> None:
         store = TinyStore(data_dir)

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 from test_store import ssa
 
 CLIENT = {"client_id": "c1", "name": "", "secret_hash": "h", "scopes": ["s"], "created_at": 1}

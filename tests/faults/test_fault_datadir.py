@@ -59,7 +59,7 @@ def test_a_corrupt_line_of_any_shape_is_a_clear_error(a_store, tmp_path, bad):
     import asyncio
 
     from ssa_server.store import StoreUnavailable
-    from ssa_server.tinystore import TinyStore
+    from ssa_server.store.tiny import TinyStore
 
     data = with_bad_line(a_store, tmp_path, bad)
     for exclusive in (True, False):
@@ -108,7 +108,7 @@ def test_a_full_disk_at_first_start_is_one_line(tmpfs):
 def test_an_export_to_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, tmpfs):
     import asyncio
 
-    from ssa_server.tinystore import TinyStore
+    from ssa_server.store.tiny import TinyStore
     from test_store import ssa
 
     data = tmp_path / "data"

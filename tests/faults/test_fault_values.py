@@ -103,7 +103,7 @@ def test_the_store_refuses_what_would_not_read_back(make_store):
 
 
 def test_the_journal_refuses_keys_it_would_change(tmp_path):
-    from ssa_server.tinystore import TinyStore
+    from ssa_server.store.tiny import TinyStore
 
     async def go():
         s = TinyStore(tmp_path)

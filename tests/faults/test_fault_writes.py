@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ADMIN
 from ssa_server.store import StoreUnavailable
-from ssa_server.tinystore import TinyStore
+from ssa_server.store.tiny import TinyStore
 from test_store import ssa
 
 

@@ -16,16 +16,14 @@ custom attribute or a template's fields), checked before anything recursive read
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
-from . import jsonvalues
-from .ssa import ACTIVE, REQUIRED_RECORD_FIELDS
-from .store import Store
+from .. import jsonvalues
+from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS
+from .base import Store
+from .records import ID_FIELDS, KEY_ACTIVE, KEY_RETIRING, TABLES
 
-TABLES = ("clients", "keys", "templates", "ssa")
-_ID = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
     "clients": ("secret_hash", "scopes", "created_at"),
@@ -40,13 +38,12 @@ class TransferError(ValueError):
     """The import file is not a valid export (the message names the line)."""
 
 
-async def export_records(store: Store) -> Iterator[str]:
-    """The store as JSON lines (the keys first: an importer can verify SSAs as it goes)."""
-    out: list[str] = []
+async def export_records(store: Store) -> Iterator[bytes]:
+    """The store as JSON lines, UTF-8 (the keys first: an importer can verify SSAs as it goes)."""
+    out: list[bytes] = []
     for table in TABLES:
         for record in await _all(store, table):
-            out.append(json.dumps({"table": table, "record": record}, separators=(",", ":"), sort_keys=True,
-                                  allow_nan=False))
+            out.append(jsonvalues.dumps({"table": table, "record": record}, sort_keys=True))
     return iter(out)
 
 
@@ -79,8 +76,9 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         if (not isinstance(entry, dict) or entry.get("table") not in tables
                 or not isinstance(entry.get("record"), dict)):
             raise TransferError(f'line {number} is not {{"table": ..., "record": {{...}}}} of a known table')
-        if not isinstance(entry["record"].get(_ID[entry["table"]]), str):
-            raise TransferError(f"line {number}: a {entry['table']} record without its {_ID[entry['table']]}")
+        table, id_field = entry["table"], ID_FIELDS[entry["table"]]
+        if not isinstance(entry["record"].get(id_field), str):
+            raise TransferError(f"line {number}: a {table} record without its {id_field}")
         missing = [f for f in _REQUIRED[entry["table"]] if f not in entry["record"]]
         if missing:
             raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
@@ -88,7 +86,8 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     return tables
 
 
-async def import_records(store: Store, tables: dict[str, list[dict[str, Any]]], now: int) -> dict[str, dict[str, int]]:
+async def import_records(store: Store, tables: dict[str, list[dict[str, Any]]],
+                         now: int) -> dict[str, dict[str, int]]:
     """Add the records; returns per table {"read", "imported", "skipped"} after checking that
     the store grew by exactly the imported count."""
     before = await counts(store)
@@ -119,7 +118,9 @@ async def _add_missing(records: list[dict[str, Any]], key: str, get: Callable[[s
 async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
                         tables: dict[str, list[dict[str, Any]]], now: int) -> int:
     if table == "ssa":
-        fresh = [r for r in records if await store.get_ssa(r["jti"]) is None] if await store.count_ssas() else records
+        fresh = records
+        if await store.count_ssas():
+            fresh = [r for r in records if await store.get_ssa(r["jti"]) is None]
         for i in range(0, len(fresh), _BATCH):
             await store.add_ssas(fresh[i:i + _BATCH])  # type: ignore[arg-type]
         return len(fresh)
@@ -129,22 +130,23 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
         return await _add_missing(records, "name", store.get_template, store.put_template)
     existing = await store.list_keys()
     kids = {k["kid"] for k in existing}
-    active_uses = {k["use"] for k in existing if k["status"] == "active"}
+    active_uses = {k["use"] for k in existing if k["status"] == KEY_ACTIVE}
     valid_until = max([now] + [s["expiration"] for s in tables.get("ssa", []) if s.get("status") == ACTIVE])
     imported = 0
     for r in records:
         if r["kid"] in kids:
             continue
-        if r["status"] == "active" and r["use"] in active_uses:
-            r = dict(r, status="retiring", remove_after=valid_until)
+        if r["status"] == KEY_ACTIVE and r["use"] in active_uses:
+            r = dict(r, status=KEY_RETIRING, remove_after=valid_until)
         await store.add_key(r)  # type: ignore[arg-type]
         imported += 1
     return imported
 
 
-def write_lines(lines: Iterable[str], out: TextIO) -> int:
+def write_lines(lines: Iterable[bytes], out: BinaryIO) -> int:
+    """Write the lines as they are (UTF-8 whatever the locale), each ended by a newline."""
     n = 0
     for line in lines:
-        out.write(line + "\n")
+        out.write(line + b"\n")
         n += 1
     return n

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import select
 import uuid
 from decimal import Decimal
@@ -27,26 +26,17 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
+from ..settings import redact_url
 from . import pgschema
-from .ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
-from .store import (ClientRecord, KeyRecord, StoreSchemaError, StoreUnavailable, TemplateRecord,
-                    UnstorableValue)
+from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
+from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
+from .records import ClientRecord, KeyRecord, TemplateRecord
+from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
 KEY_COLUMNS = ("kid", "use", "status", "created_at", "remove_after")
 _SSA_SELECT = f"SELECT {', '.join(SSA_COLUMNS)}, seq, doc FROM ssa"
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TooManyRequests, OSError)
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    scheme, sep, rest = url.partition("://")
-    at = rest.split("?", 1)[0].rfind("@")
-    if sep and at >= 0:
-        creds, tail = rest[:at], rest[at:]
-        user = creds.split(":", 1)[0]
-        url = f"{scheme}://{user}:***{tail}" if ":" in creds else url
-    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
 def _dumps(value: Any) -> str:
@@ -153,7 +143,7 @@ class PgStore:
             await self._pool.open(wait=True, timeout=self._pool_timeout + 3)
         except PoolTimeout:
             await self._pool.close()
-            raise StoreUnavailable(f"PostgreSQL at {redact(self.url)} cannot be reached") from None
+            raise StoreUnavailable(f"PostgreSQL at {redact_url(self.url)} cannot be reached") from None
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -183,7 +173,8 @@ class PgStore:
                     for sql in statements:
                         await conn.execute(sql)  # type: ignore[arg-type]
             await conn.execute("INSERT INTO schema_version (id, version) VALUES (true, %s) "
-                               "ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version", (pgschema.LATEST,))
+                               "ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version",
+                               (pgschema.LATEST,))
             return before, pgschema.LATEST
 
     @contextlib.asynccontextmanager
@@ -194,7 +185,8 @@ class PgStore:
             async with self._pool.connection() as conn:
                 yield conn
         except _UNAVAILABLE as e:
-            raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}") from None
+            first = str(e).strip().splitlines()[0] if str(e) else ""
+            raise StoreUnavailable(f"PostgreSQL: {type(e).__name__}: {first}") from None
         except psycopg.DataError as e:  # a value PostgreSQL cannot hold (NUL) or of the wrong type
             first = str(e).strip().splitlines()[0]
             raise UnstorableValue(f"a value cannot be stored in PostgreSQL: {first}") from None
@@ -233,7 +225,8 @@ class PgStore:
         for r in records:
             values, doc = _split(dict(r), SSA_COLUMNS)
             rows.append((*values, doc))
-        sql = f"INSERT INTO ssa ({', '.join(SSA_COLUMNS)}, doc) VALUES ({', '.join(['%s'] * (len(SSA_COLUMNS) + 1))})"
+        placeholders = ", ".join(["%s"] * (len(SSA_COLUMNS) + 1))
+        sql = f"INSERT INTO ssa ({', '.join(SSA_COLUMNS)}, doc) VALUES ({placeholders})"
         try:
             async with self._connection() as conn:
                 if len(rows) == 1:  # autocommit: one round trip
@@ -257,8 +250,17 @@ class PgStore:
 
     async def find_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                         status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
-        where, params = self._where({"jti": jti, "org_id": org_id, "status": status, "creator_id": creator_id})
+        where, params = self._where({"jti": jti, "org_id": org_id, "status": status,
+                                     "creator_id": creator_id})
         return [_ssa(r) for r in await self._rows(f"{_SSA_SELECT}{where} ORDER BY created_at, seq", params)]
+
+    async def search_ssas(self, where: SsaFilter, limit: int) -> list[SsaRecord]:
+        """Parameterised SQL over the columns and the JSONB doc; the indexes serve its equality
+        and range terms on columns."""
+        condition, params = to_sql(where, SSA_COLUMNS)
+        rows = await self._rows(f'{_SSA_SELECT} WHERE {condition} ORDER BY created_at, jti COLLATE "C" '
+                                "LIMIT %s", [*params, limit])
+        return [_ssa(r) for r in rows]
 
     async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
         # One statement: a one-time SSA only ever leaves through the conditional UPDATE (the row
@@ -280,9 +282,11 @@ class PgStore:
                           creator_id: str | None = None, now: int) -> list[SsaRecord]:
         if jti is None and org_id is None and creator_id is None:
             return []
-        where, params = self._where({"jti": jti, "org_id": org_id, "creator_id": creator_id, "status": ACTIVE})
+        where, params = self._where({"jti": jti, "org_id": org_id, "creator_id": creator_id,
+                                     "status": ACTIVE})
         rows = await self._rows(
-            f"UPDATE ssa SET status = %s, expiration = %s{where} RETURNING {', '.join(SSA_COLUMNS)}, seq, doc",
+            f"UPDATE ssa SET status = %s, expiration = %s{where} "
+            f"RETURNING {', '.join(SSA_COLUMNS)}, seq, doc",
             [REVOKED, now, *params])
         return [_ssa(r) for r in sorted(rows, key=lambda r: (r["created_at"], r["seq"]))]
 
@@ -318,14 +322,15 @@ class PgStore:
         return [r["doc"] for r in await self._rows("SELECT doc FROM clients ORDER BY created_at, client_id")]
 
     async def delete_client(self, client_id: str) -> bool:
-        return bool(await self._rows("DELETE FROM clients WHERE client_id = %s RETURNING client_id", (client_id,)))
+        return bool(await self._rows("DELETE FROM clients WHERE client_id = %s RETURNING client_id",
+                                     (client_id,)))
 
     # --- keys ---
     async def add_key(self, record: KeyRecord) -> None:
         values, doc = _split(dict(record), KEY_COLUMNS)
         try:
-            await self._rows(f"INSERT INTO keys ({', '.join(KEY_COLUMNS)}, doc) VALUES (%s, %s, %s, %s, %s, %s)",
-                             (*values, doc))
+            await self._rows(f"INSERT INTO keys ({', '.join(KEY_COLUMNS)}, doc) "
+                             "VALUES (%s, %s, %s, %s, %s, %s)", (*values, doc))
         except psycopg.errors.UniqueViolation:
             raise ValueError(f"a key with kid {record['kid']} exists") from None
 
@@ -344,7 +349,8 @@ class PgStore:
             params.append(_jsonb(extra))
         if not sets:
             sets.append("kid = kid")
-        rows = await self._rows(f"UPDATE keys SET {', '.join(sets)} WHERE kid = %s RETURNING kid", [*params, kid])
+        rows = await self._rows(f"UPDATE keys SET {', '.join(sets)} WHERE kid = %s RETURNING kid",
+                                [*params, kid])
         if not rows:
             raise KeyError(kid)
 
@@ -355,7 +361,8 @@ class PgStore:
     # --- templates ---
     async def put_template(self, record: TemplateRecord) -> None:
         await self._rows("INSERT INTO templates (name, created_at, doc) VALUES (%s, %s, %s) "
-                         "ON CONFLICT (name) DO UPDATE SET created_at = EXCLUDED.created_at, doc = EXCLUDED.doc",
+                         "ON CONFLICT (name) DO UPDATE SET created_at = EXCLUDED.created_at, "
+                         "doc = EXCLUDED.doc",
                          (record["name"], record["created_at"], _jsonb(dict(record))))
 
     async def get_template(self, name: str) -> TemplateRecord | None:

@@ -1,78 +1,19 @@
 """The store interface: what the service needs from persistence, and nothing more.
 
-Records are plain JSON-ready dicts (TypedDicts: below, and the SSA's in ``ssa.py``), so every
-backend stores them as they are and every caller gets copies it may change freely.  Every write
-method returns only after the change is durable (on disk or committed).
+Records are the plain dicts of ``records``; callers get copies they may change freely.  Every
+write method returns only after the change is durable (on disk or committed).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports ``clone`` from here)
-    from .ssa import SsaRecord
+from .records import ClientRecord, KeyRecord, TemplateRecord
 
-
-class ClientRecord(TypedDict):
-    client_id: str
-    name: str
-    secret_hash: str  # "sha256$<salt hex>$<digest hex>"; the secret itself is never stored
-    scopes: list[str]
-    created_at: int
-
-
-class KeyRecord(TypedDict):
-    kid: str
-    alg: str  # RS256 ... EdDSA for SSA keys, HS256 for the access-token key
-    use: str  # "ssa" (signs SSAs, published in /jwks) or "token" (signs access tokens, never published)
-    jwk: dict[str, Any]  # the private JWK; lives only in the store, which is 0600
-    status: str  # "active" (signs), "retiring" (verify only, published until remove_after), "retired"
-    created_at: int
-    remove_after: NotRequired[int | None]  # epoch seconds after which a retiring key leaves /jwks
-
-
-class TemplateRecord(TypedDict):
-    name: str
-    fields: dict[str, Any]  # the POST /ssa body to reuse
-    created_at: int
-
-
-def clone(value: Any) -> Any:
-    """A deep copy of a JSON value (several times faster than ``copy.deepcopy``)."""
-    if type(value) is dict:
-        return {k: clone(v) for k, v in value.items()}
-    if type(value) is list:
-        return [clone(v) for v in value]
-    return value
-
-
-class StoreLocked(RuntimeError):
-    """Another server process holds this data dir."""
-
-
-class StoreUnavailable(RuntimeError):
-    """The backend cannot be reached right now (maps to 503)."""
-
-
-class StoreDegraded(StoreUnavailable):
-    """The embedded store refuses writes until its cause is gone (a full disk, an I/O error, a
-    journal deleted or replaced); reads go on.  The message names the file and the cause (for the
-    CLI and the one log line the store writes when it degrades); ``reason`` is the short public
-    form (``/health/ready``)."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class UnstorableValue(ValueError):
-    """A value the store would not read back exactly as it was given (NaN, a key that is not a
-    string, text that is not UTF-8, text PostgreSQL cannot hold); nothing was stored."""
-
-
-class StoreSchemaError(RuntimeError):
-    """The database schema is not the version this server needs (run ``ssa-server store migrate``)."""
+if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports ``clone`` from this package)
+    from ..ssa import SsaRecord
+    from .search import SsaFilter
 
 
 class Store(Protocol):
@@ -101,6 +42,10 @@ class Store(Protocol):
     async def find_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                         status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
         """SSAs matching every given filter (AND), oldest first."""
+
+    async def search_ssas(self, where: SsaFilter, limit: int) -> list[SsaRecord]:
+        """The first ``limit`` SSAs, oldest first, matching every term of ``where`` (the admin
+        search; ``search.py`` defines what a term matches, the same on every store)."""
 
     async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
         """Atomically: if the SSA is ACTIVE and expiration > now, set USED (one-time) and return it.

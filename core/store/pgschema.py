@@ -47,7 +47,6 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 
 LATEST = MIGRATIONS[-1][0]
-TABLES = ("ssa", "clients", "keys", "templates")
 
 # Advisory lock ids (pg_advisory_lock takes a bigint): one for migrations, one for key setup.
 MIGRATE_LOCK = 0x55A_0001

@@ -1,0 +1,20 @@
+"""The store family: one contract (``base.Store``), the records it keeps, and its backends.
+
+Import records, key statuses, ``clone``, the errors and ``Store`` from here (the SSA record and its
+statuses are the model's: ``ssa.py``).  The backends are modules
+of their own, imported only where a store is opened (``backends.open_store``): the embedded
+TinyDB store over a durable journal (``tiny``, ``journal``) and PostgreSQL (``postgres``,
+``pgschema``, which needs psycopg); ``transfer`` moves records between them, ``search`` is the
+admin search's filter language.
+"""
+
+from .base import Store
+from .errors import StoreDegraded, StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
+from .records import (ID_FIELDS, KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KEY_STATES, TABLES, ClientRecord, KeyRecord,
+                      TemplateRecord, clone)
+
+__all__ = [
+    "ID_FIELDS", "KEY_ACTIVE", "KEY_RETIRED", "KEY_RETIRING", "KEY_STATES",
+    "TABLES", "ClientRecord", "KeyRecord", "Store", "StoreDegraded",
+    "StoreLocked", "StoreSchemaError", "StoreUnavailable", "TemplateRecord", "UnstorableValue", "clone",
+]

@@ -1,0 +1,53 @@
+"""What every store keeps beside the SSAs: the record shapes, key statuses, the tables, and copies.
+
+Records are plain JSON-ready dicts (the TypedDicts below; the SSA's, ``SsaRecord``, and its
+statuses are the model's, ``ssa.py``), so every backend stores them as they are and every caller
+gets copies it may change freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NotRequired, TypedDict
+
+# Key statuses: an active key signs; a retiring one only verifies (published in /jwks until its
+# remove_after); a retired one is kept but never used or published.
+KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED = "active", "retiring", "retired"
+KEY_STATES = (KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
+
+# Every table of every store and the field that identifies its records, in export order (the
+# keys before the SSAs they signed, so an importer can verify SSAs as it goes).
+ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
+TABLES = tuple(ID_FIELDS)
+
+
+class ClientRecord(TypedDict):
+    client_id: str
+    name: str
+    secret_hash: str  # "sha256$<salt hex>$<digest hex>"; the secret itself is never stored
+    scopes: list[str]
+    created_at: int
+
+
+class KeyRecord(TypedDict):
+    kid: str
+    alg: str  # RS256 ... EdDSA for SSA keys, HS256 for the access-token key
+    use: str  # "ssa" (signs SSAs, published in /jwks) or "token" (signs access tokens, never published)
+    jwk: dict[str, Any]  # the private JWK; lives only in the store, which is 0600
+    status: str  # one of KEY_STATES
+    created_at: int
+    remove_after: NotRequired[int | None]  # epoch seconds after which a retiring key leaves /jwks
+
+
+class TemplateRecord(TypedDict):
+    name: str
+    fields: dict[str, Any]  # the POST /ssa body to reuse
+    created_at: int
+
+
+def clone(value: Any) -> Any:
+    """A deep copy of a JSON value (faster than ``copy.deepcopy``: it knows only dicts and lists)."""
+    if type(value) is dict:
+        return {k: clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [clone(v) for v in value]
+    return value

@@ -1,0 +1,369 @@
+"""The embedded store: tables of documents in memory, every change recorded by the durable journal,
+the admin search run by TinyDB's query engine.
+
+Why not TinyDB's storage and tables: ``JSONStorage`` rewrites and re-reads the whole file on every
+operation and a crash mid-write corrupts it; even ``MemoryStorage`` rebuilds the whole table dict
+on every write.  So the tables are plain dicts (id -> document) whose documents are replaced,
+never changed in place; the journal (``journal.py``: durability, replay, compaction, degraded
+mode) appends one line per change; indexes on ``org_id`` and ``creator_id`` (and the jti, the
+table's key) keep the hot lookups from scanning; and a search's filter becomes a TinyDB ``Query``
+(``search.py``) tested on the documents.  See ``docs/store.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from tinydb.queries import QueryInstance
+
+from .journal import Journal
+from .search import INDEXED, SsaFilter, tinydb_query
+from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
+from .records import ID_FIELDS, TABLES, ClientRecord, KeyRecord, TemplateRecord, clone
+
+# One change in memory and how to take it back: (table, id, document before, document after).
+_Change = tuple[str, str, Any, Any]
+
+
+_SCAN_SLICE = 5000  # documents a search tests between two turns of the event loop
+_intern = sys.intern
+_SHARED_STRINGS = ("org_id", "status", "creator_id", "iss", "software_id")
+
+
+def _compact_ssa(doc: dict[str, Any]) -> dict[str, Any]:
+    """Share the strings that repeat across SSAs (a large store holds each once, not per SSA)."""
+    for name in _SHARED_STRINGS:
+        value = doc.get(name)
+        if type(value) is str:
+            doc[name] = _intern(value)
+    for name in LIST_FIELDS:
+        doc[name] = [_intern(v) if type(v) is str else v for v in doc[name]]
+    return doc
+
+
+async def _scan(docs: list[dict[str, Any]], query: QueryInstance | None) -> list[dict[str, Any]]:
+    """The documents ``query`` matches, tested a slice at a time with a turn of the event loop in
+    between: a search of a large store does not hold up the requests around it, and the
+    documents taken at its start are its snapshot (they are replaced, never changed)."""
+    if query is None:
+        return docs
+    found: list[dict[str, Any]] = []
+    for start in range(0, len(docs), _SCAN_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        found.extend(doc for doc in docs[start:start + _SCAN_SLICE] if query(doc))
+    return found
+
+
+def _oldest_first(doc: dict[str, Any]) -> tuple[int, str]:
+    return doc["created_at"], doc["jti"]
+
+
+def _copy_ssa(doc: dict[str, Any]) -> Any:
+    """A caller's copy of a stored SSA: its only mutable parts are its lists and ``custom``."""
+    out = doc.copy()
+    for name in LIST_FIELDS:
+        out[name] = list(doc[name])
+    out["custom"] = clone(doc["custom"]) if doc["custom"] else {}
+    return out
+
+
+class TinyStore:
+    def __init__(self, data_dir: Path | str, *, exclusive: bool = True, accept_journal_loss: bool = False,
+                 compact_retry_interval: float = 60.0) -> None:
+        """``exclusive``: the server's store (it holds ``server.lock``); else a CLI process's.
+        ``accept_journal_loss`` and ``compact_retry_interval``: the journal's (``Journal``)."""
+        self.journal = Journal(data_dir, self, exclusive=exclusive, accept_journal_loss=accept_journal_loss,
+                               compact_retry_interval=compact_retry_interval)
+        self.data_dir, self.path, self.exclusive = self.journal.data_dir, self.journal.path, exclusive
+        self.tables: dict[str, dict[str, Any]] = {name: {} for name in TABLES}
+        self._by_org: dict[str, dict[str, None]] = {}
+        self._by_creator: dict[str, dict[str, None]] = {}
+
+    # --- open / close ---
+    async def open(self) -> None:
+        """Open, check and replay the journal (one StoreUnavailable line for any data-dir failure)."""
+        self.journal.open()
+
+    async def close(self) -> None:
+        await self.journal.close()
+
+    # --- what the journal needs (JournalState) ---
+    def reset(self) -> None:
+        for table in self.tables.values():
+            table.clear()
+        self._by_org.clear()
+        self._by_creator.clear()
+
+    def apply(self, table: str, doc_id: str, doc: dict[str, Any] | None) -> None:
+        if doc is None:
+            self._delete(table, doc_id)
+        elif type(doc.get(ID_FIELDS[table])) is not str:
+            raise ValueError(f"a {table} record without its {ID_FIELDS[table]}")
+        else:
+            self._put(table, doc_id, doc)
+
+    def live(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """The tables as they are now (documents are replaced, never changed in place)."""
+        return {name: dict(table) for name, table in self.tables.items()}
+
+    # --- in-memory changes (each paired with a journal line); each returns how to undo it ---
+    def _put(self, name: str, doc_id: str, doc: dict[str, Any]) -> _Change:
+        if name == "ssa":
+            doc = _compact_ssa(doc)
+            doc_id = doc["jti"]
+        return self._install(name, doc_id, doc)
+
+    def _install(self, name: str, doc_id: str, doc: dict[str, Any]) -> _Change:
+        table = self.tables[name]
+        old = table.get(doc_id)
+        if name == "ssa":
+            if old is not None:
+                self._unindex(old)
+            self._by_org.setdefault(doc["org_id"], {})[doc_id] = None
+            self._by_creator.setdefault(doc["creator_id"], {})[doc_id] = None
+        table[doc_id] = doc
+        return name, doc_id, old, doc
+
+    def _delete(self, name: str, doc_id: str) -> _Change:
+        doc = self.tables[name].pop(doc_id, None)
+        if doc is not None and name == "ssa":
+            self._unindex(doc)
+        return name, doc_id, doc, None
+
+    def _unindex(self, doc: dict[str, Any]) -> None:
+        for index, key in ((self._by_org, doc["org_id"]), (self._by_creator, doc["creator_id"])):
+            ids = index.get(key)
+            if ids is not None:
+                ids.pop(doc["jti"], None)
+                if not ids:
+                    del index[key]
+
+    def undo(self, changes: list[_Change]) -> None:
+        """Take changes back, newest first.  A document another process changed since (a line
+        read from the journal, which is durable) keeps that change."""
+        for name, doc_id, old, new in reversed(changes):
+            if self.tables[name].get(doc_id) is not new:
+                continue
+            if old is None:
+                self._delete(name, doc_id)
+            else:
+                self._install(name, doc_id, old)
+
+    # --- SSAs ---
+    async def add_ssa(self, record: SsaRecord) -> None:
+        await self.add_ssas([record])
+
+    async def add_ssas(self, records: list[SsaRecord]) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        table = self.tables["ssa"]
+        seen: set[str] = set()
+        for r in records:
+            if r["jti"] in table or r["jti"] in seen:
+                raise ValueError(f"an SSA with jti {r['jti']} exists")
+            seen.add(r["jti"])
+        docs = [_copy_ssa(r) for r in records]  # type: ignore[arg-type]
+        lines = [self.journal.line("ssa", doc["jti"], doc) for doc in docs]  # refuses before anything changes
+        await self.journal.commit(lines, [self._put("ssa", doc["jti"], doc) for doc in docs])
+
+    async def get_ssa(self, jti: str) -> SsaRecord | None:
+        self.journal.catch_up()
+        doc = self.tables["ssa"].get(jti)
+        return _copy_ssa(doc) if doc is not None else None
+
+    def _matching(self, jti: str | None, org_id: str | None, status: str | None,
+                  creator_id: str | None) -> list[dict[str, Any]]:
+        table = self.tables["ssa"]
+        if jti is not None:
+            candidates: Iterable[str] = [jti] if jti in table else []
+        elif org_id is not None:
+            candidates = list(self._by_org.get(org_id, {}))
+        elif creator_id is not None:
+            candidates = list(self._by_creator.get(creator_id, {}))
+        else:
+            candidates = list(table)
+        out = []
+        for doc_id in candidates:
+            doc = table[doc_id]
+            if ((org_id is None or doc["org_id"] == org_id) and (status is None or doc["status"] == status)
+                    and (creator_id is None or doc["creator_id"] == creator_id)):
+                out.append(doc)
+        out.sort(key=lambda d: d["created_at"])  # stable: insertion order among equals
+        return out
+
+    async def find_ssas(self, *, jti: str | None = None, org_id: str | None = None,
+                        status: str | None = None, creator_id: str | None = None) -> list[SsaRecord]:
+        self.journal.catch_up()
+        return [_copy_ssa(doc) for doc in self._matching(jti, org_id, status, creator_id)]
+
+    async def search_ssas(self, where: SsaFilter, limit: int) -> list[SsaRecord]:
+        """The filter's TinyDB query tested on the candidates of an index (a term ``jti=``,
+        ``org_id=`` or ``creator_id=``), else on every SSA (``_scan``)."""
+        self.journal.catch_up()
+        query = tinydb_query(where)
+        table = self.tables["ssa"]
+        jti, org_id, creator_id = (where.equal_to(field) for field in INDEXED)
+        if jti is not None:
+            docs = [table[jti]] if jti in table else []
+        elif org_id is not None:
+            docs = [table[i] for i in self._by_org.get(org_id, ())]
+        elif creator_id is not None:
+            docs = [table[i] for i in self._by_creator.get(creator_id, ())]
+        else:
+            docs = await _scan(list(table.values()), query)
+            query = None
+        if query is not None:
+            docs = [doc for doc in docs if query(doc)]
+        docs.sort(key=_oldest_first)
+        return [_copy_ssa(doc) for doc in docs[:limit]]
+
+    async def mark_used(self, jti: str, now: int) -> SsaRecord | None:
+        self.journal.catch_up()
+        doc = self.tables["ssa"].get(jti)
+        if doc is None or doc["status"] != ACTIVE or doc["expiration"] <= now:
+            return None
+        if not doc["one_time_use"]:
+            return _copy_ssa(doc)  # type: ignore[no-any-return]  (a read: served while degraded too)
+        if self.journal.degraded is not None:
+            await self.journal.writable()  # raises unless the store recovered
+            return await self.mark_used(jti, now)  # the SSA may have changed while the probe ran
+        # Check and change happen in one synchronous step: no other coroutine can interleave.
+        doc = dict(doc, status=USED)
+        line = self.journal.line("ssa", jti, doc)
+        await self.journal.commit([line], [self._put("ssa", jti, doc)])
+        return _copy_ssa(doc)  # type: ignore[no-any-return]
+
+    async def revoke_ssas(self, *, jti: str | None = None, org_id: str | None = None,
+                          creator_id: str | None = None, now: int) -> list[SsaRecord]:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if jti is None and org_id is None and creator_id is None:
+            return []
+        matching = self._matching(jti, org_id, ACTIVE, creator_id)
+        changed = [dict(doc, status=REVOKED, expiration=now) for doc in matching]
+        lines = [self.journal.line("ssa", new["jti"], new) for new in changed]
+        await self.journal.commit(lines, [self._put("ssa", new["jti"], new) for new in changed])
+        return [_copy_ssa(doc) for doc in changed]
+
+    async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        expired: list[dict[str, Any]] = []
+        purged: list[str] = []
+        for doc_id, doc in self.tables["ssa"].items():
+            if doc["status"] == ACTIVE and doc["expiration"] <= now:
+                expired.append(dict(doc, status=EXPIRED))
+            elif doc["status"] != ACTIVE and doc["expiration"] < now - grace:
+                purged.append(doc_id)
+        lines = [self.journal.line("ssa", new["jti"], new) for new in expired]  # every line before any change
+        lines += [self.journal.line("ssa", doc_id, None) for doc_id in purged]
+        changes = [self._put("ssa", new["jti"], new) for new in expired]
+        changes += [self._delete("ssa", doc_id) for doc_id in purged]
+        await self.journal.commit(lines, changes)
+        await self.journal.compact_if_due()
+        return len(expired), len(purged)
+
+    async def count_ssas(self) -> int:
+        self.journal.catch_up()
+        return len(self.tables["ssa"])
+
+    # --- generic records ---
+    async def _put_record(self, name: str, doc_id: str, record: dict[str, Any]) -> None:
+        """Store a record (the caller has awaited ``writable`` and caught up, with no await since)."""
+        doc = clone(dict(record))
+        line = self.journal.line(name, doc_id, doc)
+        await self.journal.commit([line], [self._put(name, doc_id, doc)])
+
+    def _get(self, name: str, doc_id: str) -> Any:
+        self.journal.catch_up()
+        doc = self.tables[name].get(doc_id)
+        return clone(doc) if doc is not None else None
+
+    def _all(self, name: str) -> list[Any]:
+        self.journal.catch_up()
+        return clone(sorted(self.tables[name].values(), key=lambda d: d.get("created_at", 0)))
+
+    # --- clients ---
+    async def add_client(self, record: ClientRecord) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if record["client_id"] in self.tables["clients"]:
+            raise ValueError(f"a client with id {record['client_id']} exists")
+        await self._put_record("clients", record["client_id"], dict(record))
+
+    async def get_client(self, client_id: str) -> ClientRecord | None:
+        return self._get("clients", client_id)  # type: ignore[no-any-return]
+
+    async def has_client(self, client_id: str) -> bool:
+        self.journal.catch_up()
+        return client_id in self.tables["clients"]
+
+    async def list_clients(self) -> list[ClientRecord]:
+        return self._all("clients")
+
+    async def delete_client(self, client_id: str) -> bool:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if client_id not in self.tables["clients"]:
+            return False
+        line = self.journal.line("clients", client_id, None)
+        await self.journal.commit([line], [self._delete("clients", client_id)])
+        return True
+
+    # --- keys ---
+    async def add_key(self, record: KeyRecord) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        await self._put_record("keys", record["kid"], dict(record))
+
+    async def update_key(self, kid: str, changes: dict[str, Any]) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        doc = self.tables["keys"].get(kid)
+        if doc is None:
+            raise KeyError(kid)
+        await self._put_record("keys", kid, dict(doc, **changes))
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return self._all("keys")
+
+    # --- templates ---
+    async def put_template(self, record: TemplateRecord) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        await self._put_record("templates", record["name"], dict(record))
+
+    async def get_template(self, name: str) -> TemplateRecord | None:
+        return self._get("templates", name)  # type: ignore[no-any-return]
+
+    async def list_templates(self) -> list[TemplateRecord]:
+        return self._all("templates")
+
+    # --- coordination ---
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Nothing to hold: a data dir has one server process (``server.lock``)."""
+        yield
+
+    # --- health ---
+    async def check(self) -> None:
+        """Readiness: StoreDegraded (with its reason) while writes are refused; the journal's
+        identity is checked here too, and a due probe runs."""
+        await self.journal.check()
