@@ -106,13 +106,13 @@ def test_a_killed_helper_fails_its_batch_and_is_replaced(process):
 
     async def go():
         await process.sign(record["kid"], record["alg"], record["jwk"], data)
-        first = process._proc.pid
+        first = process.pid
         os.kill(first, signal.SIGKILL)
         await asyncio.sleep(0.2)
         with pytest.raises(SigningUnavailable):
             await process.sign(record["kid"], record["alg"], record["jwk"], data)
         sig = await process.sign(record["kid"], record["alg"], record["jwk"], data)  # a fresh helper
-        return first, process._proc.pid, sig
+        return first, process.pid, sig
 
     first, second, sig = asyncio.run(go())
     assert first != second
@@ -125,7 +125,7 @@ def test_a_hung_helper_times_out(process):
 
     async def go():
         await process.sign(record["kid"], record["alg"], record["jwk"], data)
-        os.kill(process._proc.pid, signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(SigningUnavailable):
             await process.sign(record["kid"], record["alg"], record["jwk"], data)
@@ -141,7 +141,7 @@ def test_the_key_ring_signs_inline_when_the_helper_is_gone(tmp_path):
     async def go():
         async with es256_ring(tmp_path) as (keys, process):
             await keys.sign_in(process, {"typ": "jwt"}, {"jti": "a"})
-            os.kill(process._proc.pid, signal.SIGKILL)
+            os.kill(process.pid, signal.SIGKILL)
             await asyncio.sleep(0.2)
             return await keys.sign_in(process, {"typ": "jwt"}, {"jti": "b"}), keys.active()
 
@@ -152,9 +152,9 @@ def test_the_key_ring_signs_inline_when_the_helper_is_gone(tmp_path):
 def test_a_new_event_loop_gets_a_fresh_helper(process):
     record = generate_key("ES256", "ssa", int(time.time()))
     first = sign_many(process, record, 2)
-    pid = process._proc.pid
+    pid = process.pid
     second = sign_many(process, record, 2)
-    assert process._proc.pid != pid
+    assert process.pid != pid
     for token in first + second:
         verify(token, record)
 
@@ -163,17 +163,17 @@ def test_a_new_event_loop_gets_a_fresh_helper(process):
 def test_es256_creates_over_http_go_through_the_helper_and_survive_its_death(make_api):
     api = make_api(signing_alg="ES256")
     helper = api.server.service.signing
-    assert helper is not None and helper._proc is not None  # started with the server (active alg ES256)
+    assert helper is not None and helper.pid is not None  # started with the server (active alg ES256)
     first = api.create(org_id="o", software_id="s")
     assert first.status_code == 201 and api.verify(first.json()["ssa"])[0]["alg"] == "ES256"
-    pid = helper._proc.pid
+    pid = helper.pid
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     for _ in range(3):  # the batch the dead helper fails is signed inline; then a fresh helper
         r = api.create(org_id="o", software_id="s")
         assert r.status_code == 201, r.text
         assert api.verify(r.json()["ssa"])[0]["alg"] == "ES256"
-    assert helper._proc is not None and helper._proc.pid != pid
+    assert helper.pid is not None and helper.pid != pid
 
 
 def test_a_helper_that_cannot_start_leaves_signing_inline(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from ssa_server.plugins.hookspecs import JwtDraft
 from ssa_server.plugins.script_rules import HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change
 
 from .errors import ScriptError, ScriptRefused
-from .protocol import dumps, loads, valid_unicode
+from ssa_server.frames import dumps, loads, valid_unicode
 from .refusals import compile_errors, top_level_error
 
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
