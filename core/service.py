@@ -6,7 +6,6 @@ way: checked input -> service -> hooks -> signing -> store -> result.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -15,7 +14,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +22,6 @@ import pluggy
 
 from .errors import ApiError, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable, ScriptFailed
 from .keys import KeyRing
-from .signing import PROCESS_ALGS, SLOW_ALGS
-from .signing_process import SigningProcess
 from .settings import Settings
 from .store import ACTIVE, SsaRecord, Store, UnstorableValue, clone
 from .validation import CreateRequest
@@ -39,9 +35,6 @@ ADMIN = "https://jans.io/auth/ssa.admin"
 PORTAL = "https://jans.io/auth/ssa.portal"
 DEVELOPER = "https://jans.io/auth/ssa.developer"
 SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
-
-# Shared by every service in the process; as many threads as cores (more only add GIL contention).
-_SIGNING_THREADS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
 
 
 class _Uuid4Source:
@@ -127,7 +120,6 @@ class SsaService:
         self._clock = clock
         self._scripts = scripts
         self._without_scripts: dict[str, Any] = {}  # hook name -> its caller minus the script chain
-        self.signing: SigningProcess | None = None  # the server's helper for EC/EdDSA signatures
 
     def now(self) -> int:
         return int(self._clock())
@@ -190,16 +182,9 @@ class SsaService:
             raise ScriptFailed(f"a create hook broke the signing rules: {broken}.")
 
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
-        unsigned = {k: v for k, v in header.items() if k not in SIGNER_HEADER}
-        alg = self.keys.active_alg()
-        if alg in SLOW_ALGS:
-            # An RSA signature releases the GIL: signing threads let it use the other core
-            # while the event loop serves the next request.
-            return await asyncio.get_running_loop().run_in_executor(_SIGNING_THREADS, self.keys.sign,
-                                                                    unsigned, claims)
-        if self.signing is not None and alg in PROCESS_ALGS:
-            return await self.keys.sign_in(self.signing, unsigned, claims)
-        return self.keys.sign(unsigned, claims)
+        """The key ring signs (``KeyRing.sign`` picks thread, helper or inline); the signer's own
+        header parameters (``alg``, ``kid``) come from the active key, never from a hook."""
+        return await self.keys.sign({k: v for k, v in header.items() if k not in SIGNER_HEADER}, claims)
 
     # --- list ---
     async def list(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[dict[str, Any]]:
