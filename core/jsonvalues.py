@@ -18,7 +18,7 @@ it refuses (an integer beyond 64 bits) the stdlib writes in the same form (compa
 Such a text is *wide*: read back by orjson its big integers would become floats, so a reader of
 text we wrote reads a wide one with ``loads_wide``.  The container records which texts are wide
 its own way (a journal line carries ``"j": 1``; a sandbox frame can start with a space, as
-``plugins/sandbox/protocol.py`` does); a reader of text from outside uses ``loads``, which finds
+``core/frames.py`` does); a reader of text from outside uses ``loads``, which finds
 the long digit runs itself.
 """
 
@@ -163,4 +163,13 @@ def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise JsonValueError("holds a number beyond the float range")
+    return value
+
+
+def clone(value: Any) -> Any:
+    """A deep copy of a JSON value (faster than ``copy.deepcopy``: it knows only dicts and lists)."""
+    if type(value) is dict:
+        return {k: clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [clone(v) for v in value]
     return value

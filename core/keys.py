@@ -3,6 +3,10 @@
 Keys live in the store (whose files are 0600), never in a response or a log line.  Kids follow
 Janssen's shape, ``ssa_<uuid>_sig_<alg>``.  A rotated key stops signing at once but stays in
 ``/jwks`` until the last SSA it may have signed has expired (``remove_after``).
+
+``KeyRing.sign`` is the one way to sign an SSA: it picks where the signature is made (a signing
+thread, the signing helper process, or inline) and the key ring owns both (``start_signing``,
+``close``).
 """
 
 from __future__ import annotations
@@ -10,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jwcrypto import jwk
 
-from .signing import Signer
+from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
 from .store import KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store
@@ -63,6 +69,8 @@ class KeyRing:
         self._fingerprint = ""
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
+        self._threads: ThreadPoolExecutor | None = None  # RSA signatures, once start_signing ran
+        self.signing_process: SigningProcess | None = None  # EC and EdDSA signatures, likewise
 
     # --- loading ---
     async def load(self, *, adopt_alg: bool = True) -> None:
@@ -163,22 +171,59 @@ class KeyRing:
             raise KeyError(kid)
         return self._objects[kid]
 
-    def sign(self, header: dict[str, Any], claims: dict[str, Any], use: str = SSA_USE) -> str:
-        """Compact JWS over ``claims``; ``alg`` and ``kid`` are set from the active key."""
+    async def sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
+        """An SSA: compact JWS over ``claims`` with the active SSA key (``alg`` and ``kid`` are
+        set from it, whatever ``header`` says).
+
+        Once ``start_signing`` ran (the server): an RSA signature in a signing thread (it
+        releases the GIL, so the event loop serves the next request meanwhile), an EC or EdDSA
+        one by the signing process (a thread would wait for the GIL behind the loop after every
+        signature).  Inline otherwise: before (CLI commands), after ``close``, for HMAC, and when
+        the signing process is unavailable (it died, hung or cannot start: logged)."""
+        record = self.active()
+        signer = self._signers[record["kid"]]
+        if self._threads is not None and signer.alg in SLOW_ALGS:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._threads, signer.sign, header, claims)
+        if self.signing_process is not None and signer.alg in PROCESS_ALGS:
+            signing_input = signer.signing_input(header, claims)
+            try:
+                signature = await self.signing_process.sign(record["kid"], signer.alg, record["jwk"],
+                                                            signing_input)
+            except SigningUnavailable as e:
+                log.warning("signing process unavailable (%s): signing on the event loop", e)
+                return signer.sign(header, claims)
+            return (signing_input + b"." + signature).decode()
+        return signer.sign(header, claims)
+
+    def sign_inline(self, header: dict[str, Any], claims: dict[str, Any], use: str = SSA_USE) -> str:
+        """Compact JWS with the active key of ``use``, made here and now (access tokens: HMAC)."""
         return self._signers[self.active(use)["kid"]].sign(header, claims)
 
-    async def sign_in(self, process: SigningProcess, header: dict[str, Any], claims: dict[str, Any],
-                      use: str = SSA_USE) -> str:
-        """``sign`` with the signature made by the helper process (inline if it is unavailable)."""
-        record = self.active(use)
-        signer = self._signers[record["kid"]]
-        signing_input = signer.signing_input(header, claims)
-        try:
-            signature = await process.sign(record["kid"], record["alg"], record["jwk"], signing_input)
-        except SigningUnavailable as e:
-            log.warning("signing process unavailable (%s): signing on the event loop", e)
-            return signer.sign(header, claims)
-        return (signing_input + b"." + signature).decode()
+    def start_signing(self) -> None:
+        """Make signatures off the event loop from now on (the server; CLI commands sign inline):
+        RSA in as many threads as cores (more only add GIL contention), EC and EdDSA in the
+        signing process, started now if the active key needs it (else by the first such
+        signature), while the server begins serving.  Called on the event loop, after ``load``."""
+        self.close()
+        self._threads = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
+        self.signing_process = SigningProcess()
+        active = self._active.get(SSA_USE)
+        if active is not None and active["alg"] in PROCESS_ALGS:
+            try:
+                self.signing_process.start()
+            except SigningUnavailable as e:  # the first signature tries again (and signs inline)
+                log.warning("%s", e)
+
+    def close(self) -> None:
+        """Stop signing off the loop: the signing process killed and reaped, the threads let go
+        (they end once idle).  Signatures are made inline after this."""
+        if self.signing_process is not None:
+            self.signing_process.close()
+            self.signing_process = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
 
     def active_alg(self, use: str = SSA_USE) -> str:
         return self.active(use)["alg"]

@@ -22,8 +22,6 @@ from .clients import ClientService
 from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
-from .signing import PROCESS_ALGS
-from .signing_process import SigningProcess, SigningUnavailable
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
 from .tokens import TokenAuthority
@@ -114,12 +112,7 @@ class Server:
                     log.warning("starting with %s DOWN: %s", check["name"],
                                 check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
-            self.service.signing = SigningProcess()
-            if self.keys.active_alg() in PROCESS_ALGS:
-                try:
-                    self.service.signing.start()  # its interpreter starts while the server begins serving
-                except SigningUnavailable as e:  # the first signature tries again (and signs inline)
-                    log.warning("%s", e)
+            self.keys.start_signing()  # signing threads and process; CLI commands sign inline
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -127,9 +120,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        if self.service.signing is not None:
-            self.service.signing.close()
-            self.service.signing = None
+        self.keys.close()  # the signing process and threads
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
         await self.store.close()

@@ -6,7 +6,6 @@ way: checked input -> service -> hooks -> signing -> store -> result.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -14,19 +13,17 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
                      ScriptFailed)
 from .keys import KeyRing
-from .signing import PROCESS_ALGS, SLOW_ALGS
-from .signing_process import SigningProcess
 from .settings import Settings
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
                   record_from_request)
-from .store import Store, TemplateRecord, UnstorableValue, clone
+from .jsonvalues import clone
+from .store import Store, TemplateRecord, UnstorableValue
 from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
 from ssa_server.plugins.jwt_draft import JwtDraft
 from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
@@ -36,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ssa_server.service")
 
-# Shared by every service in the process; as many threads as cores (more only add GIL contention).
-_SIGNING_THREADS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
 
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 # Headers that carry credentials by their name: tokens and sessions a proxy or a gateway adds
@@ -97,7 +92,6 @@ class SsaService:
         self.keys = keys
         self.hooks = hooks  # scripts, then trusted plugins
         self._clock = clock
-        self.signing: SigningProcess | None = None  # the server's helper for EC/EdDSA signatures
 
     def now(self) -> int:
         return int(self._clock())
@@ -148,16 +142,9 @@ class SsaService:
             raise ScriptFailed(f"a create hook broke the signing rules: {broken}.")
 
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
-        unsigned = {k: v for k, v in header.items() if k not in SIGNER_HEADER}
-        alg = self.keys.active_alg()
-        if alg in SLOW_ALGS:
-            # An RSA signature releases the GIL: signing threads let it use the other core
-            # while the event loop serves the next request.
-            return await asyncio.get_running_loop().run_in_executor(_SIGNING_THREADS, self.keys.sign,
-                                                                    unsigned, claims)
-        if self.signing is not None and alg in PROCESS_ALGS:
-            return await self.keys.sign_in(self.signing, unsigned, claims)
-        return self.keys.sign(unsigned, claims)
+        """The key ring signs (``KeyRing.sign`` picks thread, helper or inline); the signer's own
+        header parameters (``alg``, ``kid``) come from the active key, never from a hook."""
+        return await self.keys.sign({k: v for k, v in header.items() if k not in SIGNER_HEADER}, claims)
 
     # --- list ---
     async def list_ssas(self, ctx: CallContext, *, jti: str | None = None,

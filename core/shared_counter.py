@@ -33,7 +33,11 @@ class SharedCounter:
     def in_memfd(cls, name: str) -> tuple[SharedCounter, int]:
         """A counter in a new memfd, and the fd (to pass to a child process, then close)."""
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        return cls(fd), fd
+        try:
+            return cls(fd), fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def get(self) -> int:
         return _U64.unpack_from(self._map)[0]  # type: ignore[no-any-return]

@@ -1,16 +1,17 @@
 """EC and EdDSA signatures in a helper process, off the event loop.
 
-An ECDSA or EdDSA signature costs 45-50 us on a warm core but 75-100 us on the event loop, where
-the request's own Python has pushed the curve tables out of the caches; and a signing thread
-waits for the GIL behind a busy loop after every signature.  A helper process signs on the other
-core, and the signatures asked for in one loop turn (or while a batch is out) go in one frame, so
-the loop pays ~15 us per signature instead.
+An ECDSA or EdDSA signature costs more on the event loop than on a warm core (the request's own
+Python has pushed the curve tables out of the caches), and a signing thread waits for the GIL
+behind a busy loop after every signature.  A helper process signs on the other core, and the
+signatures asked for in one loop turn (or while a batch is out) go in one frame, so the loop pays
+a share of one round trip per signature instead (the figures: ``bench/README.md``).
 
-The helper is a fresh interpreter (``python -I -m ssa_server.signing_process R W``) that gets
-each private key once, over its pipe, the first time it must sign with it.  It is trusted code:
-unlike the script workers it holds keys, and runs nothing else.  If it dies or stops answering,
+The helper is a fresh interpreter (``python -I -m ssa_server.signing_process R W``, started by
+``helper_process.HelperProcess``) that gets each private key once, over its pipe, the first time
+it must sign with it.  It is trusted code: unlike the script workers it holds keys, and runs
+nothing else; it loads nothing of the plugins or the sandbox.  If it dies or stops answering,
 the batch fails with ``SigningUnavailable`` (the caller signs inline) and the next signature
-starts a fresh helper.
+starts a fresh helper.  ``KeyRing`` owns it (``start_signing``, ``close``).
 """
 
 from __future__ import annotations
@@ -18,171 +19,166 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
-import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from ssa_server.plugins.sandbox.protocol import (FrameBuffer, FrameError, dumps, loads, read_frame, read_ready,
-                                                 write_raw_frame)
-
+from .frames import FrameError, dumps, loads, read_frame, write_raw_frame
+from .helper_process import AnswerReader, HelperProcess, Job, LoopTurnBatcher
 from .signing import b64url, signature_function
 
 log = logging.getLogger("ssa_server.signing")
 
-_TIMEOUT = 5.0  # seconds for one batch (a signature takes ~50 us): then the helper is replaced
+_MODULE = "ssa_server.signing_process"
+_TIMEOUT = 5.0  # seconds for one batch (far more than a signature takes): then the helper is replaced
 _MAX_FRAME = 64 << 20
-_PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer: the write cannot block
 
 
 class SigningUnavailable(Exception):
     """The helper could not sign this batch (it died, hung or never started)."""
 
 
+@dataclass(eq=False)
+class _Signature(Job):
+    kid: str
+    alg: str
+    key: dict[str, Any]
+    data: bytes
+
+
 class SigningProcess:
-    """The event loop's side of the helper: ``await sign(...)`` returns the base64url signature."""
+    """The event loop's side of the helper: ``await sign(...)`` returns the base64url signature.
+
+    One batch at a time is out (``_turn``, a lock of the running loop): the signatures asked for
+    while it is out make the next batch."""
 
     def __init__(self, timeout: float = _TIMEOUT) -> None:
         self.timeout = timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._helper: HelperProcess | None = None
+        self._answers: AnswerReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._to_child = self._from_child = -1
+        self._turn = asyncio.Lock()
         self._known: set[str] = set()  # kids the helper holds
-        self._queue: list[tuple[str, str, dict[str, Any], bytes, asyncio.Future[bytes]]] = []
-        self._draining = False
-        self._answer: asyncio.Future[bytes] | None = None
-        self._frames = FrameBuffer()
-        self._task: asyncio.Task[None] | None = None  # the drain running (the loop holds tasks weakly)
+        self._batches: LoopTurnBatcher[asyncio.Lock, _Signature] = LoopTurnBatcher(
+            idle=_never, wait=self._take_turn, select=len, serve_one=self._serve_one, serve=self._serve,
+            release=asyncio.Lock.release)
+
+    @property
+    def pid(self) -> int | None:
+        """The running helper's process id."""
+        return self._helper.pid if self._helper is not None else None
 
     async def sign(self, kid: str, alg: str, key: dict[str, Any], data: bytes) -> bytes:
         """The signature of ``data`` with private JWK ``key`` (kid ``kid``), base64url-encoded."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self.start()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._queue.append((kid, alg, key, data, future))
-        if not self._draining:
-            self._draining = True
-            self._task = loop.create_task(self._drain())
-        return await future
+        job = _Signature(loop.create_future(), loop.time(), kid, alg, key, data)
+        return await self._batches.submit(job)  # type: ignore[no-any-return]
 
-    async def _drain(self) -> None:
-        """Send what is queued, one batch at a time, until nothing is left."""
-        try:
-            await asyncio.sleep(0)  # the signatures asked for in this loop turn join the batch
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    signatures = await self._round_trip(batch)
-                except Exception as e:  # SigningUnavailable, or a bug: the callers sign inline
-                    if not isinstance(e, SigningUnavailable):
-                        log.error("signing process failed: %s: %s", type(e).__name__, e)
-                    self._stop()
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(SigningUnavailable(str(e)))
-                    continue
-                for (*_, future), signature in zip(batch, signatures):
-                    if not future.done():
-                        future.set_result(signature)
-        finally:
-            self._draining = False
+    async def _take_turn(self, own: _Signature | None) -> asyncio.Lock:
+        turn = self._turn
+        await turn.acquire()  # the batch before is answered (or failed)
+        return turn
 
-    async def _round_trip(self, batch: list[tuple[str, str, dict[str, Any], bytes, asyncio.Future[bytes]]]) -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        if self._proc is None:
-            self.start()
-        keys, jobs = [], []
-        for kid, alg, key, data, _ in batch:
-            if kid not in self._known:
-                keys.append({"kid": kid, "alg": alg, "jwk": key})
-                self._known.add(kid)
-            jobs.append([kid, data.decode("ascii")])
-        frame = dumps({"keys": keys, "jobs": jobs})
-        self._answer = answer = loop.create_future()
-        timer = loop.call_later(self.timeout, lambda: answer.done() or answer.set_exception(SigningUnavailable("timeout")))
+    async def _serve_one(self, turn: asyncio.Lock, job: _Signature) -> None:
+        await self._serve(turn, [job])
+
+    async def _serve(self, turn: asyncio.Lock, batch: list[_Signature]) -> None:
         try:
-            try:
-                if len(frame) < _PIPE_SAFE:
-                    write_raw_frame(self._to_child, frame)
+            signatures = await self._round_trip(batch)
+        except BaseException as e:  # SigningUnavailable, a cancellation or a bug: the callers sign inline
+            if not isinstance(e, (SigningUnavailable, asyncio.CancelledError)):
+                log.error("signing process failed: %s: %s", type(e).__name__, e)
+            self._stop()  # its answer, should it still come, must not be taken for the next batch's
+            for job in batch:
+                if isinstance(e, Exception):
+                    if not job.future.done():
+                        job.future.set_exception(SigningUnavailable(str(e) or type(e).__name__))
                 else:
-                    await loop.run_in_executor(None, write_raw_frame, self._to_child, frame)
-            except OSError:
-                raise SigningUnavailable("the signing process exited") from None
-            raw = await answer
+                    job.future.cancel()
+            if not isinstance(e, Exception):
+                raise
+        else:
+            for job, signature in zip(batch, signatures):
+                if not job.future.done():
+                    job.future.set_result(signature)
         finally:
-            timer.cancel()
-            self._answer = None
+            turn.release()
+
+    async def _round_trip(self, batch: list[_Signature]) -> list[bytes]:
+        if self._helper is None:
+            self._spawn()
+        assert self._helper is not None and self._answers is not None
+        keys, jobs = [], []
+        for job in batch:
+            if job.kid not in self._known:
+                keys.append({"kid": job.kid, "alg": job.alg, "jwk": job.key})
+                self._known.add(job.kid)
+            jobs.append([job.kid, job.data.decode("ascii")])
+        answer = self._answers.expect(_MAX_FRAME, self.timeout)  # the clock runs from before the write
+        try:
+            sending = self._helper.send(dumps({"keys": keys, "jobs": jobs}))
+            if sending is not None:
+                await sending
+        except OSError:
+            answer.cancel()
+            raise SigningUnavailable("the signing process exited") from None
+        try:
+            raw = await answer
+        except FrameError:
+            raise SigningUnavailable("the signing process exited") from None
+        except TimeoutError:
+            raise SigningUnavailable("timeout") from None
         try:
             signatures = loads(raw)
         except ValueError:
             raise SigningUnavailable("malformed answer") from None
-        if not isinstance(signatures, list) or len(signatures) != len(batch) or not all(isinstance(s, str) for s in signatures):
+        if not isinstance(signatures, list) or len(signatures) != len(batch) \
+                or not all(isinstance(s, str) for s in signatures):
             raise SigningUnavailable("malformed answer")
         return [s.encode("ascii") for s in signatures]
-
-    def _on_readable(self) -> None:
-        chunk = read_ready(self._from_child)
-        if chunk is None:
-            return
-        answer = self._answer
-        if not chunk:
-            self._loop.remove_reader(self._from_child)  # type: ignore[union-attr]
-            if answer is not None and not answer.done():
-                answer.set_exception(SigningUnavailable("the signing process exited"))
-            return
-        self._frames.feed(chunk)
-        frame = self._frames.pop()
-        if frame is not None and answer is not None and not answer.done():
-            answer.set_result(frame)
 
     def start(self) -> None:
         """Start a fresh helper for the running event loop (else the first signature does)."""
         loop = asyncio.get_running_loop()
         self._stop()
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
+        if self._loop is not loop:
+            self._loop, self._turn = loop, asyncio.Lock()  # a lock serves one loop
+        self._spawn()
+
+    def _spawn(self) -> None:
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "ssa_server.signing_process", str(to_child_r), str(from_child_w)],
-                pass_fds=(to_child_r, from_child_w), env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+            helper = HelperProcess(_MODULE)
         except OSError as e:
-            for fd in (self._to_child, self._from_child):
-                os.close(fd)
             raise SigningUnavailable(f"cannot start the signing process: {e.strerror}") from None
-        finally:
-            os.close(to_child_r)
-            os.close(from_child_w)
-        os.set_blocking(self._from_child, False)
-        self._loop = loop
+        os.set_blocking(helper.from_child, False)
+        assert self._loop is not None
+        self._helper, self._answers = helper, AnswerReader(self._loop, helper.from_child)
         self._known.clear()
-        self._frames = FrameBuffer()
-        loop.add_reader(self._from_child, self._on_readable)
 
     def _stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._from_child)
-        self._proc.kill()
-        self._proc.wait()
-        for fd in (self._to_child, self._from_child):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._proc = None
+        if self._answers is not None:
+            self._answers.close()
+            self._answers = None
+        if self._helper is not None:
+            self._helper.kill()
+            self._helper = None
 
     def close(self) -> None:
+        """Kill and reap the helper."""
         self._stop()
         self._loop = None
 
 
+def _never() -> None:
+    """No turn is free without waiting for it: the lock says (``_take_turn``)."""
+    return None
+
+
 def main() -> None:
     """The helper: a private key per kid, a list of signatures per frame."""
-    rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file holding the keys
+    rfd, wfd = int(sys.argv[1]), int(sys.argv[2])  # (no core file: HelperProcess set RLIMIT_CORE to 0)
     signers: dict[str, Any] = {}
     while True:
         try:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
-from .store import clone
+from .jsonvalues import clone
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
 STATES = (ACTIVE, USED, REVOKED, EXPIRED)

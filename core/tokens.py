@@ -43,7 +43,7 @@ class TokenAuthority:
         now = int(self._clock())
         claims = {"iss": self._issuer, "sub": client_id, "client_id": client_id, "aud": self._issuer,
                   "scope": " ".join(scopes), "iat": now, "exp": now + self._ttl, "jti": str(uuid.uuid4())}
-        return self._keys.sign({"typ": "at+jwt"}, claims, use=TOKEN_USE), self._ttl
+        return self._keys.sign_inline({"typ": "at+jwt"}, claims, use=TOKEN_USE), self._ttl
 
     def verify(self, token: str) -> Caller:
         """The caller behind ``token``; InvalidToken if it is malformed, forged or expired."""

@@ -16,7 +16,7 @@ import anyio.to_thread
 import pluggy
 
 from ssa_server.errors import ApiError, ScriptFailed
-from ssa_server.store import clone
+from ssa_server.jsonvalues import clone
 
 from .jwt_draft import JwtDraft
 from .script_rules import HOOKS, failure_refuses

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from jwcrypto import jwk, jws
@@ -43,16 +45,16 @@ def sign_many(process: SigningProcess, record: dict, count: int) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def es256_ring(path):
-    """An ES256 key ring on a fresh store, and a signing process for it."""
+    """An ES256 key ring on a fresh store, signing as the server does, and its signing process."""
     store = TinyStore(path)
     await store.open()
     keys = KeyRing(store, "ES256")
     await keys.load()
-    process = SigningProcess(timeout=2.0)
+    keys.start_signing()
     try:
-        yield keys, process
+        yield keys, keys.signing_process
     finally:
-        process.close()
+        keys.close()
         await store.close()
 
 
@@ -106,13 +108,13 @@ def test_a_killed_helper_fails_its_batch_and_is_replaced(process):
 
     async def go():
         await process.sign(record["kid"], record["alg"], record["jwk"], data)
-        first = process._proc.pid
+        first = process.pid
         os.kill(first, signal.SIGKILL)
         await asyncio.sleep(0.2)
         with pytest.raises(SigningUnavailable):
             await process.sign(record["kid"], record["alg"], record["jwk"], data)
         sig = await process.sign(record["kid"], record["alg"], record["jwk"], data)  # a fresh helper
-        return first, process._proc.pid, sig
+        return first, process.pid, sig
 
     first, second, sig = asyncio.run(go())
     assert first != second
@@ -125,7 +127,7 @@ def test_a_hung_helper_times_out(process):
 
     async def go():
         await process.sign(record["kid"], record["alg"], record["jwk"], data)
-        os.kill(process._proc.pid, signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(SigningUnavailable):
             await process.sign(record["kid"], record["alg"], record["jwk"], data)
@@ -137,13 +139,13 @@ def test_a_hung_helper_times_out(process):
 
 
 def test_the_key_ring_signs_inline_when_the_helper_is_gone(tmp_path):
-    """A create never fails because of the helper: KeyRing.sign_in falls back to the loop."""
+    """A create never fails because of the helper: KeyRing.sign falls back to the loop."""
     async def go():
         async with es256_ring(tmp_path) as (keys, process):
-            await keys.sign_in(process, {"typ": "jwt"}, {"jti": "a"})
-            os.kill(process._proc.pid, signal.SIGKILL)
+            await keys.sign({"typ": "jwt"}, {"jti": "a"})
+            os.kill(process.pid, signal.SIGKILL)
             await asyncio.sleep(0.2)
-            return await keys.sign_in(process, {"typ": "jwt"}, {"jti": "b"}), keys.active()
+            return await keys.sign({"typ": "jwt"}, {"jti": "b"}), keys.active()
 
     token, record = asyncio.run(go())
     assert verify(token, record)["alg"] == "ES256"
@@ -152,9 +154,9 @@ def test_the_key_ring_signs_inline_when_the_helper_is_gone(tmp_path):
 def test_a_new_event_loop_gets_a_fresh_helper(process):
     record = generate_key("ES256", "ssa", int(time.time()))
     first = sign_many(process, record, 2)
-    pid = process._proc.pid
+    pid = process.pid
     second = sign_many(process, record, 2)
-    assert process._proc.pid != pid
+    assert process.pid != pid
     for token in first + second:
         verify(token, record)
 
@@ -162,18 +164,18 @@ def test_a_new_event_loop_gets_a_fresh_helper(process):
 @pytest.mark.parametrize("store_kind", ["tinydb"])
 def test_es256_creates_over_http_go_through_the_helper_and_survive_its_death(make_api):
     api = make_api(signing_alg="ES256")
-    helper = api.server.service.signing
-    assert helper is not None and helper._proc is not None  # started with the server (active alg ES256)
+    helper = api.server.keys.signing_process
+    assert helper is not None and helper.pid is not None  # started with the server (active alg ES256)
     first = api.create(org_id="o", software_id="s")
     assert first.status_code == 201 and api.verify(first.json()["ssa"])[0]["alg"] == "ES256"
-    pid = helper._proc.pid
+    pid = helper.pid
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     for _ in range(3):  # the batch the dead helper fails is signed inline; then a fresh helper
         r = api.create(org_id="o", software_id="s")
         assert r.status_code == 201, r.text
         assert api.verify(r.json()["ssa"])[0]["alg"] == "ES256"
-    assert helper._proc is not None and helper._proc.pid != pid
+    assert helper.pid is not None and helper.pid != pid
 
 
 def test_a_helper_that_cannot_start_leaves_signing_inline(tmp_path, monkeypatch):
@@ -188,8 +190,83 @@ def test_a_helper_that_cannot_start_leaves_signing_inline(tmp_path, monkeypatch)
             monkeypatch.setattr(subprocess, "Popen", refuse)
             with pytest.raises(SigningUnavailable):
                 process.start()
-            tokens = await asyncio.gather(*(keys.sign_in(process, {"typ": "jwt"}, {"jti": str(i)}) for i in range(3)))
+            tokens = await asyncio.gather(*(keys.sign({"typ": "jwt"}, {"jti": str(i)}) for i in range(3)))
             return tokens, keys.active()
 
     tokens, record = asyncio.run(go())
     assert all(verify(t, record)["alg"] == "ES256" for t in tokens)
+
+
+# --- signing behind one call: the key ring owns its threads and its helper (issue 12, item 4) ---
+
+def test_the_key_ring_signs_rsa_in_its_own_threads_once_started(tmp_path, monkeypatch):
+    """Before ``start_signing`` (the CLI) and after ``close`` an RSA signature is made inline;
+    in between in one of the key ring's signing threads (an RSA signature releases the GIL)."""
+    threads: list[str] = []
+    original = Signer.sign
+
+    def recording(self, header, claims):
+        threads.append(threading.current_thread().name)
+        return original(self, header, claims)
+
+    monkeypatch.setattr(Signer, "sign", recording)
+
+    async def go():
+        store = TinyStore(tmp_path)
+        await store.open()
+        keys = KeyRing(store, "RS256")
+        await keys.load()
+        try:
+            tokens = [await keys.sign({"typ": "jwt"}, {"jti": "inline"})]
+            keys.start_signing()
+            tokens += await asyncio.gather(*(keys.sign({"typ": "jwt"}, {"jti": str(i)}) for i in range(3)))
+            keys.close()
+            tokens.append(await keys.sign({"typ": "jwt"}, {"jti": "closed"}))
+            return tokens, keys.active()
+        finally:
+            keys.close()
+            await store.close()
+
+    tokens, record = asyncio.run(go())
+    main = threading.current_thread().name
+    assert threads[0] == main and threads[-1] == main
+    assert len(threads) == 5 and all(name.startswith("ssa-sign") for name in threads[1:4]), threads
+    assert all(verify(t, record)["alg"] == "RS256" for t in tokens)
+
+
+def test_the_key_ring_starts_and_stops_its_signing_helper(tmp_path):
+    """``start_signing`` starts the helper for an EC key at once; ``close`` kills and reaps it;
+    a signature after that is made inline."""
+    async def go():
+        store = TinyStore(tmp_path)
+        await store.open()
+        keys = KeyRing(store, "ES256")
+        await keys.load()
+        try:
+            keys.start_signing()
+            helper = keys.signing_process
+            assert helper is not None and helper.pid is not None  # before the first signature
+            pid = helper.pid
+            first = await keys.sign({"typ": "jwt"}, {"jti": "a"})
+            assert helper.pid == pid
+            keys.close()
+            assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+            return [first, await keys.sign({"typ": "jwt"}, {"jti": "b"})], keys.active()
+        finally:
+            keys.close()
+            await store.close()
+
+    tokens, record = asyncio.run(go())
+    assert all(verify(t, record)["alg"] == "ES256" for t in tokens)
+
+
+@pytest.mark.parametrize("store_kind", ["tinydb"])
+def test_the_server_stops_its_signing_helper(make_api):
+    api = make_api(signing_alg="ES256")
+    helper = api.server.keys.signing_process
+    assert helper is not None and helper.pid is not None
+    pid = helper.pid
+    assert api.create(org_id="o", software_id="s").status_code == 201
+    api.client.__exit__(None, None, None)  # the lifespan's Server.stop
+    assert not Path(f"/proc/{pid}").exists()
+    assert api.server.keys.signing_process is None

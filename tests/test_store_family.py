@@ -56,8 +56,8 @@ def test_an_export_is_utf8_whatever_the_locale_of_its_stdout(tmp_path):
 
 
 def test_the_store_package_loads_no_backend():
-    """``ssa_server.store`` gives records, statuses, ``clone`` and errors without loading the
-    journal, TinyDB, orjson or psycopg (the sandbox worker imports ``clone`` from it)."""
+    """``ssa_server.store`` gives records, statuses and errors without loading the journal,
+    TinyDB, orjson or psycopg."""
     heavy = ("tinydb", "orjson", "psycopg", "ssa_server.settings", "ssa_server.store.journal",
              "ssa_server.store.tiny", "ssa_server.store.postgres")
     code = f"import sys, ssa_server.store; print([m for m in {heavy!r} if m in sys.modules])"

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 
-from ssa_server.store import clone
+from ssa_server.jsonvalues import clone
 from ssa_server.store.tiny import TinyStore
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .records import ClientRecord, KeyRecord, TemplateRecord
 
-if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports ``clone`` from this package)
+if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports this package)
     from ..ssa import SsaRecord
     from .search import SsaFilter
 

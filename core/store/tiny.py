@@ -23,8 +23,9 @@ from tinydb.queries import QueryInstance
 
 from .journal import Journal
 from .search import INDEXED, SsaFilter, tinydb_query
+from ..jsonvalues import clone
 from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
-from .records import ID_FIELDS, TABLES, ClientRecord, KeyRecord, TemplateRecord, clone
+from .records import ID_FIELDS, TABLES, ClientRecord, KeyRecord, TemplateRecord
 
 # One change in memory and how to take it back: (table, id, document before, document after).
 _Change = tuple[str, str, Any, Any]

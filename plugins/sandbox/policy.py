@@ -26,12 +26,12 @@ from RestrictedPython import compile_restricted_exec, safe_builtins
 from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_sequence, guarded_unpack_sequence,
                                      safer_getattr, safer_getattr_raise)
 
+from ssa_server.frames import dumps, loads, valid_unicode
 from ssa_server.plugins.jwt_draft import JwtDraft
 from ssa_server.plugins.script_rules import (HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change,
                                              passes_answer)
 
 from .errors import ScriptError, ScriptRefused
-from .protocol import dumps, loads, valid_unicode
 from .refusals import compile_errors, top_level_error
 
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,

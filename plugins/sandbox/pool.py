@@ -4,6 +4,10 @@ Each call takes an idle worker, sends one JSON frame, and waits for the answer w
 timeout.  On timeout, crash, a limit or a broken frame the worker's process group is killed and
 a fresh worker (with every loaded script) takes its place; the other workers keep serving.
 
+Requests (``worker.py``): ``load`` and ``unload`` for the script set, and for calls one mode, a
+batch whose jobs are chains of scripts on one hook; a lone call is a batch of one chain of one.
+The workers are started, spoken to and killed through ``ssa_server.helper_process``.
+
 What a worker says about other calls than its own is not trusted: when a worker is lost, only a
 lone call's failure is pinned on its script (the calls of a lost batch go again one by one, a
 lost chain's scripts one call each, see ``docs/sandbox.md``).  A worker is handed out only with
@@ -21,53 +25,62 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
+from ssa_server.frames import FrameError, LoneSurrogate, dumps, loads, read_frame, write_raw_frame
+from ssa_server.helper_process import AnswerReader, HelperProcess, Job, LoopTurnBatcher
 from ssa_server.shared_counter import SharedCounter
 
 from .errors import EXIT_UNSETTLED, ChainBroken, ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .protocol import (FrameBuffer, FrameError, LoneSurrogate, dumps, loads, read_frame, read_ready,
-                       write_raw_frame)
 from .state import KEEP_STATES
 
 log = logging.getLogger("ssa_server.sandbox")
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
-_T = TypeVar("_T")
-_PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer (64 KiB on Linux)
 
 
 class _Worker:
+    """A worker process (``HelperProcess``) in an empty, read-only directory of its own, with the
+    progress counter it shares with the server.  OSError if it cannot start (nothing is left)."""
+
     def __init__(self, limits: SandboxLimits) -> None:
-        self.cwd = tempfile.mkdtemp(prefix="ssa-worker-")
-        os.chmod(self.cwd, 0o500)  # empty and not writable
-        to_child_r, self.to_child = os.pipe()
-        self.from_child, from_child_w = os.pipe()
-        self.progress, progress_fd = SharedCounter.in_memfd("ssa-sandbox-progress")  # the step running (a hint)
         config = json.dumps({"memory_mb": limits.memory_mb, "lifetime_cpu": limits.lifetime_cpu,
                              "cpu": limits.cpu, "output_kb": limits.output_kb,
                              "max_source_kb": limits.max_source_kb, "max_depth": limits.max_depth})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", _WORKER, str(to_child_r), str(from_child_w), str(progress_fd), config],
-            pass_fds=(to_child_r, from_child_w, progress_fd), env={"PATH": "/usr/bin:/bin"}, cwd=self.cwd,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True)
-        os.close(to_child_r)
-        os.close(from_child_w)
-        os.close(progress_fd)
+        self.cwd = tempfile.mkdtemp(prefix="ssa-worker-")
+        progress: SharedCounter | None = None
+        try:
+            os.chmod(self.cwd, 0o500)  # empty and not writable
+            # The index of the step running, which the worker writes (a hint for the wall clock).
+            progress, progress_fd = SharedCounter.in_memfd("ssa-sandbox-progress")
+            try:
+                self.process = HelperProcess(_WORKER, str(progress_fd), config, pass_fds=(progress_fd,),
+                                             cwd=self.cwd)
+            finally:
+                os.close(progress_fd)
+        except BaseException:
+            if progress is not None:
+                progress.close()
+            shutil.rmtree(self.cwd, ignore_errors=True)
+            raise
+        self.progress = progress
+        self.to_child, self.from_child = self.process.to_child, self.process.from_child
         self.calls = 0
         self.retiring = False  # its lifetime CPU is nearly spent: replaced when given back
         self.dead = False
         # An answer may be as large as the request plus a margin: a get result follows its input.
         self.max_answer = limits.output_kb * 1024 * 2 + 65536
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def request(self, message: dict[str, Any], timeout: float) -> Any:
         """Send one request and wait for its answer; ScriptError(timeout|crashed) if none."""
@@ -98,22 +111,20 @@ class _Worker:
             self.progress.set(0)
         data = dumps(message)
         try:
-            if len(data) < _PIPE_SAFE:  # fits in the pipe buffer: the write cannot block
-                write_raw_frame(self.to_child, data)
-            else:
-                await loop.run_in_executor(None, write_raw_frame, self.to_child, data)
+            sending = self.process.send(data)
+            if sending is not None:
+                await sending
         except OSError:
             raise ScriptError("crashed", "the script worker exited") from None
-        answer = _PendingAnswer(loop, self.from_child, (self.max_answer + len(data)) * steps, timeout,
-                                self.progress, steps)
+        answers = AnswerReader(loop, self.from_child)  # for this answer only: ``request`` reads the pipe too
         try:
-            raw = await answer.future
+            raw = await answers.expect((self.max_answer + len(data)) * steps, timeout, self.progress, steps)
         except FrameError as e:
             raise await loop.run_in_executor(None, self._failure, e) from None
         except TimeoutError:
             raise ScriptError("timeout", f"no answer within {timeout:g} s") from None
         finally:
-            answer.close()
+            answers.close()
         try:
             decoded = loads(raw)
         except LoneSurrogate as e:
@@ -131,10 +142,10 @@ class _Worker:
 
     def _failure(self, error: FrameError) -> ScriptError:
         """Why the worker stopped answering (it may take a moment to be reaped)."""
-        code = self.proc.poll()
+        code = self.process.proc.poll()
         if code is None:
             try:
-                code = self.proc.wait(timeout=0.5)
+                code = self.process.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
         if code == -signal.SIGXCPU or code == -signal.SIGKILL:
@@ -149,16 +160,7 @@ class _Worker:
 
     def kill(self) -> None:
         self.dead = True
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
-        for fd in (self.to_child, self.from_child):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.process.kill()
         self.progress.close()
         shutil.rmtree(self.cwd, ignore_errors=True)
 
@@ -213,10 +215,10 @@ class SandboxPool:
         self._freed = threading.Condition(self._handover)  # blocking callers wait on it
         self._draining = False  # a load/unload is collecting every worker: waiters wait for it
         self._size = workers
-        self._jobs: list[_Job] = []  # requests on the event loop not yet sent to a worker
-        # The loop on which one of them is collecting a batch (waiting a loop turn or for a worker).
-        self._gathering: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # batches served for callers other than their gatherer
+        # Requests on the event loop, gathered per loop turn into one batch frame per worker.
+        self._batches: LoopTurnBatcher[_Worker, _Job] = LoopTurnBatcher(
+            idle=self._idle_worker, wait=self._worker_for, select=self._batch_size, serve_one=self._serve_one,
+            serve=self._serve_batch, release=self._release)
         # Admission control: a call waited the timeout for a worker, and none since got one in
         # less than half of it: new calls would wait as long (refused at once while none is idle).
         self._saturated = False
@@ -393,12 +395,14 @@ class SandboxPool:
         worker = self._take()
         try:
             try:
-                answer = worker.request(_call_message(name, hook, payload, context), self.limits.timeout)
+                message = _batch([_call_job(name, hook, payload, context)])
+                answer = worker.request(message, self.limits.timeout)
+                (job_answer,) = _job_answers(answer, 1)
             except ScriptError:  # no answer, or one no worker should send
                 worker = self._replace(worker)
                 raise
             try:
-                return _result(hook, answer)
+                return _call_result(hook, job_answer)
             except ScriptError as e:
                 if e.kind in _WORKER_LOST:
                     worker = self._replace(worker)
@@ -412,8 +416,8 @@ class SandboxPool:
                          context: dict[str, Any]) -> dict[str, Any]:
         """``call`` on the event loop; only waiting for a busy pool or replacing a worker
         (a fresh interpreter) goes to a thread."""
-        return await self._request_async(_call_message(name, hook, payload, context), 1,
-                                         lambda answer: _result(hook, answer))
+        job = self._job(_call_job(name, hook, payload, context), 1, lambda answer: _call_result(hook, answer))
+        return await self._batches.submit(job)  # type: ignore[no-any-return]
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
                                context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
@@ -422,117 +426,69 @@ class SandboxPool:
         the ScriptError it ended with.  ChainBroken when the worker was lost (the caller runs
         the scripts again one call each: only a lone call's failure names a script)."""
         def outcomes(answer: dict[str, Any]) -> list[dict[str, Any] | ScriptError]:
-            steps = answer.get("steps")
-            if not isinstance(steps, list) or not 0 < len(steps) <= len(names) or not all(isinstance(x, dict) for x in steps):
-                raise ScriptError("crashed", "malformed chain answer from the script worker")
-            return [_outcome(hook, step) for step in steps]
+            return [_outcome(hook, step) for step in _steps(answer, len(names))]
 
-        message = {"op": "chain", "names": names, "hook": hook, "payload": payload, "context": context,
-                   "skip_errors": skip_errors}
-        return await self._request_async(message, len(names), outcomes)
+        chain = {"names": names, "hook": hook, "payload": payload, "context": context,
+                 "skip_errors": skip_errors}
+        return await self._batches.submit(self._job(chain, len(names), outcomes))  # type: ignore[no-any-return]
 
-    async def _request_async(self, message: dict[str, Any], steps: int,
-                             check: Callable[[dict[str, Any]], _T]) -> _T:
-        """One request on the event loop, its answer checked while the worker is held.
+    def _job(self, message: dict[str, Any], steps: int, check: Callable[[dict[str, Any]], Any]) -> _Job:
+        """A job (a chain; a call is a chain of one) for the event loop, its answer to be
+        checked while the worker is held.
 
-        Requests that reach the pool in the same loop turn, or while it waits for a worker, go
-        to one worker together as one batch: the fixed cost of a round trip (both processes
-        waking, the pipe I/O, the loop's reader and timer) is paid once for all of them.  The
-        first of them gathers the batch; the others wait for their answers.
+        Jobs that reach the pool in the same loop turn, or while it waits for a worker, go to one
+        worker together as one batch (``LoopTurnBatcher``): the first of them gathers the batch;
+        the others wait for their answers.
 
-        Admission control: a request still waiting for a worker when the timeout has passed is
-        refused (ScriptError "busy"); after that, while no worker is idle, new requests are
-        refused at once, until one gets a worker within half the timeout."""
+        Admission control: a job still waiting for a worker when the timeout has passed is
+        refused (ScriptError "busy"); after that, while no worker is idle, new jobs are refused
+        at once, until one gets a worker within half the timeout."""
         if self._closed:
             raise ScriptError("crashed", "the sandbox is closed")
         if self._saturated and not self._idle:
             raise _busy(self.limits.timeout)
         loop = asyncio.get_running_loop()
-        job = _Job(message, steps, check, loop.create_future(), loop.time())
-        self._jobs.append(job)
-        if self._gathering is loop:
-            return await job.future  # type: ignore[no-any-return]
-        try:
-            gathered = await self._gather(job)
-        except BaseException:  # cancelled while waiting for a worker
-            job.future.cancel()
-            if any(not j.future.done() for j in self._jobs):  # the others need someone to gather them
-                self._background(self._gather_and_serve())
-            raise
-        if gathered is not None:
-            worker, jobs = gathered
-            if jobs == [job]:
-                await self._serve_one(worker, job)  # in the caller's own task
-            else:
-                self._background(self._serve(worker, jobs))
-        return await job.future  # type: ignore[no-any-return]
+        return _Job(loop.create_future(), loop.time(), message, steps, check)
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)  # the loop keeps only a weak reference
-        task.add_done_callback(self._tasks.discard)
+    def _idle_worker(self) -> _Worker | None:
+        with self._handover:
+            return self._idle.pop() if self._idle else None
 
-    async def _gather(self, own: _Job | None = None) -> tuple[_Worker, list[_Job]] | None:
-        """A worker and the jobs it takes (after one loop turn, so that the requests of this
-        turn join): every waiting job, or only the oldest while the pool is wary (a worker was
-        lost lately) or the oldest must go alone.  Jobs that have waited the timeout are refused
-        (busy) meanwhile; None when ``own`` was (the others get a gatherer of their own) or no
-        job is left."""
-        loop = self._gathering = asyncio.get_running_loop()
-        try:
-            await asyncio.sleep(0)
-            with self._handover:
-                worker = self._idle.pop() if self._idle else None
-            while worker is None:
-                pending = [j for j in self._jobs if not j.future.done() and j.future.get_loop() is loop]
-                if not pending:
-                    return None
-                worker = await self._acquire_async(min(j.queued for j in pending) + self.limits.timeout)
-                if worker is not None:
-                    break
-                self._refuse_expired(loop)
-                if own is not None and own.future.done():
-                    if any(not j.future.done() for j in self._jobs):
-                        self._background(self._gather_and_serve())
-                    return None
-        finally:
-            self._gathering = None
-        # (a job of another loop is one whose loop ended before it was sent: nobody awaits it)
-        jobs = [j for j in self._jobs if not j.future.done() and j.future.get_loop() is loop]
-        if not jobs:
-            self._jobs = []
-            self._release(worker)
-            return None
-        if jobs[0].alone or loop.time() < self._wary_until:
-            jobs = jobs[:1]
-            self._jobs = [j for j in self._jobs if j is not jobs[0] and not j.future.done()]
-            if self._jobs:
-                self._background(self._gather_and_serve())
-        else:
-            self._jobs = []
-        if loop.time() - jobs[0].queued < self.limits.timeout / 2:
+    async def _worker_for(self, own: _Job | None) -> _Worker | None:
+        """The first worker freed, for the jobs gathered on this loop (none was idle).  Jobs that
+        have waited the timeout are refused (busy) meanwhile; None when ``own`` was (the others
+        get a gatherer of their own) or no job is left."""
+        loop = asyncio.get_running_loop()
+        worker = None
+        while worker is None:
+            pending = [j for j in self._batches.jobs if not j.future.done() and j.future.get_loop() is loop]
+            if not pending:
+                return None
+            worker = await self._acquire_async(min(j.queued for j in pending) + self.limits.timeout)
+            if worker is not None:
+                break
+            self._refuse_expired(loop)
+            if own is not None and own.future.done():
+                if any(not j.future.done() for j in self._batches.jobs):
+                    self._batches.background(self._batches.gather_and_serve())
+                return None
+        return worker
+
+    def _batch_size(self, jobs: list[_Job]) -> int:
+        """How many of the gathered jobs go: all, or only the oldest while the pool is wary (a
+        worker was lost lately) or when it must go alone."""
+        now = jobs[0].future.get_loop().time()
+        if now - jobs[0].queued < self.limits.timeout / 2:
             self._saturated = False
-        return worker, jobs
+        return 1 if jobs[0].alone or now < self._wary_until else len(jobs)
 
     def _refuse_expired(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
-        for job in self._jobs:
+        for job in self._batches.jobs:
             if not job.future.done() and now - job.queued >= self.limits.timeout:
                 self._saturated = True
                 job.future.set_exception(_busy(self.limits.timeout))
-        self._jobs = [j for j in self._jobs if not j.future.done()]
-
-    async def _gather_and_serve(self) -> None:
-        if self._jobs and self._gathering is None:
-            gathered = await self._gather()
-            if gathered is not None:
-                await self._serve(*gathered)
-
-    async def _serve(self, worker: _Worker, jobs: list[_Job]) -> None:
-        if len(jobs) == 1:
-            await self._serve_one(worker, jobs[0])
-        else:
-            await self._serve_batch(worker, jobs)
+        self._batches.jobs = [j for j in self._batches.jobs if not j.future.done()]
 
     def _lost(self, worker: _Worker) -> None:
         """A worker that will not answer right again: replaced, and the pool wary for a while
@@ -542,11 +498,12 @@ class SandboxPool:
 
     async def _serve_one(self, worker: _Worker, job: _Job) -> None:
         """A batch of one, its future settled with the checked answer or the error.  The only
-        failures the pool pins on a script: a worker lost during a lone call (for a chain, the
+        failures the pool pins on a script: a worker lost during a lone job (for a chain, the
         caller runs its scripts again one call each).  A lost worker is replaced in the
         background; so is one left mid-call by a cancellation."""
         try:
-            answer = await worker.request_async(job.message, self.limits.timeout, steps=job.steps)
+            answer = await worker.request_async(_batch([job.message]), self.limits.timeout, steps=job.steps)
+            (answer,) = _job_answers(answer, 1)
         except asyncio.CancelledError:
             self._retire_later(worker)
             raise
@@ -566,30 +523,24 @@ class SandboxPool:
         self._give_back(worker)
 
     async def _serve_batch(self, worker: _Worker, jobs: list[_Job]) -> None:
-        """Several jobs in one round trip (the worker's ``batch`` op), each job's future settled
-        with its own checked answer or error.  When the worker is lost (or answers nonsense)
-        every job of the batch goes again alone: which of them lost it is learnt only from a
-        lone call, never from what the lost worker said."""
+        """Several jobs in one round trip, each job's future settled with its own checked answer
+        or error.  When the worker is lost (or answers nonsense) every job of the batch goes
+        again alone: which of them lost it is learnt only from a lone job, never from what the
+        lost worker said."""
         try:
-            message = {"op": "batch", "jobs": [j.message for j in jobs]}
             try:
-                steps = sum(j.steps for j in jobs)
-                answer = await worker.request_async(message, self.limits.timeout, steps=steps)
-                answers = answer.get("answers")
-                if not isinstance(answers, list) or len(answers) != len(jobs) \
-                        or not all(isinstance(a, dict) for a in answers):
-                    raise ScriptError("crashed", "malformed batch answer from the script worker")
+                answer = await worker.request_async(_batch([j.message for j in jobs]), self.limits.timeout,
+                                                    steps=sum(j.steps for j in jobs))
+                answers = _job_answers(answer, len(jobs))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self._lost(worker)
                 now = asyncio.get_running_loop().time()
-                for job in jobs:
-                    if not job.future.done():
-                        job.queued, job.alone = now, True
-                        self._jobs.append(job)
-                if self._gathering is None:
-                    self._background(self._gather_and_serve())
+                again = [job for job in jobs if not job.future.done()]
+                for job in again:
+                    job.queued, job.alone = now, True
+                self._batches.again(again)
                 return
             lost = False
             for job, one in zip(jobs, answers):
@@ -651,14 +602,12 @@ _WORKER_LOST = ("timeout", "crashed", "limit")  # the worker is replaced after t
 
 
 @dataclass(eq=False)
-class _Job:
-    """A request waiting for (or sent to) a worker: a call or a chain."""
+class _Job(Job):
+    """A job waiting for (or sent to) a worker: a chain of scripts on one hook (a call: of one)."""
 
-    message: dict[str, Any]
+    message: dict[str, Any]  # the job as the worker's batch takes it
     steps: int  # scripts it runs: the worker's progress counter moves once per step
     check: Callable[[dict[str, Any]], Any]  # the checked result of its answer; ScriptError if bad
-    future: asyncio.Future[Any]
-    queued: float  # the loop's clock when it reached the pool, or went again (admission control)
     alone: bool = False  # must go in a frame of its own (its batch lost its worker)
 
 
@@ -688,12 +637,56 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _call_message(name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
-    return {"op": "call", "name": name, "hook": hook, "payload": payload, "context": context}
+def _call_job(name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """A call: a chain of one script."""
+    return {"names": [name], "hook": hook, "payload": payload, "context": context}
+
+
+def _batch(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one request frame of calls: ``{"op": "batch", "jobs": [chain, ...]}``."""
+    return {"op": "batch", "jobs": jobs}
+
+
+def _objects(value: Any, fewest: int, most: int) -> list[dict[str, Any]] | None:
+    """``value`` if it is a list of ``fewest`` to ``most`` JSON objects (as the worker's answers
+    and steps must be), else None."""
+    if type(value) is not list or not fewest <= len(value) <= most:
+        return None
+    for item in value:
+        if type(item) is not dict:
+            return None
+    return value
+
+
+def _job_answers(answer: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """A batch answer's one answer per job; ScriptError (the worker is lost) if it is not that."""
+    answers = answer.get("answers")
+    if count == 1 and type(answers) is list and len(answers) == 1 and type(answers[0]) is dict:
+        return answers  # (a lone job: the one check inline)
+    answers = _objects(answers, count, count)
+    if answers is None:
+        raise ScriptError("crashed", "malformed batch answer from the script worker")
+    return answers
+
+
+def _steps(answer: dict[str, Any], most: int) -> list[dict[str, Any]]:
+    """A chain's step answers: one per script that ran, at least one, at most ``most``."""
+    steps = _objects(answer.get("steps"), 1, most)
+    if steps is None:
+        raise ScriptError("crashed", "malformed chain answer from the script worker")
+    return steps
+
+
+def _call_result(hook: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """The checked result of a call (a chain of one); ScriptError for a failure or a bad shape."""
+    steps = answer.get("steps")
+    if type(steps) is not list or len(steps) != 1 or type(steps[0]) is not dict:
+        raise ScriptError("crashed", "malformed chain answer from the script worker")
+    return _result(hook, steps[0])
 
 
 def _result(hook: str, answer: dict[str, Any]) -> dict[str, Any]:
-    """The checked result of a call answer; ScriptError for an error answer or a bad shape."""
+    """The checked result of a step answer; ScriptError for an error answer or a bad shape."""
     if "error" in answer:
         kind = answer["error"].get("kind", "exception")
         raise ScriptError(kind if kind in ("exception", "invalid_result", "limit") else "exception",
@@ -709,52 +702,6 @@ def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
         return _result(hook, step)
     except ScriptError as e:
         return e
-
-
-class _PendingAnswer:
-    """One answer frame awaited on the event loop: collected from the pipe when it is readable,
-    failed by the wall clock, which restarts each time a chain's worker reports its next step."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, max_bytes: int, timeout: float,
-                 progress: SharedCounter, steps: int) -> None:
-        self.loop, self.fd, self.max_bytes = loop, fd, max_bytes
-        self.timeout, self.progress, self.steps, self.step = timeout, progress, steps, 0
-        self.future: asyncio.Future[bytes] = loop.create_future()
-        self.frames = FrameBuffer()
-        loop.add_reader(fd, self.on_readable)
-        self.timer = loop.call_later(timeout, self.expire)
-
-    def on_readable(self) -> None:
-        if self.future.done():
-            return
-        chunk = read_ready(self.fd)
-        if chunk is None:
-            return
-        if not chunk:
-            self.future.set_exception(FrameError("pipe closed"))
-            return
-        self.frames.feed(chunk)
-        size = self.frames.next_size()
-        if size is not None and size > self.max_bytes:
-            self.future.set_exception(FrameError(f"frame of {size} bytes is over the {self.max_bytes} byte limit"))
-            return
-        frame = self.frames.pop()
-        if frame is not None:
-            self.future.set_result(frame)
-
-    def expire(self) -> None:
-        if self.future.done():
-            return
-        step = self.progress.get() if self.steps > 1 else 0
-        if step != self.step and step < self.steps:  # the worker moved on to the next script
-            self.step = step
-            self.timer = self.loop.call_later(self.timeout, self.expire)
-        else:
-            self.future.set_exception(TimeoutError())
-
-    def close(self) -> None:
-        self.timer.cancel()
-        self.loop.remove_reader(self.fd)
 
 
 def _validate(hook: str, result: Any) -> None:

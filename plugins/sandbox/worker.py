@@ -1,14 +1,16 @@
-"""A script worker: a fresh interpreter (``python -I -m ssa_server.plugins.sandbox.worker R W P``)
-with an empty environment and working directory, OS limits, and JSON frames on two pipes (and
-``P``, a memfd holding the index of the step running, see ``docs/sandbox.md``).
+"""A script worker: a fresh interpreter (``python -I -m ssa_server.plugins.sandbox.worker R W P``,
+started by ``ssa_server.helper_process``) with an empty environment and working directory, OS
+limits, and JSON frames on two pipes (and ``P``, a memfd holding the index of the step running,
+see ``docs/sandbox.md``).  It loads only what it needs: the frames, the language policy, the
+result rules; nothing of the pool, the plugin manager or the server's process machinery.
 
-Requests: ``{"op": "load", "name", "source", "config", "keep_state"}``, ``{"op": "unload",
-"name"}``, ``{"op": "call", "name", "hook", "payload", "context"}``, ``{"op": "chain", "names",
-"hook", "payload", "context", "skip_errors"}``, ``{"op": "batch", "jobs": [call or chain, ...]}``.
-Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}``; for a chain ``{"steps": [answer,
-...]}``, for a batch ``{"answers": [answer, ...]}``; ``"retire": true`` in front when the
-worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the process;
-the server sees the pipe close and starts a new worker.
+Requests: ``{"op": "load", "name", "source", "config", "keep_state"}`` and ``{"op": "unload",
+"name"}`` for the script set, and one mode for calls, ``{"op": "batch", "jobs": [chain, ...]}``
+where a chain is ``{"names", "hook", "payload", "context", "skip_errors"}`` (a call is a chain of
+one script).  Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}`` (a step's, a load's),
+for a batch ``{"answers": [{"steps": [step answer, ...]}, ...]}``; ``"retire": true`` in front
+when the worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the
+process; the server sees the pipe close and starts a new worker.
 
 Every script call is a *step* of its own: its own CPU budget, a fresh copy of its input and of
 the script's module state, and at its end its objects dropped and the garbage collected (the
@@ -30,12 +32,12 @@ import unicodedata  # noqa: F401  (the compiler imports it for non-ASCII names: 
 import warnings
 from typing import Any
 
-from . import policy
+from ssa_server.frames import FrameError, dumps, loads, read_frame_bytes, write_raw_frame
 from ssa_server.plugins.script_rules import next_payload, replays_input, stops_chain
 from ssa_server.shared_counter import SharedCounter
 
+from . import policy
 from .errors import EXIT_UNSETTLED, ScriptError, ScriptRefused
-from .protocol import FrameError, dumps, loads, read_frame_bytes, write_raw_frame
 from .state import ModuleTemplate, ScriptWorlds
 
 MAX_REQUEST = 64 << 20
@@ -65,7 +67,7 @@ def _wall(rfd: int, wfd: int) -> None:
 
 
 def _set_limits(memory_mb: int, lifetime_cpu: int) -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # (no core file: the server set RLIMIT_CORE to 0 when it started this process)
     resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
     resource.setrlimit(resource.RLIMIT_CPU, (lifetime_cpu, lifetime_cpu))
     # No descriptor is free: open(), sockets, pipes and new imports fail with EMFILE.
@@ -174,59 +176,54 @@ class Worker:
 
     def answer(self, request: dict[str, Any], size: int) -> bytes:
         """The answer frame's JSON text for one request frame of ``size`` bytes."""
-        if request.get("op") == "batch":
-            text = self._batch(request, size)
+        op = request.get("op")
+        if op == "batch":
+            text = self._batch(request["jobs"], size)
+        elif op == "load":
+            text = self._load(request)
+        elif op == "unload":
+            gone = self.scripts.pop(request.get("name", ""), None)
+            _refreeze(replaced=gone is not None)
+            text = _ok(b"{}")
         else:
-            text = self._one(request, size, 0)
+            text = _error("invalid_result", f"unknown op {op!r}")
         if self.hard - _cpu_used() < self.reserve:
             return _with_retire(text)
         return text
 
-    def _one(self, request: dict[str, Any], size: int, offset: int) -> bytes:
-        op = request.get("op")
-        if op == "chain":
-            return self._chain(request, size, offset)
-        if op == "call":
-            self.progress.set(offset)
-            return self._step(request.get("name", ""), request["hook"], [request.pop("payload")],
-                              [request.pop("context", None) or {}], self.output + size)
-        if op == "load":
-            return self._load(request)
-        if op == "unload":
-            gone = self.scripts.pop(request.get("name", ""), None)
-            _refreeze(replaced=gone is not None)
-            return _ok(b"{}")
-        return _error("invalid_result", f"unknown op {op!r}")
-
-    def _batch(self, request: dict[str, Any], size: int) -> bytes:
-        """Independent requests (calls and chains) in one round trip, in order, each as if it
-        came alone; the progress counter counts their steps (a hint for the server's wall
-        clock).  Answer: ``{"answers": [answer, ...]}``."""
+    def _batch(self, jobs: list[dict[str, Any]], size: int) -> bytes:
+        """Independent chains (a call is a chain of one) in one round trip, in order, each as if
+        it came alone; the progress counter counts their steps (a hint for the server's wall
+        clock).  Answer: ``{"answers": [{"steps": [...]}, ...]}``."""
         answers, offset = [], 0
-        for job in request["jobs"]:
-            if job.get("op") not in ("call", "chain"):
-                answers.append(_error("invalid_result", "a batch holds calls and chains only"))
-                continue
-            answers.append(self._one(job, size, offset))
-            offset += len(job["names"]) if job.get("op") == "chain" else 1
+        for job in jobs:
+            answers.append(self._chain(job, size, offset))
+            offset += len(job["names"])
         return _joined(b'{"answers":[', answers, b"]}")
 
-    def _chain(self, request: dict[str, Any], size: int, offset: int) -> bytes:
-        """Several scripts' hook in one round trip, each a step of its own on a fresh copy of
-        the previous step's serialised output, by the server's chain rules (``script_rules``):
-        it stops at an answer that ``stops_chain`` or at a failure unless ``skip_errors`` (the
-        server's ``failure_refuses``; a skipped step's changes are dropped).  Answer: one step
-        answer per script run."""
-        hook = request["hook"]
-        facts = dumps(request.get("context") or {})
-        skip = bool(request.get("skip_errors"))
-        box = [request.pop("payload")]
+    def _chain(self, job: dict[str, Any], size: int, offset: int) -> bytes:
+        """Scripts' hook in a row, each a step of its own, by the server's chain rules
+        (``script_rules``).  A call (a chain of one) runs on the frame's own parse of its input
+        (nothing else holds it); in a longer chain each step gets a fresh parse of the previous
+        step's serialised output and of the request facts.  It stops at an answer that
+        ``stops_chain`` or at a failure unless ``skip_errors`` (the server's ``failure_refuses``;
+        a skipped step's changes are dropped).  Answer: ``{"steps": [...]}``, one step answer
+        per script run."""
+        hook, names = job["hook"], job["names"]
+        if len(names) == 1:
+            self.progress.set(offset)
+            text = self._step(names[0], hook, [job.pop("payload")], [job.pop("context", None) or {}],
+                              self.output + size)
+            return _joined(b'{"steps":[', [text], b"]}")
+        facts = dumps(job.get("context") or {})
+        skip = bool(job.get("skip_errors"))
+        box = [job.pop("payload")]
         # ``replay``: the JSON text of the input a later step may get again (``replays_input``),
         # the payload itself or the answer of the step that made it.
         replay = dumps(box[0]) if replays_input(hook, skip) else b""
         replay_is_answer = False
         steps: list[bytes] = []
-        for index, name in enumerate(request["names"]):
+        for index, name in enumerate(names):
             if not box:  # a fresh copy of the input this step gets
                 parsed = loads(replay)
                 box.append(next_payload(hook, parsed["ok"]) if replay_is_answer else parsed)
@@ -238,7 +235,7 @@ class Worker:
                 if not skip:
                     break
                 continue
-            if index + 1 == len(request["names"]):
+            if index + 1 == len(names):
                 break
             done = loads(text)["ok"]
             if stops_chain(hook, done):
@@ -319,6 +316,9 @@ class Worker:
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
     """Answers in one JSON text, the stdlib marker (a leading space) moved to the front."""
+    if len(texts) == 1:  # a call, a batch of one
+        text = texts[0]
+        return b" " + head + text[1:] + tail if text[:1] == b" " else head + text + tail
     body = head + b",".join(t[1:] if t[:1] == b" " else t for t in texts) + tail
     return b" " + body if any(t[:1] == b" " for t in texts) else body
 
@@ -349,7 +349,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _ok(text: bytes) -> bytes:
-    # A leading space marks stdlib JSON (see protocol.dumps): keep it at the front of the frame.
+    # A leading space marks stdlib JSON (see frames.dumps): keep it at the front of the frame.
     return (b" " if text[:1] == b" " else b"") + b'{"ok":' + text.lstrip(b" ") + b"}"
 
 

@@ -97,14 +97,14 @@ def create(jwt, context):
 
 @pytest.fixture
 def round_trips(monkeypatch):
-    """How many frames the pool sent to its workers (each a round trip)."""
+    """The frames the pool sent to its workers (each a round trip): op and number of jobs."""
     from ssa_server.plugins.sandbox import pool as pool_module
 
     sent: list[str] = []
     original = pool_module._Worker.request_async
 
     async def counting(self, message, timeout, *, steps=1):
-        sent.append(message["op"])
+        sent.append((message["op"], len(message.get("jobs", ()))))
         return await original(self, message, timeout, steps=steps)
 
     monkeypatch.setattr(pool_module._Worker, "request_async", counting)
@@ -117,12 +117,12 @@ def test_calls_of_one_loop_turn_share_one_round_trip(pool, round_trips):
 
     results = asyncio.run(go())
     assert [r["claims"]["echo"] for r in results] == [f"j{i}" for i in range(12)]
-    assert round_trips == ["batch"]  # twelve calls, one frame each way
+    assert round_trips == [("batch", 12)]  # twelve calls, one frame each way
 
 
-def test_a_lone_call_is_sent_as_itself(pool, round_trips):
+def test_a_lone_call_is_a_batch_of_one(pool, round_trips):
     asyncio.run(pool.call_async("s", "create", payload("alone"), {}))
-    assert round_trips == ["call"]
+    assert round_trips == [("batch", 1)]
 
 
 def test_a_hanging_call_in_a_batch_fails_alone(pool, round_trips):
@@ -136,7 +136,7 @@ def test_a_hanging_call_in_a_batch_fails_alone(pool, round_trips):
     results = asyncio.run(go())
     assert isinstance(results[2], ScriptError) and results[2].kind in ("timeout", "limit")
     assert [r["claims"]["echo"] for i, r in enumerate(results) if i != 2] == ["j0", "j1", "j3", "j4"]
-    assert round_trips == ["batch"] + ["call"] * 5  # each call of the lost batch went again alone
+    assert round_trips == [("batch", 5)] + [("batch", 1)] * 5  # each call of the lost batch went again alone
 
 
 def test_a_crashing_script_in_a_batch_fails_alone():
@@ -169,7 +169,24 @@ def test_chains_and_calls_in_one_batch(pool, round_trips):
     assert [step["claims"].get("tags") for step in chain] == [["t"], ["t"], ["t", "t"]]
     assert chain[1]["claims"]["echo"] == "c"
     assert [r["claims"]["echo"] for r in calls] == ["j0", "j1", "j2"]
-    assert round_trips == ["batch"]
+    assert round_trips == [("batch", 4)]
+
+
+def test_the_worker_speaks_one_data_mode(pool):
+    """A data request is a batch whose jobs are chains, a call being a chain of one (issue 12,
+    item 5); the ops ``call`` and ``chain`` are gone: refused, and the worker serves on."""
+    worker = pool._idle[-1]
+
+    def job(names: list[str], jti: str) -> dict:
+        return {"names": names, "hook": "create", "payload": payload(jti), "context": {}}
+
+    for op in ("call", "chain"):
+        answer = worker.request({"op": op, "name": "s", **job(["s"], "old")}, 5.0)
+        assert answer == {"error": {"kind": "invalid_result", "message": f"unknown op {op!r}"}}
+    answer = worker.request({"op": "batch", "jobs": [job(["s"], "one"), job(["s", "s"], "two")]}, 5.0)
+    one, two = answer["answers"]
+    assert [step["ok"]["claims"]["echo"] for step in one["steps"]] == ["one"]
+    assert [step["ok"]["claims"]["echo"] for step in two["steps"]] == ["two", "two"]
 
 
 def test_cancelling_the_gathering_call_leaves_the_others_served(pool):

@@ -92,12 +92,13 @@ LATE = 'T = {t}\nif now() >= T:\n    raise ValueError("too late")\nwhile now() <
 def tags_in_each_worker(h, name: str) -> list[str]:
     pool = h.server.scripts.pool
     payload = {"header": {"alg": "RS256", "kid": "k"}, "claims": {"jti": "j", "iss": "i", "iat": 1}}
-    message = {"op": "call", "name": name, "hook": "create", "context": {}, "payload": payload}
+    job = {"names": [name], "hook": "create", "context": {}, "payload": payload}
+    message = {"op": "batch", "jobs": [job]}
     workers = list(pool._idle)
     assert len(workers) == 2
     out = []
     for worker in workers:
-        answer = worker.request(message, 5.0)
+        answer = worker.request(message, 5.0)["answers"][0]["steps"][0]  # a call: a batch of one chain of one
         out.append(answer["ok"]["claims"]["tag"] if "ok" in answer else answer["error"]["message"])
     return out
 

@@ -1,5 +1,10 @@
-"""Length-prefixed JSON frames over pipes (never pickle: a broken-out worker must not be able
-to make the server run code)."""
+"""Length-prefixed JSON frames over pipes: what the server and its helper processes (the signing
+helper, the sandbox workers) say to each other.  JSON, never pickle: a broken-out worker must not
+be able to make the server run code.  A frame is a 4-byte big-endian length and the JSON text.
+
+Both sides of a helper import this module; the helper side needs nothing else of the server's
+process machinery (``helper_process.py``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any
 import orjson
 
 _HEADER = struct.Struct(">I")
+PIPE_SAFE = 60 << 10  # a frame this small fits in an empty pipe buffer (64 KiB on Linux): written at once
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -84,7 +90,7 @@ def write_raw_frame(fd: int, data: bytes) -> None:
 
 def read_ready(fd: int) -> bytes | None:
     """What a non-blocking pipe holds now: ``b""`` once the peer closed it, None if nothing yet.
-    At most 64 KiB per read: a larger buffer is a fresh mmap per read (~30 us)."""
+    At most 64 KiB per read: a larger buffer is a fresh mmap per read."""
     try:
         return os.read(fd, 65536)
     except BlockingIOError:

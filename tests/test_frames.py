@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from ssa_server.plugins.sandbox.protocol import (FrameBuffer, LoneSurrogate, dumps, loads, read_ready,
-                                                 write_frame)
+from ssa_server.frames import FrameBuffer, LoneSurrogate, dumps, loads, read_ready, write_frame
 
 
 def framed(value) -> bytes:
