@@ -1,7 +1,7 @@
 """Logging for ``serve``: records are formatted and written by a background thread.
 
-A log line costs the event loop ~100 us when it is formatted (``asctime``) and written to stderr
-in place: a quarter of an ES256 create at the default level.  Here the loop only queues the
+A log line formatted (``asctime``) and written to stderr in place costs the event loop a large
+share of an ES256 create (``bench/README.md``, "Measurements behind the design").  Here the loop only queues the
 record; a ``QueueListener`` thread formats and writes it.
 """
 

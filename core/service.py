@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
                      ScriptFailed)
+from .jsonvalues import clone
+from .jwt_draft import JwtDraft
 from .keys import KeyRing
+from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
                   record_from_request)
-from .jsonvalues import clone
 from .store import Store, TemplateRecord, UnstorableValue
 from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
-from ssa_server.plugins.jwt_draft import JwtDraft
-from ssa_server.plugins.script_rules import SIGNER_HEADER, create_change
 
 if TYPE_CHECKING:
     from ssa_server.plugins.hooks import HookRunner

@@ -52,7 +52,7 @@ class Settings:
     cleanup_grace: int = 7 * 24 * 3600  # seconds an expired/revoked/used SSA is kept before purge
     key_refresh_interval: float = 2.0  # seconds between checks for keys rotated by another process
     log_level: str = "info"
-    access_log: bool = False  # uvicorn's access log costs a large share of throughput; off by default
+    access_log: bool = False  # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"

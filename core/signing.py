@@ -1,8 +1,8 @@
 """Compact JWS signing (RFC 7515 §7.1) straight on ``cryptography`` key objects.
 
 jwcrypto builds a ``JWS`` object, re-validates the header and looks the key up again for every
-token: about 150 us per signature, which is most of an ES256 or EdDSA signature and a fifth of
-an RSA one.  Keys are still generated, exported and published with jwcrypto; only the hot path
+token, which costs more than an ES256 or EdDSA signature itself (``bench/README.md``, "Measurements
+behind the design").  Keys are still generated, exported and published with jwcrypto; only the hot path
 (one signature per SSA and per access token) is done here, with the key object built once.
 """
 
@@ -25,8 +25,8 @@ from jwcrypto import jwk
 _HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 _HMAC = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
-# RSA signing releases the GIL and costs ~0.7 ms: worth a hop to a thread.  The others cost
-# 40-80 us, less than the hop.
+# RSA signing releases the GIL and costs more than a hop to a thread; the others cost less than the
+# hop (``bench/README.md``, "Measurements behind the design").
 SLOW_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 # These go to the server's signing process (``signing_process.py``): off the event loop without
 # waiting for the GIL.  HMAC costs a few microseconds: inline.

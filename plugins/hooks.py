@@ -17,9 +17,9 @@ import pluggy
 
 from ssa_server.errors import ApiError, ScriptFailed
 from ssa_server.jsonvalues import clone
+from ssa_server.jwt_draft import JwtDraft
+from ssa_server.script_rules import HOOKS, failure_refuses
 
-from .jwt_draft import JwtDraft
-from .script_rules import HOOKS, failure_refuses
 from .scripts import ScriptHost
 
 log = logging.getLogger("ssa_server.hooks")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pluggy
 
-from .jwt_draft import JwtDraft
+from ssa_server.jwt_draft import JwtDraft
 
 __all__ = ["JwtDraft", "hookimpl", "hookspec", "ssa_create", "ssa_get", "ssa_revoke"]
 

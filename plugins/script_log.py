@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .script_rules import MAX_LOG_LINE, MAX_LOG_LINES
+from ssa_server.script_rules import MAX_LOG_LINE, MAX_LOG_LINES
 
 log = logging.getLogger("ssa_server.scripts")
 

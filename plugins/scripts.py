@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ssa_server.errors import SandboxBusy, ScriptDenied, ScriptFailed
+from ssa_server.jwt_draft import JwtDraft
+from ssa_server.script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
 
-from .jwt_draft import JwtDraft
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
 from .script_log import ScriptLog
-from .script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
 
 log = logging.getLogger("ssa_server.scripts")
 

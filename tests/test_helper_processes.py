@@ -26,7 +26,7 @@ SIGNER = "ssa_server.signing_process"
 # the frames.  Not the pool, the host, the plugin manager, keys, signing or the spawner.
 WORKER_NEEDS = {
     "ssa_server", "ssa_server.frames", "ssa_server.jsonvalues", "ssa_server.shared_counter",
-    "ssa_server.plugins", "ssa_server.plugins.jwt_draft", "ssa_server.plugins.script_rules",
+    "ssa_server.plugins", "ssa_server.jwt_draft", "ssa_server.script_rules",
     "ssa_server.plugins.sandbox", "ssa_server.plugins.sandbox.errors", "ssa_server.plugins.sandbox.limits",
     "ssa_server.plugins.sandbox.policy", "ssa_server.plugins.sandbox.refusals",
     "ssa_server.plugins.sandbox.state",

@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
+from ssa_server import script_rules
 from ssa_server.errors import ScriptDenied
-from ssa_server.plugins import script_rules
 from ssa_server.plugins.hookspecs import hookimpl
 from ssa_server.plugins.manager import build_plugin_manager
 from tests.test_scripts_http import harness  # noqa: F401  (pytest fixture)
@@ -200,12 +200,12 @@ def test_the_sandbox_worker_imports_no_pluggy():
 
 def test_hookspecs_offers_the_same_jwt_draft():
     from ssa_server.plugins import hookspecs
-    from ssa_server.plugins.jwt_draft import JwtDraft
+    from ssa_server.jwt_draft import JwtDraft
 
     assert hookspecs.JwtDraft is JwtDraft
 
 
-# --- the chain rules (plugins/script_rules.py): the worker's chain and the server's follow them ---
+# --- the chain rules (core/script_rules.py): the worker's chain and the server's follow them ---
 DENIED = {"error": "access_denied", "description": "no"}
 
 

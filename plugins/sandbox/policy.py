@@ -27,8 +27,8 @@ from RestrictedPython.Guards import (full_write_guard, guarded_iter_unpack_seque
                                      safer_getattr, safer_getattr_raise)
 
 from ssa_server.frames import dumps, loads, valid_unicode
-from ssa_server.plugins.jwt_draft import JwtDraft
-from ssa_server.plugins.script_rules import (HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change,
+from ssa_server.jwt_draft import JwtDraft
+from ssa_server.script_rules import (HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change,
                                              passes_answer)
 
 from .errors import ScriptError, ScriptRefused

@@ -33,7 +33,7 @@ import warnings
 from typing import Any
 
 from ssa_server.frames import FrameError, dumps, loads, read_frame_bytes, write_raw_frame
-from ssa_server.plugins.script_rules import next_payload, replays_input, stops_chain
+from ssa_server.script_rules import next_payload, replays_input, stops_chain
 from ssa_server.shared_counter import SharedCounter
 
 from . import policy

@@ -13,15 +13,15 @@ And how a hook's scripts run as a chain, in file-name order, the same in the wor
 one round trip) and in the server (``ScriptHost``, one call per script, or applying a chain's
 answers): what stops a chain, which failures refuse the request, what the next script gets.
 
-No pluggy import and nothing of the server but the plain JSON copy (``jsonvalues.clone``): the sandbox
-worker imports this module.
+No pluggy import and nothing of the server but the plain JSON copy (``jsonvalues.clone``): the
+sandbox worker imports this module (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ssa_server.jsonvalues import clone
+from .jsonvalues import clone
 
 HOOKS = ("create", "get", "revoke")
 PROTECTED_CLAIMS = ("jti", "iss", "iat")
