@@ -42,3 +42,33 @@ class _ClaimsView:
 
     def getClaim(self, name: str) -> Any:  # noqa: N802
         return self._target.get(name)
+
+    def getClaimAsString(self, name: str) -> str | None:  # noqa: N802
+        """Janssen's: a string claim as is, a list's first string, anything else None."""
+        value = self._target.get(name)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0]
+        return None
+
+    def getClaimAsLong(self, name: str) -> int | None:  # noqa: N802
+        value = self._target.get(name)
+        return value if type(value) is int else None
+
+    getClaimAsInteger = getClaimAsLong
+
+    def getClaimAsStringList(self, name: str) -> list[str]:  # noqa: N802
+        value = self._target.get(name)
+        if isinstance(value, str):
+            return [value]
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    def hasClaim(self, name: str) -> bool:  # noqa: N802
+        return name in self._target
+
+    def removeClaim(self, name: str) -> None:  # noqa: N802
+        self._target.pop(name, None)
+
+    def toJsonObject(self) -> dict[str, Any]:  # noqa: N802 - a copy (a plain dict)
+        return dict(self._target)

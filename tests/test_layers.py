@@ -149,6 +149,7 @@ HELPERS = {
         "ssa_server", "ssa_server.frames", "ssa_server.jsonvalues", "ssa_server.shared_counter",
         "ssa_server.jwt_draft", "ssa_server.script_rules", "ssa_server.plugins", "ssa_server.plugins.sandbox",
         "ssa_server.plugins.sandbox.errors", "ssa_server.plugins.sandbox.limits",
+        "ssa_server.plugins.sandbox.janssen", "ssa_server.plugins.sandbox.janssen_objects",
         "ssa_server.plugins.sandbox.policy", "ssa_server.plugins.sandbox.refusals",
         "ssa_server.plugins.sandbox.state", "ssa_server.plugins.sandbox.worker",
     },

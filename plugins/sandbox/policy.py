@@ -31,7 +31,10 @@ from ssa_server.jwt_draft import JwtDraft
 from ssa_server.script_rules import (HOOKS, MAX_LOG_LINE, MAX_LOG_LINES, before_create, create_change,
                                              passes_answer)
 
+from . import janssen
 from .errors import ScriptError, ScriptRefused
+from .janssen_objects import (METHODS_KEY, SELF_KEY, AppConfiguration, Client, ConfigurationAttributes,
+                              CustomScript, HttpRequest, Inert, JanssenSelf, JSONArray, SsaList, missing)
 from .refusals import compile_errors, top_level_error
 
 _INPLACE = {"+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
@@ -107,7 +110,8 @@ class CappedPrint:
 class ScriptContext:
     """The read-only ``context`` a hook receives (full_write_guard refuses attribute writes)."""
 
-    def __init__(self, facts: dict[str, Any], config: dict[str, Any]) -> None:
+    def __init__(self, facts: dict[str, Any], config: dict[str, Any], script: CustomScript | None = None) -> None:
+        self._script = script
         self.client_id = facts.get("client_id", "")
         self.scopes = list(facts.get("scopes", []))
         self.hook = facts.get("hook", "")
@@ -121,6 +125,25 @@ class ScriptContext:
 
     def __repr__(self) -> str:
         return f"Context(client_id={self.client_id!r}, hook={self.hook!r})"
+
+    def __getattr__(self, name: str) -> Any:  # only for what is not here: named in the error
+        return missing("context", name)
+
+    # Janssen's ModifySsaResponseContext getters (docs/scripts.md, "Janssen objects")
+    def getClient(self) -> Client:  # noqa: N802
+        return Client(self.client_id, self.scopes)
+
+    def getHttpRequest(self) -> HttpRequest:  # noqa: N802
+        return HttpRequest(self.request if isinstance(self.request, dict) else {})
+
+    def getAppConfiguration(self) -> AppConfiguration:  # noqa: N802
+        return AppConfiguration(self.settings if isinstance(self.settings, dict) else {})
+
+    def getScript(self) -> CustomScript:  # noqa: N802
+        return self._script or CustomScript("", "")
+
+    def getGrant(self) -> None:  # noqa: N802 - Janssen: null for SSA calls
+        return None
 
     def log(self, message: Any) -> None:
         if len(self._logs) < MAX_LOG_LINES:
@@ -148,11 +171,16 @@ def _builtins() -> dict[str, Any]:
     return b
 
 
-def load(name: str, source: str, *, max_source: int, output_limit: int) -> dict[str, Any]:
-    """Compile and run the script's top level; its globals.  ScriptRefused on any failure."""
+def load(name: str, source: str, *, max_source: int, output_limit: int, config: dict[str, Any] | None = None,
+         revision: str = "") -> dict[str, Any]:
+    """Compile and run the script's top level; its globals.  ScriptRefused on any failure.  A
+    Janssen-format file is adapted first (``janssen.adapt``) and its instance set up."""
     if len(source.encode()) > max_source:
         raise ScriptRefused(f"{name}: larger than {max_source} bytes")
     filename = f"<script {name}>"
+    adapted = janssen.adapt(name, source)
+    if adapted is not None:
+        source = adapted.source
     try:
         result = compile_restricted_exec(source, filename=filename)
     except BaseException as e:  # RecursionError, MemoryError in the parser
@@ -167,11 +195,58 @@ def load(name: str, source: str, *, max_source: int, output_limit: int) -> dict[
         "_apply_": lambda f, *a, **k: f(*a, **k),
         "_print_": lambda _getattr_=None: CappedPrint(limit=output_limit),
     }
+    if adapted is not None:
+        env["__builtins__"].update({n: Inert(path) for n, path in adapted.inert.items()})
     try:
         exec(result.code, env)
+        if adapted is not None:
+            _instantiate(name, env, adapted.methods, config or {}, revision)
+    except ScriptRefused:
+        raise
     except BaseException as e:
         raise ScriptRefused(f"{name}: {top_level_error(e, filename)}") from None
     return env
+
+
+def _instantiate(name: str, env: dict[str, Any], methods: frozenset[str], config: dict[str, Any],
+                 revision: str) -> None:
+    """A Janssen script's one instance in this worker: ``__init__(self, currentTimeMillis)``,
+    then ``init(self, customScript, configurationAttributes)`` (or Janssen's older
+    ``init(self, configurationAttributes)``); ``init`` returning False refuses the script.  Its
+    attributes are a plain dict in the module state (``SELF_KEY``): what ``init`` left is what
+    every call starts from (``state.py``)."""
+    constructor = env.pop("__init__", None)
+    methods = methods - {"__init__"}
+    attrs: dict[str, Any] = {}
+    env[SELF_KEY], env[METHODS_KEY] = attrs, methods
+    me = JanssenSelf(env, attrs, methods)
+    if isinstance(constructor, types.FunctionType):
+        constructor(me, int(time.time() * 1000))
+    init = env.get("init") if "init" in methods else None
+    if isinstance(init, types.FunctionType):
+        attributes = ConfigurationAttributes(config)
+        if init.__code__.co_argcount >= 3:
+            done = init(me, CustomScript(name, revision), attributes)
+        else:
+            done = init(me, attributes)
+        if done is False:
+            raise ScriptRefused(f"{name}: init() returned False (Janssen: the script failed to initialize)")
+    version = env.get("getApiVersion") if "getApiVersion" in methods else None
+    if isinstance(version, types.FunctionType):
+        version(me)
+
+
+def destroy(world: dict[str, Any], config: dict[str, Any]) -> None:
+    """A Janssen script's ``destroy(self, configurationAttributes)``, as its revision leaves the
+    worker (unloaded or replaced); what it raises or returns is ignored."""
+    methods = world.get(METHODS_KEY)
+    fn = world.get("destroy")
+    if methods is None or "destroy" not in methods or not isinstance(fn, types.FunctionType):
+        return
+    try:
+        fn(JanssenSelf(world, world[SELF_KEY], methods), ConfigurationAttributes(config))
+    except BaseException:  # a script's own failure while leaving: nothing to report it to
+        pass
 
 
 def hooks_of(env: dict[str, Any]) -> list[str]:
@@ -179,27 +254,32 @@ def hooks_of(env: dict[str, Any]) -> list[str]:
 
 
 def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any],
-         config: dict[str, Any], *, output_limit: int) -> dict[str, Any]:
+         config: dict[str, Any], *, output_limit: int, script: CustomScript | None = None) -> dict[str, Any]:
     """Run one hook on ``payload``, which the script may change (the worker parsed it from the
     request frame: nothing else holds it); the JSON-ready result, validated by the caller."""
     fn = env.get(hook)
     if not isinstance(fn, types.FunctionType):
         raise ScriptError("invalid_result", f"the script defines no {hook}()")
-    context = ScriptContext(facts, config)
+    context = ScriptContext(facts, config, script)
     printed = CappedPrint(limit=output_limit)
     env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
+    methods = env.get(METHODS_KEY)  # a Janssen script: its methods take self, and Janssen's objects
+    me = JanssenSelf(env, env[SELF_KEY], methods) if methods is not None else None
     if hook == "create":
         header, claims = payload["header"], payload["claims"]
         before = before_create(header, claims)
         jwt = JwtDraft(header, claims)
-        returned = fn(jwt, context)
+        returned = fn(jwt, context) if me is None else fn(me, jwt, context)
         broken = create_change(*before, jwt.header, jwt.claims)
         if broken is not None:
             raise ScriptError("invalid_result", broken)
         out: dict[str, Any] = {"header": jwt.header, "claims": jwt.claims}
     else:
         ssa_list = payload["ssa_list"]
-        returned = fn(ssa_list, context)
+        if me is None:
+            returned = fn(ssa_list, context)
+        else:
+            returned = fn(me, JSONArray(ssa_list) if hook == "get" else SsaList(ssa_list), context)
         # a revoke answer carries no list: the next script gets the list as revoked
         out = {"ssa_list": ssa_list} if passes_answer(hook) else {}
     if returned is not None and not isinstance(returned, bool):

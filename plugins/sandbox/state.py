@@ -21,6 +21,7 @@ import types
 from typing import Any
 
 from .errors import ScriptRefused
+from .janssen_objects import SELF_KEY, SHAREABLE
 
 KEEP_STATES = ("none", "per_client")
 KEPT_CLIENTS = 64  # worlds kept per script and worker with keep_state = "per_client" (least recently used go)
@@ -28,7 +29,7 @@ MAX_STATE_DEPTH = 64
 
 # Values of these types cannot change: every world shares them.
 _IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, range, slice, type(Ellipsis),
-                        type(NotImplemented)})
+                        type(NotImplemented), *SHAREABLE})
 # Code that can run again when its frame is finalized: a generator suspended inside try/with.
 _SUSPENDABLE = (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
                 | inspect.CO_ITERABLE_COROUTINE)
@@ -59,7 +60,8 @@ class ModuleTemplate:
         for key, value in env.items():
             # The sandbox's own names (builtins, guards, the load's print collector): scripts
             # cannot name them, so no call can rebind or reach them.
-            if key.startswith("_") or self._shares(key, value, 0):
+            # (A Janssen script's instance attributes, SELF_KEY, are state like any global.)
+            if (key.startswith("_") and key != SELF_KEY) or self._shares(key, value, 0):
                 shared[key] = value
             else:
                 copied.append((key, value))

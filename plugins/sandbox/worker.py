@@ -38,6 +38,7 @@ from ssa_server.shared_counter import SharedCounter
 
 from . import policy
 from .errors import EXIT_UNSETTLED, ScriptError, ScriptRefused
+from .janssen_objects import CustomScript
 from .state import ModuleTemplate, ScriptWorlds
 
 MAX_REQUEST = 64 << 20
@@ -162,7 +163,8 @@ class Worker:
     """The scripts loaded in this process and the steps that run them."""
 
     def __init__(self, limits: dict[str, Any], progress: SharedCounter) -> None:
-        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any]]] = {}
+        # name -> its worlds, its config (context.config) and what context.getScript() names
+        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any], CustomScript]] = {}
         self.output = limits["output_kb"] * 1024
         self.max_depth = limits["max_depth"]
         self.max_source = limits["max_source_kb"] * 1024
@@ -183,6 +185,8 @@ class Worker:
             text = self._load(request)
         elif op == "unload":
             gone = self.scripts.pop(request.get("name", ""), None)
+            if gone is not None:
+                self._destroy(gone)
             _refreeze(replaced=gone is not None)
             text = _ok(b"{}")
         else:
@@ -263,7 +267,7 @@ class Worker:
                 raise ScriptError("invalid_result", f"script {name} is not loaded")
             client = str(facts.get("client_id", ""))
             world = loaded[0].take(client)
-            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output)
+            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output, script=loaded[2])
             payload = facts = None  # type: ignore[assignment]
             text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
         except BaseException as e:  # the script's own exception, SystemExit included
@@ -288,7 +292,8 @@ class Worker:
         env: dict[str, Any] | None = None
         template = None
         try:
-            env = policy.load(name, request["source"], max_source=self.max_source, output_limit=self.output)
+            env = policy.load(name, request["source"], max_source=self.max_source, output_limit=self.output,
+                              config=request.get("config") or {}, revision=str(request.get("revision") or ""))
             template = ModuleTemplate(name, env)
             hooks = policy.hooks_of(env)
             env = None
@@ -307,11 +312,23 @@ class Worker:
         env = None
         replaced = False
         if template is not None:
-            replaced = name in self.scripts
+            previous = self.scripts.get(name)
+            replaced = previous is not None
+            if previous is not None:
+                self._destroy(previous)
             self.scripts[name] = (ScriptWorlds(template, str(request.get("keep_state") or "none")),
-                                  request.get("config") or {})
+                                  request.get("config") or {},
+                                  CustomScript(name, str(request.get("revision") or "")))
         _refreeze(replaced)
         return text
+
+    def _destroy(self, loaded: tuple[ScriptWorlds, dict[str, Any], CustomScript]) -> None:
+        """A Janssen script's ``destroy`` as its revision leaves, on a fresh copy of its state,
+        under a call's CPU budget (a plain script has none: nothing runs)."""
+        world = loaded[0].template.world()
+        if "destroy" in world:
+            _cpu_budget(self.cpu, self.hard)
+            policy.destroy(world, loaded[1])
 
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
