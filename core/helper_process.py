@@ -13,7 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -118,15 +118,18 @@ class AnswerReader:
         self.max_bytes, self.timeout = 0, 0.0
         self.progress: SharedCounter | None = None
         self.steps = self.step = 0
+        self.timeouts: Sequence[float] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.reading = True
         self.unasked = False  # a frame came while no answer was awaited
         loop.add_reader(fd, self._on_readable)
 
     def expect(self, max_bytes: int, timeout: float, progress: SharedCounter | None = None,
-               steps: int = 1) -> asyncio.Future[bytes]:
+               steps: int = 1, *, timeouts: Sequence[float] | None = None) -> asyncio.Future[bytes]:
+        """``timeouts``: each step's own wall clock (else ``timeout`` for every step)."""
         future = self.future = self.loop.create_future()
         self.max_bytes, self.timeout, self.progress = max_bytes, timeout, progress
+        self.timeouts = timeouts
         self.steps, self.step = steps, 0
         if self.unasked:
             future.set_exception(FrameError("a frame nobody asked for"))
@@ -165,8 +168,10 @@ class AnswerReader:
         if self.future is None or self.future.done():
             return
         step = self.progress.get() if self.progress is not None and self.steps > 1 else 0
-        if step != self.step and step < self.steps:  # the helper moved on to the next step
+        if step != self.step and 0 <= step < self.steps:  # the helper moved on to the next step
             self.step = step
+            if self.timeouts is not None:
+                self.timeout = self.timeouts[step]
             self.timer = self.loop.call_later(self.timeout, self._expire)
         else:
             self.future.set_exception(TimeoutError())

@@ -49,12 +49,15 @@ class ScriptState:
     failures: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=_DURATIONS_KEPT))
     seen_hash: str = ""  # hash of the file content last tried
+    on_error: str = "fail"  # its own [sandbox] on_error, else the server's on_script_error
+    settings: dict[str, Any] = field(default_factory=dict)  # its effective sandbox settings
 
     def public(self) -> dict[str, Any]:
         p50 = statistics.median(self.durations) * 1000 if self.durations else None
         return {"name": self.name, "file": self.path, "hooks": list(self.hooks), "revision": self.revision,
                 "state": self.state, "last_error": self.last_error, "calls": self.calls,
-                "failures": self.failures, "p50_ms": round(p50, 3) if p50 is not None else None}
+                "failures": self.failures, "p50_ms": round(p50, 3) if p50 is not None else None,
+                "settings": dict(self.settings)}
 
 
 class _Adapter:
@@ -99,7 +102,7 @@ class _Adapter:
         if self.state.state != "failed":  # a failed script's listing keeps why it failed
             self.state.last_error = f"{self.hook}: {e.kind}: {e}"
         log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
-        if failure_refuses(self.hook, self.host.on_error):
+        if failure_refuses(self.hook, self.state.on_error):
             raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
         return None
 
@@ -301,11 +304,14 @@ class ScriptHost:
             self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed)
         if error is None:
             try:
-                state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]
+                state.hooks = [h for h in self.pool.load(name, source, config, revision) if h in HOOKS]
             except ScriptRefused as e:
                 error = str(e)
             else:
                 state.revision, state.state, state.last_error = revision, "loaded", None
+                options = self.pool.options(name)
+                state.on_error = options.on_error or self.on_error
+                state.settings = options.effective(self.limits, self.on_error)
                 log.info("script %s loaded revision=%s hooks=%s", name, revision, ",".join(state.hooks) or "-")
                 return True
         state.last_error = error
@@ -324,7 +330,7 @@ class ScriptHost:
             return
         state.state, state.last_error = "failed", reason
         self._build_chains()
-        refusing = [h for h in HOOKS if failure_refuses(h, self.on_error)]
+        refusing = [h for h in HOOKS if failure_refuses(h, state.on_error)]
         effect = (f"its {' and '.join(refusing)} hooks refuse requests"
                   if refusing else "its hooks are skipped")
         log.error("script %s@%s failed and stopped serving (%s): %s", name, state.revision, effect, reason)
@@ -344,7 +350,7 @@ class ScriptHost:
                 continue
             if state.state != "failed":
                 chain.append(_Adapter(self, state, hook))
-            elif failure_refuses(hook, self.on_error):
+            elif failure_refuses(hook, state.on_error):
                 chain.append(_FailedAdapter(self, state, hook))
                 break
         return tuple(chain)
@@ -388,7 +394,7 @@ class ScriptHost:
         try:
             outcomes = await self.pool.call_chain_async(
                 [a.state.name for a in chain], hook, payload, context,
-                skip_errors=not failure_refuses(hook, self.on_error))
+                skip_errors=[not failure_refuses(hook, a.state.on_error) for a in chain])
         except ScriptError as e:
             if e.kind == "busy":
                 if not may_refuse(hook):
@@ -448,7 +454,7 @@ class ScriptRunner:
         source, config, self.revision = read_script(self.path, self.limits.max_source_kb * 1024)
         self._pool = SandboxPool(workers=1, limits=self.limits)
         try:
-            self.hooks = [h for h in self._pool.load(self.name, source, config) if h in HOOKS]
+            self.hooks = [h for h in self._pool.load(self.name, source, config, self.revision) if h in HOOKS]
         except BaseException:
             self._pool.close()
             raise

@@ -38,7 +38,7 @@ from ssa_server.shared_counter import SharedCounter
 
 from .errors import EXIT_UNSETTLED, ChainBroken, ScriptError, ScriptRefused
 from .limits import SandboxLimits
-from .state import KEEP_STATES
+from .options import ScriptOptions, split_options
 
 log = logging.getLogger("ssa_server.sandbox")
 
@@ -100,12 +100,13 @@ class _Worker:
             raise self._failure(e) from None
         return self._checked(answer)
 
-    async def request_async(self, message: dict[str, Any], timeout: float, *, steps: int = 1) -> Any:
+    async def request_async(self, message: dict[str, Any], timeouts: list[float]) -> Any:
         """``request`` on the event loop: the answer is read when the pipe is readable, so no
-        thread waits for it (a thread hop costs more than the whole round trip).  A chain of
-        ``steps`` scripts gets ``timeout`` per script: the clock restarts when the worker
-        reports the next step."""
+        thread waits for it (a thread hop costs more than the whole round trip).  Each of its
+        steps (the scripts of its chains) gets its own timeout: the clock restarts with the next
+        step's when the worker reports it."""
         loop = asyncio.get_running_loop()
+        steps = len(timeouts)
         self.calls += steps
         if steps > 1:
             self.progress.set(0)
@@ -118,11 +119,12 @@ class _Worker:
             raise ScriptError("crashed", "the script worker exited") from None
         answers = AnswerReader(loop, self.from_child)  # for this answer only: ``request`` reads the pipe too
         try:
-            raw = await answers.expect((self.max_answer + len(data)) * steps, timeout, self.progress, steps)
+            raw = await answers.expect((self.max_answer + len(data)) * steps, timeouts[0], self.progress, steps,
+                                       timeouts=timeouts if steps > 1 else None)
         except FrameError as e:
             raise await loop.run_in_executor(None, self._failure, e) from None
         except TimeoutError:
-            raise ScriptError("timeout", f"no answer within {timeout:g} s") from None
+            raise ScriptError("timeout", f"no answer within {answers.timeout:g} s") from None
         finally:
             answers.close()
         try:
@@ -148,7 +150,7 @@ class _Worker:
                 code = self.process.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
-        if code == -signal.SIGXCPU or code == -signal.SIGKILL:
+        if code in (-signal.SIGXCPU, -signal.SIGKILL, -signal.SIGPROF):  # SIGPROF: a script's own cpu
             return ScriptError("limit", "CPU time limit exceeded")
         if code == EXIT_UNSETTLED:
             return ScriptError("limit", "its finalizers kept making garbage")
@@ -171,24 +173,20 @@ class _Entry:
 
     source: str
     config: dict[str, Any]
-    keep_state: str
+    options: ScriptOptions
+    revision: str = ""
 
     @classmethod
-    def of(cls, name: str, source: str, config: dict[str, Any]) -> _Entry:
+    def of(cls, name: str, source: str, config: dict[str, Any], limits: SandboxLimits, revision: str) -> _Entry:
         """The revision to load: ``config`` without its ``[sandbox]`` table, which holds the
-        sandbox's options for this script (``keep_state``).  ScriptRefused if they are wrong."""
-        config = json.loads(json.dumps(config))
-        options = config.pop("sandbox", {})
-        if not isinstance(options, dict) or set(options) - {"keep_state"}:
-            raise ScriptRefused(f"{name}.toml: [sandbox] may only set keep_state")
-        keep_state = options.get("keep_state", "none")
-        if keep_state not in KEEP_STATES:
-            raise ScriptRefused(f"{name}.toml: [sandbox] keep_state must be one of {', '.join(KEEP_STATES)}")
-        return cls(source, config, keep_state)
+        sandbox's options for this script (``options.py``).  ScriptRefused if they are wrong."""
+        options, config = split_options(name, config, limits)
+        return cls(source, config, options, revision)
 
     def message(self, name: str) -> dict[str, Any]:
+        o = self.options
         return {"op": "load", "name": name, "source": self.source, "config": self.config,
-                "keep_state": self.keep_state}
+                "keep_state": o.keep_state, "cpu": o.cpu, "memory_mb": o.memory_mb, "revision": self.revision}
 
 
 class SandboxPool:
@@ -229,12 +227,12 @@ class SandboxPool:
             self._idle.append(_Worker(self.limits))
 
     # --- scripts ---
-    def load(self, name: str, source: str, config: dict[str, Any]) -> list[str]:
+    def load(self, name: str, source: str, config: dict[str, Any], revision: str = "") -> list[str]:
         """Compile ``source`` in every worker; the hooks it defines.  ScriptRefused if it cannot
         load in any of them: then every worker keeps the previous revision (or none)."""
         if len(source.encode()) > self.limits.max_source_kb * 1024:
             raise ScriptRefused(f"{name}: larger than {self.limits.max_source_kb * 1024} bytes")
-        entry = _Entry.of(name, source, config)
+        entry = _Entry.of(name, source, config, self.limits, revision)
         with self._admin:
             workers = self._take_all()
             try:
@@ -387,6 +385,18 @@ class SandboxPool:
             except Exception:  # the host's bookkeeping must not break the replacement
                 pass
 
+    def options(self, name: str) -> ScriptOptions:
+        """The loaded revision's own sandbox settings (the defaults for a script not loaded)."""
+        with self._registry:
+            entry = self._scripts.get(name)
+        return entry.options if entry is not None else ScriptOptions()
+
+    def _timeout(self, name: str) -> float:
+        """A step's wall clock: the script's own ``timeout``, else the server's (a dict lookup)."""
+        entry = self._scripts.get(name)
+        own = entry.options.timeout if entry is not None else None
+        return own if own is not None else self.limits.timeout
+
     # --- calls ---
     def call(self, name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
         """Run one hook in an idle worker (blocking, thread-safe); ScriptError on any failure."""
@@ -396,7 +406,7 @@ class SandboxPool:
         try:
             try:
                 message = _batch([_call_job(name, hook, payload, context)])
-                answer = worker.request(message, self.limits.timeout)
+                answer = worker.request(message, self._timeout(name))
                 (job_answer,) = _job_answers(answer, 1)
             except ScriptError:  # no answer, or one no worker should send
                 worker = self._replace(worker)
@@ -416,23 +426,25 @@ class SandboxPool:
                          context: dict[str, Any]) -> dict[str, Any]:
         """``call`` on the event loop; only waiting for a busy pool or replacing a worker
         (a fresh interpreter) goes to a thread."""
-        job = self._job(_call_job(name, hook, payload, context), 1, lambda answer: _call_result(hook, answer))
+        job = self._job(_call_job(name, hook, payload, context), [name], lambda answer: _call_result(hook, answer))
         return await self._batches.submit(job)  # type: ignore[no-any-return]
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
-                               context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
+                               context: dict[str, Any], *,
+                               skip_errors: bool | list[bool]) -> list[dict[str, Any] | ScriptError]:
         """Several scripts' ``hook`` in one worker round trip, each on the previous one's output
         (see the worker's ``_chain``).  One outcome per script that ran: its checked result, or
-        the ScriptError it ended with.  ChainBroken when the worker was lost (the caller runs
+        the ScriptError it ended with; ``skip_errors`` says for each script whether the chain goes
+        on past its failure (its own on_error).  ChainBroken when the worker was lost (the caller runs
         the scripts again one call each: only a lone call's failure names a script)."""
         def outcomes(answer: dict[str, Any]) -> list[dict[str, Any] | ScriptError]:
             return [_outcome(hook, step) for step in _steps(answer, len(names))]
 
         chain = {"names": names, "hook": hook, "payload": payload, "context": context,
                  "skip_errors": skip_errors}
-        return await self._batches.submit(self._job(chain, len(names), outcomes))  # type: ignore[no-any-return]
+        return await self._batches.submit(self._job(chain, names, outcomes))  # type: ignore[no-any-return]
 
-    def _job(self, message: dict[str, Any], steps: int, check: Callable[[dict[str, Any]], Any]) -> _Job:
+    def _job(self, message: dict[str, Any], names: list[str], check: Callable[[dict[str, Any]], Any]) -> _Job:
         """A job (a chain; a call is a chain of one) for the event loop, its answer to be
         checked while the worker is held.
 
@@ -448,7 +460,8 @@ class SandboxPool:
         if self._saturated and not self._idle:
             raise _busy(self.limits.timeout)
         loop = asyncio.get_running_loop()
-        return _Job(loop.create_future(), loop.time(), message, steps, check)
+        return _Job(loop.create_future(), loop.time(), message, len(names), check,
+                    [self._timeout(n) for n in names])
 
     def _idle_worker(self) -> _Worker | None:
         with self._handover:
@@ -502,7 +515,7 @@ class SandboxPool:
         caller runs its scripts again one call each).  A lost worker is replaced in the
         background; so is one left mid-call by a cancellation."""
         try:
-            answer = await worker.request_async(_batch([job.message]), self.limits.timeout, steps=job.steps)
+            answer = await worker.request_async(_batch([job.message]), job.timeouts)
             (answer,) = _job_answers(answer, 1)
         except asyncio.CancelledError:
             self._retire_later(worker)
@@ -529,8 +542,8 @@ class SandboxPool:
         lost worker said."""
         try:
             try:
-                answer = await worker.request_async(_batch([j.message for j in jobs]), self.limits.timeout,
-                                                    steps=sum(j.steps for j in jobs))
+                answer = await worker.request_async(_batch([j.message for j in jobs]),
+                                                    [t for j in jobs for t in j.timeouts])
                 answers = _job_answers(answer, len(jobs))
             except asyncio.CancelledError:
                 raise
@@ -608,6 +621,7 @@ class _Job(Job):
     message: dict[str, Any]  # the job as the worker's batch takes it
     steps: int  # scripts it runs: the worker's progress counter moves once per step
     check: Callable[[dict[str, Any]], Any]  # the checked result of its answer; ScriptError if bad
+    timeouts: list[float]  # each step's wall clock (the script's own timeout, else the server's)
     alone: bool = False  # must go in a frame of its own (its batch lost its worker)
 
 

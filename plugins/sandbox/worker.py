@@ -25,6 +25,7 @@ import json
 import math
 import os
 import resource
+import signal
 import stat
 import sys
 import tracemalloc
@@ -42,7 +43,10 @@ from .janssen_objects import CustomScript
 from .state import ModuleTemplate, ScriptWorlds
 
 MAX_REQUEST = 64 << 20
-REQUESTS_FD, ANSWERS_FD = 3, 4  # 0-2 are /dev/null; nothing else is open, nothing more can be
+# 0-2 are /dev/null, 3 and 4 the pipes, 5 /proc/self/statm read-only (a step's own memory budget
+# is measured from it); nothing else is open, nothing more can be
+REQUESTS_FD, ANSWERS_FD, STATM_FD = 3, 4, 5
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _GC_ROUNDS = 16  # collections per step before its garbage counts as never settling
 LOAD_MEMORY_SHARE = 8  # a script's top level may keep 1/8 of the worker's memory limit
 _NOBODY = 65534
@@ -65,14 +69,19 @@ def _wall(rfd: int, wfd: int) -> None:
     os.dup2(high_r, REQUESTS_FD)
     os.dup2(high_w, ANSWERS_FD)
     os.closerange(ANSWERS_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    if statm != STATM_FD:
+        os.dup2(statm, STATM_FD)
+        os.close(statm)
 
 
 def _set_limits(memory_mb: int, lifetime_cpu: int) -> None:
     # (no core file: the server set RLIMIT_CORE to 0 when it started this process)
     resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+    _address_space[0] = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_CPU, (lifetime_cpu, lifetime_cpu))
     # No descriptor is free: open(), sockets, pipes and new imports fail with EMFILE.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (ANSWERS_FD + 1, ANSWERS_FD + 1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (STATM_FD + 1, STATM_FD + 1))
     if os.geteuid() == 0:  # root could raise these limits again: not once it is nobody
         try:
             os.setgroups([])
@@ -95,6 +104,31 @@ def _cpu_budget(seconds: float, hard: int) -> None:
     if soft != _soft_cpu[0]:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
         _soft_cpu[0] = soft
+
+
+_Own = tuple[float | None, int | None]  # a script's own per-step cpu seconds and memory MiB
+_address_space = [0]  # the worker's RLIMIT_AS (bytes): a step's own memory budget is set below it
+
+
+def _own_limits(cpu: float | None, memory_mb: int | None) -> None:
+    """A script's own per-step budgets, finer than the worker's: its CPU seconds as a profiling
+    timer (SIGPROF, whose default action ends the process, as SIGXCPU does: the pool reports
+    ``limit``); its memory as the address space now plus ``memory_mb`` (RLIMIT_AS soft limit:
+    an allocation past it is a MemoryError in that step).  The address space now is read from
+    /proc/self/statm through the descriptor the wall kept (STATM_FD): nothing is opened."""
+    if cpu is not None:
+        signal.setitimer(signal.ITIMER_PROF, cpu)
+    if memory_mb is not None:
+        used = int(os.pread(STATM_FD, 64, 0).split()[0]) * _PAGE
+        soft = min(_address_space[0], used + (memory_mb << 20))
+        resource.setrlimit(resource.RLIMIT_AS, (soft, _address_space[0]))
+
+
+def _end_own_limits(cpu: float | None, memory_mb: int | None) -> None:
+    if cpu is not None:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+    if memory_mb is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (_address_space[0], _address_space[0]))
 
 
 _finalizer_errors: list[str] = []  # what finalizers raised since the step began (sys.unraisablehook)
@@ -163,8 +197,9 @@ class Worker:
     """The scripts loaded in this process and the steps that run them."""
 
     def __init__(self, limits: dict[str, Any], progress: SharedCounter) -> None:
-        # name -> its worlds, its config (context.config) and what context.getScript() names
-        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any], CustomScript]] = {}
+        # name -> its worlds, its config (context.config), what context.getScript() names, and its
+        # own per-step (cpu, memory_mb) when its NAME.toml sets either (None: the worker's limits)
+        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any], CustomScript, _Own | None]] = {}
         self.output = limits["output_kb"] * 1024
         self.max_depth = limits["max_depth"]
         self.max_source = limits["max_source_kb"] * 1024
@@ -220,7 +255,9 @@ class Worker:
                               self.output + size)
             return _joined(b'{"steps":[', [text], b"]}")
         facts = dumps(job.get("context") or {})
-        skip = bool(job.get("skip_errors"))
+        skips = job.get("skip_errors")  # per script (its own on_error); a bool for all of them
+        skip_each = [bool(x) for x in skips] if isinstance(skips, list) else [bool(skips)] * len(names)
+        skip = any(skip_each)
         box = [job.pop("payload")]
         # ``replay``: the JSON text of the input a later step may get again (``replays_input``),
         # the payload itself or the answer of the step that made it.
@@ -236,7 +273,7 @@ class Worker:
             text = self._step(name, hook, box, [loads(facts)], self.output + size)
             steps.append(text)
             if text.startswith(b'{"error"'):  # (an error's text never has the stdlib marker)
-                if not skip:
+                if not (skip_each[index] if index < len(skip_each) else False):
                     break
                 continue
             if index + 1 == len(names):
@@ -256,10 +293,13 @@ class Worker:
         else holds them), under its own CPU budget; its answer text.  Everything the call made
         is dropped and collected before the answer is returned, and a finalizer that raised
         fails the step."""
+        loaded = self.scripts.get(name)
+        own = loaded[3] if loaded is not None else None  # the script's own cpu / memory_mb, if any
         _cpu_budget(self.cpu, self.hard)
+        if own is not None:
+            _own_limits(*own)
         _finalizer_errors.clear()
         payload, facts = box.pop(), facts_box.pop()
-        loaded = self.scripts.get(name)
         world: dict[str, Any] | None = None
         client = ""
         try:
@@ -277,6 +317,8 @@ class Worker:
             loaded[0].done(client, world)  # type: ignore[index]
             world = None
         _settle(careful=loaded is not None and loaded[0].careful)
+        if own is not None:
+            _end_own_limits(*own)
         if _finalizer_errors:
             text = _error("exception", f"a finalizer of this script raised {_finalizer_errors[0]}")
         return text
@@ -316,13 +358,15 @@ class Worker:
             replaced = previous is not None
             if previous is not None:
                 self._destroy(previous)
+            cpu, memory_mb = request.get("cpu"), request.get("memory_mb")
+            own = (float(cpu) if cpu else None, int(memory_mb) if memory_mb else None) if cpu or memory_mb else None
             self.scripts[name] = (ScriptWorlds(template, str(request.get("keep_state") or "none")),
                                   request.get("config") or {},
-                                  CustomScript(name, str(request.get("revision") or "")))
+                                  CustomScript(name, str(request.get("revision") or "")), own)
         _refreeze(replaced)
         return text
 
-    def _destroy(self, loaded: tuple[ScriptWorlds, dict[str, Any], CustomScript]) -> None:
+    def _destroy(self, loaded: tuple[ScriptWorlds, dict[str, Any], CustomScript, _Own | None]) -> None:
         """A Janssen script's ``destroy`` as its revision leaves, on a fresh copy of its state,
         under a call's CPU budget (a plain script has none: nothing runs)."""
         world = loaded[0].template.world()
