@@ -175,7 +175,8 @@ def _adapt_statement(name: str, stmt: list[tokenize.TokenInfo], edits: list[tupl
             edits.append((*head.start, *stmt[-1].end, "pass"))
 
 
-def _print_statement(name: str, stmt: list[tokenize.TokenInfo], edits: list[tuple[int, int, int, int, str]]) -> None:
+def _print_statement(name: str, stmt: list[tokenize.TokenInfo],
+                     edits: list[tuple[int, int, int, int, str]]) -> None:
     head = stmt[0]
     if len(stmt) == 1:  # a bare print: a newline
         edits.append((*head.end, *head.end, "()"))
@@ -234,7 +235,8 @@ def _java_import(stmt: list[tokenize.TokenInfo]) -> dict[str, str] | None:
     return _bound(items, lambda n: n, lambda n: n.split(".")[0])
 
 
-def _bound(words: list[str], path_of: Callable[[str], str], plain_name: Callable[[str], str]) -> dict[str, str] | None:
+def _bound(words: list[str], path_of: Callable[[str], str],
+           plain_name: Callable[[str], str]) -> dict[str, str] | None:
     """``a``, ``a.b``, ``a as b`` items separated by commas -> bound name -> path."""
     out: dict[str, str] = {}
     item: list[str] = []

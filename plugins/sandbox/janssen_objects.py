@@ -31,6 +31,7 @@ class UnsupportedMethod:
     """A Janssen method ssa-server does not offer: calling it fails, naming it."""
 
     __slots__ = ("_what",)
+    _what: str
 
     def __init__(self, what: str) -> None:
         object.__setattr__(self, "_what", what)
@@ -151,7 +152,7 @@ class ConfigurationAttributes(Unsupported):
     _label = "configurationAttributes"
 
     def __init__(self, config: dict[str, Any]) -> None:
-        props = {str(k): SimpleCustomProperty(str(k), v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+        props = {str(k): SimpleCustomProperty(str(k), _as_text(v))
                  for k, v in config.items()}
         object.__setattr__(self, "_props", props)
 
@@ -181,6 +182,10 @@ class ConfigurationAttributes(Unsupported):
 
     def __len__(self) -> int:
         return len(self._props)
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 class CustomScript(Unsupported):
@@ -484,8 +489,8 @@ class SsaAttributes(Unsupported):
 
     __slots__ = ("_ssa",)
     _label = "SsaAttributes"
-    _STANDARD = frozenset({"jti", "org_id", "software_id", "software_roles", "grant_types", "iss", "iat", "exp",
-                           "description", "one_time_use", "rotate_ssa", "lifetime"})
+    _STANDARD = frozenset({"jti", "org_id", "software_id", "software_roles", "grant_types", "iss", "iat",
+                           "exp", "description", "one_time_use", "rotate_ssa", "lifetime"})
 
     def __init__(self, ssa: dict[str, Any]) -> None:
         object.__setattr__(self, "_ssa", ssa)

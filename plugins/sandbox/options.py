@@ -10,6 +10,7 @@ is not part of ``context.config``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,8 @@ class ScriptOptions:
                 "memory_mb": self.memory_mb}
 
 
-def split_options(name: str, config: dict[str, Any], limits: SandboxLimits) -> tuple[ScriptOptions, dict[str, Any]]:
+def split_options(name: str, config: dict[str, Any],
+                  limits: SandboxLimits) -> tuple[ScriptOptions, dict[str, Any]]:
     """The script's options and its config without the ``[sandbox]`` table (a plain JSON copy).
     ScriptRefused naming the key when one is wrong or above the server's cap."""
     config = json.loads(json.dumps(config))
@@ -61,7 +63,8 @@ def split_options(name: str, config: dict[str, Any], limits: SandboxLimits) -> t
     cpu = _number(where, table, "cpu", MIN_CPU, limits.cpu, "SSA_SCRIPT_CPU")
     memory = _number(where, table, "memory_mb", MIN_MEMORY_MB, limits.memory_mb, "SSA_SCRIPT_MEMORY_MB",
                      integer=True)
-    return ScriptOptions(keep_state, on_error, timeout, cpu, int(memory) if memory is not None else None), config
+    memory_mb = int(memory) if memory is not None else None
+    return ScriptOptions(keep_state, on_error, timeout, cpu, memory_mb), config
 
 
 def _number(where: str, table: dict[str, Any], key: str, least: float, cap: float, setting: str, *,
@@ -70,11 +73,11 @@ def _number(where: str, table: dict[str, Any], key: str, least: float, cap: floa
         return None
     value = table[key]
     kinds = (int,) if integer else (int, float)
-    if type(value) not in kinds or value != value:  # bool is not a number here; NaN is refused
+    if type(value) not in kinds or math.isnan(value):  # bool is not a number here; NaN is refused
         raise ScriptRefused(f"{where} {key} must be {'an integer' if integer else 'a number'}")
     if value < least:
         raise ScriptRefused(f"{where} {key} = {value} is below {least:g}")
     if value > cap:
-        raise ScriptRefused(f"{where} {key} = {value} is above the server's {setting} ({cap:g}): a script may "
-                            "only lower it")
+        raise ScriptRefused(f"{where} {key} = {value} is above the server's {setting} ({cap:g}): "
+                            "a script may only lower it")
     return float(value) if not integer else value

@@ -110,7 +110,8 @@ class CappedPrint:
 class ScriptContext:
     """The read-only ``context`` a hook receives (full_write_guard refuses attribute writes)."""
 
-    def __init__(self, facts: dict[str, Any], config: dict[str, Any], script: CustomScript | None = None) -> None:
+    def __init__(self, facts: dict[str, Any], config: dict[str, Any],
+                 script: CustomScript | None = None) -> None:
         self._script = script
         self.client_id = facts.get("client_id", "")
         self.scopes = list(facts.get("scopes", []))

@@ -119,8 +119,8 @@ class _Worker:
             raise ScriptError("crashed", "the script worker exited") from None
         answers = AnswerReader(loop, self.from_child)  # for this answer only: ``request`` reads the pipe too
         try:
-            raw = await answers.expect((self.max_answer + len(data)) * steps, timeouts[0], self.progress, steps,
-                                       timeouts=timeouts if steps > 1 else None)
+            raw = await answers.expect((self.max_answer + len(data)) * steps, timeouts[0], self.progress,
+                                       steps, timeouts=timeouts if steps > 1 else None)
         except FrameError as e:
             raise await loop.run_in_executor(None, self._failure, e) from None
         except TimeoutError:
@@ -177,7 +177,8 @@ class _Entry:
     revision: str = ""
 
     @classmethod
-    def of(cls, name: str, source: str, config: dict[str, Any], limits: SandboxLimits, revision: str) -> _Entry:
+    def of(cls, name: str, source: str, config: dict[str, Any], limits: SandboxLimits,
+           revision: str) -> _Entry:
         """The revision to load: ``config`` without its ``[sandbox]`` table, which holds the
         sandbox's options for this script (``options.py``).  ScriptRefused if they are wrong."""
         options, config = split_options(name, config, limits)
@@ -426,7 +427,8 @@ class SandboxPool:
                          context: dict[str, Any]) -> dict[str, Any]:
         """``call`` on the event loop; only waiting for a busy pool or replacing a worker
         (a fresh interpreter) goes to a thread."""
-        job = self._job(_call_job(name, hook, payload, context), [name], lambda answer: _call_result(hook, answer))
+        job = self._job(_call_job(name, hook, payload, context), [name],
+                        lambda answer: _call_result(hook, answer))
         return await self._batches.submit(job)  # type: ignore[no-any-return]
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],

@@ -307,7 +307,8 @@ class Worker:
                 raise ScriptError("invalid_result", f"script {name} is not loaded")
             client = str(facts.get("client_id", ""))
             world = loaded[0].take(client)
-            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output, script=loaded[2])
+            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output,
+                                 script=loaded[2])
             payload = facts = None  # type: ignore[assignment]
             text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
         except BaseException as e:  # the script's own exception, SystemExit included
@@ -359,7 +360,8 @@ class Worker:
             if previous is not None:
                 self._destroy(previous)
             cpu, memory_mb = request.get("cpu"), request.get("memory_mb")
-            own = (float(cpu) if cpu else None, int(memory_mb) if memory_mb else None) if cpu or memory_mb else None
+            own = ((float(cpu) if cpu else None, int(memory_mb) if memory_mb else None)
+                   if cpu or memory_mb else None)
             self.scripts[name] = (ScriptWorlds(template, str(request.get("keep_state") or "none")),
                                   request.get("config") or {},
                                   CustomScript(name, str(request.get("revision") or "")), own)

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ssa_server.plugins.sandbox import ScriptError, ScriptRefused
 
 # Janssen's own sample, in its style: class, Python 2 prints, imports, getValue2.
 JANSSEN = '''\
-# Janssen Project software is available under the Apache 2.0 License (2004). See http://www.apache.org/licenses/LICENSE-2.0.html
+# Janssen Project software is available under the Apache 2.0 License (2004).
+# See http://www.apache.org/licenses/LICENSE-2.0.html
 # Copyright (c) 2020, Janssen Project
 #
 from io.jans.model.custom.script.type.ssa import ModifySsaResponseType
@@ -59,7 +59,8 @@ class ModifySsaResponse(ModifySsaResponseType):
         jsonWebResponse.getClaims().setClaim("issuer", context.getAppConfiguration().getIssuer())
         jsonWebResponse.getClaims().setClaim("script", context.getScript().getName())
         jsonWebResponse.getClaims().setClaim("ua", context.getHttpRequest().getHeader("User-Agent"))
-        jsonWebResponse.getClaims().setClaim("org_seen", jsonWebResponse.getClaims().getClaimAsString("org_id"))
+        claims = jsonWebResponse.getClaims()
+        claims.setClaim("org_seen", claims.getClaimAsString("org_id"))
         self.calls.append(1)
         jsonWebResponse.getClaims().setClaim("calls", len(self.calls))
         print "a", 1, "b",
@@ -208,7 +209,8 @@ def test_errors_point_at_the_users_lines(ssa_script, tmp_path):
         script.create()
     bad = tmp_path / "bad.py"
     (tmp_path / "bad.toml").write_text(TOML)
-    source = JANSSEN.replace("    def getApiVersion(self):\n", "    def getApiVersion(self):\n        x = = 1\n")
+    head = "    def getApiVersion(self):\n"
+    source = JANSSEN.replace(head, head + "        x = = 1\n")
     bad.write_text(source)
     line = source.splitlines().index("        x = = 1") + 1
     with pytest.raises(ScriptRefused, match=f"line {line}: SyntaxError"):
@@ -224,7 +226,7 @@ def test_an_inert_import_fails_clearly_only_when_used(ssa_script, tmp_path):
                     "        print 'inert: %s' % CdiUtil\n"
                     "        CdiUtil.bean(AttributeService)\n"
                     "        return True\n")
-    with pytest.raises(ScriptError, match=r"io\.jans\.service\.cdi\.util\.CdiUtil\.bean\(\) is not available"):
+    with pytest.raises(ScriptError, match=r"io\.jans\.service\.cdi\.util\.CdiUtil\.bean\(\) is not avail"):
         ssa_script(path).create()
 
 
@@ -258,7 +260,8 @@ def test_old_style_init_with_one_argument(ssa_script, tmp_path):
     path = tmp_path / "oldinit.py"
     path.write_text("class ModifySsaResponse(ModifySsaResponseType):\n"
                     "    def init(self, configurationAttributes):\n"
-                    "        self.t = configurationAttributes.get('tenant').getValue2()\n        return True\n"
+                    "        self.t = configurationAttributes.get('tenant').getValue2()\n"
+                    "        return True\n"
                     "    def create(self, jwt, context):\n"
                     "        jwt.getClaims().setClaim('t', self.t)\n        return True\n")
     (tmp_path / "oldinit.toml").write_text('tenant = 7\n')

@@ -9,11 +9,10 @@ import base64
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from ssa_server.plugins.sandbox import ScriptError
 
-from ssa_server.plugins.sandbox import ScriptError, ScriptRefused
 from tests.sandbox.test_janssen import JANSSEN, TOML
 from tests.test_live_server import Live
 
