@@ -28,6 +28,7 @@ WORKER_NEEDS = {
     "ssa_server", "ssa_server.frames", "ssa_server.jsonvalues", "ssa_server.shared_counter",
     "ssa_server.plugins", "ssa_server.jwt_draft", "ssa_server.script_rules",
     "ssa_server.plugins.sandbox", "ssa_server.plugins.sandbox.errors", "ssa_server.plugins.sandbox.limits",
+    "ssa_server.plugins.sandbox.janssen", "ssa_server.plugins.sandbox.janssen_objects",
     "ssa_server.plugins.sandbox.policy", "ssa_server.plugins.sandbox.refusals",
     "ssa_server.plugins.sandbox.state",
     "ssa_server.plugins.sandbox.worker",
@@ -86,7 +87,8 @@ def _descriptors(pid: int) -> dict[int, str]:
     return {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
 
 
-def _assert_hardened(pid: int, module: str) -> dict[int, str]:
+def _assert_hardened(pid: int, module: str, also: dict[int, str] | None = None) -> dict[int, str]:
+    """``also``: descriptors above 2 that are not pipes, and what each must be."""
     argv = _proc(pid, "cmdline").split("\0")
     assert argv[:4] == [sys.executable, "-I", "-m", module], argv
     assert _proc(pid, "environ").split("\0")[:-1] == ["PATH=/usr/bin:/bin"]
@@ -94,7 +96,9 @@ def _assert_hardened(pid: int, module: str) -> dict[int, str]:
     assert _core_limit(pid) == ["0", "0"]  # no core file
     fds = _descriptors(pid)
     assert [fds[fd] for fd in (0, 1, 2)] == ["/dev/null"] * 3
-    assert all(target.startswith("pipe:") for fd, target in fds.items() if fd > 2), fds
+    also = also or {}
+    assert all(target.startswith("pipe:") for fd, target in fds.items() if fd > 2 and fd not in also), fds
+    assert all(fds.get(fd) == target for fd, target in also.items()), fds
     return fds
 
 
@@ -108,8 +112,9 @@ def test_the_sandbox_worker_starts_hardened_in_an_empty_directory():
         pool.load("s", SOURCE, {})
         assert pool.call("s", "create", PAYLOAD, {})["claims"]["ran"] is True  # its wall is up
         (worker,) = pool._idle
-        fds = _assert_hardened(worker.pid, WORKER)
-        assert sorted(fds) == [0, 1, 2, 3, 4]
+        # 5: its own /proc/self/statm, read-only (a script's own memory budget is measured from it)
+        fds = _assert_hardened(worker.pid, WORKER, also={5: f"/proc/{worker.pid}/statm"})
+        assert sorted(fds) == [0, 1, 2, 3, 4, 5]
         cwd = os.readlink(f"/proc/{worker.pid}/cwd")
         assert Path(cwd).name.startswith("ssa-worker-") and os.listdir(cwd) == []
     finally:
