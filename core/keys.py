@@ -242,9 +242,9 @@ class KeyRing:
             keys.append(public)
         return {"keys": keys}
 
-    def records(self) -> list[KeyRecord]:
-        """Key records without private material, for ``keys list``."""
-        return [{k: v for k, v in r.items() if k != "jwk"} for r in self._records]  # type: ignore[misc]
+    def records(self) -> list[dict[str, Any]]:
+        """Key records without private material (no ``jwk``: no KeyRecord), for ``keys list``."""
+        return [{k: v for k, v in r.items() if k != "jwk"} for r in self._records]
 
 
 def _fingerprint(records: list[KeyRecord]) -> str:

@@ -52,7 +52,7 @@ def create_request_schema() -> dict[str, Any]:
 
 def openapi_document(issuer: str) -> dict[str, Any]:
     bearer = lambda *scopes: [{"bearer": list(scopes)}]  # noqa: E731
-    ssa_item = {
+    ssa_item: dict[str, Any] = {
         "type": "object",
         "required": ["ssa", "created_at", "expiration", "iss", "status"],
         "properties": {

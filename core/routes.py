@@ -20,7 +20,7 @@ from .tokens import Caller
 from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
 
 def _server(request: Request) -> Server:
-    return request.app.state.server  # type: ignore[no-any-return]
+    return request.app.state.server
 
 
 def _context(request: Request, caller: Caller) -> CallContext:

@@ -96,10 +96,10 @@ class Server:
                 await self.store.close()
                 raise
         except BaseException:
-            if starting is not None:
+            if host is not None and starting is not None:
                 with contextlib.suppress(BaseException):
                     await starting
-                await anyio.to_thread.run_sync(host.stop)  # type: ignore[union-attr]
+                await anyio.to_thread.run_sync(host.stop)
                 self.scripts = None
             raise
         if background:

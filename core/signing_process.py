@@ -74,7 +74,7 @@ class SigningProcess:
         if self._loop is not loop:
             self.start()
         job = _Signature(loop.create_future(), loop.time(), kid, alg, key, data)
-        return await self._batches.submit(job)  # type: ignore[no-any-return]
+        return await self._batches.submit(job)
 
     async def _take_turn(self, own: _Signature | None) -> asyncio.Lock:
         turn = self._turn

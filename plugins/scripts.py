@@ -64,8 +64,9 @@ class _Adapter:
     input, which ``apply`` moves on.  A method's ``False`` ends the chain (``stops_chain``).
     """
 
-    def __init__(self, host: ScriptHost, state: ScriptState, hook: str) -> None:
+    def __init__(self, host: ScriptHost, pool: SandboxPool, state: ScriptState, hook: str) -> None:
         self.host = host
+        self.pool = pool
         self.state = state
         self.hook = hook
         self._passed_on = PASSED_ON[hook]
@@ -79,9 +80,10 @@ class _Adapter:
     async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> bool | None:
         started = time.perf_counter()
         try:
-            result = await self.host.pool.call_async(self.state.name, self.hook, payload, context)
+            result = await self.pool.call_async(self.state.name, self.hook, payload, context)
         except ScriptError as e:
-            return self.failed(e, time.perf_counter() - started)
+            self.failed(e, time.perf_counter() - started)
+            return None
         return self.apply(self.finish(result, time.perf_counter() - started), payload)
 
     def failed(self, e: ScriptError, seconds: float) -> None:
@@ -167,7 +169,7 @@ class ScriptHost:
         self.on_error = on_error
         self.reload_interval = reload_interval
         self.script_log = ScriptLog(log_lines, log_interval)
-        self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
+        self.pool: SandboxPool | None = None  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
         self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
         self._folder_error = ""  # the last error reading the folder itself, logged once
@@ -249,7 +251,7 @@ class ScriptHost:
         self._build_chains()
         for state in gone:
             log.info("script %s removed", state.name)
-            if state.revision:
+            if state.revision and self.pool is not None:  # (loaded: the pool has started)
                 try:
                     self.pool.unload(state.name)
                 except Exception as e:  # the workers forget it when they are replaced
@@ -285,6 +287,7 @@ class ScriptHost:
     def _load_one(self, dir_fd: int, entry: Entry) -> bool:
         name = entry.name
         state = self.scripts.get(name)
+        error: str | None
         try:
             source, config, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
         except ScriptRefused as e:
@@ -297,9 +300,9 @@ class ScriptHost:
         if state is None:
             state = self.scripts[name] = ScriptState(name=name, path=self._path(entry))
         state.seen_hash = marker
-        if error is None and self.pool is None:  # workers start with the first script, not before
-            self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed)
         if error is None:
+            if self.pool is None:  # workers start with the first script, not before
+                self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed)
             try:
                 state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]
             except ScriptRefused as e:
@@ -331,11 +334,15 @@ class ScriptHost:
 
     def _build_chains(self) -> None:
         with self._chains_lock:
+            pool = self.pool
+            if pool is None:  # no script has loaded yet
+                self._clear_chains()
+                return
             states = dict(self.scripts)  # a reload may add or remove entries meanwhile
             loaded = [states[n] for n in sorted(states) if states[n].revision]
-            self._chains = {h: self._chain_for(h, loaded) for h in HOOKS}
+            self._chains = {h: self._chain_for(h, loaded, pool) for h in HOOKS}
 
-    def _chain_for(self, hook: str, loaded: list[ScriptState]) -> tuple[_Adapter, ...]:
+    def _chain_for(self, hook: str, loaded: list[ScriptState], pool: SandboxPool) -> tuple[_Adapter, ...]:
         """The adapters of ``hook`` in file-name order.  A failed script is left out where its
         failure is skipped, or ends the chain with an adapter that refuses (``failure_refuses``)."""
         chain: list[_Adapter] = []
@@ -343,9 +350,9 @@ class ScriptHost:
             if hook not in state.hooks:
                 continue
             if state.state != "failed":
-                chain.append(_Adapter(self, state, hook))
+                chain.append(_Adapter(self, pool, state, hook))
             elif failure_refuses(hook, self.on_error):
-                chain.append(_FailedAdapter(self, state, hook))
+                chain.append(_FailedAdapter(self, pool, state, hook))
                 break
         return tuple(chain)
 
@@ -386,7 +393,7 @@ class ScriptHost:
             return None
         started = time.perf_counter()
         try:
-            outcomes = await self.pool.call_chain_async(
+            outcomes = await chain[0].pool.call_chain_async(
                 [a.state.name for a in chain], hook, payload, context,
                 skip_errors=not failure_refuses(hook, self.on_error))
         except ScriptError as e:
@@ -394,7 +401,8 @@ class ScriptHost:
                 if not may_refuse(hook):
                     log.warning("%s scripts %s skipped: %s", hook, ",".join(a.state.name for a in chain), e)
                     return None
-                return chain[0].failed(e, 0.0)  # 503
+                chain[0].failed(e, 0.0)  # 503
+                return None
             # The worker was lost: which script lost it is learnt only from a lone call, so
             # every script runs again, one call each, in order; the one that fails names itself.
             log.warning("a script worker was lost running the %s chain (%s: %s); its scripts run again one "
@@ -429,6 +437,7 @@ def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, 
                             "custom_attributes": []},
                "request": {"method": "POST" if hook == "create" else "GET" if hook == "get" else "DELETE",
                            "path": "/ssa", "headers": {"content-type": "application/json"}}}
+    payload: dict[str, Any]
     if hook == "create":
         payload = {"header": {"typ": "jwt", "alg": "RS256", "kid": "ssa_sample_sig_rs256"},
                    "claims": jwt_claims(record)}

@@ -245,7 +245,8 @@ def _checked(value: Any, quoted: bool, kind: str, name: str, op: str, label: str
 
 
 # --- evaluation by TinyDB's query engine (the embedded store) ---
-_NATIVE: dict[str, Callable[[Any, Any], QueryInstance]] = {
+# (On a TinyDB path they build a query; on two values, ``_ordered``'s, they compare.)
+_NATIVE: dict[str, Callable[[Any, Any], Any]] = {
     "=": operator.eq, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _NUMBERS = (int, float)
 
@@ -272,7 +273,7 @@ def _ordered(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     return test
 
 
-_ORDERED = {op: _ordered(_NATIVE[op]) for op in _RANGES}  # type: ignore[arg-type]
+_ORDERED = {op: _ordered(_NATIVE[op]) for op in _RANGES}
 
 
 def tinydb_query(where: SsaFilter) -> QueryInstance | None:
@@ -299,7 +300,7 @@ def _tinydb_term(term: Term) -> QueryInstance:
         test = ~path.exists() | (path == None)  # noqa: E711  (a TinyDB query, not a comparison)
     else:
         compare = _equal if term.op == "=" else _contains if term.op == "~" else _ORDERED[term.op]
-        # (TinyDB types test()'s function as taking the value only; it passes the extra arguments too.)
+        # TinyDB types test()'s function as taking the value only; it passes the extra arguments too.
         test = path.test(compare, value)  # type: ignore[arg-type]
     return test
 

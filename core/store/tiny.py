@@ -17,7 +17,7 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tinydb.queries import QueryInstance
 
@@ -173,7 +173,7 @@ class TinyStore:
             if r["jti"] in table or r["jti"] in seen:
                 raise ValueError(f"an SSA with jti {r['jti']} exists")
             seen.add(r["jti"])
-        docs = [_copy_ssa(r) for r in records]  # type: ignore[arg-type]
+        docs = [_copy_ssa(cast("dict[str, Any]", r)) for r in records]  # (a record is a plain dict)
         lines = [self.journal.line("ssa", doc["jti"], doc) for doc in docs]  # refuses before anything changes
         await self.journal.commit(lines, [self._put("ssa", doc["jti"], doc) for doc in docs])
 
@@ -234,7 +234,7 @@ class TinyStore:
         if doc is None or doc["status"] != ACTIVE or doc["expiration"] <= now:
             return None
         if not doc["one_time_use"]:
-            return _copy_ssa(doc)  # type: ignore[no-any-return]  (a read: served while degraded too)
+            return _copy_ssa(doc)  # a read: served while degraded too
         if self.journal.degraded is not None:
             await self.journal.writable()  # raises unless the store recovered
             return await self.mark_used(jti, now)  # the SSA may have changed while the probe ran
@@ -242,7 +242,7 @@ class TinyStore:
         doc = dict(doc, status=USED)
         line = self.journal.line("ssa", jti, doc)
         await self.journal.commit([line], [self._put("ssa", jti, doc)])
-        return _copy_ssa(doc)  # type: ignore[no-any-return]
+        return _copy_ssa(doc)
 
     async def revoke_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                           creator_id: str | None = None, now: int) -> list[SsaRecord]:
@@ -306,7 +306,7 @@ class TinyStore:
         await self._put_record("clients", record["client_id"], dict(record))
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
-        return self._get("clients", client_id)  # type: ignore[no-any-return]
+        return self._get("clients", client_id)
 
     async def has_client(self, client_id: str) -> bool:
         self.journal.catch_up()
@@ -352,7 +352,7 @@ class TinyStore:
         await self._put_record("templates", record["name"], dict(record))
 
     async def get_template(self, name: str) -> TemplateRecord | None:
-        return self._get("templates", name)  # type: ignore[no-any-return]
+        return self._get("templates", name)
 
     async def list_templates(self) -> list[TemplateRecord]:
         return self._all("templates")

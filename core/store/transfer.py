@@ -17,12 +17,12 @@ custom attribute or a template's fields), checked before anything recursive read
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from .. import jsonvalues
-from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS
+from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord
 from .base import Store
-from .records import ID_FIELDS, KEY_ACTIVE, KEY_RETIRING, TABLES
+from .records import ID_FIELDS, KEY_ACTIVE, KEY_RETIRING, TABLES, KeyRecord
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -117,12 +117,13 @@ async def _add_missing(records: list[dict[str, Any]], key: str, get: Callable[[s
 
 async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
                         tables: dict[str, list[dict[str, Any]]], now: int) -> int:
+    # (The records hold their table's required fields: parse_lines checked them.)
     if table == "ssa":
         fresh = records
         if await store.count_ssas():
             fresh = [r for r in records if await store.get_ssa(r["jti"]) is None]
         for i in range(0, len(fresh), _BATCH):
-            await store.add_ssas(fresh[i:i + _BATCH])  # type: ignore[arg-type]
+            await store.add_ssas(cast("list[SsaRecord]", fresh[i:i + _BATCH]))
         return len(fresh)
     if table == "clients":
         return await _add_missing(records, "client_id", store.get_client, store.add_client)
@@ -138,7 +139,7 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
             continue
         if r["status"] == KEY_ACTIVE and r["use"] in active_uses:
             r = dict(r, status=KEY_RETIRING, remove_after=valid_until)
-        await store.add_key(r)  # type: ignore[arg-type]
+        await store.add_key(cast(KeyRecord, r))
         imported += 1
     return imported
 

@@ -157,7 +157,7 @@ def load(name: str, source: str, *, max_source: int, output_limit: int) -> dict[
         result = compile_restricted_exec(source, filename=filename)
     except BaseException as e:  # RecursionError, MemoryError in the parser
         raise ScriptRefused(f"{name}: cannot be compiled ({type(e).__name__})") from None
-    if result.errors:
+    if result.errors or result.code is None:  # (no code comes without errors)
         raise ScriptRefused(f"{name}: {compile_errors(result.errors)}")
     env: dict[str, Any] = {
         "__builtins__": _builtins(), "__name__": f"script_{name}",

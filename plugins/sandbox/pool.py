@@ -350,8 +350,9 @@ class SandboxPool:
         try:
             return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self._release(waiter.result())  # handed over just as we were cancelled
+            handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
+            if handed is not None:
+                self._release(handed)  # handed over just as we were cancelled
             raise
         finally:
             if timer is not None:
@@ -417,7 +418,7 @@ class SandboxPool:
         """``call`` on the event loop; only waiting for a busy pool or replacing a worker
         (a fresh interpreter) goes to a thread."""
         job = self._job(_call_job(name, hook, payload, context), 1, lambda answer: _call_result(hook, answer))
-        return await self._batches.submit(job)  # type: ignore[no-any-return]
+        return await self._batches.submit(job)
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
                                context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
@@ -430,7 +431,7 @@ class SandboxPool:
 
         chain = {"names": names, "hook": hook, "payload": payload, "context": context,
                  "skip_errors": skip_errors}
-        return await self._batches.submit(self._job(chain, len(names), outcomes))  # type: ignore[no-any-return]
+        return await self._batches.submit(self._job(chain, len(names), outcomes))
 
     def _job(self, message: dict[str, Any], steps: int, check: Callable[[dict[str, Any]], Any]) -> _Job:
         """A job (a chain; a call is a chain of one) for the event loop, its answer to be
@@ -691,10 +692,9 @@ def _result(hook: str, answer: dict[str, Any]) -> dict[str, Any]:
         kind = answer["error"].get("kind", "exception")
         raise ScriptError(kind if kind in ("exception", "invalid_result", "limit") else "exception",
                           str(answer["error"].get("message", ""))[:1000])
-    result = answer.get("ok")
-    _validate(hook, result)
+    result = _validate(hook, answer.get("ok"))
     result.setdefault("denied", None)  # the worker leaves it out when nothing was denied
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
@@ -704,8 +704,8 @@ def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
         return e
 
 
-def _validate(hook: str, result: Any) -> None:
-    """The server checks the shape again: the worker is not trusted."""
+def _validate(hook: str, result: Any) -> dict[str, Any]:
+    """``result``, its shape checked again by the server: the worker is not trusted."""
     def bad(why: str) -> ScriptError:
         return ScriptError("invalid_result", why)
 
@@ -722,3 +722,4 @@ def _validate(hook: str, result: Any) -> None:
     if hook == "get" and not (isinstance(result.get("ssa_list"), list)
                               and all(isinstance(i, dict) for i in result["ssa_list"])):
         raise bad("get must leave a list of objects")
+    return result

@@ -254,6 +254,9 @@ class Worker:
         fails the step."""
         _cpu_budget(self.cpu, self.hard)
         _finalizer_errors.clear()
+        payload: dict[str, Any] | None
+        facts: dict[str, Any] | None
+        result: dict[str, Any] | None
         payload, facts = box.pop(), facts_box.pop()
         loaded = self.scripts.get(name)
         world: dict[str, Any] | None = None
@@ -264,13 +267,13 @@ class Worker:
             client = str(facts.get("client_id", ""))
             world = loaded[0].take(client)
             result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output)
-            payload = facts = None  # type: ignore[assignment]
+            payload = facts = None
             text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
         except BaseException as e:  # the script's own exception, SystemExit included
             text = _error_of(e)
-        result = payload = facts = None  # type: ignore[assignment]
-        if world is not None:
-            loaded[0].done(client, world)  # type: ignore[index]
+        result = payload = facts = None
+        if world is not None and loaded is not None:  # (a world is taken from a loaded script only)
+            loaded[0].done(client, world)
             world = None
         _settle(careful=loaded is not None and loaded[0].careful)
         if _finalizer_errors:
