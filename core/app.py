@@ -41,7 +41,8 @@ class NoStoreHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [h for h in message.get("headers", []) if h[0] != b"cache-control"] + _NO_STORE
+                message["headers"] = [h for h in message.get("headers", [])
+                                      if h[0] != b"cache-control"] + _NO_STORE
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

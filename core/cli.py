@@ -30,8 +30,8 @@ CLI_CLIENT = "cli"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    cli = {name: getattr(args, name, None) for name in ("host", "port", "data_dir", "scripts_dir", "store_url",
-                                                         "workers")}
+    cli = {name: getattr(args, name, None)
+           for name in ("host", "port", "data_dir", "scripts_dir", "store_url", "workers")}
     return load_settings(cli, config_file=getattr(args, "config", None))
 
 
@@ -157,8 +157,8 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
         elif f.kind == "texts":
             parser.add_argument(f"--{f.flag}", dest=f.name, action="append", help=f.help)
         else:
-            parser.add_argument(f"--{f.flag}", dest=f.name, type=int if f.kind in ("epoch", "seconds") else str,
-                                help=f.help)
+            parser.add_argument(f"--{f.flag}", dest=f.name,
+                                type=int if f.kind in ("epoch", "seconds") else str, help=f.help)
 
 
 def _create_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -347,8 +347,8 @@ def _check_one(path: Any, limits: Any) -> dict[str, Any]:
 
     try:
         with ScriptRunner(path, limits=limits) as runner:
-            return {"name": runner.name, "file": str(path), "hooks": runner.hooks, "revision": runner.revision,
-                    "state": "ok", "error": None}
+            return {"name": runner.name, "file": str(path), "hooks": runner.hooks,
+                    "revision": runner.revision, "state": "ok", "error": None}
     except ScriptRefused as e:
         return {"name": path.stem, "file": str(path), "hooks": [], "revision": None, "state": "error",
                 "error": str(e)}
@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--scripts-dir", dest="scripts_dir")
-    serve.add_argument("--workers", type=int, help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
     serve.add_argument("--accept-journal-loss", dest="accept_journal_loss", action="store_true",
                        help="open a journal shorter than its last acknowledged end (docs/store.md)")
     serve.set_defaults(func=cmd_serve)
@@ -453,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--scripts-dir", dest="scripts_dir")
     show.set_defaults(func=cmd_config_show)
 
-    clients = sub.add_parser("clients", help="token-endpoint clients").add_subparsers(dest="action", required=True)
+    clients = sub.add_parser("clients", help="token-endpoint clients").add_subparsers(dest="action",
+                                                                                      required=True)
     c = clients.add_parser("create", parents=[common], help="register a client; prints its secret once")
     c.add_argument("--scope", action="append", required=True, help="scope URI (repeatable)")
     c.add_argument("--name")
@@ -469,10 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--alg", help="algorithm of the new key (default: SSA_SIGNING_ALG)")
     r.set_defaults(func=cmd_keys_rotate)
 
-    ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action", required=True)
+    ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action",
+                                                                                           required=True)
     sc = ssa.add_parser("create", parents=[common], help="create an SSA")
     _add_request_flags(sc)
-    sc.add_argument("--attr", action="append", metavar="NAME=VALUE", help="custom attribute (configured ones)")
+    sc.add_argument("--attr", action="append", metavar="NAME=VALUE",
+                    help="custom attribute (configured ones)")
     sc.add_argument("--template", help="start from a saved template")
     sc.add_argument("--save-template", dest="save_template", help="save these fields as a template")
     sc.set_defaults(func=cmd_ssa_create)
@@ -483,13 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--where", action="append", metavar="FILTER",
                     help="e.g. 'status=REVOKED,created_at>=2024-01-01' (repeatable; docs/store.md, Search)")
     sl.add_argument("--limit", type=int,
-                    help=f"at most this many SSAs with --where (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})")
+                    help=f"at most this many SSAs with --where (default {DEFAULT_LIMIT}, "
+                         f"at most {MAX_LIMIT})")
     sl.set_defaults(func=cmd_ssa_list)
     sr = ssa.add_parser("revoke", parents=[common], help="revoke SSAs by jti and/or org id")
     sr.add_argument("--jti")
     sr.add_argument("--org-id", dest="org_id")
     sr.set_defaults(func=cmd_ssa_revoke)
-    ssa.add_parser("templates", parents=[common], help="list saved templates").set_defaults(func=cmd_ssa_templates)
+    ssa.add_parser("templates", parents=[common],
+                   help="list saved templates").set_defaults(func=cmd_ssa_templates)
 
     store = sub.add_parser("store", help="the store: schema, export, import").add_subparsers(dest="action",
                                                                                           required=True)

@@ -108,7 +108,8 @@ class KeyRing:
         self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records
                          if r["status"] == KEY_ACTIVE}
         self._uses = {r["kid"]: r["use"] for r in records if r["status"] != KEY_RETIRED}
-        self._active = {use: rec for use in (SSA_USE, TOKEN_USE) if (rec := self._newest_active(use)) is not None}
+        self._active = {use: rec for use in (SSA_USE, TOKEN_USE)
+                        if (rec := self._newest_active(use)) is not None}
         self._fingerprint = _fingerprint(records)
         self._checked_at = self._clock()
 

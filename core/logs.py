@@ -1,8 +1,8 @@
 """Logging for ``serve``: records are formatted and written by a background thread.
 
 A log line formatted (``asctime``) and written to stderr in place costs the event loop a large
-share of an ES256 create (``bench/README.md``, "Measurements behind the design").  Here the loop only queues the
-record; a ``QueueListener`` thread formats and writes it.
+share of an ES256 create (``bench/README.md``, "Measurements behind the design").  Here the loop
+only queues the record; a ``QueueListener`` thread formats and writes it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, STATES, Kind
 from .store.search import DEFAULT_LIMIT, MAX_LENGTH, MAX_LIMIT, MAX_TERMS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_JWT = {"type": "object", "required": ["ssa"], "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
+_JWT = {"type": "object", "required": ["ssa"],
+        "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -16,9 +17,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
             403: "Feature flag off (access_denied) or a script denied the request",
             406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
             429: "Too many failed client authentications (slow_down, Retry-After)",
-            502: "A script failed", 503: "Not ready, the store is unreachable, or no script worker is free in time "
+            502: "A script failed",
+            503: "Not ready, the store is unreachable, or no script worker is free in time "
                  "(temporarily_unavailable; Retry-After)"}
-    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
+    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}}
+            for s in statuses}
 
 
 def _ok(description: str, schema: dict[str, Any] | None = None, status: int = 200) -> dict[str, Any]:
@@ -29,7 +32,8 @@ def _ok(description: str, schema: dict[str, Any] | None = None, status: int = 20
 
 
 def _query(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": description}
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+            "description": description}
 
 
 _KIND_SCHEMAS: dict[Kind, dict[str, Any]] = {
@@ -80,7 +84,8 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "post": {"summary": "Create an SSA", "security": bearer(ADMIN),
                      "requestBody": {"required": True,
                                      "content": {"application/json": {"schema": create_request_schema()}}},
-                     "responses": {**_ok("The signed SSA", _JWT, 201), **_errors(400, 401, 403, 413, 502, 503)}},
+                     "responses": {**_ok("The signed SSA", _JWT, 201),
+                                   **_errors(400, 401, 403, 413, 502, 503)}},
             "get": {"summary": "List active SSAs", "security": bearer(ADMIN, PORTAL, DEVELOPER),
                     "parameters": [_query("jti", "SSA id"), _query("org_id", "organization")],
                     "responses": {**_ok("Matching SSAs", {"type": "array", "items": ssa_item}),
@@ -114,7 +119,8 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                              "security": bearer(ADMIN),
                              "responses": {**_ok("Scripts", {"type": "array", "items": any_object}),
                                            **_errors(401, 503)}}},
-        "/.well-known/openid-configuration": {"get": {"summary": "Discovery", "responses": _ok("Metadata", any_object)}},
+        "/.well-known/openid-configuration": {"get": {"summary": "Discovery",
+                                                      "responses": _ok("Metadata", any_object)}},
         "/.well-known/oauth-authorization-server": {"get": {"summary": "RFC 8414 metadata",
                                                             "responses": _ok("Metadata", any_object)}},
         "/jwks": {"get": {"summary": "Public SSA signing keys",

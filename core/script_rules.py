@@ -68,9 +68,10 @@ def same(a: Any, b: Any) -> bool:
 def before_create(header: dict[str, Any], claims: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``create_change`` compares with: the registered header parameters and the protected
     claims as they are now (containers copied: a script may change them in place)."""
-    return ({k: clone(v) if type(v) in _CONTAINERS else v for k, v in header.items() if k in REGISTERED_HEADER},
-            {k: clone(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k] for k in PROTECTED_CLAIMS
-             if k in claims})
+    return ({k: clone(v) if type(v) in _CONTAINERS else v
+             for k, v in header.items() if k in REGISTERED_HEADER},
+            {k: clone(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k]
+             for k in PROTECTED_CLAIMS if k in claims})
 
 
 def header_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:

@@ -51,7 +51,8 @@ class Server:
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
               accept_journal_loss: bool = False) -> Server:
         store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
-        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval, clock=clock)
+        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
+                       clock=clock)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -59,7 +60,8 @@ class Server:
             scripts = ScriptHost(settings.scripts_dir, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval,
-                                 log_lines=settings.script_log_lines, log_interval=settings.script_log_interval)
+                                 log_lines=settings.script_log_lines,
+                                 log_interval=settings.script_log_interval)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         clients = ClientService(store, tokens, clock=clock,
                                 failures_per_client=settings.token_failures_per_client,
@@ -82,7 +84,8 @@ class Server:
         self.scripts = host
         starting = None
         if host is not None:
-            starting = asyncio.get_running_loop().run_in_executor(None, functools.partial(host.start, watch=background))
+            starting = asyncio.get_running_loop().run_in_executor(None, functools.partial(host.start,
+                                                                                          watch=background))
         try:
             await self.store.open()
             try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +59,8 @@ class CallContext:
     scopes: frozenset[str]
     method: str = ""
     path: str = ""
-    raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()  # as the ASGI scope has them
+    # as the ASGI scope has them
+    raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
 
     def headers(self) -> dict[str, str]:
         """The request headers for hooks, without the ones that carry credentials (Authorization,
@@ -125,7 +125,8 @@ class SsaService:
         try:
             token = await self._sign(draft.header, draft.claims)
         except (TypeError, ValueError) as e:
-            raise ScriptFailed(f"a create hook produced claims that cannot be signed: {type(e).__name__}") from None
+            raise ScriptFailed("a create hook produced claims that cannot be signed: "
+                               f"{type(e).__name__}") from None
         try:
             await self.store.add_ssa(record)
         except UnstorableValue as e:  # the request's checks refuse these first; never a 500 anyway
@@ -155,7 +156,8 @@ class SsaService:
         if DEVELOPER in ctx.scopes and not ctx.scopes & {ADMIN, PORTAL}:
             creator = ctx.client_id
         now = self.now()
-        records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE, creator_id=creator)
+        records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE,
+                                             creator_id=creator)
         items = [list_item(r) for r in records if r["expiration"] > now]
         if not items or not self.hooks.wanted("get"):
             return items  # nothing can change the list: skip the copy
@@ -201,7 +203,8 @@ class SsaService:
             raise InvalidJti()
 
     # --- revoke ---
-    async def revoke(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[SsaRecord]:
+    async def revoke(self, ctx: CallContext, *, jti: str | None = None,
+                     org_id: str | None = None) -> list[SsaRecord]:
         """REVOKED (expiration = now) for every ACTIVE SSA matching jti and/or org_id."""
         self.require_enabled()
         if not jti and not org_id:

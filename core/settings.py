@@ -52,7 +52,8 @@ class Settings:
     cleanup_grace: int = 7 * 24 * 3600  # seconds an expired/revoked/used SSA is kept before purge
     key_refresh_interval: float = 2.0  # seconds between checks for keys rotated by another process
     log_level: str = "info"
-    access_log: bool = False  # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
+    # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
+    access_log: bool = False
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"
@@ -107,8 +108,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
-                     "script_log_interval", "store_pool_timeout", "store_statement_timeout", "http_head_timeout",
-                     "http_body_timeout", "http_idle_timeout", "token_failure_window"):
+                     "script_log_interval", "store_pool_timeout", "store_statement_timeout",
+                     "http_head_timeout", "http_body_timeout", "http_idle_timeout", "token_failure_window"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
         if self.http_max_connections < 0:
@@ -125,10 +126,12 @@ class Settings:
         if self.cleanup_grace < 0:
             raise SettingsError(f"SSA_CLEANUP_GRACE={self.cleanup_grace} must not be negative")
         if self.store_pool_max < self.store_pool_min:
-            raise SettingsError(f"SSA_STORE_POOL_MAX={self.store_pool_max} is below SSA_STORE_POOL_MIN={self.store_pool_min}")
+            raise SettingsError(f"SSA_STORE_POOL_MAX={self.store_pool_max} is below "
+                                f"SSA_STORE_POOL_MIN={self.store_pool_min}")
         if self.workers > 1 and not self.uses_postgres:
-            raise SettingsError(f"--workers {self.workers} needs a shared store (SSA_STORE_URL=postgresql://...); "
-                                "the embedded TinyDB store serves one process")
+            raise SettingsError(f"--workers {self.workers} needs a shared store "
+                                "(SSA_STORE_URL=postgresql://...); the embedded TinyDB store serves one "
+                                "process")
         if self.on_script_error not in ON_SCRIPT_ERROR:
             raise SettingsError(f"SSA_ON_SCRIPT_ERROR={self.on_script_error!r} must be 'fail' or 'skip'")
         if not self.issuer.startswith(("http://", "https://")):
@@ -205,7 +208,8 @@ def _cast(name: str, raw: Any, kind: Any) -> Any:
             return str(raw)
     except (TypeError, ValueError):
         pass
-    raise SettingsError(f"SSA_{name.upper()}={raw!r} is not a valid {kind if isinstance(kind, str) else kind.__name__}")
+    kind_name = kind if isinstance(kind, str) else kind.__name__
+    raise SettingsError(f"SSA_{name.upper()}={raw!r} is not a valid {kind_name}")
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings)}

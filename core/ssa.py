@@ -166,7 +166,8 @@ def record_from_request(request: CreateRequest, *, now: int, expiration_in_days:
     return cast(SsaRecord, record)  # its keys are SsaRecord's: test_ssa_model checks that they agree
 
 
-def _shown(record: Mapping[str, Any], out: dict[str, Any], names: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+def _shown(record: Mapping[str, Any], out: dict[str, Any],
+           names: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
     values, lists, optional = names
     for name in values:
         out[name] = record[name]

@@ -46,7 +46,8 @@ class ScriptLog:
         if not lines and not dropped:
             return
         lines = [str(x) for x in lines[:MAX_LOG_LINES]] if isinstance(lines, list) else []
-        dropped = (dropped if type(dropped) is int and dropped > 0 else 0) + max(0, len(lines) - MAX_LOG_LINES)
+        dropped = ((dropped if type(dropped) is int and dropped > 0 else 0)
+                   + max(0, len(lines) - MAX_LOG_LINES))
         now = self._clock()
         with self._lock:
             bucket = self._bucket(name, now)
@@ -65,7 +66,8 @@ class ScriptLog:
         all pending ones (``everything``: the server stops)."""
         now = self._clock()
         with self._lock:
-            summaries = [s for name, b in self._buckets.items() if (s := self._summary(name, b, now, everything))]
+            summaries = [s for name, b in self._buckets.items()
+                         if (s := self._summary(name, b, now, everything))]
         for summary in summaries:
             log.warning("%s", summary)
 
@@ -90,7 +92,7 @@ class ScriptLog:
         if not bucket.dropped or (now - bucket.since < self.interval and not due):
             return None
         text = (f"script {name}@{bucket.revision}: {bucket.dropped} log lines dropped in the last "
-                f"{now - bucket.since:.1f} s (kept: {MAX_LOG_LINES} lines of {MAX_LOG_LINE} characters per call, "
-                f"{self.lines} lines per {self.interval:g} s per script)")
+                f"{now - bucket.since:.1f} s (kept: {MAX_LOG_LINES} lines of {MAX_LOG_LINE} characters "
+                f"per call, {self.lines} lines per {self.interval:g} s per script)")
         bucket.dropped = 0
         return text

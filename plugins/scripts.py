@@ -302,14 +302,16 @@ class ScriptHost:
         state.seen_hash = marker
         if error is None:
             if self.pool is None:  # workers start with the first script, not before
-                self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed)
+                self.pool = SandboxPool(workers=self.workers, limits=self.limits,
+                                        on_failed=self._script_failed)
             try:
                 state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]
             except ScriptRefused as e:
                 error = str(e)
             else:
                 state.revision, state.state, state.last_error = revision, "loaded", None
-                log.info("script %s loaded revision=%s hooks=%s", name, revision, ",".join(state.hooks) or "-")
+                log.info("script %s loaded revision=%s hooks=%s", name, revision,
+                         ",".join(state.hooks) or "-")
                 return True
         state.last_error = error
         if state.state != "failed":  # a failed script stays failed until a revision loads
@@ -430,8 +432,9 @@ def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, 
 
     request = CreateRequest(org_id="acme", description="sample SSA", software_id="acme-scanner",
                             software_roles=["password"], grant_types=["client_credentials"], lifetime=86400)
-    record = record_from_request(request, now=int(time.time()), expiration_in_days=30, creator_id="sample-client",
-                                 issuer=issuer, jti="4f7c2b3e-0000-4000-8000-000000000001")
+    record = record_from_request(request, now=int(time.time()), expiration_in_days=30,
+                                 creator_id="sample-client", issuer=issuer,
+                                 jti="4f7c2b3e-0000-4000-8000-000000000001")
     context = {"client_id": "sample-client", "scopes": [ADMIN], "hook": hook,
                "settings": {"issuer": issuer, "signing_alg": "RS256", "expiration_in_days": 30,
                             "custom_attributes": []},
@@ -476,10 +479,12 @@ class ScriptRunner:
     def create(self, claims: dict[str, Any] | None = None, header: dict[str, Any] | None = None,
                context: dict[str, Any] | None = None) -> dict[str, Any]:
         base = sample_event("create")["payload"]
-        payload = {"header": dict(base["header"], **(header or {})), "claims": dict(base["claims"], **(claims or {}))}
+        payload = {"header": dict(base["header"], **(header or {})),
+                   "claims": dict(base["claims"], **(claims or {}))}
         return self.run("create", payload, context)
 
-    def get(self, ssa_list: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    def get(self, ssa_list: list[dict[str, Any]] | None = None,
+            context: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.run("get", {"ssa_list": ssa_list} if ssa_list is not None else None, context)
 
     def revoke(self, ssa_list: list[dict[str, Any]] | None = None,

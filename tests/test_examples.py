@@ -115,7 +115,8 @@ def test_hide_fields_in_sandbox(ssa_script):
 
 def test_hide_fields_over_http(serve_with):
     client, auth = serve_with("hide_fields")
-    client.post("/ssa", json={"org_id": "o2", "description": "secret plan", "software_roles": ["r"]}, headers=auth)
+    client.post("/ssa", json={"org_id": "o2", "description": "secret plan", "software_roles": ["r"]},
+                headers=auth)
     item = client.get("/ssa", params={"org_id": "o2"}, headers=auth).json()[0]["ssa"]
     assert "description" not in item and "software_roles" not in item
     assert item["org_id"] == "o2"
@@ -156,7 +157,8 @@ def test_scripts_test_cli_exit_codes(tmp_path, capsys):
     assert main(["scripts", "test", str(example("janssen_sample")), "--hook", "create"]) == 0
     assert json.loads(capsys.readouterr().out)["claims"]["custom_claim_name"] == "custom_claim_value"
     event = EXAMPLES / "events" / "create.json"
-    assert main(["scripts", "test", str(example("deny_orgs")), "--hook", "create", "--event", str(event)]) == 3
+    assert main(["scripts", "test", str(example("deny_orgs")), "--hook", "create",
+                 "--event", str(event)]) == 3
     assert "denied: access_denied" in capsys.readouterr().err
     assert main(["scripts", "test", str(example("hide_fields")), "--hook", "create"]) == 1
     assert "defines no create()" in capsys.readouterr().err

@@ -35,9 +35,10 @@ class Live:
     def start(self) -> Live:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ssa_server", "serve", "--port", str(self.port), "--data-dir", str(self.data),
-             "--scripts-dir", str(self.tmp / "scripts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, SSA_KEY_REFRESH_INTERVAL="0.5"))
+            [sys.executable, "-m", "ssa_server", "serve", "--port", str(self.port),
+             "--data-dir", str(self.data), "--scripts-dir", str(self.tmp / "scripts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=dict(os.environ, SSA_KEY_REFRESH_INTERVAL="0.5"))
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -17,7 +17,8 @@ psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' instal
 from conftest import ADMIN, truncate, with_database  # noqa: E402
 
 
-def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(*args: str, env: dict[str, str] | None = None,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("SSA_")}
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "ssa_server", *args], capture_output=True, text=True,
@@ -55,8 +56,8 @@ def test_postgres_url_without_psycopg_says_how_to_install(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, SSA_STORE_URL="postgresql://u:secret@127.0.0.1:1/db"))
     assert r.returncode == 2
-    assert r.stderr.strip() == ("ssa-server: configuration error: SSA_STORE_URL is a PostgreSQL URL but psycopg is "
-                                "not installed: pip install 'ssa-server[postgres]'")
+    assert r.stderr.strip() == ("ssa-server: configuration error: SSA_STORE_URL is a PostgreSQL URL but "
+                                "psycopg is not installed: pip install 'ssa-server[postgres]'")
 
 
 def test_unreachable_database_is_one_line_without_password(tmp_path):
@@ -66,7 +67,8 @@ def test_unreachable_database_is_one_line_without_password(tmp_path):
             env={"SSA_STORE_POOL_TIMEOUT": "0.5"})
     assert r.returncode == 1 and "Traceback" not in r.stderr and "hunter2" not in r.stderr
     (line,) = r.stderr.strip().splitlines()
-    assert line.startswith("ssa-server: PostgreSQL at postgresql://u:***@127.0.0.1:") and line.endswith("cannot be reached")
+    assert (line.startswith("ssa-server: PostgreSQL at postgresql://u:***@127.0.0.1:")
+            and line.endswith("cannot be reached"))
 
 
 def test_schema_behind_is_refused_until_migrate(fresh_db):
@@ -91,7 +93,8 @@ def test_newer_schema_is_refused(fresh_db):
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     r = run("keys", "list", env=env)
-    assert r.returncode == 1 and "schema version 99, newer than this server knows (1): upgrade ssa-server" in r.stderr
+    assert (r.returncode == 1
+            and "schema version 99, newer than this server knows (1): upgrade ssa-server" in r.stderr)
 
 
 def _records(text: str) -> list[tuple[str, str]]:
@@ -116,8 +119,8 @@ def test_export_import_tinydb_to_postgresql_and_back_loses_nothing(tmp_path, pg_
     assert stat.S_IMODE(dump.stat().st_mode) == 0o600  # it holds the private keys
     original = _records(dump.read_text())
     tables = [t for t, _ in original]
-    assert (tables.count("clients"), tables.count("keys"), tables.count("templates"), tables.count("ssa")) == \
-        (1, 3, 1, 3)  # token key, first and rotated SSA keys
+    assert (tables.count("clients"), tables.count("keys"), tables.count("templates"),
+            tables.count("ssa")) == (1, 3, 1, 3)  # token key, first and rotated SSA keys
 
     report = json.loads(ok("store", "import", str(dump), "--store-url", pg_url).stdout)
     assert report["ssa"] == {"read": 3, "imported": 3, "skipped": 0} and report["keys"]["imported"] == 3
@@ -134,7 +137,8 @@ def test_export_import_tinydb_to_postgresql_and_back_loses_nothing(tmp_path, pg_
     # The PostgreSQL deployment signs with the key the TinyDB one used last.
     active = [json.loads(r) for t, r in original if t == "keys" and json.loads(r)["status"] == "active"
               and json.loads(r)["use"] == "ssa"]
-    listed = json.loads(ok("keys", "list", "--data-dir", str(tmp_path / "x"), env={"SSA_STORE_URL": pg_url}).stdout)
+    listed = json.loads(ok("keys", "list", "--data-dir", str(tmp_path / "x"),
+                           env={"SSA_STORE_URL": pg_url}).stdout)
     assert [k["kid"] for k in listed if k["status"] == "active" and k["use"] == "ssa"] == [active[0]["kid"]]
 
 
@@ -154,7 +158,8 @@ def test_import_into_a_store_with_keys_keeps_one_active_key_per_use(tmp_path):
     ("not json", "line 1 is not JSON"),
     ('{"table": "nope", "record": {}}', "line 1 is not"),
     ('{"table": "ssa", "record": {"org_id": "x"}}', "line 1: a ssa record without its jti"),
-    ('{"table": "keys", "record": {"kid": "k", "alg": "RS256"}}', "line 1: a keys record without use, jwk, status"),
+    ('{"table": "keys", "record": {"kid": "k", "alg": "RS256"}}',
+     "line 1: a keys record without use, jwk, status"),
 ])
 def test_bad_import_file_is_one_line_and_imports_nothing(tmp_path, line, message):
     r = run("store", "import", "-", "--data-dir", str(tmp_path), stdin=line + "\n")
@@ -184,6 +189,7 @@ def test_an_exported_ssa_without_a_field_of_the_model_is_refused(tmp_path, missi
 def test_import_of_text_postgresql_cannot_hold_is_one_line(tmp_path, pg_url):
     truncate(pg_url)
     record = {"client_id": "c\u0000", "name": "", "secret_hash": "h", "scopes": [], "created_at": 1}
-    r = run("store", "import", "-", "--store-url", pg_url, stdin=json.dumps({"table": "clients", "record": record}))
+    r = run("store", "import", "-", "--store-url", pg_url,
+            stdin=json.dumps({"table": "clients", "record": record}))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("ssa-server: import: a value cannot be stored in PostgreSQL")

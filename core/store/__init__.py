@@ -10,8 +10,8 @@ admin search's filter language.
 
 from .base import Store
 from .errors import StoreDegraded, StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import (ID_FIELDS, KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KEY_STATES, TABLES, ClientRecord, KeyRecord,
-                      TemplateRecord)
+from .records import (ID_FIELDS, KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KEY_STATES, TABLES, ClientRecord,
+                      KeyRecord, TemplateRecord)
 
 __all__ = [
     "ID_FIELDS", "KEY_ACTIVE", "KEY_RETIRED", "KEY_RETIRING", "KEY_STATES",

@@ -223,14 +223,16 @@ def _call_logs(context: ScriptContext, printed: str) -> tuple[list[str], int]:
 
 
 # Subclasses of str/int/dict/list, datetimes and dataclasses are refused, not converted.
-_PLAIN_ONLY = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_PLAIN_ONLY = (orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME
+               | orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
 def check_json(value: Any, *, max_bytes: int, max_depth: int) -> bytes:
     """Serialise a result: plain JSON only (strings valid Unicode), within the size and depth caps."""
     try:
         text = orjson.dumps(value, option=_PLAIN_ONLY)
-    except TypeError:  # not plain JSON, a lone surrogate, nested past orjson's limit, or an integer beyond 64 bits
+    except TypeError:
+        # not plain JSON, a lone surrogate, nested past orjson's limit, or an integer beyond 64 bits
         _check_depth(value, max_depth)  # names what is wrong, or passes for the big integers
         text = dumps(value)
     else:
@@ -267,4 +269,5 @@ def _check_depth(value: Any, limit: int) -> None:
 
 def _check_unicode(text: str) -> None:
     if not valid_unicode(text):
-        raise ScriptError("invalid_result", "the result holds a lone surrogate (a string that is not valid Unicode)")
+        raise ScriptError("invalid_result",
+                          "the result holds a lone surrogate (a string that is not valid Unicode)")

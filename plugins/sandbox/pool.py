@@ -421,7 +421,8 @@ class SandboxPool:
         return await self._batches.submit(job)
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
-                               context: dict[str, Any], *, skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
+                               context: dict[str, Any], *,
+                               skip_errors: bool) -> list[dict[str, Any] | ScriptError]:
         """Several scripts' ``hook`` in one worker round trip, each on the previous one's output
         (see the worker's ``_chain``).  One outcome per script that ran: its checked result, or
         the ScriptError it ended with.  ChainBroken when the worker was lost (the caller runs
@@ -717,7 +718,8 @@ def _validate(hook: str, result: Any) -> dict[str, Any]:
     if denied is not None and not (isinstance(denied, dict) and isinstance(denied.get("error"), str)
                                    and isinstance(denied.get("description"), str)):
         raise bad("malformed denial")
-    if hook == "create" and not (isinstance(result.get("header"), dict) and isinstance(result.get("claims"), dict)):
+    if hook == "create" and not (isinstance(result.get("header"), dict)
+                                 and isinstance(result.get("claims"), dict)):
         raise bad("create must leave header and claims as objects")
     if hook == "get" and not (isinstance(result.get("ssa_list"), list)
                               and all(isinstance(i, dict) for i in result["ssa_list"])):
