@@ -152,3 +152,39 @@ def test_settings_of_rotation_are_checked():
         with pytest.raises(SettingsError, match="must not be negative"):
             Settings(**bad)
     assert Settings().key_activation_delay == 600 and Settings().key_rotation_days == 0
+
+
+def test_import_keeps_one_timeline(tmp_path):
+    """An imported next key into a store that has a signing key becomes retiring, like an
+    imported active key: the target's timeline stays its own; its own next key survives export."""
+    import json
+    import subprocess
+    import sys
+
+    def ok(*args: str, stdin: str | None = None) -> str:
+        r = subprocess.run([sys.executable, "-m", "ssa_server", *args], capture_output=True, text=True,
+                           timeout=60, input=stdin)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    a, b = ["--data-dir", str(tmp_path / "a")], ["--data-dir", str(tmp_path / "b")]
+    ok("ssa", "create", "--org-id", "o", *a)
+    pending = json.loads(ok("keys", "rotate", *a))
+    exported = [json.loads(line)["record"] for line in ok("store", "export", *a).splitlines()]
+    assert [k["activates_at"] for k in exported if k.get("kid") == pending["kid"]] == [pending["activates_at"]]
+    ok("ssa", "create", "--org-id", "p", *b)
+    ok("store", "import", "-", *b, stdin=ok("store", "export", *a))
+    keys = {k["kid"]: k for k in json.loads(ok("keys", "list", *b)) if k["use"] == "ssa"}
+    assert keys[pending["kid"]]["status"] == "retiring"
+    assert [k["status"] for k in keys.values()].count("active") == 1 and "next" not in \
+        [k["status"] for k in keys.values()]
+
+
+def test_every_setting_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from ssa_server.settings import Settings
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert [f.name for f in fields(Settings) if f"| `{f.name}` | `SSA_{f.name.upper()}` |" not in doc] == []
