@@ -8,7 +8,6 @@ import logging
 import time
 
 import pytest
-
 from conftest import ADMIN
 
 
@@ -162,7 +161,7 @@ def test_import_keeps_one_timeline(tmp_path):
     import sys
 
     def ok(*args: str, stdin: str | None = None) -> str:
-        r = subprocess.run([sys.executable, "-m", "ssa_server", *args], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "ssa_server", *args], check=False, capture_output=True, text=True,
                            timeout=60, input=stdin)
         assert r.returncode == 0, r.stderr
         return r.stdout

@@ -12,11 +12,11 @@ import time
 
 import httpx2 as httpx
 import pytest
-from jwcrypto import jwk, jwt
-
 from conftest import ADMIN
+from jwcrypto import jwk, jwt
 from ports import free_port
-from test_scale_out import cli as pg_cli, kid_of, nodes  # noqa: F401  (nodes: the fixture)
+from test_scale_out import cli as pg_cli
+from test_scale_out import kid_of, nodes  # noqa: F401  (nodes: the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def verify_against(jwks: dict, token: str) -> None:
 
 
 def run_cli(*args: str, **env: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "ssa_server", *args], capture_output=True, text=True, timeout=60,
+    r = subprocess.run([sys.executable, "-m", "ssa_server", *args], check=False, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, **env))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
