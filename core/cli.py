@@ -141,7 +141,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        new = await server.keys.rotate(args.alg)
+        new = await server.keys.rotate(args.alg, now=args.now)
         return {k: v for k, v in new.items() if k != "jwk"}
 
     _print(asyncio.run(_with_server(_settings(args), action, keys=True)))
@@ -465,8 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="SSA signing keys").add_subparsers(dest="action", required=True)
     keys.add_parser("list", parents=[common]).set_defaults(func=cmd_keys_list)
-    r = keys.add_parser("rotate", parents=[common], help="add a key and sign with it from now on")
-    r.add_argument("--alg", help="algorithm of the new key (default: SSA_SIGNING_ALG)")
+    r = keys.add_parser("rotate", parents=[common],
+                        help="add a key: published at once, signing after key_activation_delay")
+    r.add_argument("--alg", help="algorithm of the new key (default: the signing key's)")
+    r.add_argument("--now", action="store_true",
+                   help="sign with the new key at once (emergencies: verifiers caching /jwks may fail for a while)")
     r.set_defaults(func=cmd_keys_rotate)
 
     ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action", required=True)

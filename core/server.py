@@ -51,7 +51,9 @@ class Server:
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
               accept_journal_loss: bool = False) -> Server:
         store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
-        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval, clock=clock)
+        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
+                       activation_delay=settings.key_activation_delay, rotation_days=settings.key_rotation_days,
+                       clock=clock)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -129,9 +131,10 @@ class Server:
             log.info("server stopped (cleaner, signing process, script workers and store closed)")
 
     async def cleanup_once(self) -> tuple[int, int]:
-        """Expire SSAs past their expiration, purge old inactive ones, drop retired keys."""
+        """Expire SSAs past their expiration, purge old inactive ones; the keys' timeline
+        (``KeyRing.maintain``: a switch's statuses, keys past their end, scheduled rotation)."""
         expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace)
-        await self.keys.drop_expired_keys()
+        await self.keys.maintain()
         if expired or purged:
             log.info("cleanup expired=%d purged=%d", expired, purged)
         return expired, purged

@@ -112,10 +112,11 @@ class SsaService:
         self.require_enabled()
         settings = self.settings
         record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
-                                     creator_id=ctx.client_id, issuer=settings.issuer)
+                                     creator_id=ctx.client_id, issuer=settings.issuer,
+                                     role_scopes=settings.map_software_roles_to_scopes)
         await self.keys.refresh_if_due()
         active = self.keys.active()
-        header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
+        header = {"typ": settings.jwt_typ, "alg": active["alg"], "kid": active["kid"]}
         claims = jwt_claims(record)
         draft = JwtDraft(header, claims)
         if self.hooks.wanted("create"):  # else nothing can change it: no copies
@@ -191,7 +192,7 @@ class SsaService:
         if record is None or record["status"] != ACTIVE or record["expiration"] <= self.now():
             raise InvalidJti()
         await self.keys.refresh_if_due()
-        return await self._sign({"typ": "jwt"}, jwt_claims(record))
+        return await self._sign({"typ": self.settings.jwt_typ}, jwt_claims(record))
 
     # --- validate ---
     async def validate(self, jti: str | None) -> None:

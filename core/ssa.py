@@ -15,6 +15,7 @@ place, differs from ``CreateRequest``.
 # annotations (Python 3.11), and REQUIRED_RECORD_FIELDS is read from SsaRecord.
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -132,6 +133,8 @@ class SsaRecord(TypedDict):
     status: str  # one of STATES
     creator_id: str  # client_id that created it ("cli" for the operator CLI)
     iss: str  # the issuer the SSA was signed under
+    # The scope claim made at creation from the software_roles (``role_scope``); None: no claim.
+    scope: NotRequired[str | None]
 
 
 # What an exported SSA must hold to be imported (every field but the optional ones), in order.
@@ -150,9 +153,21 @@ _CLAIMED = _names([f for f in REQUEST_FIELDS if f.claim])
 _LISTED = _names([f for f in REQUEST_FIELDS if f.listed])
 
 
+def role_scope(roles: list[str], role_scopes: Mapping[str, tuple[str, ...]]) -> str | None:
+    """The ``scope`` claim of an SSA with these ``software_roles`` (Janssen's
+    ``ssaMapSoftwareRolesToScopes``): the union of the roles' mapped scopes, sorted, space-separated;
+    None when the union is empty (no claim)."""
+    if not role_scopes:
+        return None
+    scopes = {scope for role in roles for scope in role_scopes.get(role, ())}
+    return " ".join(sorted(scopes)) or None
+
+
 def record_from_request(request: CreateRequest, *, now: int, expiration_in_days: int, creator_id: str,
-                        issuer: str, jti: str | None = None) -> SsaRecord:
-    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``."""
+                        issuer: str, jti: str | None = None,
+                        role_scopes: Mapping[str, tuple[str, ...]] | None = None) -> SsaRecord:
+    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``; its
+    ``scope`` from ``role_scopes`` (the setting ``map_software_roles_to_scopes``)."""
     values, lists, optional = _STORED
     record: dict[str, Any] = {name: getattr(request, name) for name in values}
     for name in lists:
@@ -161,7 +176,8 @@ def record_from_request(request: CreateRequest, *, now: int, expiration_in_days:
         record[name] = getattr(request, name)
     record.update(expiration=request.expiration or now + expiration_in_days * 86400,
                   custom=dict(request.custom), jti=jti or new_jti(), created_at=now, status=ACTIVE,
-                  creator_id=creator_id, iss=issuer)
+                  creator_id=creator_id, iss=issuer,
+                  scope=role_scope(request.software_roles, role_scopes) if role_scopes else None)
     return record  # type: ignore[return-value]
 
 
@@ -182,6 +198,9 @@ def jwt_claims(record: SsaRecord) -> dict[str, Any]:
     """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes."""
     claims = _shown(record, {"jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
                              "iss": record["iss"]}, _CLAIMED)
+    scope = record.get("scope")
+    if scope is not None:
+        claims["scope"] = scope
     if record["custom"]:
         claims.update(clone(record["custom"]))
     return claims
@@ -191,6 +210,9 @@ def list_item(record: SsaRecord) -> dict[str, Any]:
     """The GET /ssa element for one stored SSA (Janssen's shape)."""
     inner = _shown(record, {"iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
                             "jti": record["jti"]}, _LISTED)
+    scope = record.get("scope")
+    if scope is not None:  # where the claim shows
+        inner["scope"] = scope
     for name, value in record["custom"].items():
         inner.setdefault(name, clone(value))
     return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS
 from .base import Store
-from .records import ID_FIELDS, KEY_ACTIVE, KEY_RETIRING, TABLES
+from .records import ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, TABLES
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -136,7 +136,7 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
     for r in records:
         if r["kid"] in kids:
             continue
-        if r["status"] == KEY_ACTIVE and r["use"] in active_uses:
+        if r["status"] in (KEY_ACTIVE, KEY_NEXT) and r["use"] in active_uses:  # no 2nd timeline
             r = dict(r, status=KEY_RETIRING, remove_after=valid_until)
         await store.add_key(r)  # type: ignore[arg-type]
         imported += 1
