@@ -60,7 +60,7 @@ class Server:
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval,
                                  log_lines=settings.script_log_lines, log_interval=settings.script_log_interval,
-                                 http=http_limits_from(settings))
+                                 http=http_limits_from(settings), log_keep=settings.script_log_buffer)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         clients = ClientService(store, tokens, clock=clock,
                                 failures_per_client=settings.token_failures_per_client,

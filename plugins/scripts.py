@@ -48,14 +48,20 @@ class ScriptState:
     last_error: str | None = None
     calls: int = 0
     failures: int = 0
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=_DURATIONS_KEPT))
     seen_hash: str = ""  # hash of the file content last tried
 
     def public(self) -> dict[str, Any]:
-        p50 = statistics.median(self.durations) * 1000 if self.durations else None
+        p50 = p99 = None
+        if self.durations:
+            ordered = sorted(self.durations)
+            p50 = round(statistics.median(ordered) * 1000, 3)
+            p99 = round(ordered[max(0, math.ceil(len(ordered) * 0.99) - 1)] * 1000, 3)
         return {"name": self.name, "file": self.path, "hooks": list(self.hooks), "revision": self.revision,
                 "state": self.state, "last_error": self.last_error, "calls": self.calls,
-                "failures": self.failures, "p50_ms": round(p50, 3) if p50 is not None else None}
+                "failures": self.failures, "failures_by_kind": dict(self.failures_by_kind), "p50_ms": p50,
+                "p99_ms": p99}
 
 
 class _Adapter:
@@ -97,8 +103,10 @@ class _Adapter:
             raise SandboxBusy(retry_after=max(1, math.ceil(self.host.limits.timeout)))
         self._count(seconds)
         self.state.failures += 1
+        self.state.failures_by_kind[e.kind] = self.state.failures_by_kind.get(e.kind, 0) + 1
         if self.state.state != "failed":  # a failed script's listing keeps why it failed
             self.state.last_error = f"{self.hook}: {e.kind}: {e}"
+        self.host.script_log.failure(name, self.state.revision, f"{self.hook} failed: {e.kind}: {e}")
         log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
         if failure_refuses(self.hook, self.host.on_error):
             raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
@@ -133,6 +141,7 @@ class _FailedAdapter(_Adapter):
     def refuse(self) -> NoReturn:
         self._count(0.0)
         self.state.failures += 1
+        self.state.failures_by_kind["not_loaded"] = self.state.failures_by_kind.get("not_loaded", 0) + 1
         raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
 
 
@@ -167,13 +176,14 @@ class ScriptHost:
 
     def __init__(self, scripts_dir: Path, *, limits: SandboxLimits,
                  workers: int, on_error: str = "fail", reload_interval: float = 1.0,
-                 log_lines: int = 100, log_interval: float = 10.0, http: HttpLimits | None = None) -> None:
+                 log_lines: int = 100, log_interval: float = 10.0, http: HttpLimits | None = None,
+                 log_keep: int = 200) -> None:
         self.scripts_dir = Path(scripts_dir)
         self.limits = limits
         self.workers = workers
         self.on_error = on_error
         self.reload_interval = reload_interval
-        self.script_log = ScriptLog(log_lines, log_interval)
+        self.script_log = ScriptLog(log_lines, log_interval, keep=log_keep)
         self.http = HttpBroker(http or HttpLimits())  # context.http calls, counted per script
         self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
@@ -257,6 +267,7 @@ class ScriptHost:
         self._build_chains()
         for state in gone:
             log.info("script %s removed", state.name)
+            self.script_log.forget(state.name)
             if state.revision:
                 try:
                     self.pool.unload(state.name)
@@ -421,6 +432,13 @@ class ScriptHost:
             elif adapter.apply(adapter.finish(outcome, share), payload) is False:
                 return False
         return None
+
+    def logs(self, name: str, since: int, limit: int) -> tuple[list[dict[str, Any]], int] | None:
+        """``name``'s ring of log lines and failures after the cursor ``since``; None if there is
+        no such script."""
+        if name not in self.scripts:
+            return None
+        return self.script_log.read(name, since, limit)
 
     def listing(self) -> list[dict[str, Any]]:
         states = {**self.rejected, **self.scripts}  # a rejected name is never a script name
