@@ -9,7 +9,8 @@ Requests: ``{"op": "load", "name", "source", "config", "keep_state"}`` and ``{"o
 where a chain is ``{"names", "hook", "payload", "context", "skip_errors"}`` (a call is a chain of
 one script).  Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}`` (a step's, a load's),
 for a batch ``{"answers": [{"steps": [step answer, ...]}, ...]}``; ``"retire": true`` in front
-when the worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the
+when the worker's lifetime CPU is nearly spent.  Mid-step, ``context.http`` writes ``{"http":
+request}`` on the answer pipe and reads the server's answer on the request pipe (``_ask_host``).  Anything worse (CPU limit, segfault) ends the
 process; the server sees the pipe close and starts a new worker.
 
 Every script call is a *step* of its own: its own CPU budget, a fresh copy of its input and of
