@@ -396,7 +396,8 @@ def _remote_get(url: str, token: str) -> Any:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}",
+                                                   "Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 (an http(s) URL the user gave)
             return json.loads(answer.read())
@@ -420,7 +421,8 @@ def cmd_scripts_logs(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("SSA_ADMIN_TOKEN", "")
     if not token:
-        print("ssa-server: scripts logs needs an admin access token (--token or SSA_ADMIN_TOKEN)", file=sys.stderr)
+        print("ssa-server: scripts logs needs an admin access token (--token or SSA_ADMIN_TOKEN)",
+              file=sys.stderr)
         return 1
     base = (args.url or _settings(args).issuer).rstrip("/")
     cursors: dict[str, int] = {}

@@ -110,7 +110,8 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "summary": "Validate an SSA (a one-time SSA becomes USED)",
             "parameters": [{"name": "jti", "in": "header", "required": True, "schema": {"type": "string"}}],
             "responses": {**_ok("Valid (empty body)"), **_errors(400, 403, 503)}}},
-        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, failures by kind, p50, p99, HTTP calls",
+        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, "
+                                        "failures by kind, p50, p99, HTTP calls",
                              "security": bearer(ADMIN),
                              "responses": {**_ok("Scripts", {"type": "array", "items": any_object}),
                                            **_errors(401, 503)}}},

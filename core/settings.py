@@ -64,7 +64,7 @@ class Settings:
     script_reload_interval: float = 1.0  # seconds between polls of the scripts folder
     script_log_lines: int = 100  # log lines each script may write per script_log_interval (the rest: counted)
     script_log_interval: float = 10.0  # seconds: the script log rate's period, and of its summary lines
-    script_log_buffer: int = 200  # entries (log lines and failures) kept per script for GET /scripts/{name}/logs
+    script_log_buffer: int = 200  # entries (log lines, failures) kept per script: GET /scripts/{name}/logs
     # context.http (issue 13): calls the server performs for a script, to its [http] allow-list only.
     script_http_timeout: float = 2.0  # seconds per call (and never past the step's script_timeout)
     script_http_max_kb: int = 256  # response head and body; larger is cut off, the call fails

@@ -64,7 +64,8 @@ class ScriptLog:
         at = time.time()
         for line in lines:
             self._seq += 1
-            ring.append({"seq": self._seq, "time": round(at, 3), "revision": revision, "kind": kind, "line": line})
+            ring.append({"seq": self._seq, "time": round(at, 3), "revision": revision, "kind": kind,
+                         "line": line})
 
     def failure(self, name: str, revision: str, text: str) -> None:
         """A failure of script ``name`` (the server's words, never the script's source) in its ring."""
@@ -80,7 +81,8 @@ class ScriptLog:
             ring = list(self._rings.get(name, ()))
             last = self._seq
         newer = [dict(e) for e in ring if e["seq"] > since][:limit]
-        return newer, newer[-1]["seq"] if newer else min(since, last)  # (a cursor of an earlier process: reset)
+        # (a cursor past the sequence comes from an earlier process: reset to the newest)
+        return newer, newer[-1]["seq"] if newer else min(since, last)
 
     def forget(self, name: str) -> None:
         with self._lock:

@@ -256,8 +256,9 @@ def _janssen_format_runs() -> bool:
         return False
 
 
-needs_janssen_format = pytest.mark.skipif(not _janssen_format_runs(), reason="waits for issue 13 part A "
-                                          "(Janssen-format scripts adapted before the compile): not merged here yet")
+needs_janssen_format = pytest.mark.skipif(
+    not _janssen_format_runs(),
+    reason="waits for issue 13 part A (Janssen-format scripts adapted before the compile): not merged here yet")
 
 
 @needs_janssen_format

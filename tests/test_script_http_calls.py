@@ -99,7 +99,8 @@ def _timed_creates(live: Live, auth: dict, count: int) -> list[float]:
 
 def _figures(took: list[float]) -> dict:
     ordered = sorted(took)
-    return {"p50_ms": round(statistics.median(ordered), 2), "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2)}
+    return {"p50_ms": round(statistics.median(ordered), 2),
+            "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2)}
 
 
 @pytest.mark.slow
@@ -116,7 +117,8 @@ def test_real_server_overhead_of_one_http_call(tmp_path, service, capsys, monkey
         auth = live.client_token()
         _timed_creates(live, auth, 20)  # warm up
         without = _timed_creates(live, auth, 150)
-        (scripts / "a_check.toml").write_text(f'registry = "{base(service)}"\n[http]\nallow = ["{base(service)}"]\n')
+        (scripts / "a_check.toml").write_text(
+            f'registry = "{base(service)}"\n[http]\nallow = ["{base(service)}"]\n')
         (scripts / "a_check.py").write_text(REGISTRY_CHECK)
         deadline = time.time() + 10
         while not service.hits and time.time() < deadline:  # hot reload serves the new revision
@@ -130,4 +132,5 @@ def test_real_server_overhead_of_one_http_call(tmp_path, service, capsys, monkey
     finally:
         live.kill()
     with capsys.disabled():
-        print("\ncontext.http overhead:", json.dumps({"without": _figures(without), "with_one_call": _figures(with_call)}))
+        figures = {"without": _figures(without), "with_one_call": _figures(with_call)}
+        print("\ncontext.http overhead:", json.dumps(figures))

@@ -69,8 +69,8 @@ def test_the_ring_is_bounded(tmp_path):
         h.client.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("query", ["?since=abc", "?since=-1", "?since=99999999999999999999999", "?since=1&since=2",
-                                   "?limit=0", "?limit=100000"])
+@pytest.mark.parametrize("query", ["?since=abc", "?since=-1", "?since=99999999999999999999999",
+                                   "?since=1&since=2", "?limit=0", "?limit=100000"])
 def test_bad_cursors_are_400(tmp_path, query):
     h = started(tmp_path)
     try:

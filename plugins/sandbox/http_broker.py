@@ -66,7 +66,8 @@ class HttpBroker:
     def figures(self, name: str) -> dict[str, int]:
         return dict(self.counts.get(name) or {"calls": 0, "refused": 0, "failed": 0})
 
-    async def perform(self, name: str, allow: tuple[AllowEntry, ...], request: Any, time_left: float) -> dict[str, Any]:
+    async def perform(self, name: str, allow: tuple[AllowEntry, ...], request: Any,
+                      time_left: float) -> dict[str, Any]:
         """The answer frame for one request of script ``name``; never raises but CancelledError."""
         counts = self.counts.setdefault(name, {"calls": 0, "refused": 0, "failed": 0})
         counts["calls"] += 1
@@ -83,7 +84,8 @@ class HttpBroker:
             return {"http_error": f"http refused: {e}"}
         except TimeoutError:
             counts["failed"] += 1
-            return {"http_error": f"http failed: no complete answer within {min(self.limits.timeout, time_left):.3g} s"}
+            took = min(self.limits.timeout, time_left)
+            return {"http_error": f"http failed: no complete answer within {took:.3g} s"}
         except (OSError, ssl.SSLError, h11.ProtocolError, _TooLarge, UnicodeError) as e:
             counts["failed"] += 1
             return {"http_error": f"http failed: {_reason(e)}"}
@@ -141,7 +143,8 @@ class HttpBroker:
         elif self.resolve is not None:
             addresses = await self.resolve(target.host, target.port)
         else:
-            infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port,
+                                                                 type=socket.SOCK_STREAM)
             addresses = [str(info[4][0]) for info in infos]
         if not addresses:
             raise OSError(f"{target.host} has no address")
@@ -170,8 +173,8 @@ class _TooLarge(Exception):
     pass
 
 
-async def _http_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Target, method: str,
-                         headers: list[tuple[str, str]], body: bytes | None, cap: int) -> dict[str, Any]:
+async def _http_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Target,
+                         method: str, headers: list[tuple[str, str]], body: bytes | None, cap: int) -> dict[str, Any]:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=min(cap, 65536))
     sent = [("Host", target.host_header), ("User-Agent", _USER_AGENT), ("Connection", "close"), *headers]
     if body is not None:

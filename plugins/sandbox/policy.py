@@ -135,8 +135,8 @@ class ScriptHttp:
         try:
             check_json(request, max_bytes=MAX_HTTP_REQUEST, max_depth=32)
         except ScriptError as e:
-            raise HttpError(f"http refused: the request is not plain JSON within {MAX_HTTP_REQUEST} bytes ({e})") \
-                from None
+            raise HttpError(f"http refused: the request is not plain JSON within {MAX_HTTP_REQUEST} bytes "
+                            f"({e})") from None
         answer = self._ask(request)
         if "http" not in answer:
             raise HttpError(str(answer.get("http_error", "http failed"))[:MAX_LOG_LINE])

@@ -52,7 +52,8 @@ def service():
 def probe_script(tmp_path: Path, allow: list[str]) -> Path:
     path = tmp_path / "probe.py"
     path.write_text(PROBE)
-    path.with_suffix(".toml").write_text("[http]\nallow = [" + ", ".join(json.dumps(a) for a in allow) + "]\n")
+    entries = ", ".join(json.dumps(a) for a in allow)
+    path.with_suffix(".toml").write_text(f"[http]\nallow = [{entries}]\n")
     return path
 
 
