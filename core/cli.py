@@ -388,6 +388,65 @@ def cmd_scripts_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _RemoteError(Exception):
+    """A running server's refusal or absence, as one line (never the token)."""
+
+
+def _remote_get(url: str, token: str) -> Any:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}",
+                                                   "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 (an http(s) URL the user gave)
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.loads(e.read())
+            why = f"{body.get('error')}: {body.get('error_description')}"
+        except (ValueError, AttributeError):
+            why = e.reason
+        raise _RemoteError(f"{e.code} {why}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise _RemoteError(f"cannot reach the server ({getattr(e, 'reason', e)})") from None
+
+
+def cmd_scripts_logs(args: argparse.Namespace) -> int:
+    """A running server's per-script log ring over HTTP (GET /scripts/{name}/logs): the ring lives
+    in the server's memory, so only the server can answer.  One JSON object per line."""
+    import os
+    import time
+    import urllib.parse
+
+    token = args.token or os.environ.get("SSA_ADMIN_TOKEN", "")
+    if not token:
+        print("ssa-server: scripts logs needs an admin access token (--token or SSA_ADMIN_TOKEN)",
+              file=sys.stderr)
+        return 1
+    base = (args.url or _settings(args).issuer).rstrip("/")
+    cursors: dict[str, int] = {}
+    try:
+        while True:
+            names = [args.name] if args.name else [s["name"] for s in _remote_get(f"{base}/scripts", token)]
+            entries = []
+            for name in names:
+                quoted = urllib.parse.quote(name, safe="")
+                page = _remote_get(f"{base}/scripts/{quoted}/logs?since={cursors.get(name, 0)}", token)
+                cursors[name] = int(page["next"])
+                entries += [dict(e, script=name) for e in page["lines"]]
+            for entry in sorted(entries, key=lambda e: e["seq"]):
+                print(json.dumps(entry, sort_keys=True), flush=True)
+            if not args.follow:
+                return 0
+            time.sleep(args.interval)
+    except _RemoteError as e:
+        print(f"ssa-server: scripts logs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_scripts_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -517,6 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--hook", required=True, choices=["create", "get", "revoke"])
     ts.add_argument("--event", help='JSON file: {"payload": {...}, "context": {...}} (default: a sample)')
     ts.set_defaults(func=cmd_scripts_test)
+    lg = scripts.add_parser("logs", parents=[common], help="a running server's log lines and failures per script")
+    lg.add_argument("name", nargs="?", help="one script (default: every script)")
+    lg.add_argument("--url", help="the server (default: the configured issuer)")
+    lg.add_argument("--token", help="an admin access token (default: SSA_ADMIN_TOKEN)")
+    lg.add_argument("--follow", action="store_true", help="keep polling for new lines")
+    lg.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    lg.set_defaults(func=cmd_scripts_logs)
     return parser
 
 

@@ -11,7 +11,7 @@ from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .server import Server
 from .service import CallContext
 from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
@@ -123,6 +123,32 @@ async def list_scripts(request: Request) -> Response:
     return JSONResponse(server.scripts.listing() if server.scripts is not None else [])
 
 
+LOG_PAGE = 1000  # ring entries per answer (a ring holds script_log_buffer)
+
+
+async def script_logs(request: Request) -> Response:
+    """A script's ring of log lines and failures after the cursor ``since`` (admin)."""
+    server = _server(request)
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    since = _count_param(request, "since", 0, 0, 2**53)
+    limit = _count_param(request, "limit", LOG_PAGE, 1, LOG_PAGE)
+    name = request.path_params["name"]
+    found = server.scripts.logs(name, since, limit) if server.scripts is not None else None
+    if found is None:
+        raise NotFound(f"no script named {name[:64]!r}")
+    lines, cursor = found
+    return JSONResponse({"name": name, "lines": lines, "next": cursor})
+
+
+def _count_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = _query(request, name)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 16 or not low <= int(text) <= high:
+        raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
+    return int(text)
+
+
 async def discovery(request: Request) -> Response:
     return JSONResponse(discovery_document(request))
 
@@ -158,6 +184,7 @@ ROUTES = [
     Route("/ssa/search", search_ssas, methods=["GET"]),
     Route("/ssa/validation", validate_ssa, methods=["POST"]),
     Route("/scripts", list_scripts, methods=["GET"]),
+    Route("/scripts/{name}/logs", script_logs, methods=["GET"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),
     Route("/jwks", jwks, methods=["GET"]),

@@ -27,7 +27,7 @@ from .store.backends import open_store
 from .tokens import TokenAuthority
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
-from ssa_server.plugins.scripts import ScriptHost, limits_from
+from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
 
 log = logging.getLogger("ssa_server")
 
@@ -61,7 +61,8 @@ class Server:
             scripts = ScriptHost(settings.scripts_dir, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval,
-                                 log_lines=settings.script_log_lines, log_interval=settings.script_log_interval)
+                                 log_lines=settings.script_log_lines, log_interval=settings.script_log_interval,
+                                 http=http_limits_from(settings), log_keep=settings.script_log_buffer)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         clients = ClientService(store, tokens, clock=clock,
                                 failures_per_client=settings.token_failures_per_client,

@@ -75,6 +75,12 @@ class Settings:
     script_reload_interval: float = 1.0  # seconds between polls of the scripts folder
     script_log_lines: int = 100  # log lines each script may write per script_log_interval (the rest: counted)
     script_log_interval: float = 10.0  # seconds: the script log rate's period, and of its summary lines
+    script_log_buffer: int = 200  # entries (log lines, failures) kept per script: GET /scripts/{name}/logs
+    # context.http (issue 13): calls the server performs for a script, to its [http] allow-list only.
+    script_http_timeout: float = 2.0  # seconds per call (and never past the step's script_timeout)
+    script_http_max_kb: int = 256  # response head and body; larger is cut off, the call fails
+    script_http_calls_per_step: int = 4  # calls per script call
+    script_http_calls_per_second: float = 20.0  # per script, across workers (a token bucket)
     store_url: str = ""  # empty: the embedded TinyDB store in DATA_DIR; postgresql://...: PostgreSQL
     # PostgreSQL store and scale-out (issue 5).
     store_pool_min: int = 1  # connections each process keeps open
@@ -113,13 +119,15 @@ class Settings:
         if not 0 < self.port < 65536:
             raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
-                     "script_memory_mb", "script_output_kb", "store_pool_min", "store_pool_max", "workers",
+                     "script_memory_mb", "script_output_kb", "script_http_max_kb", "script_http_calls_per_step",
+                     "store_pool_min", "store_pool_max", "workers",
                      "token_failures_per_client", "token_failures_per_address"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
                      "script_log_interval", "store_pool_timeout", "store_statement_timeout", "http_head_timeout",
-                     "http_body_timeout", "http_idle_timeout", "token_failure_window"):
+                     "http_body_timeout", "http_idle_timeout", "token_failure_window", "script_http_timeout",
+                     "script_http_calls_per_second"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
         if self.http_max_connections < 0:
@@ -131,6 +139,8 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"SSA_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") \
                     from None
+        if self.script_log_buffer < 0:
+            raise SettingsError(f"SSA_SCRIPT_LOG_BUFFER={self.script_log_buffer} must not be negative")
         if self.script_log_lines < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
         for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days"):

@@ -9,7 +9,8 @@ Requests: ``{"op": "load", "name", "source", "config", "keep_state"}`` and ``{"o
 where a chain is ``{"names", "hook", "payload", "context", "skip_errors"}`` (a call is a chain of
 one script).  Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}`` (a step's, a load's),
 for a batch ``{"answers": [{"steps": [step answer, ...]}, ...]}``; ``"retire": true`` in front
-when the worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the
+when the worker's lifetime CPU is nearly spent.  Mid-step, ``context.http`` writes ``{"http":
+request}`` on the answer pipe and reads the server's answer on the request pipe (``_ask_host``).  Anything worse (CPU limit, segfault) ends the
 process; the server sees the pipe close and starts a new worker.
 
 Every script call is a *step* of its own: its own CPU budget, a fresh copy of its input and of
@@ -263,7 +264,7 @@ class Worker:
                 raise ScriptError("invalid_result", f"script {name} is not loaded")
             client = str(facts.get("client_id", ""))
             world = loaded[0].take(client)
-            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output)
+            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output, ask=_ask_host)
             payload = facts = None  # type: ignore[assignment]
             text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
         except BaseException as e:  # the script's own exception, SystemExit included
@@ -312,6 +313,20 @@ class Worker:
                                   request.get("config") or {})
         _refreeze(replaced)
         return text
+
+
+def _ask_host(request: dict[str, Any]) -> dict[str, Any]:
+    """``context.http``: the request as a frame on the answer pipe, ``{"http": request}``, then
+    the server's answer on the request pipe (``http_broker.py``); the step waits meanwhile (its
+    wall clock runs in the server, its CPU budget does not).  A server gone: this process ends."""
+    text = dumps(request)
+    lead = b" " if text[:1] == b" " else b""
+    write_raw_frame(ANSWERS_FD, lead + b'{"http":' + text.lstrip(b" ") + b"}")
+    try:
+        answer = loads(read_frame_bytes(REQUESTS_FD, MAX_REQUEST))
+    except (FrameError, ValueError):
+        os._exit(1)
+    return answer if isinstance(answer, dict) else {"http_error": "http failed: a malformed answer"}
 
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:
