@@ -101,6 +101,15 @@ async def validate_ssa(request: Request) -> Response:
     return _empty()
 
 
+async def ssa_status(request: Request) -> Response:
+    """Open like /ssa/validation (consumers hold no token); unknown jtis are throttled per address."""
+    server = _server(request)
+    server.service.require_enabled()
+    body = await server.service.status(_query(request, "jti"),
+                                       lambda: client_address(request.scope, server.clients.proxies))
+    return JSONResponse(body)
+
+
 def discovery_document(request: Request) -> dict[str, Any]:
     settings = _server(request).settings
     doc: dict[str, Any] = {
@@ -114,6 +123,7 @@ def discovery_document(request: Request) -> dict[str, Any]:
     }
     if settings.enabled:
         doc["ssa_endpoint"] = settings.ssa_endpoint
+        doc["ssa_status_endpoint"] = f"{settings.issuer}/ssa/status"
     return doc
 
 
@@ -157,6 +167,7 @@ ROUTES = [
     Route("/ssa/jwt", get_jwt, methods=["GET"]),
     Route("/ssa/search", search_ssas, methods=["GET"]),
     Route("/ssa/validation", validate_ssa, methods=["POST"]),
+    Route("/ssa/status", ssa_status, methods=["GET"]),
     Route("/scripts", list_scripts, methods=["GET"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),

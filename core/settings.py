@@ -80,6 +80,7 @@ class Settings:
     token_failures_per_address: int = 50  # ... per client address per window
     token_failure_window: float = 60.0  # seconds
     trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For is believed
+    status_failures_per_address: int = 50  # GET /ssa/status for unknown jtis per address per token_failure_window
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -103,7 +104,7 @@ class Settings:
             raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
                      "script_memory_mb", "script_output_kb", "store_pool_min", "store_pool_max", "workers",
-                     "token_failures_per_client", "token_failures_per_address"):
+                     "token_failures_per_client", "token_failures_per_address", "status_failures_per_address"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",

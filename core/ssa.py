@@ -187,6 +187,19 @@ def jwt_claims(record: SsaRecord) -> dict[str, Any]:
     return claims
 
 
+def current_status(record: SsaRecord, now: int) -> str:
+    """The status an SSA has at ``now``: an ACTIVE one past its expiration is EXPIRED even before
+    the cleaner stored that."""
+    status = record["status"]
+    return EXPIRED if status == ACTIVE and record["expiration"] <= now else status
+
+
+def status_view(record: SsaRecord, now: int) -> dict[str, Any]:
+    """The GET /ssa/status body: what a consumer may learn about an SSA whose jti it holds."""
+    return {"jti": record["jti"], "status": current_status(record, now), "exp": record["expiration"],
+            "one_time_use": record["one_time_use"]}
+
+
 def list_item(record: SsaRecord) -> dict[str, Any]:
     """The GET /ssa element for one stored SSA (Janssen's shape)."""
     inner = _shown(record, {"iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
