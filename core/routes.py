@@ -11,9 +11,10 @@ from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .server import Server
 from .service import CallContext
+from .status_list import MEDIA_TYPE
 from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
 from .throttle import client_address
 from .tokens import Caller
@@ -110,6 +111,19 @@ async def ssa_status(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def status_list(request: Request) -> Response:
+    """A Token Status List Token (open: consumers fetch it); cacheable for its ttl, unlike the rest."""
+    server = _server(request)
+    list_id = request.path_params["list_id"]
+    token = None
+    if server.settings.status_list and list_id.isascii() and list_id.isdigit() and len(list_id) <= 18:
+        token = await server.service.status_lists.token(list_id)
+    if token is None:
+        raise NotFound("No such status list.")
+    return Response(token.jwt.encode("ascii"), media_type=MEDIA_TYPE,
+                    headers={"Cache-Control": f"public, max-age={token.ttl}"})
+
+
 def discovery_document(request: Request) -> dict[str, Any]:
     settings = _server(request).settings
     doc: dict[str, Any] = {
@@ -168,6 +182,7 @@ ROUTES = [
     Route("/ssa/search", search_ssas, methods=["GET"]),
     Route("/ssa/validation", validate_ssa, methods=["POST"]),
     Route("/ssa/status", ssa_status, methods=["GET"]),
+    Route("/statuslists/{list_id}", status_list, methods=["GET"]),
     Route("/scripts", list_scripts, methods=["GET"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),

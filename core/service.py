@@ -23,6 +23,7 @@ from .jwt_draft import JwtDraft
 from .keys import KeyRing
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
+from .status_issuer import StatusIssuer
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
                   record_from_request, status_view)
 from .store import Store, TemplateRecord, UnstorableValue
@@ -87,10 +88,11 @@ class CallContext:
 
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
+        self.status_lists = status_lists if status_lists is not None else StatusIssuer(settings, store, keys, clock)
         self.hooks = hooks  # scripts, then trusted plugins
         self._clock = clock
         # Unknown jtis asked by one address (GET /ssa/status needs no token): counted like /token's failures.
@@ -115,8 +117,9 @@ class SsaService:
         """
         self.require_enabled()
         settings = self.settings
+        entry = await self.status_lists.allocate() if settings.status_list else None
         record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
-                                     creator_id=ctx.client_id, issuer=settings.issuer)
+                                     creator_id=ctx.client_id, issuer=settings.issuer, status_list=entry)
         await self.keys.refresh_if_due()
         active = self.keys.active()
         header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}

@@ -19,6 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .jsonvalues import clone
+from .status_list import status_claim
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
 STATES = (ACTIVE, USED, REVOKED, EXPIRED)
@@ -29,7 +30,7 @@ DEVELOPER = "https://jans.io/auth/ssa.developer"
 SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
 
 # Claims the server sets on every SSA, and the registered ones verifiers read: never custom attributes.
-SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud")
+SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud", "status")
 
 Kind = Literal["text", "texts", "boolean", "epoch", "seconds"]
 """A request field's JSON kind, which says how it is checked (``validation``), offered as a flag
@@ -114,6 +115,14 @@ LIST_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.kind == "texts")
 RESERVED_ATTRIBUTES = frozenset(f.name for f in REQUEST_FIELDS) | frozenset(SERVER_CLAIMS)
 
 
+class StatusRef(TypedDict):
+    """An SSA's entry in a Token Status List: its JWT's ``status`` claim names list and index."""
+
+    list: str  # the list's id: ISSUER/statuslists/ID
+    idx: int
+    until: int  # the JWT's exp: the entry is kept (not purged) until then, whatever ``expiration`` says
+
+
 class SsaRecord(TypedDict):
     """One stored SSA: the request's fields (as ``CreateRequest``), then what the server sets."""
 
@@ -132,6 +141,7 @@ class SsaRecord(TypedDict):
     status: str  # one of STATES
     creator_id: str  # client_id that created it ("cli" for the operator CLI)
     iss: str  # the issuer the SSA was signed under
+    status_list: NotRequired[StatusRef | None]  # None: issued without a status list (or before them)
 
 
 # What an exported SSA must hold to be imported (every field but the optional ones), in order.
@@ -151,17 +161,20 @@ _LISTED = _names([f for f in REQUEST_FIELDS if f.listed])
 
 
 def record_from_request(request: CreateRequest, *, now: int, expiration_in_days: int, creator_id: str,
-                        issuer: str, jti: str | None = None) -> SsaRecord:
-    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``."""
+                        issuer: str, jti: str | None = None, status_list: tuple[str, int] | None = None) -> SsaRecord:
+    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``;
+    ``status_list`` (list id, index): its entry in a Token Status List."""
     values, lists, optional = _STORED
     record: dict[str, Any] = {name: getattr(request, name) for name in values}
     for name in lists:
         record[name] = list(getattr(request, name))
     for name in optional:
         record[name] = getattr(request, name)
-    record.update(expiration=request.expiration or now + expiration_in_days * 86400,
-                  custom=dict(request.custom), jti=jti or new_jti(), created_at=now, status=ACTIVE,
-                  creator_id=creator_id, iss=issuer)
+    expiration = request.expiration or now + expiration_in_days * 86400
+    record.update(expiration=expiration, custom=dict(request.custom), jti=jti or new_jti(), created_at=now,
+                  status=ACTIVE, creator_id=creator_id, iss=issuer,
+                  status_list=None if status_list is None else {"list": status_list[0], "idx": status_list[1],
+                                                                "until": expiration})
     return record  # type: ignore[return-value]
 
 
@@ -184,7 +197,15 @@ def jwt_claims(record: SsaRecord) -> dict[str, Any]:
                              "iss": record["iss"]}, _CLAIMED)
     if record["custom"]:
         claims.update(clone(record["custom"]))
+    ref = record.get("status_list")
+    if ref:
+        claims["status"] = status_claim(status_list_uri(record["iss"], ref["list"]), ref["idx"])
     return claims
+
+
+def status_list_uri(issuer: str, list_id: str) -> str:
+    """Where a Token Status List is served (``GET /statuslists/ID``): its token's ``sub``."""
+    return f"{issuer}/statuslists/{list_id}"
 
 
 def current_status(record: SsaRecord, now: int) -> str:
