@@ -38,7 +38,7 @@ class SigningUnavailable(Exception):
     """The helper could not sign this batch (it died, hung or never started)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Signature(Job):
     kid: str
     alg: str
@@ -49,19 +49,21 @@ class _Signature(Job):
 class SigningProcess:
     """The event loop's side of the helper: ``await sign(...)`` returns the base64url signature.
 
-    One batch at a time is out (``_turn``, a lock of the running loop): the signatures asked for
-    while it is out make the next batch."""
+    One batch at a time is out (``_out``): the signatures asked for while it is out make the next
+    batch, whose gatherer waits for the turn (``_freed``; the batcher lets one request at a time
+    gather on a loop, so there is at most one waiting)."""
 
     def __init__(self, timeout: float = _TIMEOUT) -> None:
         self.timeout = timeout
         self._helper: HelperProcess | None = None
         self._answers: AnswerReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._turn = asyncio.Lock()
+        self._out = False  # a batch is out
+        self._freed: asyncio.Future[None] | None = None  # what the next batch's gatherer awaits
         self._known: set[str] = set()  # kids the helper holds
-        self._batches: LoopTurnBatcher[asyncio.Lock, _Signature] = LoopTurnBatcher(
-            idle=_never, wait=self._take_turn, select=len, serve_one=self._serve_one, serve=self._serve,
-            release=asyncio.Lock.release)
+        self._batches: LoopTurnBatcher[SigningProcess, _Signature] = LoopTurnBatcher(
+            idle=self._free_turn, wait=self._next_turn, select=len, serve_one=self._serve_one,
+            serve=self._serve, release=self._end_turn)
 
     @property
     def pid(self) -> int | None:
@@ -76,15 +78,28 @@ class SigningProcess:
         job = _Signature(loop.create_future(), loop.time(), kid, alg, key, data)
         return await self._batches.submit(job)  # type: ignore[no-any-return]
 
-    async def _take_turn(self, own: _Signature | None) -> asyncio.Lock:
-        turn = self._turn
-        await turn.acquire()  # the batch before is answered (or failed)
-        return turn
+    def _free_turn(self) -> SigningProcess | None:
+        if self._out:
+            return None
+        self._out = True
+        return self
 
-    async def _serve_one(self, turn: asyncio.Lock, job: _Signature) -> None:
+    async def _next_turn(self, own: _Signature | None) -> SigningProcess:
+        while self._out:  # the batch before is answered (or failed) first
+            self._freed = asyncio.get_running_loop().create_future()
+            await self._freed
+        self._out = True
+        return self
+
+    def _end_turn(self, _: SigningProcess) -> None:
+        self._out = False
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
+
+    async def _serve_one(self, turn: SigningProcess, job: _Signature) -> None:
         await self._serve(turn, [job])
 
-    async def _serve(self, turn: asyncio.Lock, batch: list[_Signature]) -> None:
+    async def _serve(self, turn: SigningProcess, batch: list[_Signature]) -> None:
         try:
             signatures = await self._round_trip(batch)
         except BaseException as e:  # SigningUnavailable, a cancellation or a bug: the callers sign inline
@@ -104,7 +119,7 @@ class SigningProcess:
                 if not job.future.done():
                     job.future.set_result(signature)
         finally:
-            turn.release()
+            self._end_turn(turn)
 
     async def _round_trip(self, batch: list[_Signature]) -> list[bytes]:
         if self._helper is None:
@@ -143,8 +158,8 @@ class SigningProcess:
         """Start a fresh helper for the running event loop (else the first signature does)."""
         loop = asyncio.get_running_loop()
         self._stop()
-        if self._loop is not loop:
-            self._loop, self._turn = loop, asyncio.Lock()  # a lock serves one loop
+        if self._loop is not loop:  # (a batch out on a loop that ended is no one's turn)
+            self._loop, self._out, self._freed = loop, False, None
         self._spawn()
 
     def _spawn(self) -> None:
@@ -169,11 +184,6 @@ class SigningProcess:
         """Kill and reap the helper."""
         self._stop()
         self._loop = None
-
-
-def _never() -> None:
-    """No turn is free without waiting for it: the lock says (``_take_turn``)."""
-    return None
 
 
 def main() -> None:

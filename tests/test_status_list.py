@@ -15,9 +15,8 @@ import zlib
 from urllib.parse import urlsplit
 
 import pytest
-from jwcrypto import jwk, jws
-
 from conftest import ADMIN
+from jwcrypto import jwk, jws
 
 
 @pytest.fixture(params=["tinydb", "postgresql"])
