@@ -3,7 +3,7 @@ Status List Token (``status_list.py`` is the format).
 
 Indexes: counters are reserved from the store in blocks (``reserve_status_counters``, atomic on
 every store and across nodes), so a create costs a store write only once per block; the index of
-a counter is ``permute(key, counter, size)``: never handed out twice, unpredictable without the
+a counter is ``Permutation(key, size)(counter)``: never handed out twice, unpredictable without the
 list's key.  Counters reserved by a process that stops unused are never used: a list may hold
 indexes no SSA has (their bit stays 0).
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .keys import KeyRing
 from .settings import Settings
 from .ssa import status_list_uri
-from .status_list import TOKEN_TYP, encode_list, permute
+from .status_list import TOKEN_TYP, Permutation, encode_list
 from .store import Store
 
 BLOCK = 64  # counters a serving process reserves at a time (the CLI reserves one)
@@ -33,8 +33,7 @@ TOKEN_LIFETIME = 86400  # a Status List Token's exp - iat, at least (twice the t
 @dataclass
 class _Block:
     list_id: str
-    key: bytes
-    size: int
+    index: Permutation
     next: int
     end: int
 
@@ -72,14 +71,16 @@ class StatusIssuer:
                     block = self._current = await self._reserve()
         counter = block.next
         block.next += 1
-        return block.list_id, permute(block.key, counter, block.size)
+        return block.list_id, block.index(counter)
 
     async def _reserve(self) -> _Block:
         size = self.settings.status_list_size
         record, first = await self.store.reserve_status_counters(
             min(self.block, size), size, secrets.token_hex(16), int(self._clock()))
-        return _Block(record["id"], bytes.fromhex(record["key"]), record["size"], first,
-                      min(first + self.block, record["size"]))
+        current = self._current
+        index = (current.index if current is not None and current.list_id == record["id"]
+                 else Permutation(bytes.fromhex(record["key"]), record["size"]))  # built once per list
+        return _Block(record["id"], index, first, min(first + self.block, record["size"]))
 
     async def token(self, list_id: str) -> StatusListToken | None:
         """The list's Status List Token (at most ``status_list_refresh`` seconds old); None when

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import zlib
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +20,7 @@ BITS = 1
 MEDIA_TYPE = "application/statuslist+jwt"  # the response's content type (§8.1) and the token's typ
 TOKEN_TYP = "statuslist+jwt"
 _ROUNDS = 4
+_PERSON = tuple(f"ssa-sl-round{r}".encode() for r in range(_ROUNDS))  # one keyed BLAKE2b per round
 
 
 def status_claim(uri: str, idx: int) -> dict[str, Any]:
@@ -38,22 +38,33 @@ def encode_list(invalid: Iterable[int], size: int) -> dict[str, Any]:
     return {"bits": BITS, "lst": lst}
 
 
-def permute(key: bytes, counter: int, size: int) -> int:
+class Permutation:
     """The index the ``counter``-th allocation of a list of ``size`` indexes gets: a keyed
     permutation of ``range(size)`` (a 4-round Feistel network on the smallest even number of bits
     that covers ``size``, cycle-walking back into range), so each counter gets its own index, no
-    index is handed out twice, and without the list's key the order looks random (draft §13.3:
-    sequential indexes would tell a verifier how many SSAs were issued between two it saw)."""
-    if not 0 <= counter < size:
-        raise ValueError(f"counter {counter} outside a list of {size}")
-    half = max(1, ((size - 1).bit_length() + 1) // 2)
-    mask = (1 << half) - 1
-    value = counter
-    while True:
-        left, right = value >> half, value & mask
-        for r in range(_ROUNDS):
-            digest = hmac.new(key, bytes((r,)) + right.to_bytes(4, "big"), hashlib.sha256).digest()
-            left, right = right, left ^ (int.from_bytes(digest[:4], "big") & mask)
-        value = (left << half) | right
-        if value < size:
-            return value
+    index is handed out twice, and without the list's key the order looks random (draft §13:
+    sequential indexes would tell a verifier how many SSAs were issued between two it saw).
+
+    Each round function is keyed BLAKE2b, evaluated once for every half-value when the list is
+    first used (at most 4 x 4,096 values for the largest list), so an index costs four lookups."""
+
+    def __init__(self, key: bytes, size: int) -> None:
+        self.size = size
+        self.half = max(1, ((size - 1).bit_length() + 1) // 2)
+        self.mask = (1 << self.half) - 1
+        self.rounds = tuple(
+            [int.from_bytes(hashlib.blake2b(v.to_bytes(4, "big"), key=key, digest_size=4, person=person).digest(),
+                            "big") & self.mask for v in range(1 << self.half)]
+            for person in _PERSON)
+
+    def __call__(self, counter: int) -> int:
+        if not 0 <= counter < self.size:
+            raise ValueError(f"counter {counter} outside a list of {self.size}")
+        half, mask, value = self.half, self.mask, counter
+        while True:
+            left, right = value >> half, value & mask
+            for table in self.rounds:
+                left, right = right, left ^ table[right]
+            value = (left << half) | right
+            if value < self.size:
+                return value

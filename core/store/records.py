@@ -40,7 +40,7 @@ class KeyRecord(TypedDict):
 
 class StatusListRecord(TypedDict):
     """One Token Status List (``status_list.py``): ``next`` counts the indexes handed out (their
-    order is ``permute(key, counter, size)``); a full list is never rewritten, a new one is added."""
+    order is ``status_list.Permutation(key, size)``); a full list is never rewritten, a new one is added."""
 
     id: str  # "1", "2", ...: the list's URI is ISSUER/statuslists/ID
     size: int  # indexes in the list
