@@ -195,7 +195,7 @@ class AnswerReader:
             self._stop_reading()
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class Job:
     """A request waiting for a helper, or sent to one; ``future`` gets its answer."""
 

@@ -68,12 +68,24 @@ def test_unknown_missing_and_odd_jtis(api):
 
 
 def test_purged_ssa_answers_404(make_api):
-    api = make_api(cleanup_grace=0)
+    api = make_api(cleanup_grace=0, status_list=False)
     jti = api.jti(api.create())
     assert api.client.delete("/ssa", params={"jti": jti}, headers=api.auth(ADMIN)).status_code == 200
     time.sleep(1.1)  # revoked at now; purged once its expiration is older than now - grace
     api.call(api.server.cleanup_once)
     assert_error(status(api, jti), 404, "invalid_jti")
+
+
+def test_revoked_ssa_with_a_status_list_entry_is_kept_until_its_jwt_expires(make_api):
+    api = make_api(cleanup_grace=0)
+    kept = api.jti(api.create())
+    short = api.jti(api.create(expiration=int(time.time()) + 1))
+    for jti in (kept, short):
+        assert api.client.delete("/ssa", params={"jti": jti}, headers=api.auth(ADMIN)).status_code == 200
+    time.sleep(2.1)
+    api.call(api.server.cleanup_once)
+    assert status(api, kept).json()["status"] == "REVOKED"  # its JWT still verifies: its bit must stay
+    assert_error(status(api, short), 404, "invalid_jti")  # its JWT has expired: purged
 
 
 def test_unknown_jtis_are_throttled_per_address(make_api):

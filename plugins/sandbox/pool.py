@@ -601,7 +601,7 @@ class SandboxPool:
 _WORKER_LOST = ("timeout", "crashed", "limit")  # the worker is replaced after these
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class _Job(Job):
     """A job waiting for (or sent to) a worker: a chain of scripts on one hook (a call: of one)."""
 
