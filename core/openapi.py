@@ -118,6 +118,13 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                 "properties": {"jti": {"type": "string"}, "status": {"type": "string", "enum": list(STATES)},
                                "exp": {"type": "integer"}, "one_time_use": {"type": "boolean"}}}),
                           **_errors(400, 403, 404, 429, 503)}}},
+        "/statuslists/{list_id}": {"get": {
+            "summary": "A Token Status List Token (draft-ietf-oauth-status-list-19; docs/consumers.md)",
+            "parameters": [{"name": "list_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The signed list (cacheable for its ttl)",
+                                  "content": {"application/statuslist+jwt": {"schema": {"type": "string"}}}},
+                          "404": {"description": "No such list, or status lists are off (not_found)",
+                                  "content": {"application/json": {"schema": _ERROR}}}}}},
         "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, p50",
                              "security": bearer(ADMIN),
                              "responses": {**_ok("Scripts", {"type": "array", "items": any_object}),
