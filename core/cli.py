@@ -218,6 +218,22 @@ def cmd_ssa_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssa_verify(args: argparse.Namespace) -> int:
+    """Verify an SSA as a consumer would (``verify.py``: no store, no settings): the verdict as
+    JSON on stdout; exit 0 valid, 3 refused, 1 the issuer could not be asked."""
+    from .verify import IssuerUnreachable, SsaVerifier, VerificationError
+
+    verifier = SsaVerifier(args.issuer, leeway=args.leeway, check_status=not args.no_status)
+    try:
+        claims = verifier.verify(args.jwt.strip())
+    except VerificationError as e:
+        _print({"valid": False, "error": e.error, "error_description": str(e)})
+        print(f"ssa-server: SSA refused: {e.error}: {e}", file=sys.stderr)
+        return 1 if isinstance(e, IssuerUnreachable) else 3
+    _print({"valid": True, "claims": claims})
+    return 0
+
+
 def cmd_ssa_revoke(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
         revoked = await server.service.revoke(_cli_context("revoke"), jti=args.jti, org_id=args.org_id)
@@ -552,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--org-id", dest="org_id")
     sr.set_defaults(func=cmd_ssa_revoke)
     ssa.add_parser("templates", parents=[common], help="list saved templates").set_defaults(func=cmd_ssa_templates)
+    sv = ssa.add_parser("verify", help="verify an SSA as a consumer does (exit 0 valid, 3 refused, 1 unreachable)")
+    sv.add_argument("jwt", help="the SSA (compact JWS)")
+    sv.add_argument("--issuer", required=True, help="the issuer URL the SSA must come from")
+    sv.add_argument("--leeway", type=int, default=60, help="seconds of clock skew allowed (default 60)")
+    sv.add_argument("--no-status", dest="no_status", action="store_true", help="skip the status check")
+    sv.set_defaults(func=cmd_ssa_verify)
 
     store = sub.add_parser("store", help="the store: schema, export, import").add_subparsers(dest="action",
                                                                                           required=True)

@@ -22,6 +22,7 @@ from .clients import ClientService
 from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
+from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
 from .tokens import TokenAuthority
@@ -69,8 +70,9 @@ class Server:
                                 failures_per_address=settings.token_failures_per_address,
                                 failure_window=settings.token_failure_window,
                                 trusted_proxies=settings.trusted_proxies)
+        status_lists = StatusIssuer(settings, store, keys, clock)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
-                   service=SsaService(settings, store, keys, hooks, clock=clock),
+                   service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists),
                    plugins=plugins, scripts=scripts, clock=clock)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
@@ -116,6 +118,7 @@ class Server:
                                 check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             self.keys.start_signing()  # signing threads and process; CLI commands sign inline
+            self.service.status_lists.block = BLOCK  # a CLI command reserves one index at a time
 
     async def stop(self) -> None:
         for task in self._tasks:

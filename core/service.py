@@ -17,16 +17,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
-                     ScriptFailed)
+                     ScriptFailed, SlowDown, UnknownJti)
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
 from .keys import KeyRing
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
+from .status_issuer import StatusIssuer
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
-                  record_from_request)
+                  record_from_request, status_view)
 from .store import Store, TemplateRecord, UnstorableValue
 from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
+from .throttle import FailureThrottle
 
 if TYPE_CHECKING:
     from ssa_server.plugins.hooks import HookRunner
@@ -86,12 +88,16 @@ class CallContext:
 
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
+        self.status_lists = status_lists if status_lists is not None else StatusIssuer(settings, store, keys, clock)
         self.hooks = hooks  # scripts, then trusted plugins
         self._clock = clock
+        # Unknown jtis asked by one address (GET /ssa/status needs no token): counted like /token's failures.
+        self.status_failures = FailureThrottle(settings.status_failures_per_address,
+                                               settings.token_failure_window, clock)
 
     def now(self) -> int:
         return int(self._clock())
@@ -111,8 +117,9 @@ class SsaService:
         """
         self.require_enabled()
         settings = self.settings
+        entry = await self.status_lists.allocate() if settings.status_list else None
         record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
-                                     creator_id=ctx.client_id, issuer=settings.issuer,
+                                     creator_id=ctx.client_id, issuer=settings.issuer, status_list=entry,
                                      role_scopes=settings.map_software_roles_to_scopes)
         await self.keys.refresh_if_due()
         active = self.keys.active()
@@ -200,6 +207,25 @@ class SsaService:
         self.require_enabled()
         if not jti or await self.store.mark_used(jti, self.now()) is None:
             raise InvalidJti()
+
+    # --- status (no token: the consumers' question, never a change) ---
+    async def status(self, jti: str | None, address: Callable[[], str] = lambda: "") -> dict[str, Any]:
+        """The SSA's status (``ssa.status_view``); nothing is stored or changed, so a one-time SSA
+        stays ACTIVE however often it is asked about.  ``address`` finds the caller's address; it is
+        only called when an unknown jti is counted or an address is being refused (429)."""
+        self.require_enabled()
+        if not jti:
+            raise InvalidRequest("The query parameter 'jti' is required.")
+        where = address() if self.status_failures.blocking else None
+        if where:
+            wait = self.status_failures.retry_after(where)
+            if wait > 0:
+                raise SlowDown(wait, "Too many unknown jtis asked from this address; retry later.")
+        record = await self.store.get_ssa(jti)
+        if record is None:
+            self.status_failures.failed(where if where is not None else address())
+            raise UnknownJti()
+        return status_view(record, self.now())
 
     # --- revoke ---
     async def revoke(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[SsaRecord]:

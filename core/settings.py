@@ -97,6 +97,12 @@ class Settings:
     token_failures_per_address: int = 50  # ... per client address per window
     token_failure_window: float = 60.0  # seconds
     trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For is believed
+    status_failures_per_address: int = 50  # GET /ssa/status for unknown jtis per address per token_failure_window
+    # Token Status Lists (issue 14; status_list.py, status_issuer.py).
+    status_list: bool = True  # every new SSA gets a status claim; GET /statuslists/ID serves the lists
+    status_list_size: int = 65536  # indexes per list (a full list is kept, a new one added)
+    status_list_ttl: int = 300  # seconds a consumer may cache a Status List Token (its ttl, max-age)
+    status_list_refresh: float = 5.0  # seconds a built token is served before the next request rebuilds it
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -121,7 +127,7 @@ class Settings:
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
                      "script_memory_mb", "script_output_kb", "script_http_max_kb", "script_http_calls_per_step",
                      "store_pool_min", "store_pool_max", "workers",
-                     "token_failures_per_client", "token_failures_per_address"):
+                     "token_failures_per_client", "token_failures_per_address", "status_failures_per_address"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
@@ -130,6 +136,13 @@ class Settings:
                      "script_http_calls_per_second"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if not 8 <= self.status_list_size <= 1 << 24 or self.status_list_size % 8:
+            raise SettingsError(f"SSA_STATUS_LIST_SIZE={self.status_list_size} must be a multiple of 8 "
+                                f"from 8 to {1 << 24}")
+        if self.status_list_ttl < 1:
+            raise SettingsError(f"SSA_STATUS_LIST_TTL={self.status_list_ttl} must be at least 1")
+        if self.status_list_refresh <= 0:
+            raise SettingsError(f"SSA_STATUS_LIST_REFRESH={self.status_list_refresh} must be greater than 0")
         if self.http_max_connections < 0:
             raise SettingsError(f"SSA_HTTP_MAX_CONNECTIONS={self.http_max_connections} must not be negative "
                                 "(0: derived from the file-descriptor limit)")

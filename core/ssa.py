@@ -20,6 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .jsonvalues import clone
+from .status_list import status_claim
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
 STATES = (ACTIVE, USED, REVOKED, EXPIRED)
@@ -30,7 +31,7 @@ DEVELOPER = "https://jans.io/auth/ssa.developer"
 SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
 
 # Claims the server sets on every SSA, and the registered ones verifiers read: never custom attributes.
-SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud")
+SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud", "status")
 
 Kind = Literal["text", "texts", "boolean", "epoch", "seconds"]
 """A request field's JSON kind, which says how it is checked (``validation``), offered as a flag
@@ -115,6 +116,14 @@ LIST_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.kind == "texts")
 RESERVED_ATTRIBUTES = frozenset(f.name for f in REQUEST_FIELDS) | frozenset(SERVER_CLAIMS)
 
 
+class StatusRef(TypedDict):
+    """An SSA's entry in a Token Status List: its JWT's ``status`` claim names list and index."""
+
+    list: str  # the list's id: ISSUER/statuslists/ID
+    idx: int
+    until: int  # the JWT's exp: the entry is kept (not purged) until then, whatever ``expiration`` says
+
+
 class SsaRecord(TypedDict):
     """One stored SSA: the request's fields (as ``CreateRequest``), then what the server sets."""
 
@@ -135,6 +144,7 @@ class SsaRecord(TypedDict):
     iss: str  # the issuer the SSA was signed under
     # The scope claim made at creation from the software_roles (``role_scope``); None: no claim.
     scope: NotRequired[str | None]
+    status_list: NotRequired[StatusRef | None]  # None: issued without a status list (or before them)
 
 
 # What an exported SSA must hold to be imported (every field but the optional ones), in order.
@@ -165,19 +175,23 @@ def role_scope(roles: list[str], role_scopes: Mapping[str, tuple[str, ...]]) -> 
 
 def record_from_request(request: CreateRequest, *, now: int, expiration_in_days: int, creator_id: str,
                         issuer: str, jti: str | None = None,
-                        role_scopes: Mapping[str, tuple[str, ...]] | None = None) -> SsaRecord:
+                        role_scopes: Mapping[str, tuple[str, ...]] | None = None,
+                        status_list: tuple[str, int] | None = None) -> SsaRecord:
     """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``; its
-    ``scope`` from ``role_scopes`` (the setting ``map_software_roles_to_scopes``)."""
+    ``scope`` from ``role_scopes`` (the setting ``map_software_roles_to_scopes``); ``status_list``
+    (list id, index): its entry in a Token Status List."""
     values, lists, optional = _STORED
     record: dict[str, Any] = {name: getattr(request, name) for name in values}
     for name in lists:
         record[name] = list(getattr(request, name))
     for name in optional:
         record[name] = getattr(request, name)
-    record.update(expiration=request.expiration or now + expiration_in_days * 86400,
-                  custom=dict(request.custom), jti=jti or new_jti(), created_at=now, status=ACTIVE,
-                  creator_id=creator_id, iss=issuer,
-                  scope=role_scope(request.software_roles, role_scopes) if role_scopes else None)
+    expiration = request.expiration or now + expiration_in_days * 86400
+    record.update(expiration=expiration, custom=dict(request.custom), jti=jti or new_jti(), created_at=now,
+                  status=ACTIVE, creator_id=creator_id, iss=issuer,
+                  scope=role_scope(request.software_roles, role_scopes) if role_scopes else None,
+                  status_list=None if status_list is None else {"list": status_list[0], "idx": status_list[1],
+                                                                "until": expiration})
     return record  # type: ignore[return-value]
 
 
@@ -203,7 +217,28 @@ def jwt_claims(record: SsaRecord) -> dict[str, Any]:
         claims["scope"] = scope
     if record["custom"]:
         claims.update(clone(record["custom"]))
+    ref = record.get("status_list")
+    if ref:
+        claims["status"] = status_claim(status_list_uri(record["iss"], ref["list"]), ref["idx"])
     return claims
+
+
+def status_list_uri(issuer: str, list_id: str) -> str:
+    """Where a Token Status List is served (``GET /statuslists/ID``): its token's ``sub``."""
+    return f"{issuer}/statuslists/{list_id}"
+
+
+def current_status(record: SsaRecord, now: int) -> str:
+    """The status an SSA has at ``now``: an ACTIVE one past its expiration is EXPIRED even before
+    the cleaner stored that."""
+    status = record["status"]
+    return EXPIRED if status == ACTIVE and record["expiration"] <= now else status
+
+
+def status_view(record: SsaRecord, now: int) -> dict[str, Any]:
+    """The GET /ssa/status body: what a consumer may learn about an SSA whose jti it holds."""
+    return {"jti": record["jti"], "status": current_status(record, now), "exp": record["expiration"],
+            "one_time_use": record["one_time_use"]}
 
 
 def list_item(record: SsaRecord) -> dict[str, Any]:

@@ -18,7 +18,7 @@ KEY_STATES = (KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
 
 # Every table of every store and the field that identifies its records, in export order (the
 # keys before the SSAs they signed, so an importer can verify SSAs as it goes).
-ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
+ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id", "ssa": "jti"}
 TABLES = tuple(ID_FIELDS)
 
 
@@ -39,6 +39,17 @@ class KeyRecord(TypedDict):
     created_at: int
     remove_after: NotRequired[int | None]  # epoch seconds after which a retiring key leaves /jwks
     activates_at: NotRequired[int]  # epoch seconds from which it signs (absent on older keys: created_at)
+
+
+class StatusListRecord(TypedDict):
+    """One Token Status List (``status_list.py``): ``next`` counts the indexes handed out (their
+    order is ``status_list.Permutation(key, size)``); a full list is never rewritten, a new one is added."""
+
+    id: str  # "1", "2", ...: the list's URI is ISSUER/statuslists/ID
+    size: int  # indexes in the list
+    next: int  # counters [0, next) are handed out (reserved in blocks; some may stay unused)
+    key: str  # hex: the permutation key (not a credential: it only hides the allocation order)
+    created_at: int
 
 
 class TemplateRecord(TypedDict):

@@ -29,6 +29,7 @@ _REQUIRED = {
     "clients": ("secret_hash", "scopes", "created_at"),
     "keys": ("alg", "use", "jwk", "status", "created_at"),
     "templates": ("fields", "created_at"),
+    "statuslists": ("size", "next", "key", "created_at"),
 }
 _BATCH = 1000
 MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
@@ -54,6 +55,8 @@ async def _all(store: Store, table: str) -> list[Any]:
         return await store.list_clients()
     if table == "keys":
         return await store.list_keys()
+    if table == "statuslists":
+        return await store.list_status_lists()
     return await store.list_templates()
 
 
@@ -128,6 +131,8 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
         return await _add_missing(records, "client_id", store.get_client, store.add_client)
     if table == "templates":
         return await _add_missing(records, "name", store.get_template, store.put_template)
+    if table == "statuslists":  # a list the store holds already keeps its counters (they only grow)
+        return await _add_missing(records, "id", store.get_status_list, store.add_status_list)
     existing = await store.list_keys()
     kids = {k["kid"] for k in existing}
     active_uses = {k["use"] for k in existing if k["status"] == KEY_ACTIVE}
