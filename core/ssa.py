@@ -19,6 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .jsonvalues import clone
+from .script_rules import SIGNER_HEADER, same
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
 STATES = (ACTIVE, USED, REVOKED, EXPIRED)
@@ -132,6 +133,9 @@ class SsaRecord(TypedDict):
     status: str  # one of STATES
     creator_id: str  # client_id that created it ("cli" for the operator CLI)
     iss: str  # the issuer the SSA was signed under
+    # What the create hooks changed in the JWT (``jwt_changes``), None when nothing; absent in
+    # records stored before it existed.
+    hook_changes: NotRequired[dict[str, Any] | None]
 
 
 # What an exported SSA must hold to be imported (every field but the optional ones), in order.
@@ -161,7 +165,7 @@ def record_from_request(request: CreateRequest, *, now: int, expiration_in_days:
         record[name] = getattr(request, name)
     record.update(expiration=request.expiration or now + expiration_in_days * 86400,
                   custom=dict(request.custom), jti=jti or new_jti(), created_at=now, status=ACTIVE,
-                  creator_id=creator_id, iss=issuer)
+                  creator_id=creator_id, iss=issuer, hook_changes=None)
     return record  # type: ignore[return-value]
 
 
@@ -179,12 +183,65 @@ def _shown(record: SsaRecord, out: dict[str, Any], names: tuple[tuple[str, ...],
 
 
 def jwt_claims(record: SsaRecord) -> dict[str, Any]:
-    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes."""
+    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes,
+    then what the create hooks changed (``hook_changes``): the claims the SSA was issued with."""
     claims = _shown(record, {"jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
                              "iss": record["iss"]}, _CLAIMED)
     if record["custom"]:
         claims.update(clone(record["custom"]))
+    changes = record.get("hook_changes")
+    if changes:
+        for name in changes.get("removed_claims", ()):
+            claims.pop(name, None)
+        claims.update(clone(changes.get("claims", {})))
     return claims
+
+
+def jwt_header(record: SsaRecord) -> dict[str, Any]:
+    """The SSA's JWT header without the signer's ``alg`` and ``kid``: ``typ`` and the parameters
+    the create hooks added."""
+    header: dict[str, Any] = {"typ": "jwt"}
+    changes = record.get("hook_changes")
+    if changes and changes.get("header"):
+        header.update(clone(changes["header"]))
+    return header
+
+
+def jwt_changes(header: dict[str, Any], claims: dict[str, Any], new_header: dict[str, Any],
+                new_claims: dict[str, Any]) -> dict[str, Any] | None:
+    """What the create hooks changed from ``header``/``claims`` (the JWT the record gives) to the
+    JWT that is signed, as the record keeps it (``hook_changes``): ``header`` the parameters set
+    (the signer's ``alg``/``kid`` never), ``claims`` the claims set or changed (type-strict:
+    ``1.0`` replacing ``1`` is a change), ``removed_claims`` the names deleted; each only when
+    not empty, None when nothing changed.  The values are the hooks' own objects (not copied)."""
+    out: dict[str, Any] = {}
+    set_header = {k: v for k, v in new_header.items()
+                  if k not in SIGNER_HEADER and (k not in header or not same(header[k], v))}
+    if set_header:
+        out["header"] = set_header
+    set_claims = {k: v for k, v in new_claims.items() if k not in claims or not same(claims[k], v)}
+    if set_claims:
+        out["claims"] = set_claims
+    removed = [k for k in claims if k not in new_claims]
+    if removed:
+        out["removed_claims"] = removed
+    return out or None
+
+
+def hook_changes_problem(changes: Any) -> str | None:
+    """Why ``changes`` is not a record's ``hook_changes`` (as ``jwt_changes`` makes it), or None:
+    an import checks it, since GET /ssa/jwt and GET /ssa read it."""
+    if changes is None:
+        return None
+    if type(changes) is not dict or set(changes) - {"header", "claims", "removed_claims"}:
+        return "hook_changes must be null or an object of header, claims and removed_claims"
+    for part in ("header", "claims"):
+        if type(changes.get(part, {})) is not dict:
+            return f"hook_changes.{part} must be an object"
+    removed = changes.get("removed_claims", [])
+    if type(removed) is not list or not all(type(name) is str for name in removed):
+        return "hook_changes.removed_claims must be a list of names"
+    return None
 
 
 def list_item(record: SsaRecord) -> dict[str, Any]:
@@ -193,5 +250,10 @@ def list_item(record: SsaRecord) -> dict[str, Any]:
                             "jti": record["jti"]}, _LISTED)
     for name, value in record["custom"].items():
         inner.setdefault(name, clone(value))
+    changes = record.get("hook_changes")
+    if changes and changes.get("claims"):  # beside the custom attributes; never a model field's name
+        for name, value in changes["claims"].items():
+            if name not in inner and name not in RESERVED_ATTRIBUTES:
+                inner[name] = clone(value)
     return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
             "iss": record["creator_id"], "status": record["status"]}
