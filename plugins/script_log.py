@@ -20,6 +20,8 @@ from typing import Any
 
 from ssa_server.script_rules import MAX_LOG_LINE, MAX_LOG_LINES
 
+from .script_secrets import NO_SECRETS, Redactor
+
 log = logging.getLogger("ssa_server.scripts")
 
 
@@ -40,9 +42,11 @@ class ScriptLog:
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()  # the event loop, pluggy's threads and the folder watcher
 
-    def write(self, name: str, revision: str, lines: Any, dropped: Any = 0) -> None:
+    def write(self, name: str, revision: str, lines: Any, dropped: Any = 0, *,
+              redactor: Redactor = NO_SECRETS) -> None:
         """Log one call's lines of script ``name`` as far as its bucket allows; count the rest.
-        ``lines`` and ``dropped`` come from the worker: checked again, never trusted."""
+        ``lines`` and ``dropped`` come from the worker: checked again, never trusted.  The
+        script's secret values are replaced (``redactor``) in every line written."""
         if not lines and not dropped:
             return
         lines = [str(x) for x in lines[:MAX_LOG_LINES]] if isinstance(lines, list) else []
@@ -56,7 +60,8 @@ class ScriptLog:
             self._count(bucket, dropped + len(lines) - kept, now)
             summary = self._summary(name, bucket, now)
         for line in lines[:kept]:
-            log.info("script %s@%s: %s", name, revision, line[:MAX_LOG_LINE])
+            log.info("script %s@%s: %s", name, revision, redactor.text(line[:MAX_LOG_LINE]) if redactor
+                     else line[:MAX_LOG_LINE])
         if summary:
             log.warning("%s", summary)
 

@@ -19,6 +19,7 @@ import operator
 import time
 import types
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -104,10 +105,14 @@ class CappedPrint:
         print(*objects, sep=str(kw.get("sep", " ")), end=str(kw.get("end", "\n")), file=self)
 
 
+_NO_SECRETS: Mapping[str, str] = types.MappingProxyType({})
+
+
 class ScriptContext:
     """The read-only ``context`` a hook receives (full_write_guard refuses attribute writes)."""
 
-    def __init__(self, facts: dict[str, Any], config: dict[str, Any]) -> None:
+    def __init__(self, facts: dict[str, Any], config: dict[str, Any],
+                 secrets: Mapping[str, str] = _NO_SECRETS) -> None:
         self.client_id = facts.get("client_id", "")
         self.scopes = list(facts.get("scopes", []))
         self.hook = facts.get("hook", "")
@@ -115,6 +120,8 @@ class ScriptContext:
         self.request = facts.get("request", {})
         # The script's config outlives the call: a copy each time (plain JSON: the pool made it so).
         self.config = loads(dumps(config)) if config else {}
+        # This script's secrets only, read-only (a mapping proxy made at load: nothing to copy).
+        self.secrets = secrets
         self._logs: list[str] = []
         self._dropped = 0  # log lines past the per-call cap
         self._denied: dict[str, str] | None = None
@@ -178,14 +185,14 @@ def hooks_of(env: dict[str, Any]) -> list[str]:
     return [h for h in HOOKS if isinstance(env.get(h), types.FunctionType)]
 
 
-def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any],
-         config: dict[str, Any], *, output_limit: int) -> dict[str, Any]:
+def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any], config: dict[str, Any],
+         *, output_limit: int, secrets: Mapping[str, str] = _NO_SECRETS) -> dict[str, Any]:
     """Run one hook on ``payload``, which the script may change (the worker parsed it from the
     request frame: nothing else holds it); the JSON-ready result, validated by the caller."""
     fn = env.get(hook)
     if not isinstance(fn, types.FunctionType):
         raise ScriptError("invalid_result", f"the script defines no {hook}()")
-    context = ScriptContext(facts, config)
+    context = ScriptContext(facts, config, secrets)
     printed = CappedPrint(limit=output_limit)
     env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
     if hook == "create":
