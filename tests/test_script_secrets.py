@@ -282,3 +282,9 @@ def test_config_show_and_scripts_list_never_show_a_secret(tmp_path):
     assert json.loads(listed.stdout)[0]["state"] == "ok"
     for out in (shown, listed):
         assert SECRET not in out.stdout + out.stderr and FILE_SECRET not in out.stdout + out.stderr
+
+
+def test_the_pytest_fixture_takes_secrets_for_the_references(ssa_script, tmp_path):
+    source = 'def create(jwt, context):\n    jwt.claims["k"] = context.secrets["k"]\n'
+    path = write_script(tmp_path, "fx", source, '[secrets]\nk = "env:SSA_TEST_SURELY_UNSET"\n')
+    assert ssa_script(path, secrets={"k": "given"}).create()["claims"]["k"] == "given"
