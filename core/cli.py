@@ -479,8 +479,13 @@ def cmd_scripts_test(args: argparse.Namespace) -> int:
         if not isinstance(event, dict):
             print(f"ssa-server: event file {args.event} must hold a JSON object", file=sys.stderr)
             return 2
+    secrets = _secret_flags(args.secret or [])
+    if isinstance(secrets, str):
+        print(f"ssa-server: {secrets}", file=sys.stderr)
+        return 2
     try:
-        result = run_once(Path(args.file), args.hook, event, limits=_script_limits(_settings(args)))
+        result = run_once(Path(args.file), args.hook, event, limits=_script_limits(_settings(args)),
+                          secrets=secrets)
     except ScriptRefused as e:
         print(f"ssa-server: refused: {e}", file=sys.stderr)
         return 1
@@ -493,6 +498,22 @@ def cmd_scripts_test(args: argparse.Namespace) -> int:
         print(f"ssa-server: denied: {denied.get('error')}: {denied.get('description')}", file=sys.stderr)
         return 3
     return 0
+
+
+def _secret_flags(flags: list[str]) -> dict[str, str] | str:
+    """``--secret NAME=VALUE`` flags as secrets, or why one is wrong (never its value)."""
+    from ssa_server.plugins.script_secrets import SECRET_NAME
+
+    secrets = {}
+    for flag in flags:
+        name, equals, value = flag.partition("=")
+        if not equals or not SECRET_NAME.match(name):
+            return ("--secret takes NAME=VALUE, NAME being 1-64 letters, digits or '_', not starting with a "
+                    "digit")
+        if not value:
+            return f"--secret {name}= is empty"
+        secrets[name] = value
+    return secrets
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
@@ -597,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("file")
     ts.add_argument("--hook", required=True, choices=["create", "get", "revoke"])
     ts.add_argument("--event", help='JSON file: {"payload": {...}, "context": {...}} (default: a sample)')
+    ts.add_argument("--secret", action="append", metavar="NAME=VALUE",
+                    help="a secret for context.secrets, instead of its [secrets] reference (repeatable)")
     ts.set_defaults(func=cmd_scripts_test)
     lg = scripts.add_parser("logs", parents=[common], help="a running server's log lines and failures per script")
     lg.add_argument("name", nargs="?", help="one script (default: every script)")

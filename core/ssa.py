@@ -20,6 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .jsonvalues import clone
+from .script_rules import SIGNER_HEADER, same
 from .status_list import status_claim
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
@@ -145,6 +146,9 @@ class SsaRecord(TypedDict):
     # The scope claim made at creation from the software_roles (``role_scope``); None: no claim.
     scope: NotRequired[str | None]
     status_list: NotRequired[StatusRef | None]  # None: issued without a status list (or before them)
+    # What the create hooks changed in the JWT (``jwt_changes``), None when nothing; absent in
+    # records stored before it existed.
+    hook_changes: NotRequired[dict[str, Any] | None]
 
 
 # What an exported SSA must hold to be imported (every field but the optional ones), in order.
@@ -191,7 +195,8 @@ def record_from_request(request: CreateRequest, *, now: int, expiration_in_days:
                   status=ACTIVE, creator_id=creator_id, iss=issuer,
                   scope=role_scope(request.software_roles, role_scopes) if role_scopes else None,
                   status_list=None if status_list is None else {"list": status_list[0], "idx": status_list[1],
-                                                                "until": expiration})
+                                                                "until": expiration},
+                  hook_changes=None)
     return record  # type: ignore[return-value]
 
 
@@ -209,7 +214,8 @@ def _shown(record: SsaRecord, out: dict[str, Any], names: tuple[tuple[str, ...],
 
 
 def jwt_claims(record: SsaRecord) -> dict[str, Any]:
-    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes."""
+    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes,
+    then what the create hooks changed (``hook_changes``): the claims the SSA was issued with."""
     claims = _shown(record, {"jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
                              "iss": record["iss"]}, _CLAIMED)
     scope = record.get("scope")
@@ -220,6 +226,11 @@ def jwt_claims(record: SsaRecord) -> dict[str, Any]:
     ref = record.get("status_list")
     if ref:
         claims["status"] = status_claim(status_list_uri(record["iss"], ref["list"]), ref["idx"])
+    changes = record.get("hook_changes")
+    if changes:
+        for name in changes.get("removed_claims", ()):
+            claims.pop(name, None)
+        claims.update(clone(changes.get("claims", {})))
     return claims
 
 
@@ -241,6 +252,53 @@ def status_view(record: SsaRecord, now: int) -> dict[str, Any]:
             "one_time_use": record["one_time_use"]}
 
 
+def jwt_header(record: SsaRecord, typ: str) -> dict[str, Any]:
+    """The SSA's JWT header without the signer's ``alg`` and ``kid``: ``typ`` (the setting
+    ``jwt_typ``) and the parameters the create hooks added."""
+    header: dict[str, Any] = {"typ": typ}
+    changes = record.get("hook_changes")
+    if changes and changes.get("header"):
+        header.update(clone(changes["header"]))
+    return header
+
+
+def jwt_changes(header: dict[str, Any], claims: dict[str, Any], new_header: dict[str, Any],
+                new_claims: dict[str, Any]) -> dict[str, Any] | None:
+    """What the create hooks changed from ``header``/``claims`` (the JWT the record gives) to the
+    JWT that is signed, as the record keeps it (``hook_changes``): ``header`` the parameters set
+    (the signer's ``alg``/``kid`` never), ``claims`` the claims set or changed (type-strict:
+    ``1.0`` replacing ``1`` is a change), ``removed_claims`` the names deleted; each only when
+    not empty, None when nothing changed.  The values are the hooks' own objects (not copied)."""
+    out: dict[str, Any] = {}
+    set_header = {k: v for k, v in new_header.items()
+                  if k not in SIGNER_HEADER and (k not in header or not same(header[k], v))}
+    if set_header:
+        out["header"] = set_header
+    set_claims = {k: v for k, v in new_claims.items() if k not in claims or not same(claims[k], v)}
+    if set_claims:
+        out["claims"] = set_claims
+    removed = [k for k in claims if k not in new_claims]
+    if removed:
+        out["removed_claims"] = removed
+    return out or None
+
+
+def hook_changes_problem(changes: Any) -> str | None:
+    """Why ``changes`` is not a record's ``hook_changes`` (as ``jwt_changes`` makes it), or None:
+    an import checks it, since GET /ssa/jwt and GET /ssa read it."""
+    if changes is None:
+        return None
+    if type(changes) is not dict or set(changes) - {"header", "claims", "removed_claims"}:
+        return "hook_changes must be null or an object of header, claims and removed_claims"
+    for part in ("header", "claims"):
+        if type(changes.get(part, {})) is not dict:
+            return f"hook_changes.{part} must be an object"
+    removed = changes.get("removed_claims", [])
+    if type(removed) is not list or not all(type(name) is str for name in removed):
+        return "hook_changes.removed_claims must be a list of names"
+    return None
+
+
 def list_item(record: SsaRecord) -> dict[str, Any]:
     """The GET /ssa element for one stored SSA (Janssen's shape)."""
     inner = _shown(record, {"iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
@@ -250,5 +308,10 @@ def list_item(record: SsaRecord) -> dict[str, Any]:
         inner["scope"] = scope
     for name, value in record["custom"].items():
         inner.setdefault(name, clone(value))
+    changes = record.get("hook_changes")
+    if changes and changes.get("claims"):  # beside the custom attributes; never a model field's name
+        for name, value in changes["claims"].items():
+            if name not in inner and name not in RESERVED_ATTRIBUTES:
+                inner[name] = clone(value)
     return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
             "iss": record["creator_id"], "status": record["status"]}

@@ -10,8 +10,8 @@ watcher calls on every poll).
 
 What is written, and each failure of a script, also goes to that script's ring (the last
 ``keep`` entries; GET /scripts/{name}/logs, ``scripts logs``), numbered by one sequence per
-server process (the cursor).  ``redact`` sees every line before the log or the ring does: the
-place for a secret's redaction (issue 13, part B).
+server process (the cursor).  A script's secret values are replaced (its ``Redactor``) before
+the log or the ring sees a line; failures come here already redacted.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssa_server.script_rules import MAX_LOG_LINE, MAX_LOG_LINES
+
+from .script_secrets import NO_SECRETS, Redactor
 
 log = logging.getLogger("ssa_server.scripts")
 
@@ -43,7 +45,7 @@ MAX_PAGE = 1000  # ring entries per read
 
 class ScriptLog:
     def __init__(self, lines: int, interval: float, *, clock: Callable[[], float] = time.monotonic,
-                 keep: int = 200, redact: Callable[[str, str], str] | None = None) -> None:
+                 keep: int = 200) -> None:
         self.lines, self.interval = lines, interval
         self._rate = lines / interval
         self._clock = clock
@@ -52,7 +54,6 @@ class ScriptLog:
         self.keep = keep
         self._rings: dict[str, deque[dict[str, Any]]] = {}
         self._seq = 0
-        self._redact = redact  # (script, line) -> the line as it may be shown
 
     def _ring(self, name: str, revision: str, kind: str, lines: list[str]) -> None:
         """Append to ``name``'s ring (the lock held)."""
@@ -70,8 +71,6 @@ class ScriptLog:
     def failure(self, name: str, revision: str, text: str) -> None:
         """A failure of script ``name`` (the server's words, never the script's source) in its ring."""
         text = text[:MAX_LOG_LINE * 2]
-        if self._redact is not None:
-            text = self._redact(name, text)
         with self._lock:
             self._ring(name, revision, "failure", [text])
 
@@ -88,9 +87,11 @@ class ScriptLog:
         with self._lock:
             self._rings.pop(name, None)
 
-    def write(self, name: str, revision: str, lines: Any, dropped: Any = 0) -> None:
+    def write(self, name: str, revision: str, lines: Any, dropped: Any = 0, *,
+              redactor: Redactor = NO_SECRETS) -> None:
         """Log one call's lines of script ``name`` as far as its bucket allows; count the rest.
-        ``lines`` and ``dropped`` come from the worker: checked again, never trusted."""
+        ``lines`` and ``dropped`` come from the worker: checked again, never trusted.  The
+        script's secret values are replaced (``redactor``) in every line written."""
         if not lines and not dropped:
             return
         lines = [str(x) for x in lines[:MAX_LOG_LINES]] if isinstance(lines, list) else []
@@ -104,8 +105,8 @@ class ScriptLog:
             self._count(bucket, dropped + len(lines) - kept, now)
             summary = self._summary(name, bucket, now)
             shown = [line[:MAX_LOG_LINE] for line in lines[:kept]]
-            if self._redact is not None:
-                shown = [self._redact(name, line) for line in shown]
+            if redactor:
+                shown = [redactor.text(line) for line in shown]
             self._ring(name, revision, "log", shown)
         for line in shown:
             log.info("script %s@%s: %s", name, revision, line)

@@ -26,8 +26,10 @@ from ssa_server.script_rules import HOOKS, PASSED_ON, failure_refuses, may_refus
 
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.http_broker import HttpBroker, HttpLimits
+from .script_config import script_config
 from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
 from .script_log import ScriptLog
+from .script_secrets import NO_SECRETS, Redactor
 
 log = logging.getLogger("ssa_server.scripts")
 
@@ -50,7 +52,8 @@ class ScriptState:
     failures: int = 0
     failures_by_kind: dict[str, int] = field(default_factory=dict)
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=_DURATIONS_KEPT))
-    seen_hash: str = ""  # hash of the file content last tried
+    seen_hash: str = ""  # hash of the file content last tried (and a keyed digest of its secrets)
+    redactor: Redactor = NO_SECRETS  # its secrets' values, kept out of its log lines and errors
 
     def public(self) -> dict[str, Any]:
         p50 = p99 = None
@@ -103,11 +106,12 @@ class _Adapter:
             raise SandboxBusy(retry_after=max(1, math.ceil(self.host.limits.timeout)))
         self._count(seconds)
         self.state.failures += 1
+        message = self.state.redactor.text(str(e))
         self.state.failures_by_kind[e.kind] = self.state.failures_by_kind.get(e.kind, 0) + 1
         if self.state.state != "failed":  # a failed script's listing keeps why it failed
-            self.state.last_error = f"{self.hook}: {e.kind}: {e}"
-        self.host.script_log.failure(name, self.state.revision, f"{self.hook} failed: {e.kind}: {e}")
-        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
+            self.state.last_error = f"{self.hook}: {e.kind}: {message}"
+        self.host.script_log.failure(name, self.state.revision, f"{self.hook} failed: {e.kind}: {message}")
+        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, message)
         if failure_refuses(self.hook, self.host.on_error):
             raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
         return None
@@ -116,11 +120,13 @@ class _Adapter:
         """Count a success, log what the script logged, raise its denial (where scripts may refuse)."""
         name = self.state.name
         self._count(seconds)
-        self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"))
+        redactor = self.state.redactor
+        self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"),
+                                   redactor=redactor)
         denied = result.get("denied")
         if denied and may_refuse(self.hook):
-            raise ScriptDenied(str(denied.get("description") or f"denied by script {name}"),
-                               error=str(denied.get("error") or "access_denied"))
+            raise ScriptDenied(redactor.text(str(denied.get("description") or f"denied by script {name}")),
+                               error=redactor.text(str(denied.get("error") or "access_denied")))
         if denied:
             log.warning("script %s tried to deny a revocation; revocations stand", name)
         return result
@@ -304,13 +310,15 @@ class ScriptHost:
     def _load_one(self, dir_fd: int, entry: Entry) -> bool:
         name = entry.name
         state = self.scripts.get(name)
+        error: str | None
         try:
-            source, config, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
+            source, toml, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
+            loaded = script_config(name, toml)
         except ScriptRefused as e:
-            revision, source, config, error = "", "", {}, str(e)
+            revision, source, loaded, error = "", "", script_config(name, {}), str(e)
         else:
             error = None
-        marker = revision or f"error:{error}"
+        marker = f"{revision}:{loaded.fingerprint()}" if revision else f"error:{error}"
         if state is not None and state.seen_hash == marker:
             return False  # nothing new since the last attempt
         if state is None:
@@ -321,11 +329,13 @@ class ScriptHost:
                                     http=self.http)
         if error is None:
             try:
-                state.hooks = [h for h in self.pool.load(name, source, config) if h in HOOKS]
+                state.hooks = [h for h in self.pool.load(name, source, loaded.config, loaded.secrets)
+                               if h in HOOKS]
             except ScriptRefused as e:
-                error = str(e)
+                error = loaded.redactor.text(str(e))
             else:
                 state.revision, state.state, state.last_error = revision, "loaded", None
+                state.redactor = loaded.redactor
                 log.info("script %s loaded revision=%s hooks=%s", name, revision, ",".join(state.hooks) or "-")
                 return True
         state.last_error = error
@@ -471,14 +481,19 @@ class ScriptRunner:
     fixture ``ssa_script`` run hooks through it, on the same code path as the server."""
 
     def __init__(self, path: str | Path, *, limits: SandboxLimits | None = None,
-                 http: HttpLimits | None = None) -> None:
+                 http: HttpLimits | None = None, secrets: dict[str, str] | None = None) -> None:
+        """``secrets`` stand in for the references of the script's ``[secrets]`` table (and may
+        name more): ``scripts test --secret NAME=VALUE``."""
         self.path = Path(path)
         self.name = self.path.stem
         self.limits = limits or SandboxLimits()
-        source, config, self.revision = read_script(self.path, self.limits.max_source_kb * 1024)
+        source, toml, self.revision = read_script(self.path, self.limits.max_source_kb * 1024)
+        loaded = script_config(self.name, toml, given_secrets=secrets)
+        self.redactor = loaded.redactor
         self._pool = SandboxPool(workers=1, limits=self.limits, http=HttpBroker(http or HttpLimits()))
         try:
-            self.hooks = [h for h in self._pool.load(self.name, source, config) if h in HOOKS]
+            self.hooks = [h for h in self._pool.load(self.name, source, loaded.config, loaded.secrets)
+                          if h in HOOKS]
         except BaseException:
             self._pool.close()
             raise
@@ -491,8 +506,18 @@ class ScriptRunner:
         if hook not in self.hooks:
             raise ScriptRefused(f"{self.path.name} defines no {hook}() function")
         sample = sample_event(hook)
-        return self._pool.call(self.name, hook, payload or sample["payload"],
-                               dict(sample["context"], **(context or {})))
+        try:
+            result = self._pool.call(self.name, hook, payload or sample["payload"],
+                                     dict(sample["context"], **(context or {})))
+        except ScriptError as e:
+            if not self.redactor:
+                raise
+            raise ScriptError(e.kind, self.redactor.text(str(e))) from None
+        if self.redactor:  # what would be log lines and errors (a claim is the script's choice)
+            result["logs"] = self.redactor.lines(result.get("logs", []))
+            if isinstance(result.get("denied"), dict):
+                result["denied"] = {k: self.redactor.text(str(v)) for k, v in result["denied"].items()}
+        return result
 
     def create(self, claims: dict[str, Any] | None = None, header: dict[str, Any] | None = None,
                context: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -518,9 +543,9 @@ class ScriptRunner:
 
 
 def run_once(path: Path, hook: str, event: dict[str, Any] | None = None, *,
-             limits: SandboxLimits | None = None) -> dict[str, Any]:
+             limits: SandboxLimits | None = None, secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """Load ``path`` in a fresh sandbox and run one hook on ``event`` (``{"payload", "context"}``,
     either part optional: the sample fills it).  Raises ScriptRefused or ScriptError."""
     event = event or {}
-    with ScriptRunner(path, limits=limits) as runner:
+    with ScriptRunner(path, limits=limits, secrets=secrets) as runner:
         return runner.run(hook, event.get("payload"), event.get("context"))

@@ -136,9 +136,10 @@ def test_revoke_audit_over_http_logs(serve_with, caplog):
     assert any("revoke_audit" in r.getMessage() and "org o3" in r.getMessage() for r in caplog.records)
 
 
-def test_examples_pass_scripts_check():
+def test_examples_pass_scripts_check(monkeypatch):
     from ssa_server.cli import main
 
+    monkeypatch.setenv("REGISTRY_API_KEY", "a-test-key")  # registry_check's [secrets] reference, as deployed
     for path in sorted(EXAMPLES.joinpath("scripts").glob("*.py")):
         assert main(["scripts", "check", str(path)]) == 0, path
 
@@ -183,17 +184,6 @@ def test_scripts_list_cli_reports_broken_next_to_good(tmp_path, capsys):
 
 
 # --- registry_check (context.http with a secret) ---
-def _has_secrets() -> bool:
-    from ssa_server.plugins.sandbox.policy import ScriptContext
-
-    try:
-        return hasattr(ScriptContext({}, {}), "secrets")
-    except TypeError:
-        return True  # part B changed the signature: it has landed
-
-
-needs_secrets = pytest.mark.skipif(not _has_secrets(), reason="waits for issue 13 part B (context.secrets, "
-                                   "[secrets] in NAME.toml): not merged on this branch yet")
 
 
 @pytest.fixture
@@ -213,7 +203,6 @@ def registry(tmp_path, monkeypatch):
     service.server_close()
 
 
-@needs_secrets
 def test_registry_check_in_sandbox(ssa_script, registry):
     service, folder = registry
     script = ssa_script(folder / "registry_check.py")
@@ -223,7 +212,6 @@ def test_registry_check_in_sandbox(ssa_script, registry):
     assert [h[1] for h in service.hits] == ["/v1/orgs/acme", "/v1/orgs/unknown-org"]
 
 
-@needs_secrets
 def test_registry_check_over_http_denies_unknown_orgs(serve_with, registry, tmp_path):
     service, folder = registry
     scripts = tmp_path / "scripts"

@@ -72,11 +72,14 @@ def _oldest_first(doc: dict[str, Any]) -> tuple[int, str]:
 
 
 def _copy_ssa(doc: dict[str, Any]) -> Any:
-    """A caller's copy of a stored SSA: its only mutable parts are its lists and ``custom``."""
+    """A caller's copy of a stored SSA: its only mutable parts are its lists, ``custom`` and
+    ``hook_changes``."""
     out = doc.copy()
     for name in LIST_FIELDS:
         out[name] = list(doc[name])
     out["custom"] = clone(doc["custom"]) if doc["custom"] else {}
+    if doc.get("hook_changes"):
+        out["hook_changes"] = clone(doc["hook_changes"])
     return out
 
 

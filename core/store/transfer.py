@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from .. import jsonvalues
-from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS
+from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, hook_changes_problem
 from .base import Store
 from .records import ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, TABLES
 
@@ -85,6 +85,9 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         missing = [f for f in _REQUIRED[entry["table"]] if f not in entry["record"]]
         if missing:
             raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
+        problem = hook_changes_problem(entry["record"].get("hook_changes")) if table == "ssa" else None
+        if problem is not None:
+            raise TransferError(f"line {number}: {problem}")
         tables[entry["table"]].append(entry["record"])
     return tables
 

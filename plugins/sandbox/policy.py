@@ -19,7 +19,7 @@ import operator
 import time
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -146,10 +146,14 @@ class ScriptHttp:
 MAX_HTTP_REQUEST = 80 * 1024  # URL, headers and a JSON body (the server caps the body at 64 KiB)
 
 
+_NO_SECRETS: Mapping[str, str] = types.MappingProxyType({})
+
+
 class ScriptContext:
     """The read-only ``context`` a hook receives (full_write_guard refuses attribute writes)."""
 
-    def __init__(self, facts: dict[str, Any], config: dict[str, Any], ask: AskHost | None = None) -> None:
+    def __init__(self, facts: dict[str, Any], config: dict[str, Any], ask: AskHost | None = None,
+                 secrets: Mapping[str, str] = _NO_SECRETS) -> None:
         self.client_id = facts.get("client_id", "")
         self.scopes = list(facts.get("scopes", []))
         self.hook = facts.get("hook", "")
@@ -157,6 +161,8 @@ class ScriptContext:
         self.request = facts.get("request", {})
         # The script's config outlives the call: a copy each time (plain JSON: the pool made it so).
         self.config = loads(dumps(config)) if config else {}
+        # This script's secrets only, read-only (a mapping proxy made at load: nothing to copy).
+        self.secrets = secrets
         self._logs: list[str] = []
         self._dropped = 0  # log lines past the per-call cap
         self._denied: dict[str, str] | None = None
@@ -223,13 +229,14 @@ def hooks_of(env: dict[str, Any]) -> list[str]:
 
 
 def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any],
-         config: dict[str, Any], *, output_limit: int, ask: AskHost | None = None) -> dict[str, Any]:
+         config: dict[str, Any], *, output_limit: int, ask: AskHost | None = None,
+         secrets: Mapping[str, str] = _NO_SECRETS) -> dict[str, Any]:
     """Run one hook on ``payload``, which the script may change (the worker parsed it from the
     request frame: nothing else holds it); the JSON-ready result, validated by the caller."""
     fn = env.get(hook)
     if not isinstance(fn, types.FunctionType):
         raise ScriptError("invalid_result", f"the script defines no {hook}()")
-    context = ScriptContext(facts, config, ask)
+    context = ScriptContext(facts, config, ask, secrets)
     printed = CappedPrint(limit=output_limit)
     env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
     if hook == "create":

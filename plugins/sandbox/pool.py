@@ -212,10 +212,11 @@ class _Entry:
     source: str
     config: dict[str, Any]
     keep_state: str
+    secrets: dict[str, str]  # the script's own, sent in its load frame only
     http: tuple[AllowEntry, ...] = ()  # its [http] allow-list: the server holds its HTTP calls to it
 
     @classmethod
-    def of(cls, name: str, source: str, config: dict[str, Any]) -> _Entry:
+    def of(cls, name: str, source: str, config: dict[str, Any], secrets: dict[str, str]) -> _Entry:
         """The revision to load: ``config`` without its ``[sandbox]`` table, which holds the
         sandbox's options for this script (``keep_state``).  ScriptRefused if they are wrong."""
         config = json.loads(json.dumps(config))
@@ -226,11 +227,14 @@ class _Entry:
         keep_state = options.get("keep_state", "none")
         if keep_state not in KEEP_STATES:
             raise ScriptRefused(f"{name}.toml: [sandbox] keep_state must be one of {', '.join(KEEP_STATES)}")
-        return cls(source, config, keep_state, http)
+        return cls(source, config, keep_state, dict(secrets), http)
 
     def message(self, name: str) -> dict[str, Any]:
-        return {"op": "load", "name": name, "source": self.source, "config": self.config,
-                "keep_state": self.keep_state}
+        message = {"op": "load", "name": name, "source": self.source, "config": self.config,
+                   "keep_state": self.keep_state}
+        if self.secrets:
+            message["secrets"] = self.secrets
+        return message
 
 
 class SandboxPool:
@@ -273,12 +277,14 @@ class SandboxPool:
             self._idle.append(_Worker(self.limits))
 
     # --- scripts ---
-    def load(self, name: str, source: str, config: dict[str, Any]) -> list[str]:
-        """Compile ``source`` in every worker; the hooks it defines.  ScriptRefused if it cannot
-        load in any of them: then every worker keeps the previous revision (or none)."""
+    def load(self, name: str, source: str, config: dict[str, Any],
+             secrets: dict[str, str] | None = None) -> list[str]:
+        """Compile ``source`` in every worker, with the script's ``secrets`` (``context.secrets``);
+        the hooks it defines.  ScriptRefused if it cannot load in any of them: then every worker
+        keeps the previous revision (or none)."""
         if len(source.encode()) > self.limits.max_source_kb * 1024:
             raise ScriptRefused(f"{name}: larger than {self.limits.max_source_kb * 1024} bytes")
-        entry = _Entry.of(name, source, config)
+        entry = _Entry.of(name, source, config, secrets or {})
         with self._admin:
             workers = self._take_all()
             try:
