@@ -15,8 +15,10 @@ _JWT = {"type": "object", "required": ["ssa"],
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {400: "Bad request", 401: "Missing or invalid token, or insufficient scope (unauthorized_client)",
             403: "Feature flag off (access_denied) or a script denied the request",
+            404: "No SSA with this jti (invalid_jti): never issued, or purged; no such script",
             406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
-            429: "Too many failed client authentications (slow_down, Retry-After)",
+            429: "Too many failed client authentications, or unknown jtis from one address "
+                 "(slow_down, Retry-After)",
             502: "A script failed",
             503: "Not ready, the store is unreachable, or no script worker is free in time "
                  "(temporarily_unavailable; Retry-After)"}
@@ -115,10 +117,39 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "summary": "Validate an SSA (a one-time SSA becomes USED)",
             "parameters": [{"name": "jti", "in": "header", "required": True, "schema": {"type": "string"}}],
             "responses": {**_ok("Valid (empty body)"), **_errors(400, 403, 503)}}},
-        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, p50",
+        "/ssa/status": {"get": {
+            "summary": "An SSA's status, without a token and without any change "
+                       "(a one-time SSA stays ACTIVE)",
+            "parameters": [{"name": "jti", "in": "query", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("The status", {
+                "type": "object", "required": ["jti", "status", "exp", "one_time_use"],
+                "properties": {"jti": {"type": "string"}, "status": {"type": "string", "enum": list(STATES)},
+                               "exp": {"type": "integer"}, "one_time_use": {"type": "boolean"}}}),
+                          **_errors(400, 403, 404, 429, 503)}}},
+        "/statuslists/{list_id}": {"get": {
+            "summary": "A Token Status List Token (draft-ietf-oauth-status-list-19; docs/consumers.md)",
+            "parameters": [{"name": "list_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The signed list (cacheable for its ttl)",
+                                  "content": {"application/statuslist+jwt": {"schema": {"type": "string"}}}},
+                          "404": {"description": "No such list, or status lists are off (not_found)",
+                                  "content": {"application/json": {"schema": _ERROR}}}}}},
+        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, "
+                                        "failures by kind, p50, p99, HTTP calls",
                              "security": bearer(ADMIN),
                              "responses": {**_ok("Scripts", {"type": "array", "items": any_object}),
                                            **_errors(401, 503)}}},
+        "/scripts/{name}/logs": {"get": {
+            "summary": "A script's last log lines and failures (a ring per script, per server process)",
+            "security": bearer(ADMIN),
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"name": "since", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                            "description": "the cursor: entries with a greater seq (the last answer's next)"},
+                           {"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}}],
+            "responses": {**_ok("Entries {seq, time, revision, kind: log|failure, line} and next",
+                                any_object),
+                          **_errors(400, 401, 404)}}},
         "/.well-known/openid-configuration": {"get": {"summary": "Discovery",
                                                       "responses": _ok("Metadata", any_object)}},
         "/.well-known/oauth-authorization-server": {"get": {"summary": "RFC 8414 metadata",

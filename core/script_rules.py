@@ -24,7 +24,7 @@ from typing import Any
 from .jsonvalues import clone
 
 HOOKS = ("create", "get", "revoke")
-PROTECTED_CLAIMS = ("jti", "iss", "iat")
+PROTECTED_CLAIMS = ("jti", "iss", "iat", "status")  # status: the SSA's Token Status List entry
 SIGNER_HEADER = ("alg", "kid")  # written by the signer from the active key
 # What one call may log (``context.log`` and ``print`` together); the rest is counted as dropped.
 MAX_LOG_LINES, MAX_LOG_LINE = 20, 500

@@ -31,7 +31,10 @@ _HMAC = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha5
 SLOW_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 # These go to the server's signing process (``signing_process.py``): off the event loop without
 # waiting for the GIL.  HMAC costs a few microseconds: inline.
-PROCESS_ALGS = frozenset({"ES256", "ES384", "ES512", "EdDSA"})
+PROCESS_ALGS = frozenset({"ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
+# Ed25519 signatures under either name: "EdDSA" (RFC 8037, deprecated) and the fully specified
+# "Ed25519" (RFC 9864); the same key type and signature, only the JWS/JWK ``alg`` differs.
+ED25519_ALGS = frozenset({"EdDSA", "Ed25519"})
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -74,9 +77,9 @@ def signature_function(key: dict[str, Any], alg: str) -> Callable[[bytes], bytes
             return r.to_bytes(size, "big") + s.to_bytes(size, "big")  # JWS wants r || s, not DER
 
         return sign_ec
-    if alg == "EdDSA" and isinstance(private, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+    if alg in ED25519_ALGS and isinstance(private, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
         return private.sign
-    if alg[:2] in ("RS", "PS", "ES") or alg == "EdDSA":
+    if alg[:2] in ("RS", "PS", "ES") or alg in ED25519_ALGS:
         raise ValueError(f"{alg} cannot sign with a {key.get('kty')} key")
     raise ValueError(f"unsupported alg {alg}")
 

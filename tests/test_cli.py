@@ -49,7 +49,7 @@ def test_keys_list_and_rotate(cli):
     assert {k["use"] for k in listed} == {"ssa", "token"} and all("jwk" not in k for k in listed)
     (first,) = [k for k in listed if k["use"] == "ssa"]
     assert first["status"] == "active"
-    new = cli("keys", "rotate", "--alg", "ES256")
+    new = cli("keys", "rotate", "--alg", "ES256", "--now")
     keys = {k["kid"]: k for k in cli("keys", "list") if k["use"] == "ssa"}
     assert keys[new["kid"]]["alg"] == "ES256" and keys[first["kid"]]["status"] == "retiring"
 

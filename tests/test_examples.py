@@ -137,9 +137,10 @@ def test_revoke_audit_over_http_logs(serve_with, caplog):
     assert any("revoke_audit" in r.getMessage() and "org o3" in r.getMessage() for r in caplog.records)
 
 
-def test_examples_pass_scripts_check():
+def test_examples_pass_scripts_check(monkeypatch):
     from ssa_server.cli import main
 
+    monkeypatch.setenv("REGISTRY_API_KEY", "a-test-key")  # registry_check's [secrets] reference, as deployed
     for path in sorted(EXAMPLES.joinpath("scripts").glob("*.py")):
         assert main(["scripts", "check", str(path)]) == 0, path
 
@@ -182,3 +183,92 @@ def test_scripts_list_cli_reports_broken_next_to_good(tmp_path, capsys):
     listed = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
     assert listed["good"]["state"] == "ok" and listed["good"]["hooks"] == ["revoke"]
     assert listed["bad"]["state"] == "error" and "import" in listed["bad"]["error"]
+
+
+# --- registry_check (context.http with a secret) ---
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """The registry example's service on 127.0.0.1, and a copy of the example pointed at it."""
+    from http_service import start_server
+
+    service = start_server()
+    monkeypatch.setenv("REGISTRY_API_KEY", service.api_key)
+    copied = tmp_path / "registry_examples"
+    copied.mkdir()
+    shutil.copy(example("registry_check"), copied)
+    toml = EXAMPLES.joinpath("scripts", "registry_check.toml").read_text()
+    copied.joinpath("registry_check.toml").write_text(toml.replace("8099", str(service.server_address[1])))
+    yield service, copied
+    service.shutdown()
+    service.server_close()
+
+
+def test_registry_check_in_sandbox(ssa_script, registry):
+    service, folder = registry
+    script = ssa_script(folder / "registry_check.py")
+    assert script.create(claims={"org_id": "acme"})["claims"]["registry_status"] == "active"
+    denied = script.create(claims={"org_id": "unknown-org"})
+    assert denied["denied"]["error"] == "access_denied" and denied["result"] is False
+    assert [h[1] for h in service.hits] == ["/v1/orgs/acme", "/v1/orgs/unknown-org"]
+
+
+def test_registry_check_over_http_denies_unknown_orgs(serve_with, registry, tmp_path):
+    service, folder = registry
+    scripts = tmp_path / "scripts"
+    scripts.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        shutil.copy(f, scripts / f.name)
+    client, auth = serve_with()
+    r = client.post("/ssa", json={"org_id": "globex"}, headers=auth)
+    assert r.status_code == 201, r.text
+    assert claims_of(client, r.json()["ssa"])[1]["registry_status"] == "active"
+    r = client.post("/ssa", json={"org_id": "unknown-org"}, headers=auth)
+    assert r.status_code == 403 and "not in the registry" in r.json()["error_description"]
+    assert client.get("/ssa", params={"org_id": "unknown-org"}, headers=auth).json() == []
+    listed = {s["name"]: s for s in client.get("/scripts", headers=auth).json()}
+    assert listed["registry_check"]["http"]["calls"] == 2
+    assert service.api_key not in json.dumps(listed)
+
+
+# --- janssen_format (Janssen's class, print statements and imports, unchanged) ---
+JANSSEN_FORMAT = EXAMPLES / "pending" / "janssen_format.py"  # moves to scripts/ once part A is merged
+
+
+def _janssen_format_runs() -> bool:
+    from ssa_server.plugins.sandbox import ScriptRefused
+
+    try:
+        with ScriptRunner(JANSSEN_FORMAT):
+            return True
+    except ScriptRefused:
+        return False
+
+
+needs_janssen_format = pytest.mark.skipif(
+    not _janssen_format_runs(),
+    reason="waits for issue 13 part A (Janssen-format scripts adapted before the compile): "
+           "not merged here yet")
+
+
+@needs_janssen_format
+def test_janssen_format_in_sandbox(ssa_script):
+    script = ssa_script(JANSSEN_FORMAT)
+    result = script.create()
+    assert result["header"]["custom_header_name"] == "custom_header_value"
+    assert result["claims"]["custom_claim_name"] == "custom_claim_value"
+    assert any("Modify ssa response script" in line for line in result["logs"])
+    assert script.get()["result"] is True and script.revoke()["result"] is True
+
+
+@needs_janssen_format
+def test_janssen_format_over_http_is_signed(serve_with, tmp_path):
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    shutil.copy(JANSSEN_FORMAT, tmp_path / "scripts")
+    client, auth = serve_with()
+    r = client.post("/ssa", json={"org_id": "acme"}, headers=auth)
+    assert r.status_code == 201, r.text
+    header, claims = claims_of(client, r.json()["ssa"])
+    assert header["custom_header_name"] == "custom_header_value"
+    assert claims["custom_claim_name"] == "custom_claim_value"

@@ -134,7 +134,7 @@ def test_two_nodes_share_ssas_validations_and_keys(nodes, pg_url):
     old_kid = kid_of(token)
     a.http.post("/ssa", json={"org_id": "still-valid"}, headers=H)  # keeps the old key in /jwks
     assert a.kids() == b.kids() == {old_kid}
-    rotated = cli(pg_url, "keys", "rotate")["kid"]
+    rotated = cli(pg_url, "keys", "rotate", "--now")["kid"]  # delayed: test_key_rotation_live
     deadline = time.time() + 10
     while not (rotated in a.kids() and rotated in b.kids()):
         assert time.time() < deadline, "the rotated key was not served by both nodes"

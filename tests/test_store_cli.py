@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ import pytest
 psycopg = pytest.importorskip("psycopg", reason="pip install -e '.[test]' installs the PostgreSQL driver")
 
 from conftest import ADMIN, truncate, with_database  # noqa: E402
+from ssa_server.store.pgschema import LATEST  # noqa: E402
 
 
 def run(*args: str, env: dict[str, str] | None = None,
@@ -79,11 +81,11 @@ def test_schema_behind_is_refused_until_migrate(fresh_db):
     env = {"SSA_STORE_URL": fresh_db}
     r = run("clients", "list", env=env)
     assert r.returncode == 1
-    assert r.stderr.strip() == ("ssa-server: the database has schema version 0, this server needs 1: "
+    assert r.stderr.strip() == (f"ssa-server: the database has schema version 0, this server needs {LATEST}: "
                                 "run `ssa-server store migrate`")
     migrated = json.loads(ok("store", "migrate", env=env).stdout)
-    assert (migrated["schema_version_before"], migrated["schema_version"]) == (0, 1)
-    assert json.loads(ok("store", "migrate", env=env).stdout)["schema_version_before"] == 1  # idempotent
+    assert (migrated["schema_version_before"], migrated["schema_version"]) == (0, LATEST)
+    assert json.loads(ok("store", "migrate", env=env).stdout)["schema_version_before"] == LATEST  # idempotent
     assert json.loads(ok("clients", "list", env=env).stdout) == []
 
 
@@ -93,8 +95,36 @@ def test_newer_schema_is_refused(fresh_db):
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     r = run("keys", "list", env=env)
-    assert (r.returncode == 1
-            and "schema version 99, newer than this server knows (1): upgrade ssa-server" in r.stderr)
+    assert r.returncode == 1
+    assert f"schema version 99, newer than this server knows ({LATEST}): upgrade ssa-server" in r.stderr
+
+
+def test_migration_2_keeps_the_ssas_of_a_version_1_database(fresh_db):
+    """Migration 2 (Token Status Lists) on a database a version-1 server wrote: its SSAs keep
+    every field, answer GET /ssa/status semantics through the CLI's store, and new ones get entries."""
+    from ssa_server.store.pgschema import MIGRATIONS, VERSION_TABLE
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(VERSION_TABLE)
+        for statement in MIGRATIONS[0][1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (true, 1)")
+    env = {"SSA_STORE_URL": fresh_db}
+    assert run("ssa", "list", env=env).returncode == 1  # refused until migrated
+    assert json.loads(ok("store", "migrate", env=env).stdout)["schema_version"] == LATEST
+    with psycopg.connect(fresh_db, autocommit=True) as conn:  # an SSA the version-1 server stored
+        conn.execute("INSERT INTO ssa (jti, org_id, status, expiration, creator_id, created_at, one_time_use,"
+                     " doc) VALUES ('old', 'acme', 'REVOKED', 1, 'cli', 1, true, %s)",
+                     (json.dumps({"description": "", "software_id": "s", "software_roles": [],
+                                  "grant_types": [], "rotate_ssa": True, "custom": {},
+                                  "iss": "http://127.0.0.1:8080"}),))
+    token = json.loads(ok("ssa", "create", "--org-id", "acme", env=env).stdout)["ssa"]
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["status"]["status_list"]["uri"] == "http://127.0.0.1:8080/statuslists/1"
+    export = ok("store", "export", env=env).stdout
+    tables = [json.loads(line)["table"] for line in export.splitlines() if line.strip()]
+    assert tables.count("statuslists") == 1 and tables.count("ssa") == 2  # the old SSA kept, without an entry
 
 
 def _records(text: str) -> list[tuple[str, str]]:

@@ -30,7 +30,7 @@ from ..settings import redact_url
 from . import pgschema
 from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import ClientRecord, KeyRecord, TemplateRecord
+from .records import ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
 from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
@@ -103,6 +103,14 @@ def _key(row: dict[str, Any]) -> KeyRecord:
     record = dict(row["doc"])
     record.update({c: row[c] for c in KEY_COLUMNS})
     return cast(KeyRecord, record)
+
+
+_LIST_COLUMNS = "id, size, next, created_at, doc"
+
+
+def _status_list(row: dict[str, Any]) -> StatusListRecord:
+    return {"id": str(row["id"]), "size": row["size"], "next": row["next"], "key": row["doc"]["key"],
+            "created_at": row["created_at"]}
 
 
 class PgStore:
@@ -293,8 +301,10 @@ class PgStore:
     async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
         async with self._connection() as conn, conn.transaction():
             # Purge first, so an SSA expired in this run is kept until a later one (as TinyStore).
-            purged = await conn.execute("DELETE FROM ssa WHERE status <> %s AND expiration < %s",
-                                        (ACTIVE, now - grace))
+            purged = await conn.execute(
+                "DELETE FROM ssa WHERE status <> %(active)s AND expiration < %(cutoff)s"
+                " AND COALESCE((doc->'status_list'->>'until')::bigint, 0) < %(cutoff)s",
+                {"active": ACTIVE, "cutoff": now - grace})
             expired = await conn.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s",
                                          (EXPIRED, ACTIVE, now))
             return expired.rowcount, purged.rowcount
@@ -302,6 +312,51 @@ class PgStore:
     async def count_ssas(self) -> int:
         rows = await self._rows("SELECT count(*) AS n FROM ssa")
         return int(rows[0]["n"])
+
+    # --- Token Status Lists ---
+    async def reserve_status_counters(self, count: int, size: int, key: str,
+                                      now: int) -> tuple[StatusListRecord, int]:
+        """One conditional UPDATE of the newest list (its row lock serialises the nodes, and the
+        condition is checked again on the locked row); when it is full, an INSERT of the next id
+        (a node that loses that race retries the UPDATE on the winner's list)."""
+        while True:
+            rows = await self._rows(
+                f"UPDATE statuslists SET next = next + %(n)s WHERE id = (SELECT max(id) FROM statuslists)"
+                f" AND next + %(n)s <= size RETURNING {_LIST_COLUMNS}", {"n": count})
+            if rows:
+                return _status_list(rows[0]), rows[0]["next"] - count
+            rows = await self._rows(
+                f"INSERT INTO statuslists (id, size, next, created_at, doc)"
+                f" SELECT COALESCE(max(id), 0) + 1, %(size)s, %(n)s, %(now)s, %(doc)s FROM statuslists"
+                f" ON CONFLICT (id) DO NOTHING RETURNING {_LIST_COLUMNS}",
+                {"n": count, "size": size, "now": now, "doc": _jsonb({"key": key})})
+            if rows:
+                return _status_list(rows[0]), 0
+
+    async def get_status_list(self, list_id: str) -> StatusListRecord | None:
+        if not (list_id.isascii() and list_id.isdigit() and len(list_id) <= 18):
+            return None
+        rows = await self._rows(f"SELECT {_LIST_COLUMNS} FROM statuslists WHERE id = %s", (int(list_id),))
+        return _status_list(rows[0]) if rows else None
+
+    async def list_status_lists(self) -> list[StatusListRecord]:
+        rows = await self._rows(f"SELECT {_LIST_COLUMNS} FROM statuslists ORDER BY id")
+        return [_status_list(r) for r in rows]
+
+    async def add_status_list(self, record: StatusListRecord) -> None:
+        try:
+            await self._rows("INSERT INTO statuslists (id, size, next, created_at, doc) "
+                             "VALUES (%s, %s, %s, %s, %s)",
+                             (int(record["id"]), record["size"], record["next"], record["created_at"],
+                              _jsonb({"key": record["key"]})))
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"a status list with id {record['id']} exists") from None
+
+    async def invalid_status_indexes(self, list_id: str) -> list[int]:
+        rows = await self._rows(
+            "SELECT (doc->'status_list'->>'idx')::bigint AS idx FROM ssa WHERE status IN (%s, %s)"
+            " AND doc->'status_list'->>'list' = %s", (USED, REVOKED, list_id))
+        return [int(r["idx"]) for r in rows]
 
     # --- clients ---
     async def add_client(self, record: ClientRecord) -> None:

@@ -40,7 +40,7 @@ from tinydb import Query
 from tinydb.queries import QueryInstance
 
 from .. import jsonvalues
-from ..ssa import STATES, SsaRecord
+from ..ssa import STATES, SsaRecord, StatusRef
 
 MAX_LENGTH = 1024  # characters of every ``where`` together
 MAX_TERMS = 16
@@ -63,6 +63,8 @@ def _kinds() -> tuple[dict[str, str], frozenset[str]]:
     kinds, nullable = {}, set()
     for name, hint in get_type_hints(SsaRecord).items():
         args = get_args(hint)
+        if StatusRef in args:  # the Token Status List entry: not a search field
+            continue
         if type(None) in args:
             nullable.add(name)
             hint = next(a for a in args if a is not type(None))

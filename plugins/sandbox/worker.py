@@ -4,13 +4,15 @@ limits, and JSON frames on two pipes (and ``P``, a memfd holding the index of th
 see ``docs/sandbox.md``).  It loads only what it needs: the frames, the language policy, the
 result rules; nothing of the pool, the plugin manager or the server's process machinery.
 
-Requests: ``{"op": "load", "name", "source", "config", "keep_state"}`` and ``{"op": "unload",
+Requests: ``{"op": "load", "name", "source", "config", "keep_state", "secrets"}`` and ``{"op": "unload",
 "name"}`` for the script set, and one mode for calls, ``{"op": "batch", "jobs": [chain, ...]}``
 where a chain is ``{"names", "hook", "payload", "context", "skip_errors"}`` (a call is a chain of
 one script).  Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}`` (a step's, a load's),
 for a batch ``{"answers": [{"steps": [step answer, ...]}, ...]}``; ``"retire": true`` in front
-when the worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the
-process; the server sees the pipe close and starts a new worker.
+when the worker's lifetime CPU is nearly spent.  Mid-step, ``context.http`` writes ``{"http":
+request}`` on the answer pipe and reads the server's answer on the request pipe (``_ask_host``).
+Anything worse (CPU limit, segfault) ends the process; the server sees the pipe close and starts
+a new worker.
 
 Every script call is a *step* of its own: its own CPU budget, a fresh copy of its input and of
 the script's module state, and at its end its objects dropped and the garbage collected (the
@@ -30,6 +32,7 @@ import sys
 import tracemalloc
 import unicodedata  # noqa: F401  (the compiler imports it for non-ASCII names: no file can be opened later)
 import warnings
+from types import MappingProxyType
 from typing import Any
 
 from ssa_server.frames import FrameError, dumps, loads, read_frame_bytes, write_raw_frame
@@ -162,7 +165,7 @@ class Worker:
     """The scripts loaded in this process and the steps that run them."""
 
     def __init__(self, limits: dict[str, Any], progress: SharedCounter) -> None:
-        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any]]] = {}
+        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any], MappingProxyType[str, str]]] = {}
         self.output = limits["output_kb"] * 1024
         self.max_depth = limits["max_depth"]
         self.max_source = limits["max_source_kb"] * 1024
@@ -266,7 +269,8 @@ class Worker:
                 raise ScriptError("invalid_result", f"script {name} is not loaded")
             client = str(facts.get("client_id", ""))
             world = loaded[0].take(client)
-            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output)
+            result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output,
+                                 ask=_ask_host, secrets=loaded[2])
             payload = facts = None
             text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
         except BaseException as e:  # the script's own exception, SystemExit included
@@ -311,10 +315,26 @@ class Worker:
         replaced = False
         if template is not None:
             replaced = name in self.scripts
+            secrets = request.get("secrets") or {}
             self.scripts[name] = (ScriptWorlds(template, str(request.get("keep_state") or "none")),
-                                  request.get("config") or {})
+                                  request.get("config") or {},
+                                  MappingProxyType({k: v for k, v in secrets.items() if type(v) is str}))
         _refreeze(replaced)
         return text
+
+
+def _ask_host(request: dict[str, Any]) -> dict[str, Any]:
+    """``context.http``: the request as a frame on the answer pipe, ``{"http": request}``, then
+    the server's answer on the request pipe (``http_broker.py``); the step waits meanwhile (its
+    wall clock runs in the server, its CPU budget does not).  A server gone: this process ends."""
+    text = dumps(request)
+    lead = b" " if text[:1] == b" " else b""
+    write_raw_frame(ANSWERS_FD, lead + b'{"http":' + text.lstrip(b" ") + b"}")
+    try:
+        answer = loads(read_frame_bytes(REQUESTS_FD, MAX_REQUEST))
+    except (FrameError, ValueError):
+        os._exit(1)
+    return answer if isinstance(answer, dict) else {"http_error": "http failed: a malformed answer"}
 
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:

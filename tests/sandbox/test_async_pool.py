@@ -103,9 +103,9 @@ def round_trips(monkeypatch):
     sent: list[str] = []
     original = pool_module._Worker.request_async
 
-    async def counting(self, message, timeout, *, steps=1):
+    async def counting(self, message, timeout, **options):
         sent.append((message["op"], len(message.get("jobs", ()))))
-        return await original(self, message, timeout, steps=steps)
+        return await original(self, message, timeout, **options)
 
     monkeypatch.setattr(pool_module._Worker, "request_async", counting)
     return sent
