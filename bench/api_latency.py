@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,7 +95,8 @@ def measure(n: int, requests: int) -> dict:
                 token = http.post("/token", data={"grant_type": "client_credentials"},
                                   auth=(client["client_id"], client["client_secret"])).json()["access_token"]
                 headers = {"Authorization": f"Bearer {token}"}
-                body = {"org_id": "bench-org", "software_roles": ["password"], "grant_types": ["client_credentials"]}
+                body = {"org_id": "bench-org", "software_roles": ["password"],
+                        "grant_types": ["client_credentials"]}
                 for _ in range(20):  # warm-up
                     http.post("/ssa", json=body, headers=headers)
                 create, get = [], []
@@ -118,12 +118,14 @@ def measure(n: int, requests: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,50000")
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     rows = [measure(int(s), args.requests) for s in args.sizes.split(",")]
-    print(f"{'stored':>8} {'startup s':>9} {'create p50':>11} {'create p99':>11} {'get p50':>9} {'get p99':>9}  (ms)")
+    print(f"{'stored':>8} {'startup s':>9} {'create p50':>11} {'create p99':>11} "
+          f"{'get p50':>9} {'get p99':>9}  (ms)")
     for r in rows:
         print(f"{r['stored']:>8} {r['startup_s']:>9} {r['create_p50_ms']:>11} {r['create_p99_ms']:>11} "
               f"{r['get_jti_p50_ms']:>9} {r['get_jti_p99_ms']:>9}")

@@ -49,7 +49,8 @@ def drive(port: int, headers: dict[str, str], seconds: int, connections: int, wo
     return loadgen.run(load, work)
 
 
-def measure(label: str, env: dict[str, str], workers: int, seconds: float, connections: int, tmp: Path) -> dict:
+def measure(label: str, env: dict[str, str], workers: int, seconds: float, connections: int,
+            tmp: Path) -> dict:
     env = dict(env, SSA_SCRIPTS_DIR=str(tmp / "no-scripts"), SSA_ISSUER="http://bench.test")
     made = cli(env, "clients", "create", "--scope", ADMIN)
     port = free_port()
@@ -86,7 +87,8 @@ def measure(label: str, env: dict[str, str], workers: int, seconds: float, conne
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--pg-url", help="an existing PostgreSQL (default: start a throwaway cluster)")
@@ -107,8 +109,8 @@ def main() -> None:
                     conn.execute(f'CREATE DATABASE "{name}"')
                 url = admin_url.rsplit("/", 1)[0] + f"/{name}"
                 try:
-                    rows.append(measure("postgresql", dict(base_env, SSA_STORE_URL=url), workers, args.seconds,
-                                        args.connections, Path(tmp)))
+                    rows.append(measure("postgresql", dict(base_env, SSA_STORE_URL=url), workers,
+                                        args.seconds, args.connections, Path(tmp)))
                 finally:
                     with psycopg.connect(admin_url, autocommit=True) as conn:
                         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -77,8 +77,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-            timeout: float = 10) -> tuple[int, bytes]:
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -124,7 +124,8 @@ def _record(jti: str, org_id: str, one_time: bool, now: int) -> dict[str, Any]:
     from ssa_server.ssa import CreateRequest, record_from_request
 
     request = CreateRequest(org_id=org_id, description="preloaded", software_id="bench-software",
-                            software_roles=["password"], grant_types=["client_credentials"], one_time_use=one_time)
+                            software_roles=["password"], grant_types=["client_credentials"],
+                            one_time_use=one_time)
     return dict(record_from_request(request, now=now, expiration_in_days=30, creator_id="bench",
                                     issuer="http://bench", jti=jti))
 
@@ -188,8 +189,8 @@ class ServerProc:
             env["SSA_SIGNING_ALG"] = self.alg
         t = time.monotonic()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ssa_server", "serve"], env=env, cwd=self.data_dir.parent,
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen([sys.executable, "-m", "ssa_server", "serve"], env=env,
+                                         cwd=self.data_dir.parent, stdout=log, stderr=log)
         try:
             wait_http(self.port, "/health/ready", t + timeout, self.proc)
         except RuntimeError:
@@ -216,7 +217,8 @@ class ServerProc:
 def token_for(port: int, client: dict[str, str]) -> str:
     basic = base64.b64encode(f"{client['client_id']}:{client['client_secret']}".encode()).decode()
     status, body = request(port, "POST", "/token", b"grant_type=client_credentials",
-                           {"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"})
+                           {"Authorization": f"Basic {basic}",
+                            "Content-Type": "application/x-www-form-urlencoded"})
     if status != 200:
         raise RuntimeError(f"POST /token answered {status}: {body[:200]!r}")
     return str(json.loads(body)["access_token"])
@@ -236,7 +238,8 @@ def set_scripts(server: ServerProc, token: str, count: int, timeout: float = 30)
         if status != 200:
             raise RuntimeError(f"GET /scripts answered {status}")
         listing = json.loads(body)
-        names = sorted(s["name"] for s in listing if s.get("state") == "loaded" and "create" in s.get("hooks", []))
+        names = sorted(s["name"] for s in listing
+                       if s.get("state") == "loaded" and "create" in s.get("hooks", []))
         if len(listing) == count and len(names) == count:
             return time.monotonic() - t
         if time.monotonic() - t > timeout:
@@ -269,27 +272,29 @@ class Ctx:
     pool_used: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def load_for(ctx: Ctx, scenario: str, connections: int, seconds: int, pool_slice: tuple[int, int] | None) -> Load:
+def load_for(ctx: Ctx, scenario: str, connections: int, seconds: int,
+             pool_slice: tuple[int, int] | None) -> Load:
     auth = {"Authorization": f"Bearer {ctx.token}"}
     base = Load(port=ctx.server.port, connections=connections, threads=ctx.args.threads, seconds=seconds)
     if scenario.startswith("create"):
         return dataclasses.replace(base, method="POST", path="/ssa", body=json.dumps(CREATE_BODY),
                                    headers={**auth, "Content-Type": "application/json"})
     if scenario == "get_jti":
-        return dataclasses.replace(base, path="/ssa?jti={jti}", headers=auth, jti_file=str(ctx.files / "reusable.txt"),
-                                   jti_count=ctx.n, jti_in="query")
+        return dataclasses.replace(base, path="/ssa?jti={jti}", headers=auth,
+                                   jti_file=str(ctx.files / "reusable.txt"), jti_count=ctx.n, jti_in="query")
     if scenario == "get_org":
         orgs = max(1, ctx.n // ORG_SIZE)
-        return dataclasses.replace(base, path="/ssa?org_id={jti}", headers=auth, jti_file=str(ctx.files / "orgs.txt"),
-                                   jti_count=orgs, jti_in="query")
+        return dataclasses.replace(base, path="/ssa?org_id={jti}", headers=auth,
+                                   jti_file=str(ctx.files / "orgs.txt"), jti_count=orgs, jti_in="query")
     if scenario == "validate_reusable":
-        return dataclasses.replace(base, method="POST", path="/ssa/validation", jti_file=str(ctx.files / "reusable.txt"),
-                                   jti_count=ctx.n, jti_in="header")
+        return dataclasses.replace(base, method="POST", path="/ssa/validation",
+                                   jti_file=str(ctx.files / "reusable.txt"), jti_count=ctx.n, jti_in="header")
     assert pool_slice is not None
     first, count = pool_slice
     if scenario == "validate_onetime":
-        return dataclasses.replace(base, method="POST", path="/ssa/validation", jti_file=str(ctx.files / "onetime.txt"),
-                                   jti_first=first, jti_count=count, jti_in="header", consume=True)
+        return dataclasses.replace(base, method="POST", path="/ssa/validation",
+                                   jti_file=str(ctx.files / "onetime.txt"), jti_first=first, jti_count=count,
+                                   jti_in="header", consume=True)
     if scenario == "revoke":
         return dataclasses.replace(base, method="DELETE", path="/ssa?jti={jti}", headers=auth,
                                    jti_file=str(ctx.files / "revoke.txt"), jti_first=first, jti_count=count,
@@ -410,9 +415,11 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
                     if "create_rs256" in selected:  # the base again: target 5 uses the mean of both
                         rows += repeat_rows(ctx, "create_rs256")
                 # before the pools grow the store; the script workers' peaks were read while they ran
-                info["peak_rss_mib"] = max([procstat.tree_rss(server.pid)["peak"]] + [r["peak_rss_mib"] for r in rows])
+                info["peak_rss_mib"] = max([procstat.tree_rss(server.pid)["peak"]]
+                                           + [r["peak_rss_mib"] for r in rows])
                 info["stored_at_peak_rss"] = ctx.stored
-                if "es256" in phases:  # the ES256 server starts from the store as it is now, without the pools
+                # the ES256 server starts from the store as it is now, without the pools
+                if "es256" in phases:
                     shutil.copytree(data, data_es256, ignore=shutil.ignore_patterns("server.lock"))
                     stored_es256 = ctx.stored
                 if "pools" in phases:
@@ -421,7 +428,8 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
                     info.update(add_pools(data, files, size))
                     ctx.stored += 2 * size
                     # the server replays the appended lines before its next read: let that happen now
-                    request(server.port, "POST", "/ssa/validation", headers={"jti": "bench-catch-up"}, timeout=120)
+                    request(server.port, "POST", "/ssa/validation", headers={"jti": "bench-catch-up"},
+                            timeout=120)
                     for s in selected:
                         if SCENARIOS[s][0] == "pools":
                             rows += scenario_rows(ctx, s, SCENARIOS[s][1])
@@ -450,7 +458,8 @@ def bare_rps(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.warmup > 0:
             loadgen.run(load, work, python_client=args.python_client)
         cpu0, t0 = procstat.tree_cpu(proc.pid), time.monotonic()
-        result = loadgen.run(dataclasses.replace(load, seconds=args.seconds), work, python_client=args.python_client)
+        result = loadgen.run(dataclasses.replace(load, seconds=args.seconds), work,
+                             python_client=args.python_client)
         cores = (procstat.tree_cpu(proc.pid) - cpu0) / (time.monotonic() - t0)
         result.update(cpu_cores=round(cores, 2), peak_rss_mib=procstat.tree_rss(proc.pid)["peak"],
                       error_count=sum(result["errors"].values()))
@@ -476,7 +485,8 @@ def references(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 # --- targets ---
 def _pick(rows: list[dict[str, Any]], scenario: str, n: int, connections: int) -> dict[str, Any] | None:
     for r in rows:
-        if r["scenario"] == scenario and r["n"] == n and r["connections"] == connections and not r.get("repeat"):
+        if (r["scenario"] == scenario and r["n"] == n and r["connections"] == connections
+                and not r.get("repeat")):
             return r
     return None
 
@@ -520,7 +530,9 @@ def targets(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, 
 
     def base_note(n: int) -> str:
         again = _repeat(rows, "create_rs256", n)
-        return "" if again is None else f"create_rs256: mean of {rps('create_rs256', n) or 0:,.0f} and {again['rps']:,.0f}"
+        if again is None:
+            return ""
+        return f"create_rs256: mean of {rps('create_rs256', n) or 0:,.0f} and {again['rps']:,.0f}"
 
     def p50(s: str, n: int, c: int = lo_c) -> float | None:
         r = _pick(rows, s, n, c)
@@ -532,11 +544,11 @@ def targets(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, 
         beside = info.get("sign_ops_beside", {}).get(alg, {}).get("mean")
         return beside or refs.get("sign_ops", {}).get(alg)
 
-    check("1", f"create_rs256 rps / sign_ops(RS256), N={mid}", ratio(rps("create_rs256", mid), sign("RS256", mid)),
-          ">=", 0.70, note_n(mid, 10_000))
+    check("1", f"create_rs256 rps / sign_ops(RS256), N={mid}",
+          ratio(rps("create_rs256", mid), sign("RS256", mid)), ">=", 0.70, note_n(mid, 10_000))
     for n in sizes:
-        check("2", f"create_es256 rps / sign_ops(ES256), N={n}", ratio(rps("create_es256", n), sign("ES256", n)),
-              ">=", 0.50)
+        check("2", f"create_es256 rps / sign_ops(ES256), N={n}",
+              ratio(rps("create_es256", n), sign("ES256", n)), ">=", 0.50)
     growth = "" if (small, large) == (1000, 100_000) else "target names 1k vs 100k"
     for s, limit in (("create_rs256", 1.5), ("get_jti", 1.5), ("get_org", 2.0)):
         value = ratio(p50(s, large), p50(s, small)) if large != small else None
@@ -544,8 +556,10 @@ def targets(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, 
               growth if large != small else "needs two sizes")
     bare = refs.get("bare_rps")
     for n in sizes:
-        check("4", f"validate_reusable rps / bare_rps, N={n}", ratio(rps("validate_reusable", n), bare), ">=", 0.40)
-        check("4", f"validate_onetime rps / bare_rps, N={n}", ratio(rps("validate_onetime", n), bare), ">=", 0.25)
+        check("4", f"validate_reusable rps / bare_rps, N={n}", ratio(rps("validate_reusable", n), bare),
+              ">=", 0.40)
+        check("4", f"validate_onetime rps / bare_rps, N={n}", ratio(rps("validate_onetime", n), bare),
+              ">=", 0.25)
     for sn in sizes:
         base_p50, one_p50 = p50("create_rs256", sn), p50("create_1script", sn)
         added = (one_p50 - base_p50) * 1000 if base_p50 is not None and one_p50 is not None else None
@@ -567,10 +581,12 @@ HEADER = ("| scenario | N | stored | conc | rps | p50 ms | p99 ms | cpu cores | 
 
 
 def format_row(r: dict[str, Any]) -> str:
-    flag = " (pool exhausted)" if r.get("exhausted") else " (again, after the script runs)" if r.get("repeat") else ""
+    flag = (" (pool exhausted)" if r.get("exhausted")
+            else " (again, after the script runs)" if r.get("repeat") else "")
     errors = f"**{r['error_count']}**" if r["error_count"] else "0"
-    return (f"| {r['scenario']}{flag} | {r['n']:,} | {r['stored']:,} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | "
-            f"{r['p99_ms']:.2f} | {r['cpu_cores']:.2f} | {r['peak_rss_mib']:.0f} | {errors} |")
+    return (f"| {r['scenario']}{flag} | {r['n']:,} | {r['stored']:,} | {r['connections']} | "
+            f"{r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_cores']:.2f} | "
+            f"{r['peak_rss_mib']:.0f} | {errors} |")
 
 
 def report(result: dict[str, Any]) -> str:
@@ -589,16 +605,18 @@ def report(result: dict[str, Any]) -> str:
     for s in result["per_size"]:
         for alg, b in s["info"].get("sign_ops_beside", {}).items():
             if "mean" in b:
-                lines.append(f"| sign_ops {alg} beside {b['scenario']}, N={s['info']['n']:,} (before / after) | "
-                             f"{b['before']:,.0f} / {b['after']:,.0f}/s |")
+                lines.append(f"| sign_ops {alg} beside {b['scenario']}, N={s['info']['n']:,} "
+                             f"(before / after) | {b['before']:,.0f} / {b['after']:,.0f}/s |")
     for s in result["per_size"]:
         i = s["info"]
         if "startup_s" in i:
-            lines.append(f"| start-up N={i['n']:,} | {i['startup_s']:.2f} s, RSS {i['startup_rss_mib']:.0f} MiB |")
+            lines.append(f"| start-up N={i['n']:,} | {i['startup_s']:.2f} s, "
+                         f"RSS {i['startup_rss_mib']:.0f} MiB |")
     lines += ["", "| target | check | value | limit | result |", "|---|---|---:|---:|---|"]
     for c in result["targets"]:
         verdict = "n/a" if c["pass"] is None else "PASS" if c["pass"] else "**FAIL**"
-        value = "-" if c["value"] is None else f"{c['value']:.3g}" if abs(c["value"]) < 1000 else f"{c['value']:,.0f}"
+        value = ("-" if c["value"] is None
+                 else f"{c['value']:.3g}" if abs(c["value"]) < 1000 else f"{c['value']:,.0f}")
         note = f" ({c['note']})" if c["note"] else ""
         lines.append(f"| {c['target']} | {c['what']}{note} | {value} | {c['op']} {c['limit']} | {verdict} |")
     return "\n".join(lines)
@@ -608,17 +626,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000",
-                   help="stored SSAs per server, comma list (default 1000,10000,100000; target 1 reads N=10k)")
+                   help="stored SSAs per server, comma list (default 1000,10000,100000; "
+                        "target 1 reads N=10k)")
     p.add_argument("--seconds", type=int, default=5, help="measured seconds per run (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up seconds before each scenario (default 1; 0: none)")
-    p.add_argument("--connections", type=int, default=32, help="connections of the throughput runs (default 32)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="warm-up seconds before each scenario (default 1; 0: none)")
+    p.add_argument("--connections", type=int, default=32,
+                   help="connections of the throughput runs (default 32)")
     p.add_argument("--low-connections", type=int, default=1,
-                   help="connections of the latency runs (store growth, script overhead; default 1; 0: none)")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: the server keeps the other core)")
+                   help="connections of the latency runs (store growth, script overhead; "
+                        "default 1; 0: none)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="wrk threads (default 1: the server keeps the other core)")
     p.add_argument("--only", default="", help=f"comma list of scenarios: {','.join(SCENARIOS)}")
     p.add_argument("--out", default="", help="JSON file (default bench/results/run-<date>.json)")
-    p.add_argument("--python-client", action="store_true", help="use the Python load client even if wrk is installed")
-    p.add_argument("--ref-seconds", type=float, default=2.0, help="seconds per sign_ops / raw_sign_ops figure")
+    p.add_argument("--python-client", action="store_true",
+                   help="use the Python load client even if wrk is installed")
+    p.add_argument("--ref-seconds", type=float, default=2.0,
+                   help="seconds per sign_ops / raw_sign_ops figure")
     p.add_argument("--no-refs", action="store_true", help="skip the reference figures")
     p.add_argument("--pool-rate", type=float, default=1000,
                    help="minimum rate (req/s) the one-time and revoke pools are sized for (default 1000)")
@@ -634,8 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     selected = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
     unknown = [s for s in selected if s not in SCENARIOS]
     if unknown or not sizes or min(sizes) < ORG_SIZE:
-        print(f"bench: unknown scenario(s) {unknown} or sizes below {ORG_SIZE}; scenarios: {', '.join(SCENARIOS)}",
-              file=sys.stderr)
+        print(f"bench: unknown scenario(s) {unknown} or sizes below {ORG_SIZE}; "
+              f"scenarios: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     selected = [s for s in SCENARIOS if s in selected]  # canonical order
     client = "python" if args.python_client or loadgen.wrk_path() is None else "wrk"
@@ -651,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ssa-bench-ref-") as tmp:
         if not args.no_refs:
             result["references"] = references(args, Path(tmp))
-            print(f"bench: references {json.dumps({k: v for k, v in result['references'].items() if k != 'bare'})}",
-                  flush=True)
+            shown = {k: v for k, v in result["references"].items() if k != "bare"}
+            print(f"bench: references {json.dumps(shown)}", flush=True)
     print(HEADER, flush=True)
     for n in sizes:
         per = run_size(args, n, selected)

@@ -73,7 +73,8 @@ def overhead(calls: int) -> dict:
 async def drive(base: str, headers: dict, seconds: float, connections: int = 16) -> tuple[int, list[float]]:
     done, lat = 0, []
     stop = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=base, timeout=10, limits=httpx.Limits(max_connections=connections)) as c:
+    async with httpx.AsyncClient(base_url=base, timeout=10,
+                                 limits=httpx.Limits(max_connections=connections)) as c:
         async def loop() -> None:
             nonlocal done
             while time.perf_counter() < stop:
@@ -94,8 +95,8 @@ def rps(scripts: int, seconds: float) -> dict:
             (sdir / f"s{i}.py").write_text(SCRIPT)
         made = cli(data, "clients", "create", "--scope", ADMIN)
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "ssa_server", "serve", "--port", str(port), "--data-dir",
-                                 str(data), "--scripts-dir", str(sdir)],
+        proc = subprocess.Popen([sys.executable, "-m", "ssa_server", "serve", "--port", str(port),
+                                 "--data-dir", str(data), "--scripts-dir", str(sdir)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -129,9 +130,9 @@ def main() -> None:
         print(f"create with {r['scripts']} scripts: {r['rps']} req/s, p50 {r['p50_ms']} ms "
               f"({r['rps'] / runs[0]['rps']:.2f} x no scripts)")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scripts.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
-                                                      "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                                                      "per_call": o, "create": runs}, indent=2))
+    (RESULTS / "scripts.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "per_call": o, "create": runs}, indent=2))
 
 
 if __name__ == "__main__":

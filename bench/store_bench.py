@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,9 +48,15 @@ async def ours(n: int, iters: int) -> dict:
         ins, by_jti, by_org = [], [], []
         for i in range(iters):
             r = record(n + i)
-            t = time.perf_counter(); await s.add_ssa(r); ins.append(time.perf_counter() - t)
-            t = time.perf_counter(); await s.get_ssa(rows[(i * 7919) % n]["jti"]); by_jti.append(time.perf_counter() - t)
-            t = time.perf_counter(); await s.find_ssas(org_id=f"org-{i % (n // 10)}"); by_org.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await s.add_ssa(r)
+            ins.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await s.get_ssa(rows[(i * 7919) % n]["jti"])
+            by_jti.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await s.find_ssas(org_id=f"org-{i % (n // 10)}")
+            by_org.append(time.perf_counter() - t)
         await s.close()
         t = time.perf_counter()
         s = TinyStore(tmp)
@@ -72,8 +77,12 @@ def stock(n: int, iters: int) -> dict:
         q = Query()
         ins, by_jti = [], []
         for i in range(iters):
-            t = time.perf_counter(); db.insert(record(n + i)); ins.append(time.perf_counter() - t)
-            t = time.perf_counter(); db.search(q.jti == rows[(i * 7919) % n]["jti"]); by_jti.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            db.insert(record(n + i))
+            ins.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            db.search(q.jti == rows[(i * 7919) % n]["jti"])
+            by_jti.append(time.perf_counter() - t)
         db.close()
     return {"insert_p50_ms": pct(ins, .5), "get_jti_p50_ms": pct(by_jti, .5), "iterations": iters}
 
@@ -92,7 +101,8 @@ def main() -> None:
     for r in rows:
         o, s = r["ours"], r["stock_tinydb"]
         print(f"{r['stored']:>7} | {o['insert_p50_ms']:>15} {o['insert_p99_ms']:>7} {o['get_jti_p50_ms']:>8} "
-              f"{o['find_org_p50_ms']:>8} {o['open_s']:>6} | {s['insert_p50_ms']:>16} {s['get_jti_p50_ms']:>13}")
+              f"{o['find_org_p50_ms']:>8} {o['open_s']:>6} | {s['insert_p50_ms']:>16} "
+              f"{s['get_jti_p50_ms']:>13}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "store.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
                                                     "machine": f"{platform.machine()} {os.cpu_count()} cores",

@@ -29,7 +29,8 @@ _NO_STORE_HEADERS = {name.decode(): value.decode() for name, value in _NO_STORE}
 
 
 class NoStoreHeaders:
-    """Every response carries ``Cache-Control: no-store`` (pure ASGI: no per-request task)."""
+    """Every response carries ``Cache-Control: no-store`` (pure ASGI: no per-request task), but a
+    handler that sets its own ``Cache-Control`` (the Status List Tokens, meant to be cached) keeps it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -41,7 +42,9 @@ class NoStoreHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [h for h in message.get("headers", []) if h[0] != b"cache-control"] + _NO_STORE
+                headers = message.get("headers", [])
+                if not any(h[0] == b"cache-control" for h in headers):
+                    message["headers"] = [*headers, *_NO_STORE]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

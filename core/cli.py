@@ -30,8 +30,8 @@ CLI_CLIENT = "cli"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    cli = {name: getattr(args, name, None) for name in ("host", "port", "data_dir", "scripts_dir", "store_url",
-                                                         "workers")}
+    cli = {name: getattr(args, name, None)
+           for name in ("host", "port", "data_dir", "scripts_dir", "store_url", "workers")}
     return load_settings(cli, config_file=getattr(args, "config", None))
 
 
@@ -141,7 +141,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        new = await server.keys.rotate(args.alg)
+        new = await server.keys.rotate(args.alg, now=args.now)
         return {k: v for k, v in new.items() if k != "jwk"}
 
     _print(asyncio.run(_with_server(_settings(args), action, keys=True)))
@@ -157,8 +157,8 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
         elif f.kind == "texts":
             parser.add_argument(f"--{f.flag}", dest=f.name, action="append", help=f.help)
         else:
-            parser.add_argument(f"--{f.flag}", dest=f.name, type=int if f.kind in ("epoch", "seconds") else str,
-                                help=f.help)
+            parser.add_argument(f"--{f.flag}", dest=f.name,
+                                type=int if f.kind in ("epoch", "seconds") else str, help=f.help)
 
 
 def _create_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,6 +215,22 @@ def cmd_ssa_list(args: argparse.Namespace) -> int:
         return await server.service.search(_cli_context("list"), args.where, limit=args.limit)
 
     _print(asyncio.run(_with_server(_settings(args), search)))
+    return 0
+
+
+def cmd_ssa_verify(args: argparse.Namespace) -> int:
+    """Verify an SSA as a consumer would (``verify.py``: no store, no settings): the verdict as
+    JSON on stdout; exit 0 valid, 3 refused, 1 the issuer could not be asked."""
+    from .verify import IssuerUnreachable, SsaVerifier, VerificationError
+
+    verifier = SsaVerifier(args.issuer, leeway=args.leeway, check_status=not args.no_status)
+    try:
+        claims = verifier.verify(args.jwt.strip())
+    except VerificationError as e:
+        _print({"valid": False, "error": e.error, "error_description": str(e)})
+        print(f"ssa-server: SSA refused: {e.error}: {e}", file=sys.stderr)
+        return 1 if isinstance(e, IssuerUnreachable) else 3
+    _print({"valid": True, "claims": claims})
     return 0
 
 
@@ -347,8 +363,8 @@ def _check_one(path: Any, limits: Any) -> dict[str, Any]:
 
     try:
         with ScriptRunner(path, limits=limits) as runner:
-            return {"name": runner.name, "file": str(path), "hooks": runner.hooks, "revision": runner.revision,
-                    "state": "ok", "error": None}
+            return {"name": runner.name, "file": str(path), "hooks": runner.hooks,
+                    "revision": runner.revision, "state": "ok", "error": None}
     except ScriptRefused as e:
         return {"name": path.stem, "file": str(path), "hooks": [], "revision": None, "state": "error",
                 "error": str(e)}
@@ -388,6 +404,65 @@ def cmd_scripts_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _RemoteError(Exception):
+    """A running server's refusal or absence, as one line (never the token)."""
+
+
+def _remote_get(url: str, token: str) -> Any:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}",
+                                                   "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 (an http(s) URL the user gave)
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.loads(e.read())
+            why = f"{body.get('error')}: {body.get('error_description')}"
+        except (ValueError, AttributeError):
+            why = e.reason
+        raise _RemoteError(f"{e.code} {why}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise _RemoteError(f"cannot reach the server ({getattr(e, 'reason', e)})") from None
+
+
+def cmd_scripts_logs(args: argparse.Namespace) -> int:
+    """A running server's per-script log ring over HTTP (GET /scripts/{name}/logs): the ring lives
+    in the server's memory, so only the server can answer.  One JSON object per line."""
+    import os
+    import time
+    import urllib.parse
+
+    token = args.token or os.environ.get("SSA_ADMIN_TOKEN", "")
+    if not token:
+        print("ssa-server: scripts logs needs an admin access token (--token or SSA_ADMIN_TOKEN)",
+              file=sys.stderr)
+        return 1
+    base = (args.url or _settings(args).issuer).rstrip("/")
+    cursors: dict[str, int] = {}
+    try:
+        while True:
+            names = [args.name] if args.name else [s["name"] for s in _remote_get(f"{base}/scripts", token)]
+            entries = []
+            for name in names:
+                quoted = urllib.parse.quote(name, safe="")
+                page = _remote_get(f"{base}/scripts/{quoted}/logs?since={cursors.get(name, 0)}", token)
+                cursors[name] = int(page["next"])
+                entries += [dict(e, script=name) for e in page["lines"]]
+            for entry in sorted(entries, key=lambda e: e["seq"]):
+                print(json.dumps(entry, sort_keys=True), flush=True)
+            if not args.follow:
+                return 0
+            time.sleep(args.interval)
+    except _RemoteError as e:
+        print(f"ssa-server: scripts logs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_scripts_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -404,8 +479,13 @@ def cmd_scripts_test(args: argparse.Namespace) -> int:
         if not isinstance(event, dict):
             print(f"ssa-server: event file {args.event} must hold a JSON object", file=sys.stderr)
             return 2
+    secrets = _secret_flags(args.secret or [])
+    if isinstance(secrets, str):
+        print(f"ssa-server: {secrets}", file=sys.stderr)
+        return 2
     try:
-        result = run_once(Path(args.file), args.hook, event, limits=_script_limits(_settings(args)))
+        result = run_once(Path(args.file), args.hook, event, limits=_script_limits(_settings(args)),
+                          secrets=secrets)
     except ScriptRefused as e:
         print(f"ssa-server: refused: {e}", file=sys.stderr)
         return 1
@@ -418,6 +498,22 @@ def cmd_scripts_test(args: argparse.Namespace) -> int:
         print(f"ssa-server: denied: {denied.get('error')}: {denied.get('description')}", file=sys.stderr)
         return 3
     return 0
+
+
+def _secret_flags(flags: list[str]) -> dict[str, str] | str:
+    """``--secret NAME=VALUE`` flags as secrets, or why one is wrong (never its value)."""
+    from ssa_server.plugins.script_secrets import SECRET_NAME
+
+    secrets = {}
+    for flag in flags:
+        name, equals, value = flag.partition("=")
+        if not equals or not SECRET_NAME.match(name):
+            return ("--secret takes NAME=VALUE, NAME being 1-64 letters, digits or '_', not starting with a "
+                    "digit")
+        if not value:
+            return f"--secret {name}= is empty"
+        secrets[name] = value
+    return secrets
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
@@ -441,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--scripts-dir", dest="scripts_dir")
-    serve.add_argument("--workers", type=int, help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes (SSA_WORKERS, default 1; >1 needs PostgreSQL)")
     serve.add_argument("--accept-journal-loss", dest="accept_journal_loss", action="store_true",
                        help="open a journal shorter than its last acknowledged end (docs/store.md)")
     serve.set_defaults(func=cmd_serve)
@@ -453,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--scripts-dir", dest="scripts_dir")
     show.set_defaults(func=cmd_config_show)
 
-    clients = sub.add_parser("clients", help="token-endpoint clients").add_subparsers(dest="action", required=True)
+    clients = sub.add_parser("clients", help="token-endpoint clients").add_subparsers(dest="action",
+                                                                                      required=True)
     c = clients.add_parser("create", parents=[common], help="register a client; prints its secret once")
     c.add_argument("--scope", action="append", required=True, help="scope URI (repeatable)")
     c.add_argument("--name")
@@ -465,14 +563,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="SSA signing keys").add_subparsers(dest="action", required=True)
     keys.add_parser("list", parents=[common]).set_defaults(func=cmd_keys_list)
-    r = keys.add_parser("rotate", parents=[common], help="add a key and sign with it from now on")
-    r.add_argument("--alg", help="algorithm of the new key (default: SSA_SIGNING_ALG)")
+    r = keys.add_parser("rotate", parents=[common],
+                        help="add a key: published at once, signing after key_activation_delay")
+    r.add_argument("--alg", help="algorithm of the new key (default: the signing key's)")
+    r.add_argument("--now", action="store_true",
+                   help="sign with the new key at once (emergencies: verifiers caching /jwks may fail "
+                        "for a while)")
     r.set_defaults(func=cmd_keys_rotate)
 
-    ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action", required=True)
+    ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action",
+                                                                                           required=True)
     sc = ssa.add_parser("create", parents=[common], help="create an SSA")
     _add_request_flags(sc)
-    sc.add_argument("--attr", action="append", metavar="NAME=VALUE", help="custom attribute (configured ones)")
+    sc.add_argument("--attr", action="append", metavar="NAME=VALUE",
+                    help="custom attribute (configured ones)")
     sc.add_argument("--template", help="start from a saved template")
     sc.add_argument("--save-template", dest="save_template", help="save these fields as a template")
     sc.set_defaults(func=cmd_ssa_create)
@@ -483,13 +587,22 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--where", action="append", metavar="FILTER",
                     help="e.g. 'status=REVOKED,created_at>=2024-01-01' (repeatable; docs/store.md, Search)")
     sl.add_argument("--limit", type=int,
-                    help=f"at most this many SSAs with --where (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})")
+                    help=f"at most this many SSAs with --where (default {DEFAULT_LIMIT}, "
+                         f"at most {MAX_LIMIT})")
     sl.set_defaults(func=cmd_ssa_list)
     sr = ssa.add_parser("revoke", parents=[common], help="revoke SSAs by jti and/or org id")
     sr.add_argument("--jti")
     sr.add_argument("--org-id", dest="org_id")
     sr.set_defaults(func=cmd_ssa_revoke)
-    ssa.add_parser("templates", parents=[common], help="list saved templates").set_defaults(func=cmd_ssa_templates)
+    ssa.add_parser("templates", parents=[common],
+                   help="list saved templates").set_defaults(func=cmd_ssa_templates)
+    sv = ssa.add_parser("verify",
+                        help="verify an SSA as a consumer does (exit 0 valid, 3 refused, 1 unreachable)")
+    sv.add_argument("jwt", help="the SSA (compact JWS)")
+    sv.add_argument("--issuer", required=True, help="the issuer URL the SSA must come from")
+    sv.add_argument("--leeway", type=int, default=60, help="seconds of clock skew allowed (default 60)")
+    sv.add_argument("--no-status", dest="no_status", action="store_true", help="skip the status check")
+    sv.set_defaults(func=cmd_ssa_verify)
 
     store = sub.add_parser("store", help="the store: schema, export, import").add_subparsers(dest="action",
                                                                                           required=True)
@@ -513,7 +626,17 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("file")
     ts.add_argument("--hook", required=True, choices=["create", "get", "revoke"])
     ts.add_argument("--event", help='JSON file: {"payload": {...}, "context": {...}} (default: a sample)')
+    ts.add_argument("--secret", action="append", metavar="NAME=VALUE",
+                    help="a secret for context.secrets, instead of its [secrets] reference (repeatable)")
     ts.set_defaults(func=cmd_scripts_test)
+    lg = scripts.add_parser("logs", parents=[common],
+                            help="a running server's log lines and failures per script")
+    lg.add_argument("name", nargs="?", help="one script (default: every script)")
+    lg.add_argument("--url", help="the server (default: the configured issuer)")
+    lg.add_argument("--token", help="an admin access token (default: SSA_ADMIN_TOKEN)")
+    lg.add_argument("--follow", action="store_true", help="keep polling for new lines")
+    lg.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    lg.set_defaults(func=cmd_scripts_logs)
     return parser
 
 

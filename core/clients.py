@@ -56,8 +56,8 @@ class ClientService:
         """Register a client; returns its record and the secret (shown once)."""
         unknown = [s for s in scopes if s not in SSA_SCOPES]
         if not scopes or unknown:
-            raise ApiError(f"Scopes must be among {', '.join(SSA_SCOPES)}; got {', '.join(unknown) or 'none'}.",
-                           error="invalid_scope")
+            raise ApiError(f"Scopes must be among {', '.join(SSA_SCOPES)}; "
+                           f"got {', '.join(unknown) or 'none'}.", error="invalid_scope")
         secret = secrets.token_urlsafe(32)
         record = ClientRecord(client_id=str(uuid.uuid4()), name=name, secret_hash=hash_secret(secret),
                               scopes=sorted(set(scopes)), created_at=int(self._clock()))

@@ -94,6 +94,7 @@ class EdgeConfig(uvicorn.Config):
     name), so ``serve --workers N`` hands it to every worker."""
 
     def __init__(self, app: Any, *, limits: EdgeLimits, fd_limit: int, **options: Any) -> None:
+        # uvicorn annotates timeout_keep_alive as int; it only hands it to loop.call_later (a float).
         super().__init__(app, http=EdgeProtocol,
                          timeout_keep_alive=limits.idle_timeout, **options)  # type: ignore[arg-type]
         self.limits = limits
@@ -162,8 +163,8 @@ class _Closer(asyncio.Protocol):
         self.dropped = 0
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport  # uvloop's transports are not asyncio.Transport subclasses
+    def connection_made(self, transport: Any) -> None:  # uvloop's are not asyncio.Transport subclasses
+        self.transport = transport
         if self.answer:
             transport.write(self.answer)
         if self.linger <= 0:
@@ -230,6 +231,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._answered = False
 
     # --- connection ---
+    # asyncio types the argument as a BaseTransport; a stream protocol is given a Transport (uvicorn's
+    # own connection_made narrows it the same way).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
             _refuse(transport, self.server_state, self.loop, self.limits.max_connections)

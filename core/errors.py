@@ -54,6 +54,12 @@ class InvalidJti(ApiError):
     status, error, description = 400, "invalid_jti", "Invalid JTI or not exists"
 
 
+class UnknownJti(ApiError):
+    """GET /ssa/status: no SSA has this jti (never issued here, or purged after ``cleanup_grace``)."""
+
+    status, error, description = 404, "invalid_jti", "No SSA with this jti (unknown, or purged)."
+
+
 class InvalidClient(ApiError):
     """Token endpoint: unknown client or wrong secret (RFC 6749 §5.2)."""
 
@@ -187,5 +193,5 @@ class SlowDown(ApiError):
 
     status, error, description = 429, "slow_down", "Too many failed client authentications; retry later."
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+    def __init__(self, retry_after: float, description: str | None = None) -> None:
+        super().__init__(description, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})

@@ -120,6 +120,7 @@ class AnswerReader:
         self.steps = self.step = 0
         self.timeouts: Sequence[float] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # when the clock stopped by the last frame would have run out
         self.reading = True
         self.unasked = False  # a frame came while no answer was awaited
         loop.add_reader(fd, self._on_readable)
@@ -159,9 +160,29 @@ class AnswerReader:
         frame = self.frames.pop()
         if frame is not None:
             if self.timer is not None:
+                self.deadline = self.timer.when()
                 self.timer.cancel()
                 self.timer = None
             future.set_result(frame)
+
+    def time_left(self) -> float:
+        """Seconds left on the clock of the step whose frame came last (``resume``)."""
+        return self.deadline - self.loop.time()
+
+    def resume(self) -> asyncio.Future[bytes]:
+        """The next frame of the same request (the helper asked the server something mid-step
+        and got its answer): the step's clock goes on from where the last frame stopped it, so
+        the time the server spent answering counts against the step."""
+        future = self.future = self.loop.create_future()
+        if self.unasked:
+            future.set_exception(FrameError("a frame nobody asked for"))
+        elif not self.reading:
+            future.set_exception(FrameError("pipe closed"))
+        elif self.time_left() <= 0:
+            future.set_exception(TimeoutError())
+        else:
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+        return future
 
     def _expire(self) -> None:
         self.timer = None

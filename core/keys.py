@@ -24,9 +24,10 @@ from typing import Any
 from jwcrypto import jwk
 
 from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
+from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, signing_key, state, superseded
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
-from .store import KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store
+from .store import KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store
 
 log = logging.getLogger("ssa_server.keys")
 
@@ -39,27 +40,41 @@ _KEY_PARAMS: dict[str, dict[str, Any]] = {
     "ES384": {"kty": "EC", "crv": "P-384"},
     "ES512": {"kty": "EC", "crv": "P-521"},
     "EdDSA": {"kty": "OKP", "crv": "Ed25519"},
+    "Ed25519": {"kty": "OKP", "crv": "Ed25519"},  # RFC 9864's fully specified name
     "HS256": {"kty": "oct", "size": 256},
 }
 
 
-def generate_key(alg: str, use: str, now: int) -> KeyRecord:
-    """A new private key for ``alg`` as a store record (status active)."""
+def generate_key(alg: str, use: str, now: int, *, activates_at: int | None = None) -> KeyRecord:
+    """A new private key for ``alg`` as a store record: active from ``now``, or next (announced)
+    until ``activates_at``."""
     params = _KEY_PARAMS.get(alg) or _KEY_PARAMS[alg[:2]]
     kid = f"{use}_{uuid.uuid4()}_sig_{alg.lower()}"
     key = jwk.JWK.generate(kid=kid, **params)
+    at = now if activates_at is None else activates_at
     return KeyRecord(kid=kid, alg=alg, use=use, jwk=json.loads(key.export(private_key=True)),
-                     status=KEY_ACTIVE, created_at=now, remove_after=None)
+                     status=KEY_ACTIVE if at <= now else KEY_NEXT, created_at=now, remove_after=None,
+                     activates_at=at)
+
+
+# Seconds after a switch before the cleaner writes the old key's end (remove_after): an SSA signed
+# just before the switch may still be on its way to the store, and a node may sign with the old
+# key up to key_refresh_interval after an immediate (--now) rotation.
+SETTLE_GRACE = 60
 
 
 class KeyRing:
-    """The keys this process signs and verifies with, rebuilt when the store's key set changes."""
+    """The keys this process signs and verifies with, rebuilt when the store's key set changes or
+    a pending key's activation time comes (``key_states``)."""
 
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
+                 activation_delay: int = 600, rotation_days: int = 0,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._alg = signing_alg
         self._refresh_interval = refresh_interval
+        self._activation_delay = activation_delay
+        self._rotation_days = rotation_days
         self._clock = clock
         self._records: list[KeyRecord] = []
         self._objects: dict[str, jwk.JWK] = {}
@@ -68,6 +83,7 @@ class KeyRing:
         self._uses: dict[str, str] = {}
         self._fingerprint = ""
         self._checked_at = 0.0
+        self._switch_at = float("inf")  # when a pending key starts to sign
         self._lock = asyncio.Lock()
         self._threads: ThreadPoolExecutor | None = None  # RSA signatures, once start_signing ran
         self.signing_process: SigningProcess | None = None  # EC and EdDSA signatures, likewise
@@ -76,25 +92,31 @@ class KeyRing:
     async def load(self, *, adopt_alg: bool = True) -> None:
         """Read the keys; create the token key and an SSA key if missing.
 
-        With ``adopt_alg`` (the server) a configured alg with no active key gets a new key and
-        the other active keys retire; without it (CLI commands) an existing active key of any
-        alg is used as it is, so a CLI run with other settings never rotates the server's keys.
+        With ``adopt_alg`` (the server) a configured alg that neither signs nor is pending gets a
+        new key at once and the other signing keys retire; without it (CLI commands) the signing
+        key of any alg is used as it is, so a CLI run with other settings never rotates the
+        server's keys.
         """
         async with self._lock, self._store.lock("keys"):  # workers starting together: one creates
             records = await self._store.list_keys()
             now = int(self._clock())
-            if not any(r["use"] == TOKEN_USE and r["status"] == KEY_ACTIVE for r in records):
+            if signing_key(records, TOKEN_USE, now) is None:
                 rec = generate_key("HS256", TOKEN_USE, now)
                 await self._store.add_key(rec)
-            active_ssa = [r for r in records if r["use"] == SSA_USE and r["status"] == KEY_ACTIVE]
-            wanted = [r for r in active_ssa if r["alg"] == self._alg] if adopt_alg else active_ssa
+            current = signing_key(records, SSA_USE, now)
+            wanted = current is not None
+            if adopt_alg and current is not None and current["alg"] != self._alg:
+                wanted = any(r["alg"] == self._alg for r in pending(records, SSA_USE, now))
             if not wanted:
-                await self._replace_active_ssa_keys(records, generate_key(self._alg, SSA_USE, now), now)
+                await self._replace_signing_ssa_keys(records, generate_key(self._alg, SSA_USE, now), now)
             self._install(await self._store.list_keys())
 
     async def refresh_if_due(self) -> None:
-        """Pick up keys rotated by another process (``ssa-server keys rotate``)."""
+        """Pick up keys rotated by another process (``ssa-server keys rotate``), and switch to a
+        pending key once its activation time comes (a comparison; no store read)."""
         now = self._clock()
+        if now >= self._switch_at:
+            self._install(self._records)
         if now - self._checked_at < self._refresh_interval:
             return
         self._checked_at = now
@@ -103,41 +125,102 @@ class KeyRing:
             self._install(records)
 
     def _install(self, records: list[KeyRecord]) -> None:
+        now = self._clock()
         self._records = records
         self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records}
         self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records
-                         if r["status"] == KEY_ACTIVE}
+                         if r["status"] in SIGNING_STATUSES}
         self._uses = {r["kid"]: r["use"] for r in records if r["status"] != KEY_RETIRED}
-        self._active = {use: rec for use in (SSA_USE, TOKEN_USE) if (rec := self._newest_active(use)) is not None}
+        self._active = {use: rec for use in (SSA_USE, TOKEN_USE)
+                        if (rec := signing_key(records, use, now)) is not None}
+        self._switch_at = next_switch(records, now)
         self._fingerprint = _fingerprint(records)
-        self._checked_at = self._clock()
+        self._checked_at = now
 
     # --- rotation ---
-    async def rotate(self, alg: str | None = None) -> KeyRecord:
-        """Add a new SSA key and sign with it from now on (default alg: the current key's)."""
+    async def rotate(self, alg: str | None = None, *, now: bool = False) -> KeyRecord:
+        """Add a new SSA key (default alg: the signing key's), published at once, signing after
+        ``activation_delay`` (``now``: at once, an emergency).  A key announced before and not yet
+        signing is retired (it signed nothing): at most one key is pending."""
         async with self._lock, self._store.lock("keys"):
             records = await self._store.list_keys()
-            now = int(self._clock())
-            current = [r for r in records if r["use"] == SSA_USE and r["status"] == KEY_ACTIVE]
-            alg = alg or (max(current, key=lambda r: r["created_at"])["alg"] if current else self._alg)
-            new = generate_key(alg, SSA_USE, now)
-            await self._replace_active_ssa_keys(records, new, now)
+            new = await self._rotate_locked(records, alg, now)
             self._install(await self._store.list_keys())
             return new
 
-    async def _replace_active_ssa_keys(self, records: list[KeyRecord], new: KeyRecord, now: int) -> None:
-        """Add ``new``, then retire the keys that were active: another process refreshing in
-        between sees two active keys (both published), never none."""
+    async def _rotate_locked(self, records: list[KeyRecord], alg: str | None, at_once: bool) -> KeyRecord:
+        now = int(self._clock())
+        current = signing_key(records, SSA_USE, now)
+        alg = alg or (current["alg"] if current else self._alg)
+        for r in pending(records, SSA_USE, now):
+            await self._store.update_key(r["kid"], {"status": KEY_RETIRED})
+        if at_once or self._activation_delay <= 0:
+            new = generate_key(alg, SSA_USE, now)
+            await self._replace_signing_ssa_keys(records, new, now)
+        else:
+            new = generate_key(alg, SSA_USE, now, activates_at=now + self._activation_delay)
+            await self._store.add_key(new)
+        return new
+
+    async def _replace_signing_ssa_keys(self, records: list[KeyRecord], new: KeyRecord, now: int) -> None:
+        """Add ``new`` (signing from ``now``), then retire the keys that signed until now:
+        another process refreshing in between sees both published, never none."""
         await self._store.add_key(new)
-        active = [r for r in records if r["use"] == SSA_USE and r["status"] == KEY_ACTIVE]
-        if not active:
+        await self._retire([r for r in records if r["use"] == SSA_USE and r["status"] in SIGNING_STATUSES
+                            and activates_at(r) <= now], now)
+
+    async def _retire(self, keys: list[KeyRecord], now: int) -> None:
+        if not keys:
             return
         # Every SSA still valid may have been signed by one of these keys: keep them published
         # until the last of those expires.
         valid = await self._store.find_ssas(status=ACTIVE)
         remove_after = max([now] + [s["expiration"] for s in valid])
-        for r in active:
+        for r in keys:
             await self._store.update_key(r["kid"], {"status": KEY_RETIRING, "remove_after": remove_after})
+
+    async def maintain(self) -> None:
+        """The cleaner's key work: write the statuses of a switch that happened, drop keys past
+        their ``remove_after``, and rotate when ``rotation_days`` is due.  Under
+        ``store.lock("keys")``, re-reading the keys: on PostgreSQL exactly one node does each."""
+        await self.drop_expired_keys()
+        async with self._lock, self._store.lock("keys"):
+            records = await self._store.list_keys()
+            changed = await self._settle_locked(records)
+            current = await self._store.list_keys() if changed else records
+            changed = await self._rotate_if_due_locked(current) or changed
+            if changed:
+                self._install(await self._store.list_keys())
+
+    async def _settle_locked(self, records: list[KeyRecord]) -> bool:
+        now = int(self._clock())
+        current = signing_key(records, SSA_USE, now)
+        if current is None:
+            return False
+        changed = False
+        if current["status"] == KEY_NEXT:
+            await self._store.update_key(current["kid"], {"status": KEY_ACTIVE})
+            changed = True
+        if now >= activates_at(current) + SETTLE_GRACE:
+            old = superseded(records, SSA_USE, now)
+            await self._retire(old, now)
+            changed = changed or bool(old)
+        return changed
+
+    async def _rotate_if_due_locked(self, records: list[KeyRecord]) -> bool:
+        """Scheduled rotation: each key signs ``rotation_days``; the next is announced
+        ``activation_delay`` before that."""
+        if self._rotation_days <= 0:
+            return False
+        now = int(self._clock())
+        current = signing_key(records, SSA_USE, now)
+        if current is None or pending(records, SSA_USE, now):
+            return False
+        if now < activates_at(current) + self._rotation_days * 86400 - self._activation_delay:
+            return False
+        new = await self._rotate_locked(records, None, False)
+        log.info("scheduled key rotation: %s announced, signs from %d", new["kid"], activates_at(new))
+        return True
 
     async def drop_expired_keys(self) -> int:
         """Mark retiring keys past ``remove_after`` as retired (they leave /jwks)."""
@@ -153,17 +236,11 @@ class KeyRing:
 
     # --- use ---
     def active(self, use: str = SSA_USE) -> KeyRecord:
-        """The newest active key for this use (SSA keys: of the configured alg if there is one)."""
+        """The key that signs for this use now (as of the last ``refresh_if_due``)."""
         try:
             return self._active[use]
         except KeyError:
             raise RuntimeError(f"no active {use} key; run load() first") from None
-
-    def _newest_active(self, use: str) -> KeyRecord | None:
-        candidates = [r for r in self._records if r["use"] == use and r["status"] == KEY_ACTIVE]
-        preferred = [r for r in candidates if r["alg"] == self._alg] if use == SSA_USE else candidates
-        pool = preferred or candidates
-        return max(pool, key=lambda r: r["created_at"]) if pool else None
 
     def key_object(self, kid: str, use: str) -> jwk.JWK:
         """The key with this kid if it serves ``use``; KeyError otherwise."""
@@ -229,11 +306,12 @@ class KeyRing:
         return self.active(use)["alg"]
 
     def jwks(self) -> dict[str, list[dict[str, Any]]]:
-        """Public SSA keys still needed for verification: active and retiring, never private parts."""
+        """Public SSA keys: the next key (announced), the active one, and the retiring ones still
+        needed for verification; never private parts."""
         now = int(self._clock())
         keys = []
-        for r in sorted(self._records, key=lambda r: r["created_at"], reverse=True):
-            if r["use"] != SSA_USE or r["status"] not in (KEY_ACTIVE, KEY_RETIRING):
+        for r in sorted(self._records, key=lambda r: (activates_at(r), r["created_at"]), reverse=True):
+            if r["use"] != SSA_USE or r["status"] == KEY_RETIRED:
                 continue
             if r["status"] == KEY_RETIRING and (r.get("remove_after") or 0) < now:
                 continue
@@ -242,10 +320,15 @@ class KeyRing:
             keys.append(public)
         return {"keys": keys}
 
-    def records(self) -> list[KeyRecord]:
-        """Key records without private material, for ``keys list``."""
-        return [{k: v for k, v in r.items() if k != "jwk"} for r in self._records]  # type: ignore[misc]
+    def records(self) -> list[dict[str, Any]]:
+        """Key records without private material, for ``keys list``: each key's state now (next,
+        active, retiring, retired) as ``status``, with its times."""
+        now = self._clock()
+        return [dict({k: v for k, v in r.items() if k != "jwk"}, status=state(r, self._records, now),
+                     activates_at=activates_at(r), remove_after=r.get("remove_after"))
+                for r in self._records]
 
 
 def _fingerprint(records: list[KeyRecord]) -> str:
-    return "|".join(sorted(f"{r['kid']}:{r['status']}:{r.get('remove_after')}" for r in records))
+    return "|".join(sorted(f"{r['kid']}:{r['status']}:{r.get('remove_after')}:{r.get('activates_at')}"
+                           for r in records))

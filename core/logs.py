@@ -1,8 +1,8 @@
 """Logging for ``serve``: records are formatted and written by a background thread.
 
 A log line formatted (``asctime``) and written to stderr in place costs the event loop a large
-share of an ES256 create (``bench/README.md``, "Measurements behind the design").  Here the loop only queues the
-record; a ``QueueListener`` thread formats and writes it.
+share of an ES256 create (``bench/README.md``, "Measurements behind the design").  Here the loop
+only queues the record; a ``QueueListener`` thread formats and writes it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class _Listener(logging.handlers.QueueListener):
     def stop(self) -> None:
         """Write out what is queued and stop; a second call does nothing (``serve`` stops it
         before ending by a signal, atexit stops it otherwise)."""
-        if self._thread is not None:  # type: ignore[attr-defined]
+        if self._thread is not None:
             super().stop()
 
 
@@ -35,7 +35,7 @@ def configure_logging(level: str) -> logging.handlers.QueueListener:
     """Root logging at ``level`` through a queue; the listener is stopped (flushed) at exit."""
     # FORMAT needs neither the caller's file and line nor thread or process names: skip
     # collecting them for every record (the logging docs' "Optimization" section).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
@@ -46,7 +46,7 @@ def configure_logging(level: str) -> logging.handlers.QueueListener:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(_QueueHandler(records))  # type: ignore[arg-type]
+    root.addHandler(_QueueHandler(records))
     root.setLevel(level.upper())
     listener.start()
     atexit.register(listener.stop)

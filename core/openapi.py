@@ -8,17 +8,22 @@ from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, STATES, Kind
 from .store.search import DEFAULT_LIMIT, MAX_LENGTH, MAX_LIMIT, MAX_TERMS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_JWT = {"type": "object", "required": ["ssa"], "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
+_JWT = {"type": "object", "required": ["ssa"],
+        "properties": {"ssa": {"type": "string", "description": "compact JWS"}}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {400: "Bad request", 401: "Missing or invalid token, or insufficient scope (unauthorized_client)",
             403: "Feature flag off (access_denied) or a script denied the request",
+            404: "No SSA with this jti (invalid_jti): never issued, or purged; no such script",
             406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
-            429: "Too many failed client authentications (slow_down, Retry-After)",
-            502: "A script failed", 503: "Not ready, the store is unreachable, or no script worker is free in time "
+            429: "Too many failed client authentications, or unknown jtis from one address "
+                 "(slow_down, Retry-After)",
+            502: "A script failed",
+            503: "Not ready, the store is unreachable, or no script worker is free in time "
                  "(temporarily_unavailable; Retry-After)"}
-    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
+    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}}
+            for s in statuses}
 
 
 def _ok(description: str, schema: dict[str, Any] | None = None, status: int = 200) -> dict[str, Any]:
@@ -29,7 +34,8 @@ def _ok(description: str, schema: dict[str, Any] | None = None, status: int = 20
 
 
 def _query(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": description}
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+            "description": description}
 
 
 _KIND_SCHEMAS: dict[Kind, dict[str, Any]] = {
@@ -52,7 +58,7 @@ def create_request_schema() -> dict[str, Any]:
 
 def openapi_document(issuer: str) -> dict[str, Any]:
     bearer = lambda *scopes: [{"bearer": list(scopes)}]  # noqa: E731
-    ssa_item = {
+    ssa_item: dict[str, Any] = {
         "type": "object",
         "required": ["ssa", "created_at", "expiration", "iss", "status"],
         "properties": {
@@ -80,7 +86,8 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "post": {"summary": "Create an SSA", "security": bearer(ADMIN),
                      "requestBody": {"required": True,
                                      "content": {"application/json": {"schema": create_request_schema()}}},
-                     "responses": {**_ok("The signed SSA", _JWT, 201), **_errors(400, 401, 403, 413, 502, 503)}},
+                     "responses": {**_ok("The signed SSA", _JWT, 201),
+                                   **_errors(400, 401, 403, 413, 502, 503)}},
             "get": {"summary": "List active SSAs", "security": bearer(ADMIN, PORTAL, DEVELOPER),
                     "parameters": [_query("jti", "SSA id"), _query("org_id", "organization")],
                     "responses": {**_ok("Matching SSAs", {"type": "array", "items": ssa_item}),
@@ -110,11 +117,41 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "summary": "Validate an SSA (a one-time SSA becomes USED)",
             "parameters": [{"name": "jti", "in": "header", "required": True, "schema": {"type": "string"}}],
             "responses": {**_ok("Valid (empty body)"), **_errors(400, 403, 503)}}},
-        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, p50",
+        "/ssa/status": {"get": {
+            "summary": "An SSA's status, without a token and without any change "
+                       "(a one-time SSA stays ACTIVE)",
+            "parameters": [{"name": "jti", "in": "query", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("The status", {
+                "type": "object", "required": ["jti", "status", "exp", "one_time_use"],
+                "properties": {"jti": {"type": "string"}, "status": {"type": "string", "enum": list(STATES)},
+                               "exp": {"type": "integer"}, "one_time_use": {"type": "boolean"}}}),
+                          **_errors(400, 403, 404, 429, 503)}}},
+        "/statuslists/{list_id}": {"get": {
+            "summary": "A Token Status List Token (draft-ietf-oauth-status-list-19; docs/consumers.md)",
+            "parameters": [{"name": "list_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The signed list (cacheable for its ttl)",
+                                  "content": {"application/statuslist+jwt": {"schema": {"type": "string"}}}},
+                          "404": {"description": "No such list, or status lists are off (not_found)",
+                                  "content": {"application/json": {"schema": _ERROR}}}}}},
+        "/scripts": {"get": {"summary": "Loaded user scripts: hooks, revision, state, last error, calls, "
+                                        "failures by kind, p50, p99, HTTP calls",
                              "security": bearer(ADMIN),
                              "responses": {**_ok("Scripts", {"type": "array", "items": any_object}),
                                            **_errors(401, 503)}}},
-        "/.well-known/openid-configuration": {"get": {"summary": "Discovery", "responses": _ok("Metadata", any_object)}},
+        "/scripts/{name}/logs": {"get": {
+            "summary": "A script's last log lines and failures (a ring per script, per server process)",
+            "security": bearer(ADMIN),
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"name": "since", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                            "description": "the cursor: entries with a greater seq (the last answer's next)"},
+                           {"name": "limit", "in": "query", "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000}}],
+            "responses": {**_ok("Entries {seq, time, revision, kind: log|failure, line} and next",
+                                any_object),
+                          **_errors(400, 401, 404)}}},
+        "/.well-known/openid-configuration": {"get": {"summary": "Discovery",
+                                                      "responses": _ok("Metadata", any_object)}},
         "/.well-known/oauth-authorization-server": {"get": {"summary": "RFC 8414 metadata",
                                                             "responses": _ok("Metadata", any_object)}},
         "/jwks": {"get": {"summary": "Public SSA signing keys",

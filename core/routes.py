@@ -11,16 +11,17 @@ from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .server import Server
 from .service import CallContext
+from .status_list import MEDIA_TYPE
 from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
 from .throttle import client_address
 from .tokens import Caller
 from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
 
 def _server(request: Request) -> Server:
-    return request.app.state.server  # type: ignore[no-any-return]
+    return request.app.state.server
 
 
 def _context(request: Request, caller: Caller) -> CallContext:
@@ -101,6 +102,28 @@ async def validate_ssa(request: Request) -> Response:
     return _empty()
 
 
+async def ssa_status(request: Request) -> Response:
+    """Open like /ssa/validation (consumers hold no token); unknown jtis are throttled per address."""
+    server = _server(request)
+    server.service.require_enabled()
+    body = await server.service.status(_query(request, "jti"),
+                                       lambda: client_address(request.scope, server.clients.proxies))
+    return JSONResponse(body)
+
+
+async def status_list(request: Request) -> Response:
+    """A Token Status List Token (open: consumers fetch it); cacheable for its ttl, unlike the rest."""
+    server = _server(request)
+    list_id = request.path_params["list_id"]
+    token = None
+    if server.settings.status_list and list_id.isascii() and list_id.isdigit() and len(list_id) <= 18:
+        token = await server.service.status_lists.token(list_id)
+    if token is None:
+        raise NotFound("No such status list.")
+    return Response(token.jwt.encode("ascii"), media_type=MEDIA_TYPE,
+                    headers={"Cache-Control": f"public, max-age={token.ttl}"})
+
+
 def discovery_document(request: Request) -> dict[str, Any]:
     settings = _server(request).settings
     doc: dict[str, Any] = {
@@ -114,6 +137,7 @@ def discovery_document(request: Request) -> dict[str, Any]:
     }
     if settings.enabled:
         doc["ssa_endpoint"] = settings.ssa_endpoint
+        doc["ssa_status_endpoint"] = f"{settings.issuer}/ssa/status"
     return doc
 
 
@@ -121,6 +145,32 @@ async def list_scripts(request: Request) -> Response:
     server = _server(request)
     await authenticate(request, server.tokens, server.clients, (ADMIN,))
     return JSONResponse(server.scripts.listing() if server.scripts is not None else [])
+
+
+LOG_PAGE = 1000  # ring entries per answer (a ring holds script_log_buffer)
+
+
+async def script_logs(request: Request) -> Response:
+    """A script's ring of log lines and failures after the cursor ``since`` (admin)."""
+    server = _server(request)
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    since = _count_param(request, "since", 0, 0, 2**53)
+    limit = _count_param(request, "limit", LOG_PAGE, 1, LOG_PAGE)
+    name = request.path_params["name"]
+    found = server.scripts.logs(name, since, limit) if server.scripts is not None else None
+    if found is None:
+        raise NotFound(f"no script named {name[:64]!r}")
+    lines, cursor = found
+    return JSONResponse({"name": name, "lines": lines, "next": cursor})
+
+
+def _count_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = _query(request, name)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 16 or not low <= int(text) <= high:
+        raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
+    return int(text)
 
 
 async def discovery(request: Request) -> Response:
@@ -157,7 +207,10 @@ ROUTES = [
     Route("/ssa/jwt", get_jwt, methods=["GET"]),
     Route("/ssa/search", search_ssas, methods=["GET"]),
     Route("/ssa/validation", validate_ssa, methods=["POST"]),
+    Route("/ssa/status", ssa_status, methods=["GET"]),
+    Route("/statuslists/{list_id}", status_list, methods=["GET"]),
     Route("/scripts", list_scripts, methods=["GET"]),
+    Route("/scripts/{name}/logs", script_logs, methods=["GET"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),
     Route("/jwks", jwks, methods=["GET"]),

@@ -24,7 +24,7 @@ from typing import Any
 from .jsonvalues import clone
 
 HOOKS = ("create", "get", "revoke")
-PROTECTED_CLAIMS = ("jti", "iss", "iat")
+PROTECTED_CLAIMS = ("jti", "iss", "iat", "status")  # status: the SSA's Token Status List entry
 SIGNER_HEADER = ("alg", "kid")  # written by the signer from the active key
 # What one call may log (``context.log`` and ``print`` together); the rest is counted as dropped.
 MAX_LOG_LINES, MAX_LOG_LINE = 20, 500
@@ -68,9 +68,10 @@ def same(a: Any, b: Any) -> bool:
 def before_create(header: dict[str, Any], claims: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``create_change`` compares with: the registered header parameters and the protected
     claims as they are now (containers copied: a script may change them in place)."""
-    return ({k: clone(v) if type(v) in _CONTAINERS else v for k, v in header.items() if k in REGISTERED_HEADER},
-            {k: clone(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k] for k in PROTECTED_CLAIMS
-             if k in claims})
+    return ({k: clone(v) if type(v) in _CONTAINERS else v
+             for k, v in header.items() if k in REGISTERED_HEADER},
+            {k: clone(claims[k]) if type(claims[k]) in _CONTAINERS else claims[k]
+             for k in PROTECTED_CLAIMS if k in claims})
 
 
 def header_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:

@@ -22,12 +22,13 @@ from .clients import ClientService
 from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
+from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
 from .tokens import TokenAuthority
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
-from ssa_server.plugins.scripts import ScriptHost, limits_from
+from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
 
 log = logging.getLogger("ssa_server")
 
@@ -51,7 +52,9 @@ class Server:
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
               accept_journal_loss: bool = False) -> Server:
         store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
-        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval, clock=clock)
+        keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
+                       activation_delay=settings.key_activation_delay,
+                       rotation_days=settings.key_rotation_days, clock=clock)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -59,15 +62,18 @@ class Server:
             scripts = ScriptHost(settings.scripts_dir, limits=limits_from(settings),
                                  workers=settings.script_workers, on_error=settings.on_script_error,
                                  reload_interval=settings.script_reload_interval,
-                                 log_lines=settings.script_log_lines, log_interval=settings.script_log_interval)
+                                 log_lines=settings.script_log_lines,
+                                 log_interval=settings.script_log_interval,
+                                 http=http_limits_from(settings), log_keep=settings.script_log_buffer)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         clients = ClientService(store, tokens, clock=clock,
                                 failures_per_client=settings.token_failures_per_client,
                                 failures_per_address=settings.token_failures_per_address,
                                 failure_window=settings.token_failure_window,
                                 trusted_proxies=settings.trusted_proxies)
+        status_lists = StatusIssuer(settings, store, keys, clock)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
-                   service=SsaService(settings, store, keys, hooks, clock=clock),
+                   service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists),
                    plugins=plugins, scripts=scripts, clock=clock)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
@@ -82,7 +88,8 @@ class Server:
         self.scripts = host
         starting = None
         if host is not None:
-            starting = asyncio.get_running_loop().run_in_executor(None, functools.partial(host.start, watch=background))
+            starting = asyncio.get_running_loop().run_in_executor(None, functools.partial(host.start,
+                                                                                          watch=background))
         try:
             await self.store.open()
             try:
@@ -96,10 +103,10 @@ class Server:
                 await self.store.close()
                 raise
         except BaseException:
-            if starting is not None:
+            if host is not None and starting is not None:
                 with contextlib.suppress(BaseException):
                     await starting
-                await anyio.to_thread.run_sync(host.stop)  # type: ignore[union-attr]
+                await anyio.to_thread.run_sync(host.stop)
                 self.scripts = None
             raise
         if background:
@@ -113,6 +120,7 @@ class Server:
                                 check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             self.keys.start_signing()  # signing threads and process; CLI commands sign inline
+            self.service.status_lists.block = BLOCK  # a CLI command reserves one index at a time
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -129,9 +137,10 @@ class Server:
             log.info("server stopped (cleaner, signing process, script workers and store closed)")
 
     async def cleanup_once(self) -> tuple[int, int]:
-        """Expire SSAs past their expiration, purge old inactive ones, drop retired keys."""
+        """Expire SSAs past their expiration, purge old inactive ones; the keys' timeline
+        (``KeyRing.maintain``: a switch's statuses, keys past their end, scheduled rotation)."""
         expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace)
-        await self.keys.drop_expired_keys()
+        await self.keys.maintain()
         if expired or purged:
             log.info("cleanup expired=%d purged=%d", expired, purged)
         return expired, purged

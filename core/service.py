@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -17,16 +16,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
-                     ScriptFailed)
+                     ScriptFailed, SlowDown, UnknownJti)
+from . import jsonvalues
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
 from .keys import KeyRing
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
-from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_claims, list_item,
-                  record_from_request)
+from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_changes, jwt_claims,
+                  jwt_header, list_item, record_from_request, status_view)
+from .status_issuer import StatusIssuer
 from .store import Store, TemplateRecord, UnstorableValue
 from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
+from .throttle import FailureThrottle
 
 if TYPE_CHECKING:
     from ssa_server.plugins.hooks import HookRunner
@@ -60,7 +62,8 @@ class CallContext:
     scopes: frozenset[str]
     method: str = ""
     path: str = ""
-    raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()  # as the ASGI scope has them
+    # as the ASGI scope has them
+    raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
 
     def headers(self) -> dict[str, str]:
         """The request headers for hooks, without the ones that carry credentials (Authorization,
@@ -86,12 +89,17 @@ class CallContext:
 
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
+        self.status_lists = (status_lists if status_lists is not None
+                             else StatusIssuer(settings, store, keys, clock))
         self.hooks = hooks  # scripts, then trusted plugins
         self._clock = clock
+        # Unknown jtis asked by one address (GET /ssa/status needs no token): counted like /token's failures.
+        self.status_failures = FailureThrottle(settings.status_failures_per_address,
+                                               settings.token_failure_window, clock)
 
     def now(self) -> int:
         return int(self._clock())
@@ -111,21 +119,25 @@ class SsaService:
         """
         self.require_enabled()
         settings = self.settings
+        entry = await self.status_lists.allocate() if settings.status_list else None
         record = record_from_request(request, now=self.now(), expiration_in_days=settings.expiration_in_days,
-                                     creator_id=ctx.client_id, issuer=settings.issuer)
+                                     creator_id=ctx.client_id, issuer=settings.issuer, status_list=entry,
+                                     role_scopes=settings.map_software_roles_to_scopes)
         await self.keys.refresh_if_due()
         active = self.keys.active()
-        header = {"typ": "jwt", "alg": active["alg"], "kid": active["kid"]}
+        header = dict(jwt_header(record, settings.jwt_typ), alg=active["alg"], kid=active["kid"])
         claims = jwt_claims(record)
         draft = JwtDraft(header, claims)
         if self.hooks.wanted("create"):  # else nothing can change it: no copies
             draft = JwtDraft(clone(header), clone(claims))
             await self.hooks.create(draft, ctx.for_hook("create", self.settings))
             self._check_protected(header, claims, draft)
+            record["hook_changes"] = self._hook_changes(header, claims, draft)
         try:
             token = await self._sign(draft.header, draft.claims)
         except (TypeError, ValueError) as e:
-            raise ScriptFailed(f"a create hook produced claims that cannot be signed: {type(e).__name__}") from None
+            raise ScriptFailed("a create hook produced claims that cannot be signed: "
+                               f"{type(e).__name__}") from None
         try:
             await self.store.add_ssa(record)
         except UnstorableValue as e:  # the request's checks refuse these first; never a 500 anyway
@@ -141,6 +153,24 @@ class SsaService:
         if broken is not None:
             raise ScriptFailed(f"a create hook broke the signing rules: {broken}.")
 
+    def _hook_changes(self, header: dict[str, Any], claims: dict[str, Any],
+                      draft: JwtDraft) -> dict[str, Any] | None:
+        """What the hooks changed, as the record keeps it (``ssa.jwt_changes``): GET /ssa/jwt signs
+        the same header and claims again.  Held to what every store keeps exactly (``jsonvalues``)
+        and to the script output cap, checked here since trusted plugins have no cap of their own."""
+        changes = jwt_changes(header, claims, draft.header, draft.claims)
+        if changes is None:
+            return None
+        try:
+            jsonvalues.check(changes)
+        except jsonvalues.JsonValueError as e:
+            raise ScriptFailed(f"a create hook added a value that cannot be stored: the value {e}.") from None
+        cap = self.settings.script_output_kb * 1024
+        if len(jsonvalues.dumps(changes)) > cap:
+            raise ScriptFailed(f"a create hook added more than {cap} bytes to the SSA "
+                               "(script_output_kb).") from None
+        return changes
+
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
         """The key ring signs (``KeyRing.sign`` picks thread, helper or inline); the signer's own
         header parameters (``alg``, ``kid``) come from the active key, never from a hook."""
@@ -155,7 +185,8 @@ class SsaService:
         if DEVELOPER in ctx.scopes and not ctx.scopes & {ADMIN, PORTAL}:
             creator = ctx.client_id
         now = self.now()
-        records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE, creator_id=creator)
+        records = await self.store.find_ssas(jti=jti or None, org_id=org_id, status=ACTIVE,
+                                             creator_id=creator)
         items = [list_item(r) for r in records if r["expiration"] > now]
         if not items or not self.hooks.wanted("get"):
             return items  # nothing can change the list: skip the copy
@@ -185,13 +216,14 @@ class SsaService:
 
     # --- get JWT ---
     async def get_jwt(self, jti: str | None) -> str:
-        """The stored SSA re-signed with the active key (create hooks do not run)."""
+        """The stored SSA re-signed with the active key (create hooks do not run): the header and
+        claims it was created with, what the create hooks changed included (``hook_changes``)."""
         self.require_enabled()
         record = await self.store.get_ssa(jti) if jti else None
         if record is None or record["status"] != ACTIVE or record["expiration"] <= self.now():
             raise InvalidJti()
         await self.keys.refresh_if_due()
-        return await self._sign({"typ": "jwt"}, jwt_claims(record))
+        return await self._sign(jwt_header(record, self.settings.jwt_typ), jwt_claims(record))
 
     # --- validate ---
     async def validate(self, jti: str | None) -> None:
@@ -200,8 +232,28 @@ class SsaService:
         if not jti or await self.store.mark_used(jti, self.now()) is None:
             raise InvalidJti()
 
+    # --- status (no token: the consumers' question, never a change) ---
+    async def status(self, jti: str | None, address: Callable[[], str] = lambda: "") -> dict[str, Any]:
+        """The SSA's status (``ssa.status_view``); nothing is stored or changed, so a one-time SSA
+        stays ACTIVE however often it is asked about.  ``address`` finds the caller's address; it is
+        only called when an unknown jti is counted or an address is being refused (429)."""
+        self.require_enabled()
+        if not jti:
+            raise InvalidRequest("The query parameter 'jti' is required.")
+        where = address() if self.status_failures.blocking else None
+        if where:
+            wait = self.status_failures.retry_after(where)
+            if wait > 0:
+                raise SlowDown(wait, "Too many unknown jtis asked from this address; retry later.")
+        record = await self.store.get_ssa(jti)
+        if record is None:
+            self.status_failures.failed(where if where is not None else address())
+            raise UnknownJti()
+        return status_view(record, self.now())
+
     # --- revoke ---
-    async def revoke(self, ctx: CallContext, *, jti: str | None = None, org_id: str | None = None) -> list[SsaRecord]:
+    async def revoke(self, ctx: CallContext, *, jti: str | None = None,
+                     org_id: str | None = None) -> list[SsaRecord]:
         """REVOKED (expiration = now) for every ACTIVE SSA matching jti and/or org_id."""
         self.require_enabled()
         if not jti and not org_id:

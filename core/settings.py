@@ -4,26 +4,31 @@ Precedence: CLI flags > ``SSA_*`` environment variables > TOML config file > def
 Every field maps to ``SSA_<FIELD NAME IN UPPER CASE>`` and to the key ``<field name>`` in the
 config file (top level or under an ``[ssa]`` table).  Janssen's ``ssaConfiguration`` maps as:
 ``ssaEndpoint`` -> ``ssa_endpoint``, ``ssaCustomAttributes`` -> ``custom_attributes``,
-``ssaSigningAlg`` -> ``signing_alg``, ``ssaExpirationInDays`` -> ``expiration_in_days``; the
-``ssa`` feature flag -> ``enabled``.
+``ssaSigningAlg`` -> ``signing_alg``, ``ssaExpirationInDays`` -> ``expiration_in_days``,
+``ssaMapSoftwareRolesToScopes`` -> ``map_software_roles_to_scopes``; the ``ssa`` feature flag ->
+``enabled``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .ssa import RESERVED_ATTRIBUTES  # request fields and server claims: never custom attributes
 
 SIGNING_ALGS = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519",
 )
+JWT_TYPS = ("jwt", "JWT")  # Janssen's, and the OBIE profile's
+# An OAuth scope token (RFC 6749 §3.3): printable ASCII but space, '"' and '\\'.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 ON_SCRIPT_ERROR = ("fail", "skip")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SECRET_FIELDS = frozenset({"store_url"})  # may carry a password; masked by ``config show``
@@ -43,16 +48,23 @@ class Settings:
     ssa_endpoint: str = ""  # default: ISSUER/ssa (Janssen ssaEndpoint)
     enabled: bool = True  # the "ssa" feature flag
     signing_alg: str = "RS256"
+    jwt_typ: str = "jwt"  # the SSA header's typ
     expiration_in_days: int = 30
     custom_attributes: tuple[str, ...] = ()
+    # role -> scopes; the union for an SSA's software_roles becomes its scope claim (Janssen
+    # ssaMapSoftwareRolesToScopes).  Not hashed: Settings is never a dict key.
+    map_software_roles_to_scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     data_dir: Path = Path("./data")
     scripts_dir: Path = Path("./scripts")
     token_ttl: int = 3600  # seconds an access token from POST /token lives
     cleanup_interval: int = 300  # seconds between runs of the expired-SSA cleaner
     cleanup_grace: int = 7 * 24 * 3600  # seconds an expired/revoked/used SSA is kept before purge
     key_refresh_interval: float = 2.0  # seconds between checks for keys rotated by another process
+    key_activation_delay: int = 600  # seconds a rotated key is published before it signs (docs/keys.md)
+    key_rotation_days: int = 0  # days each SSA key signs before the server rotates it; 0: never
     log_level: str = "info"
-    access_log: bool = False  # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
+    # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
+    access_log: bool = False
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"
@@ -64,6 +76,12 @@ class Settings:
     script_reload_interval: float = 1.0  # seconds between polls of the scripts folder
     script_log_lines: int = 100  # log lines each script may write per script_log_interval (the rest: counted)
     script_log_interval: float = 10.0  # seconds: the script log rate's period, and of its summary lines
+    script_log_buffer: int = 200  # entries (log lines, failures) kept per script: GET /scripts/{name}/logs
+    # context.http (issue 13): calls the server performs for a script, to its [http] allow-list only.
+    script_http_timeout: float = 2.0  # seconds per call (and never past the step's script_timeout)
+    script_http_max_kb: int = 256  # response head and body; larger is cut off, the call fails
+    script_http_calls_per_step: int = 4  # calls per script call
+    script_http_calls_per_second: float = 20.0  # per script, across workers (a token bucket)
     store_url: str = ""  # empty: the embedded TinyDB store in DATA_DIR; postgresql://...: PostgreSQL
     # PostgreSQL store and scale-out (issue 5).
     store_pool_min: int = 1  # connections each process keeps open
@@ -80,6 +98,13 @@ class Settings:
     token_failures_per_address: int = 50  # ... per client address per window
     token_failure_window: float = 60.0  # seconds
     trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For is believed
+    # GET /ssa/status for unknown jtis per address per token_failure_window
+    status_failures_per_address: int = 50
+    # Token Status Lists (issue 14; status_list.py, status_issuer.py).
+    status_list: bool = True  # every new SSA gets a status claim; GET /statuslists/ID serves the lists
+    status_list_size: int = 65536  # indexes per list (a full list is kept, a new one added)
+    status_list_ttl: int = 300  # seconds a consumer may cache a Status List Token (its ttl, max-age)
+    status_list_refresh: float = 5.0  # seconds a built token is served before the next request rebuilds it
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -102,15 +127,25 @@ class Settings:
         if not 0 < self.port < 65536:
             raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
-                     "script_memory_mb", "script_output_kb", "store_pool_min", "store_pool_max", "workers",
-                     "token_failures_per_client", "token_failures_per_address"):
+                     "script_memory_mb", "script_output_kb", "script_http_max_kb",
+                     "script_http_calls_per_step", "store_pool_min", "store_pool_max", "workers",
+                     "token_failures_per_client", "token_failures_per_address",
+                     "status_failures_per_address"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
-                     "script_log_interval", "store_pool_timeout", "store_statement_timeout", "http_head_timeout",
-                     "http_body_timeout", "http_idle_timeout", "token_failure_window"):
+                     "script_log_interval", "store_pool_timeout", "store_statement_timeout",
+                     "http_head_timeout", "http_body_timeout", "http_idle_timeout", "token_failure_window",
+                     "script_http_timeout", "script_http_calls_per_second"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if not 8 <= self.status_list_size <= 1 << 24 or self.status_list_size % 8:
+            raise SettingsError(f"SSA_STATUS_LIST_SIZE={self.status_list_size} must be a multiple of 8 "
+                                f"from 8 to {1 << 24}")
+        if self.status_list_ttl < 1:
+            raise SettingsError(f"SSA_STATUS_LIST_TTL={self.status_list_ttl} must be at least 1")
+        if self.status_list_refresh <= 0:
+            raise SettingsError(f"SSA_STATUS_LIST_REFRESH={self.status_list_refresh} must be greater than 0")
         if self.http_max_connections < 0:
             raise SettingsError(f"SSA_HTTP_MAX_CONNECTIONS={self.http_max_connections} must not be negative "
                                 "(0: derived from the file-descriptor limit)")
@@ -120,15 +155,23 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"SSA_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") \
                     from None
+        if self.script_log_buffer < 0:
+            raise SettingsError(f"SSA_SCRIPT_LOG_BUFFER={self.script_log_buffer} must not be negative")
         if self.script_log_lines < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
-        if self.cleanup_grace < 0:
-            raise SettingsError(f"SSA_CLEANUP_GRACE={self.cleanup_grace} must not be negative")
+        for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
+        if self.jwt_typ not in JWT_TYPS:
+            raise SettingsError(f"SSA_JWT_TYP={self.jwt_typ!r} must be 'jwt' (Janssen) or 'JWT' (OBIE)")
+        self._validate_role_scopes()
         if self.store_pool_max < self.store_pool_min:
-            raise SettingsError(f"SSA_STORE_POOL_MAX={self.store_pool_max} is below SSA_STORE_POOL_MIN={self.store_pool_min}")
+            raise SettingsError(f"SSA_STORE_POOL_MAX={self.store_pool_max} is below "
+                                f"SSA_STORE_POOL_MIN={self.store_pool_min}")
         if self.workers > 1 and not self.uses_postgres:
-            raise SettingsError(f"--workers {self.workers} needs a shared store (SSA_STORE_URL=postgresql://...); "
-                                "the embedded TinyDB store serves one process")
+            raise SettingsError(f"--workers {self.workers} needs a shared store "
+                                "(SSA_STORE_URL=postgresql://...); the embedded TinyDB store serves one "
+                                "process")
         if self.on_script_error not in ON_SCRIPT_ERROR:
             raise SettingsError(f"SSA_ON_SCRIPT_ERROR={self.on_script_error!r} must be 'fail' or 'skip'")
         if not self.issuer.startswith(("http://", "https://")):
@@ -136,6 +179,19 @@ class Settings:
         for attr in self.custom_attributes:
             if not attr or attr in RESERVED_ATTRIBUTES:
                 raise SettingsError(f"SSA_CUSTOM_ATTRIBUTES: {attr!r} is empty or a built-in SSA field")
+
+    def _validate_role_scopes(self) -> None:
+        name = "SSA_MAP_SOFTWARE_ROLES_TO_SCOPES"
+        for role, scopes in self.map_software_roles_to_scopes.items():
+            if not isinstance(role, str) or not role:
+                raise SettingsError(f"{name}: a role must be a non-empty string, not {role!r}")
+            for scope in scopes:
+                if not isinstance(scope, str) or not _SCOPE_TOKEN.fullmatch(scope):
+                    raise SettingsError(f"{name}: {scope!r} (role {role!r}) is not a scope token "
+                                        "(printable ASCII without spaces, quotes or backslashes)")
+        if self.map_software_roles_to_scopes and "scope" in self.custom_attributes:
+            raise SettingsError(f"{name} makes the scope claim: 'scope' cannot also be a custom attribute "
+                                "(SSA_CUSTOM_ATTRIBUTES)")
 
     @property
     def uses_postgres(self) -> bool:
@@ -150,6 +206,8 @@ class Settings:
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, dict):
+                value = {k: list(v) for k, v in value.items()}
             if f.name in SECRET_FIELDS and value:
                 value = redact_url(str(value))
             out[f.name] = value
@@ -199,13 +257,34 @@ def _cast(name: str, raw: Any, kind: Any) -> Any:
         if kind in ("tuple[str, ...]",):
             items = raw if isinstance(raw, list) else str(raw).split(",")
             return tuple(str(i).strip() for i in items if str(i).strip())
+        if kind == "dict[str, tuple[str, ...]]":
+            return _role_scopes(name, raw)
         if kind in (str, "str"):
             if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
                 raise ValueError
             return str(raw)
     except (TypeError, ValueError):
         pass
-    raise SettingsError(f"SSA_{name.upper()}={raw!r} is not a valid {kind if isinstance(kind, str) else kind.__name__}")
+    kind_name = kind if isinstance(kind, str) else kind.__name__
+    raise SettingsError(f"SSA_{name.upper()}={raw!r} is not a valid {kind_name}")
+
+
+def _role_scopes(name: str, raw: Any) -> dict[str, tuple[str, ...]]:
+    """A TOML table, or (the environment) a JSON object, of role -> list of scopes."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise SettingsError(f"SSA_{name.upper()} must be a JSON object of role -> list of scopes, "
+                                'e.g. {"payments": ["payments", "openid"]}') from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"SSA_{name.upper()} must be a table (object) of role -> list of scopes")
+    out = {}
+    for role, scopes in raw.items():
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise SettingsError(f"SSA_{name.upper()}: the scopes of role {role!r} must be a list of strings")
+        out[str(role)] = tuple(scopes)
+    return out
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings)}

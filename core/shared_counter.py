@@ -40,7 +40,7 @@ class SharedCounter:
             raise
 
     def get(self) -> int:
-        return _U64.unpack_from(self._map)[0]  # type: ignore[no-any-return]
+        return _U64.unpack_from(self._map)[0]
 
     def set(self, value: int) -> None:
         _U64.pack_into(self._map, 0, value)

@@ -18,11 +18,12 @@ from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwcrypto import jwk
 
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 _HMAC = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
 # RSA signing releases the GIL and costs more than a hop to a thread; the others cost less than the
@@ -30,7 +31,10 @@ _HMAC = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha5
 SLOW_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 # These go to the server's signing process (``signing_process.py``): off the event loop without
 # waiting for the GIL.  HMAC costs a few microseconds: inline.
-PROCESS_ALGS = frozenset({"ES256", "ES384", "ES512", "EdDSA"})
+PROCESS_ALGS = frozenset({"ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
+# Ed25519 signatures under either name: "EdDSA" (RFC 8037, deprecated) and the fully specified
+# "Ed25519" (RFC 9864); the same key type and signature, only the JWS/JWK ``alg`` differs.
+ED25519_ALGS = frozenset({"EdDSA", "Ed25519"})
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -53,15 +57,18 @@ def signature_function(key: dict[str, Any], alg: str) -> Callable[[bytes], bytes
         secret = base64.urlsafe_b64decode(key["k"] + "=" * (-len(key["k"]) % 4))
         digest = _HMAC[alg]
         return lambda data: hmac.new(secret, data, digest).digest()
-    private = jwk.JWK(**key).get_op_key("sign")
-    if alg.startswith("RS"):
+    # The key's kind is checked against the alg here, once: a record whose alg does not fit its
+    # key is refused now instead of failing every signature.  (``object``: jwcrypto's stubs leave
+    # the OKP keys out of get_op_key's result.)
+    private: object = jwk.JWK(**key).get_op_key("sign")
+    if alg.startswith("RS") and isinstance(private, rsa.RSAPrivateKey):
         rs_hash = _HASHES[alg[2:]]()
         return lambda data: private.sign(data, padding.PKCS1v15(), rs_hash)
-    if alg.startswith("PS"):
+    if alg.startswith("PS") and isinstance(private, rsa.RSAPrivateKey):
         ps_hash = _HASHES[alg[2:]]()
         pss = padding.PSS(mgf=padding.MGF1(ps_hash), salt_length=ps_hash.digest_size)
         return lambda data: private.sign(data, pss, ps_hash)
-    if alg.startswith("ES"):
+    if alg.startswith("ES") and isinstance(private, ec.EllipticCurvePrivateKey):
         ecdsa = ec.ECDSA(_HASHES[alg[2:]]())
         size = (private.curve.key_size + 7) // 8
 
@@ -70,8 +77,10 @@ def signature_function(key: dict[str, Any], alg: str) -> Callable[[bytes], bytes
             return r.to_bytes(size, "big") + s.to_bytes(size, "big")  # JWS wants r || s, not DER
 
         return sign_ec
-    if alg == "EdDSA":
-        return private.sign  # type: ignore[no-any-return]
+    if alg in ED25519_ALGS and isinstance(private, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        return private.sign
+    if alg[:2] in ("RS", "PS", "ES") or alg in ED25519_ALGS:
+        raise ValueError(f"{alg} cannot sign with a {key.get('kty')} key")
     raise ValueError(f"unsupported alg {alg}")
 
 

@@ -78,7 +78,7 @@ class SigningProcess:
         self._queue.append(job)
         if self._drain is None:
             self._drain = loop.create_task(self._send_all())
-        return await job.future  # type: ignore[no-any-return]
+        return await job.future
 
     async def _send_all(self) -> None:
         """Send what is queued, one batch at a time, until nothing is left.  A caller that is

@@ -15,10 +15,13 @@ place, differs from ``CreateRequest``.
 # annotations (Python 3.11), and REQUIRED_RECORD_FIELDS is read from SsaRecord.
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from .jsonvalues import clone
+from .script_rules import SIGNER_HEADER, same
+from .status_list import status_claim
 
 ACTIVE, USED, REVOKED, EXPIRED = "ACTIVE", "USED", "REVOKED", "EXPIRED"
 STATES = (ACTIVE, USED, REVOKED, EXPIRED)
@@ -29,7 +32,7 @@ DEVELOPER = "https://jans.io/auth/ssa.developer"
 SSA_SCOPES = (ADMIN, PORTAL, DEVELOPER)
 
 # Claims the server sets on every SSA, and the registered ones verifiers read: never custom attributes.
-SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud")
+SERVER_CLAIMS = ("jti", "iss", "iat", "exp", "nbf", "sub", "aud", "status")
 
 Kind = Literal["text", "texts", "boolean", "epoch", "seconds"]
 """A request field's JSON kind, which says how it is checked (``validation``), offered as a flag
@@ -114,6 +117,14 @@ LIST_FIELDS = tuple(f.name for f in REQUEST_FIELDS if f.kind == "texts")
 RESERVED_ATTRIBUTES = frozenset(f.name for f in REQUEST_FIELDS) | frozenset(SERVER_CLAIMS)
 
 
+class StatusRef(TypedDict):
+    """An SSA's entry in a Token Status List: its JWT's ``status`` claim names list and index."""
+
+    list: str  # the list's id: ISSUER/statuslists/ID
+    idx: int
+    until: int  # the JWT's exp: the entry is kept (not purged) until then, whatever ``expiration`` says
+
+
 class SsaRecord(TypedDict):
     """One stored SSA: the request's fields (as ``CreateRequest``), then what the server sets."""
 
@@ -132,6 +143,12 @@ class SsaRecord(TypedDict):
     status: str  # one of STATES
     creator_id: str  # client_id that created it ("cli" for the operator CLI)
     iss: str  # the issuer the SSA was signed under
+    # The scope claim made at creation from the software_roles (``role_scope``); None: no claim.
+    scope: NotRequired[str | None]
+    status_list: NotRequired[StatusRef | None]  # None: issued without a status list (or before them)
+    # What the create hooks changed in the JWT (``jwt_changes``), None when nothing; absent in
+    # records stored before it existed.
+    hook_changes: NotRequired[dict[str, Any] | None]
 
 
 # What an exported SSA must hold to be imported (every field but the optional ones), in order.
@@ -150,27 +167,46 @@ _CLAIMED = _names([f for f in REQUEST_FIELDS if f.claim])
 _LISTED = _names([f for f in REQUEST_FIELDS if f.listed])
 
 
+def role_scope(roles: list[str], role_scopes: Mapping[str, tuple[str, ...]]) -> str | None:
+    """The ``scope`` claim of an SSA with these ``software_roles`` (Janssen's
+    ``ssaMapSoftwareRolesToScopes``): the union of the roles' mapped scopes, sorted, space-separated;
+    None when the union is empty (no claim)."""
+    if not role_scopes:
+        return None
+    scopes = {scope for role in roles for scope in role_scopes.get(role, ())}
+    return " ".join(sorted(scopes)) or None
+
+
 def record_from_request(request: CreateRequest, *, now: int, expiration_in_days: int, creator_id: str,
-                        issuer: str, jti: str | None = None) -> SsaRecord:
-    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``."""
+                        issuer: str, jti: str | None = None,
+                        role_scopes: Mapping[str, tuple[str, ...]] | None = None,
+                        status_list: tuple[str, int] | None = None) -> SsaRecord:
+    """A new ACTIVE SSA for ``request``, created ``now`` by ``creator_id`` under ``issuer``; its
+    ``scope`` from ``role_scopes`` (the setting ``map_software_roles_to_scopes``); ``status_list``
+    (list id, index): its entry in a Token Status List."""
     values, lists, optional = _STORED
     record: dict[str, Any] = {name: getattr(request, name) for name in values}
     for name in lists:
         record[name] = list(getattr(request, name))
     for name in optional:
         record[name] = getattr(request, name)
-    record.update(expiration=request.expiration or now + expiration_in_days * 86400,
-                  custom=dict(request.custom), jti=jti or new_jti(), created_at=now, status=ACTIVE,
-                  creator_id=creator_id, iss=issuer)
-    return record  # type: ignore[return-value]
+    expiration = request.expiration or now + expiration_in_days * 86400
+    record.update(expiration=expiration, custom=dict(request.custom), jti=jti or new_jti(), created_at=now,
+                  status=ACTIVE, creator_id=creator_id, iss=issuer,
+                  scope=role_scope(request.software_roles, role_scopes) if role_scopes else None,
+                  status_list=None if status_list is None else {"list": status_list[0], "idx": status_list[1],
+                                                                "until": expiration},
+                  hook_changes=None)
+    return cast(SsaRecord, record)  # its keys are SsaRecord's: test_ssa_model checks that they agree
 
 
-def _shown(record: SsaRecord, out: dict[str, Any], names: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+def _shown(record: Mapping[str, Any], out: dict[str, Any],
+           names: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
     values, lists, optional = names
     for name in values:
-        out[name] = record[name]  # type: ignore[literal-required]
+        out[name] = record[name]
     for name in lists:
-        out[name] = list(record[name])  # type: ignore[literal-required]
+        out[name] = list(record[name])
     for name in optional:
         value = record.get(name)
         if value is not None:
@@ -179,19 +215,104 @@ def _shown(record: SsaRecord, out: dict[str, Any], names: tuple[tuple[str, ...],
 
 
 def jwt_claims(record: SsaRecord) -> dict[str, Any]:
-    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes."""
+    """The claims of the SSA's JWT: the server's, the claimed request fields, the custom attributes,
+    then what the create hooks changed (``hook_changes``): the claims the SSA was issued with."""
     claims = _shown(record, {"jti": record["jti"], "iat": record["created_at"], "exp": record["expiration"],
                              "iss": record["iss"]}, _CLAIMED)
+    scope = record.get("scope")
+    if scope is not None:
+        claims["scope"] = scope
     if record["custom"]:
         claims.update(clone(record["custom"]))
+    ref = record.get("status_list")
+    if ref:
+        claims["status"] = status_claim(status_list_uri(record["iss"], ref["list"]), ref["idx"])
+    changes = record.get("hook_changes")
+    if changes:
+        for name in changes.get("removed_claims", ()):
+            claims.pop(name, None)
+        claims.update(clone(changes.get("claims", {})))
     return claims
+
+
+def status_list_uri(issuer: str, list_id: str) -> str:
+    """Where a Token Status List is served (``GET /statuslists/ID``): its token's ``sub``."""
+    return f"{issuer}/statuslists/{list_id}"
+
+
+def current_status(record: SsaRecord, now: int) -> str:
+    """The status an SSA has at ``now``: an ACTIVE one past its expiration is EXPIRED even before
+    the cleaner stored that."""
+    status = record["status"]
+    return EXPIRED if status == ACTIVE and record["expiration"] <= now else status
+
+
+def status_view(record: SsaRecord, now: int) -> dict[str, Any]:
+    """The GET /ssa/status body: what a consumer may learn about an SSA whose jti it holds."""
+    return {"jti": record["jti"], "status": current_status(record, now), "exp": record["expiration"],
+            "one_time_use": record["one_time_use"]}
+
+
+def jwt_header(record: SsaRecord, typ: str) -> dict[str, Any]:
+    """The SSA's JWT header without the signer's ``alg`` and ``kid``: ``typ`` (the setting
+    ``jwt_typ``) and the parameters the create hooks added."""
+    header: dict[str, Any] = {"typ": typ}
+    changes = record.get("hook_changes")
+    if changes and changes.get("header"):
+        header.update(clone(changes["header"]))
+    return header
+
+
+def jwt_changes(header: dict[str, Any], claims: dict[str, Any], new_header: dict[str, Any],
+                new_claims: dict[str, Any]) -> dict[str, Any] | None:
+    """What the create hooks changed from ``header``/``claims`` (the JWT the record gives) to the
+    JWT that is signed, as the record keeps it (``hook_changes``): ``header`` the parameters set
+    (the signer's ``alg``/``kid`` never), ``claims`` the claims set or changed (type-strict:
+    ``1.0`` replacing ``1`` is a change), ``removed_claims`` the names deleted; each only when
+    not empty, None when nothing changed.  The values are the hooks' own objects (not copied)."""
+    out: dict[str, Any] = {}
+    set_header = {k: v for k, v in new_header.items()
+                  if k not in SIGNER_HEADER and (k not in header or not same(header[k], v))}
+    if set_header:
+        out["header"] = set_header
+    set_claims = {k: v for k, v in new_claims.items() if k not in claims or not same(claims[k], v)}
+    if set_claims:
+        out["claims"] = set_claims
+    removed = [k for k in claims if k not in new_claims]
+    if removed:
+        out["removed_claims"] = removed
+    return out or None
+
+
+def hook_changes_problem(changes: Any) -> str | None:
+    """Why ``changes`` is not a record's ``hook_changes`` (as ``jwt_changes`` makes it), or None:
+    an import checks it, since GET /ssa/jwt and GET /ssa read it."""
+    if changes is None:
+        return None
+    if type(changes) is not dict or set(changes) - {"header", "claims", "removed_claims"}:
+        return "hook_changes must be null or an object of header, claims and removed_claims"
+    for part in ("header", "claims"):
+        if type(changes.get(part, {})) is not dict:
+            return f"hook_changes.{part} must be an object"
+    removed = changes.get("removed_claims", [])
+    if type(removed) is not list or not all(type(name) is str for name in removed):
+        return "hook_changes.removed_claims must be a list of names"
+    return None
 
 
 def list_item(record: SsaRecord) -> dict[str, Any]:
     """The GET /ssa element for one stored SSA (Janssen's shape)."""
     inner = _shown(record, {"iss": record["iss"], "iat": record["created_at"], "exp": record["expiration"],
                             "jti": record["jti"]}, _LISTED)
+    scope = record.get("scope")
+    if scope is not None:  # where the claim shows
+        inner["scope"] = scope
     for name, value in record["custom"].items():
         inner.setdefault(name, clone(value))
+    changes = record.get("hook_changes")
+    if changes and changes.get("claims"):  # beside the custom attributes; never a model field's name
+        for name, value in changes["claims"].items():
+            if name not in inner and name not in RESERVED_ATTRIBUTES:
+                inner[name] = clone(value)
     return {"ssa": inner, "created_at": record["created_at"], "expiration": record["expiration"],
             "iss": record["creator_id"], "status": record["status"]}

@@ -10,7 +10,7 @@ its own.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 MAX_TRACKED = 10_000
@@ -68,7 +68,7 @@ def _trusted(address: str, proxies: tuple[Network, ...]) -> bool:
     return any(ip in network for network in proxies)
 
 
-def client_address(scope: dict[str, Any], proxies: tuple[Network, ...]) -> str:
+def client_address(scope: Mapping[str, Any], proxies: tuple[Network, ...]) -> str:
     """The client's address: the TCP peer, unless the peer is a trusted proxy; then the right-most
     ``X-Forwarded-For`` entry that is not a trusted proxy (entries left of it are the client's to
     forge).  Only called when a throttle needs it: a failure, or a throttle refusing someone."""

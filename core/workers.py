@@ -32,7 +32,8 @@ def _encode(settings: Settings) -> str:
     values: dict[str, Any] = {}
     for f in fields(settings):
         value = getattr(settings, f.name)
-        values[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        values[f.name] = (str(value) if isinstance(value, Path)
+                          else list(value) if isinstance(value, tuple) else value)
     return json.dumps(values)
 
 

@@ -5,9 +5,10 @@
         result = script.create(claims={"org_id": "acme"})
         assert result["claims"]["tenant"] == "acme-prod"
 
-``ssa_script(path, **limits)`` returns a ``ScriptRunner`` (``create``, ``get``, ``revoke``,
-``run``) whose worker is closed at the end of the test.  Failures raise ``ScriptError``; a
-script that does not compile raises ``ScriptRefused``.
+``ssa_script(path, secrets=None, **limits)`` returns a ``ScriptRunner`` (``create``, ``get``,
+``revoke``, ``run``; ``secrets`` as ``scripts test --secret``) whose worker is closed at the end
+of the test.  Failures raise ``ScriptError``; a script that does not compile raises
+``ScriptRefused``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from .scripts import ScriptRunner
 def ssa_script() -> Iterator[Callable[..., ScriptRunner]]:
     runners: list[ScriptRunner] = []
 
-    def load(path: str | Path, **limits: Any) -> ScriptRunner:
-        runner = ScriptRunner(path, limits=SandboxLimits(**limits) if limits else None)
+    def load(path: str | Path, secrets: dict[str, str] | None = None, **limits: Any) -> ScriptRunner:
+        runner = ScriptRunner(path, limits=SandboxLimits(**limits) if limits else None, secrets=secrets)
         runners.append(runner)
         return runner
 

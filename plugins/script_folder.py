@@ -112,7 +112,8 @@ def read_file(dir_fd: int, name: str, cap: int, *, regular: bool | None = None) 
 def _read_at_most(fd: int, cap: int, name: str) -> bytes:
     """Up to ``cap`` bytes; refused when there are more (a file growing after the fstat, or one
     whose size the kernel does not report)."""
-    parts, size = [], 0
+    parts: list[bytes] = []
+    size = 0
     while True:
         chunk = os.read(fd, cap + 1 - size)
         if not chunk:

@@ -25,8 +25,11 @@ from ssa_server.jwt_draft import JwtDraft
 from ssa_server.script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
 
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
+from .sandbox.http_broker import HttpBroker, HttpLimits
+from .script_config import script_config
 from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
 from .script_log import ScriptLog
+from .script_secrets import NO_SECRETS, Redactor
 
 log = logging.getLogger("ssa_server.scripts")
 
@@ -47,17 +50,23 @@ class ScriptState:
     last_error: str | None = None
     calls: int = 0
     failures: int = 0
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=_DURATIONS_KEPT))
-    seen_hash: str = ""  # hash of the file content last tried
+    seen_hash: str = ""  # hash of the file content last tried (and a keyed digest of its secrets)
+    redactor: Redactor = NO_SECRETS  # its secrets' values, kept out of its log lines and errors
     on_error: str = "fail"  # its own [sandbox] on_error, else the server's on_script_error
     settings: dict[str, Any] = field(default_factory=dict)  # its effective sandbox settings
 
     def public(self) -> dict[str, Any]:
-        p50 = statistics.median(self.durations) * 1000 if self.durations else None
+        p50 = p99 = None
+        if self.durations:
+            ordered = sorted(self.durations)
+            p50 = round(statistics.median(ordered) * 1000, 3)
+            p99 = round(ordered[max(0, math.ceil(len(ordered) * 0.99) - 1)] * 1000, 3)
         return {"name": self.name, "file": self.path, "hooks": list(self.hooks), "revision": self.revision,
                 "state": self.state, "last_error": self.last_error, "calls": self.calls,
-                "failures": self.failures, "p50_ms": round(p50, 3) if p50 is not None else None,
-                "settings": dict(self.settings)}
+                "failures": self.failures, "failures_by_kind": dict(self.failures_by_kind), "p50_ms": p50,
+                "p99_ms": p99, "settings": dict(self.settings)}
 
 
 class _Adapter:
@@ -67,8 +76,9 @@ class _Adapter:
     input, which ``apply`` moves on.  A method's ``False`` ends the chain (``stops_chain``).
     """
 
-    def __init__(self, host: ScriptHost, state: ScriptState, hook: str) -> None:
+    def __init__(self, host: ScriptHost, pool: SandboxPool, state: ScriptState, hook: str) -> None:
         self.host = host
+        self.pool = pool
         self.state = state
         self.hook = hook
         self._passed_on = PASSED_ON[hook]
@@ -82,9 +92,10 @@ class _Adapter:
     async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> bool | None:
         started = time.perf_counter()
         try:
-            result = await self.host.pool.call_async(self.state.name, self.hook, payload, context)
+            result = await self.pool.call_async(self.state.name, self.hook, payload, context)
         except ScriptError as e:
-            return self.failed(e, time.perf_counter() - started)
+            self.failed(e, time.perf_counter() - started)
+            return None
         return self.apply(self.finish(result, time.perf_counter() - started), payload)
 
     def failed(self, e: ScriptError, seconds: float) -> None:
@@ -99,9 +110,12 @@ class _Adapter:
             raise SandboxBusy(retry_after=max(1, math.ceil(self.host.limits.timeout)))
         self._count(seconds)
         self.state.failures += 1
+        message = self.state.redactor.text(str(e))
+        self.state.failures_by_kind[e.kind] = self.state.failures_by_kind.get(e.kind, 0) + 1
         if self.state.state != "failed":  # a failed script's listing keeps why it failed
-            self.state.last_error = f"{self.hook}: {e.kind}: {e}"
-        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, e)
+            self.state.last_error = f"{self.hook}: {e.kind}: {message}"
+        self.host.script_log.failure(name, self.state.revision, f"{self.hook} failed: {e.kind}: {message}")
+        log.warning("script %s@%s %s failed: %s: %s", name, self.state.revision, self.hook, e.kind, message)
         if failure_refuses(self.hook, self.state.on_error):
             raise ScriptFailed(f"script {name}: {self.hook} failed ({e.kind})") from None
         return None
@@ -110,11 +124,13 @@ class _Adapter:
         """Count a success, log what the script logged, raise its denial (where scripts may refuse)."""
         name = self.state.name
         self._count(seconds)
-        self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"))
+        redactor = self.state.redactor
+        self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"),
+                                   redactor=redactor)
         denied = result.get("denied")
         if denied and may_refuse(self.hook):
-            raise ScriptDenied(str(denied.get("description") or f"denied by script {name}"),
-                               error=str(denied.get("error") or "access_denied"))
+            raise ScriptDenied(redactor.text(str(denied.get("description") or f"denied by script {name}")),
+                               error=redactor.text(str(denied.get("error") or "access_denied")))
         if denied:
             log.warning("script %s tried to deny a revocation; revocations stand", name)
         return result
@@ -135,6 +151,7 @@ class _FailedAdapter(_Adapter):
     def refuse(self) -> NoReturn:
         self._count(0.0)
         self.state.failures += 1
+        self.state.failures_by_kind["not_loaded"] = self.state.failures_by_kind.get("not_loaded", 0) + 1
         raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
 
 
@@ -158,19 +175,27 @@ def limits_from(settings: Any) -> SandboxLimits:
                          memory_mb=settings.script_memory_mb, output_kb=settings.script_output_kb)
 
 
+def http_limits_from(settings: Any) -> HttpLimits:
+    return HttpLimits(timeout=settings.script_http_timeout, max_bytes=settings.script_http_max_kb * 1024,
+                      calls_per_step=settings.script_http_calls_per_step,
+                      calls_per_second=settings.script_http_calls_per_second)
+
+
 class ScriptHost:
     """Loads the scripts folder into the sandbox pool, keeps it in step, runs each hook's chain."""
 
     def __init__(self, scripts_dir: Path, *, limits: SandboxLimits,
                  workers: int, on_error: str = "fail", reload_interval: float = 1.0,
-                 log_lines: int = 100, log_interval: float = 10.0) -> None:
+                 log_lines: int = 100, log_interval: float = 10.0, http: HttpLimits | None = None,
+                 log_keep: int = 200) -> None:
         self.scripts_dir = Path(scripts_dir)
         self.limits = limits
         self.workers = workers
         self.on_error = on_error
         self.reload_interval = reload_interval
-        self.script_log = ScriptLog(log_lines, log_interval)
-        self.pool: SandboxPool = None  # type: ignore[assignment]  # started with the first script
+        self.script_log = ScriptLog(log_lines, log_interval, keep=log_keep)
+        self.http = HttpBroker(http or HttpLimits())  # context.http calls, counted per script
+        self.pool: SandboxPool | None = None  # started with the first script
         self.scripts: dict[str, ScriptState] = {}
         self.rejected: dict[str, ScriptState] = {}  # files whose names are not script names, by escaped name
         self._folder_error = ""  # the last error reading the folder itself, logged once
@@ -252,7 +277,8 @@ class ScriptHost:
         self._build_chains()
         for state in gone:
             log.info("script %s removed", state.name)
-            if state.revision:
+            self.script_log.forget(state.name)
+            if state.revision and self.pool is not None:  # (loaded: the pool has started)
                 try:
                     self.pool.unload(state.name)
                 except Exception as e:  # the workers forget it when they are replaced
@@ -288,31 +314,40 @@ class ScriptHost:
     def _load_one(self, dir_fd: int, entry: Entry) -> bool:
         name = entry.name
         state = self.scripts.get(name)
+        error: str | None
         try:
-            source, config, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
+            source, toml, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
+            loaded = script_config(name, toml)
         except ScriptRefused as e:
-            revision, source, config, error = "", "", {}, str(e)
+            revision, source, loaded, error = "", "", script_config(name, {}), str(e)
         else:
             error = None
-        marker = revision or f"error:{error}"
+        marker = f"{revision}:{loaded.fingerprint()}" if revision else f"error:{error}"
         if state is not None and state.seen_hash == marker:
             return False  # nothing new since the last attempt
         if state is None:
             state = self.scripts[name] = ScriptState(name=name, path=self._path(entry))
         state.seen_hash = marker
         if error is None and self.pool is None:  # workers start with the first script, not before
-            self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed)
+            self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed,
+                                    http=self.http)
         if error is None:
+            if self.pool is None:  # workers start with the first script, not before
+                self.pool = SandboxPool(workers=self.workers, limits=self.limits,
+                                        on_failed=self._script_failed)
             try:
-                state.hooks = [h for h in self.pool.load(name, source, config, revision) if h in HOOKS]
+                hooks = self.pool.load(name, source, loaded.config, loaded.secrets, revision)
+                state.hooks = [h for h in hooks if h in HOOKS]
             except ScriptRefused as e:
-                error = str(e)
+                error = loaded.redactor.text(str(e))
             else:
                 state.revision, state.state, state.last_error = revision, "loaded", None
+                state.redactor = loaded.redactor
                 options = self.pool.options(name)
                 state.on_error = options.on_error or self.on_error
                 state.settings = options.effective(self.limits, self.on_error)
-                log.info("script %s loaded revision=%s hooks=%s", name, revision, ",".join(state.hooks) or "-")
+                log.info("script %s loaded revision=%s hooks=%s", name, revision,
+                         ",".join(state.hooks) or "-")
                 return True
         state.last_error = error
         if state.state != "failed":  # a failed script stays failed until a revision loads
@@ -337,11 +372,15 @@ class ScriptHost:
 
     def _build_chains(self) -> None:
         with self._chains_lock:
+            pool = self.pool
+            if pool is None:  # no script has loaded yet
+                self._clear_chains()
+                return
             states = dict(self.scripts)  # a reload may add or remove entries meanwhile
             loaded = [states[n] for n in sorted(states) if states[n].revision]
-            self._chains = {h: self._chain_for(h, loaded) for h in HOOKS}
+            self._chains = {h: self._chain_for(h, loaded, pool) for h in HOOKS}
 
-    def _chain_for(self, hook: str, loaded: list[ScriptState]) -> tuple[_Adapter, ...]:
+    def _chain_for(self, hook: str, loaded: list[ScriptState], pool: SandboxPool) -> tuple[_Adapter, ...]:
         """The adapters of ``hook`` in file-name order.  A failed script is left out where its
         failure is skipped, or ends the chain with an adapter that refuses (``failure_refuses``)."""
         chain: list[_Adapter] = []
@@ -349,9 +388,9 @@ class ScriptHost:
             if hook not in state.hooks:
                 continue
             if state.state != "failed":
-                chain.append(_Adapter(self, state, hook))
+                chain.append(_Adapter(self, pool, state, hook))
             elif failure_refuses(hook, state.on_error):
-                chain.append(_FailedAdapter(self, state, hook))
+                chain.append(_FailedAdapter(self, pool, state, hook))
                 break
         return tuple(chain)
 
@@ -385,14 +424,17 @@ class ScriptHost:
                          context: dict[str, Any]) -> bool | None:
         """One call per script for a lone script; several scripts go to one worker in one round
         trip (``SandboxPool.call_chain_async``, the worker's ``_chain``)."""
-        if len(chain) <= 1:
+        pool = self.pool
+        if len(chain) <= 1 or (pool is not None and any(pool.uses_http(a.state.name) for a in chain)):
+            # (a script that may call context.http runs as a lone call: the server then knows
+            # which script asks, see SandboxPool._answer_http)
             for adapter in chain:
                 if await adapter.run(payload, context) is False:
                     return False
             return None
         started = time.perf_counter()
         try:
-            outcomes = await self.pool.call_chain_async(
+            outcomes = await chain[0].pool.call_chain_async(
                 [a.state.name for a in chain], hook, payload, context,
                 skip_errors=[not failure_refuses(hook, a.state.on_error) for a in chain])
         except ScriptError as e:
@@ -400,7 +442,8 @@ class ScriptHost:
                 if not may_refuse(hook):
                     log.warning("%s scripts %s skipped: %s", hook, ",".join(a.state.name for a in chain), e)
                     return None
-                return chain[0].failed(e, 0.0)  # 503
+                chain[0].failed(e, 0.0)  # 503
+                return None
             # The worker was lost: which script lost it is learnt only from a lone call, so
             # every script runs again, one call each, in order; the one that fails names itself.
             log.warning("a script worker was lost running the %s chain (%s: %s); its scripts run again one "
@@ -417,9 +460,16 @@ class ScriptHost:
                 return False
         return None
 
+    def logs(self, name: str, since: int, limit: int) -> tuple[list[dict[str, Any]], int] | None:
+        """``name``'s ring of log lines and failures after the cursor ``since``; None if there is
+        no such script."""
+        if name not in self.scripts:
+            return None
+        return self.script_log.read(name, since, limit)
+
     def listing(self) -> list[dict[str, Any]]:
         states = {**self.rejected, **self.scripts}  # a rejected name is never a script name
-        return [states[n].public() for n in sorted(states)]
+        return [dict(states[n].public(), http=self.http.figures(n)) for n in sorted(states)]
 
 
 def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, Any]:
@@ -428,13 +478,15 @@ def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, 
 
     request = CreateRequest(org_id="acme", description="sample SSA", software_id="acme-scanner",
                             software_roles=["password"], grant_types=["client_credentials"], lifetime=86400)
-    record = record_from_request(request, now=int(time.time()), expiration_in_days=30, creator_id="sample-client",
-                                 issuer=issuer, jti="4f7c2b3e-0000-4000-8000-000000000001")
+    record = record_from_request(request, now=int(time.time()), expiration_in_days=30,
+                                 creator_id="sample-client", issuer=issuer,
+                                 jti="4f7c2b3e-0000-4000-8000-000000000001")
     context = {"client_id": "sample-client", "scopes": [ADMIN], "hook": hook,
                "settings": {"issuer": issuer, "signing_alg": "RS256", "expiration_in_days": 30,
                             "custom_attributes": []},
                "request": {"method": "POST" if hook == "create" else "GET" if hook == "get" else "DELETE",
                            "path": "/ssa", "headers": {"content-type": "application/json"}}}
+    payload: dict[str, Any]
     if hook == "create":
         payload = {"header": {"typ": "jwt", "alg": "RS256", "kid": "ssa_sample_sig_rs256"},
                    "claims": jwt_claims(record)}
@@ -447,14 +499,20 @@ class ScriptRunner:
     """One script in its own one-worker sandbox pool: the CLI's ``scripts test`` and the pytest
     fixture ``ssa_script`` run hooks through it, on the same code path as the server."""
 
-    def __init__(self, path: str | Path, *, limits: SandboxLimits | None = None) -> None:
+    def __init__(self, path: str | Path, *, limits: SandboxLimits | None = None,
+                 http: HttpLimits | None = None, secrets: dict[str, str] | None = None) -> None:
+        """``secrets`` stand in for the references of the script's ``[secrets]`` table (and may
+        name more): ``scripts test --secret NAME=VALUE``."""
         self.path = Path(path)
         self.name = self.path.stem
         self.limits = limits or SandboxLimits()
-        source, config, self.revision = read_script(self.path, self.limits.max_source_kb * 1024)
-        self._pool = SandboxPool(workers=1, limits=self.limits)
+        source, toml, self.revision = read_script(self.path, self.limits.max_source_kb * 1024)
+        loaded = script_config(self.name, toml, given_secrets=secrets)
+        self.redactor = loaded.redactor
+        self._pool = SandboxPool(workers=1, limits=self.limits, http=HttpBroker(http or HttpLimits()))
         try:
-            self.hooks = [h for h in self._pool.load(self.name, source, config, self.revision) if h in HOOKS]
+            self.hooks = [h for h in self._pool.load(self.name, source, loaded.config, loaded.secrets,
+                                                     self.revision) if h in HOOKS]
         except BaseException:
             self._pool.close()
             raise
@@ -467,16 +525,28 @@ class ScriptRunner:
         if hook not in self.hooks:
             raise ScriptRefused(f"{self.path.name} defines no {hook}() function")
         sample = sample_event(hook)
-        return self._pool.call(self.name, hook, payload or sample["payload"],
-                               dict(sample["context"], **(context or {})))
+        try:
+            result = self._pool.call(self.name, hook, payload or sample["payload"],
+                                     dict(sample["context"], **(context or {})))
+        except ScriptError as e:
+            if not self.redactor:
+                raise
+            raise ScriptError(e.kind, self.redactor.text(str(e))) from None
+        if self.redactor:  # what would be log lines and errors (a claim is the script's choice)
+            result["logs"] = self.redactor.lines(result.get("logs", []))
+            if isinstance(result.get("denied"), dict):
+                result["denied"] = {k: self.redactor.text(str(v)) for k, v in result["denied"].items()}
+        return result
 
     def create(self, claims: dict[str, Any] | None = None, header: dict[str, Any] | None = None,
                context: dict[str, Any] | None = None) -> dict[str, Any]:
         base = sample_event("create")["payload"]
-        payload = {"header": dict(base["header"], **(header or {})), "claims": dict(base["claims"], **(claims or {}))}
+        payload = {"header": dict(base["header"], **(header or {})),
+                   "claims": dict(base["claims"], **(claims or {}))}
         return self.run("create", payload, context)
 
-    def get(self, ssa_list: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    def get(self, ssa_list: list[dict[str, Any]] | None = None,
+            context: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.run("get", {"ssa_list": ssa_list} if ssa_list is not None else None, context)
 
     def revoke(self, ssa_list: list[dict[str, Any]] | None = None,
@@ -494,9 +564,9 @@ class ScriptRunner:
 
 
 def run_once(path: Path, hook: str, event: dict[str, Any] | None = None, *,
-             limits: SandboxLimits | None = None) -> dict[str, Any]:
+             limits: SandboxLimits | None = None, secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """Load ``path`` in a fresh sandbox and run one hook on ``event`` (``{"payload", "context"}``,
     either part optional: the sample fills it).  Raises ScriptRefused or ScriptError."""
     event = event or {}
-    with ScriptRunner(path, limits=limits) as runner:
+    with ScriptRunner(path, limits=limits, secrets=secrets) as runner:
         return runner.run(hook, event.get("payload"), event.get("context"))

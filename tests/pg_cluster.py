@@ -30,7 +30,8 @@ def find_bin() -> Path | None:
     initdb = shutil.which("initdb")
     if initdb and shutil.which("pg_ctl"):
         return Path(initdb).parent
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True):
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]),
+                    reverse=True):
         if os.path.exists(f"{d}/initdb") and os.path.exists(f"{d}/pg_ctl"):
             return Path(d)
     return None
@@ -49,7 +50,8 @@ class Cluster:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
-                raise ClusterError("running as root and there is no 'postgres' user to run PostgreSQL as") from None
+                raise ClusterError("running as root and there is no 'postgres' user to run PostgreSQL "
+                                   "as") from None
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
             self._as = ["runuser", "-u", "postgres", "--"]
         os.chmod(self.root, 0o700)

@@ -43,9 +43,11 @@ def test_search_finds_any_status_custom_attributes_and_date_ranges(api):
     assert len(jtis(search(api, H, limit="2"))) == 2
     (item,) = search(api, H, f"jti={revoked}").json()
     assert set(item) == {"ssa", "created_at", "expiration", "iss", "status"}  # GET /ssa's element shape
-    assert item["status"] == "REVOKED" and item["ssa"]["myCustomAttr1"] == "blue" and item["ssa"]["lifetime"] == 60
+    assert (item["status"] == "REVOKED" and item["ssa"]["myCustomAttr1"] == "blue"
+            and item["ssa"]["lifetime"] == 60)
     # Janssen's GET /ssa is untouched: active SSAs only, no where.
-    assert [i["ssa"]["jti"] for i in api.client.get("/ssa", params={"org_id": "acme"}, headers=H).json()] == [first]
+    listed = api.client.get("/ssa", params={"org_id": "acme"}, headers=H).json()
+    assert [i["ssa"]["jti"] for i in listed] == [first]
 
 
 @pytest.mark.parametrize("query", [

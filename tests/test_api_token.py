@@ -27,7 +27,8 @@ def test_basic_and_post_auth(api):
                                         "client_secret": secret, "scope": PORTAL})
     assert r.status_code == 200 and r.json()["scope"] == PORTAL
     # The portal-only token cannot create.
-    assert_error(api.create({"Authorization": f"Bearer {r.json()['access_token']}"}), 401, "unauthorized_client")
+    assert_error(api.create({"Authorization": f"Bearer {r.json()['access_token']}"}), 401,
+                 "unauthorized_client")
 
 
 def test_bad_clients(api):

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_bench(out: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench", "--sizes", "50", "--seconds", "1", "--out", str(out), *args],
-                          check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--sizes", "50", "--seconds", "1",
+                           "--out", str(out), *args], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| target | check |" in proc.stdout
     return json.loads(out.read_text())
@@ -28,7 +29,8 @@ def check_rows(result: dict, scenarios: set[str]) -> None:
     assert {r["scenario"] for r in result["rows"]} == scenarios
     for row in result["rows"]:
         assert row["requests"] > 0 and row["error_count"] == 0, row
-        for key in ("rps", "p50_ms", "p99_ms", "cpu_cores", "peak_rss_mib", "connections", "n", "stored", "client"):
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_cores", "peak_rss_mib", "connections", "n", "stored",
+                    "client"):
             assert key in row, key
         assert row["peak_rss_mib"] > 0
     assert result["errors"] == 0
@@ -49,7 +51,8 @@ def test_bench_runs_with_its_default_client(tmp_path):
     low = [r for r in result["rows"] if r["scenario"] == "create_1script" and r["connections"] == 1]
     assert low, "the script-overhead scenario has a low-concurrency run"
     # the script runs sit between two runs of their base; sign_ops is measured beside the create runs
-    assert [bool(r.get("repeat")) for r in result["rows"] if r["scenario"] == "create_rs256"] == [False, False, True]
+    repeats = [bool(r.get("repeat")) for r in result["rows"] if r["scenario"] == "create_rs256"]
+    assert repeats == [False, False, True]
     beside = result["per_size"][0]["info"]["sign_ops_beside"]["RS256"]
     assert beside["scenario"] == "create_rs256" and beside["before"] > 0 and beside["after"] > 0
 

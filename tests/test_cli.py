@@ -19,7 +19,8 @@ def cli(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(key)
 
     def run(*args: str, ok: bool = True):
-        code = main([*args, "--data-dir", str(tmp_path / "data")] if args[0] not in ("scripts",) else list(args))
+        code = main([*args, "--data-dir", str(tmp_path / "data")] if args[0] not in ("scripts",)
+                    else list(args))
         out, err = capsys.readouterr()
         if ok:
             assert code == 0, err
@@ -48,7 +49,7 @@ def test_keys_list_and_rotate(cli):
     assert {k["use"] for k in listed} == {"ssa", "token"} and all("jwk" not in k for k in listed)
     (first,) = [k for k in listed if k["use"] == "ssa"]
     assert first["status"] == "active"
-    new = cli("keys", "rotate", "--alg", "ES256")
+    new = cli("keys", "rotate", "--alg", "ES256", "--now")
     keys = {k["kid"]: k for k in cli("keys", "list") if k["use"] == "ssa"}
     assert keys[new["kid"]]["alg"] == "ES256" and keys[first["kid"]]["status"] == "retiring"
 
@@ -80,8 +81,8 @@ def test_the_feature_flag_off_refuses_every_ssa_command(cli, monkeypatch):
     monkeypatch.setenv("SSA_ENABLED", "false")
     refused = (1, "", "ssa-server: access_denied: The SSA feature is disabled on this server.\n")
     commands = [["ssa", "create", "--org-id", "new", "--save-template", "new"],
-                ["ssa", "create", "--template", "kept"], ["ssa", "list"], ["ssa", "revoke", "--org-id", "kept"],
-                ["ssa", "templates"]]
+                ["ssa", "create", "--template", "kept"], ["ssa", "list"],
+                ["ssa", "revoke", "--org-id", "kept"], ["ssa", "templates"]]
     for argv in commands:
         assert cli(*argv, ok=False) == refused
     assert cli("clients", "list") == [] and [k["use"] for k in cli("keys", "list")].count("ssa") == 1
@@ -94,8 +95,8 @@ def test_config_show_precedence_and_bad_setting(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('signing_alg = "ES256"\nport = 9000\nstore_url = "tinydb://app:pw@x"\n')
     env = {"PATH": "/usr/bin:/bin", "SSA_PORT": "9100", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "ssa_server", "config", "show", "--config", str(cfg), "--port", "9200"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "ssa_server", "config", "show", "--config", str(cfg),
+                          "--port", "9200"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert (shown["port"], shown["signing_alg"]) == (9200, "ES256") and "pw" not in out.stdout

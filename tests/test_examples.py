@@ -115,7 +115,8 @@ def test_hide_fields_in_sandbox(ssa_script):
 
 def test_hide_fields_over_http(serve_with):
     client, auth = serve_with("hide_fields")
-    client.post("/ssa", json={"org_id": "o2", "description": "secret plan", "software_roles": ["r"]}, headers=auth)
+    client.post("/ssa", json={"org_id": "o2", "description": "secret plan", "software_roles": ["r"]},
+                headers=auth)
     item = client.get("/ssa", params={"org_id": "o2"}, headers=auth).json()[0]["ssa"]
     assert "description" not in item and "software_roles" not in item
     assert item["org_id"] == "o2"
@@ -136,9 +137,10 @@ def test_revoke_audit_over_http_logs(serve_with, caplog):
     assert any("revoke_audit" in r.getMessage() and "org o3" in r.getMessage() for r in caplog.records)
 
 
-def test_examples_pass_scripts_check():
+def test_examples_pass_scripts_check(monkeypatch):
     from ssa_server.cli import main
 
+    monkeypatch.setenv("REGISTRY_API_KEY", "a-test-key")  # registry_check's [secrets] reference, as deployed
     for path in sorted(EXAMPLES.joinpath("scripts").glob("*.py")):
         assert main(["scripts", "check", str(path)]) == 0, path
 
@@ -156,7 +158,8 @@ def test_scripts_test_cli_exit_codes(tmp_path, capsys):
     assert main(["scripts", "test", str(example("janssen_sample")), "--hook", "create"]) == 0
     assert json.loads(capsys.readouterr().out)["claims"]["custom_claim_name"] == "custom_claim_value"
     event = EXAMPLES / "events" / "create.json"
-    assert main(["scripts", "test", str(example("deny_orgs")), "--hook", "create", "--event", str(event)]) == 3
+    assert main(["scripts", "test", str(example("deny_orgs")), "--hook", "create",
+                 "--event", str(event)]) == 3
     assert "denied: access_denied" in capsys.readouterr().err
     assert main(["scripts", "test", str(example("hide_fields")), "--hook", "create"]) == 1
     assert "defines no create()" in capsys.readouterr().err
@@ -180,3 +183,74 @@ def test_scripts_list_cli_reports_broken_next_to_good(tmp_path, capsys):
     listed = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
     assert listed["good"]["state"] == "ok" and listed["good"]["hooks"] == ["revoke"]
     assert listed["bad"]["state"] == "error" and "import" in listed["bad"]["error"]
+
+
+# --- registry_check (context.http with a secret) ---
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """The registry example's service on 127.0.0.1, and a copy of the example pointed at it."""
+    from http_service import start_server
+
+    service = start_server()
+    monkeypatch.setenv("REGISTRY_API_KEY", service.api_key)
+    copied = tmp_path / "registry_examples"
+    copied.mkdir()
+    shutil.copy(example("registry_check"), copied)
+    toml = EXAMPLES.joinpath("scripts", "registry_check.toml").read_text()
+    copied.joinpath("registry_check.toml").write_text(toml.replace("8099", str(service.server_address[1])))
+    yield service, copied
+    service.shutdown()
+    service.server_close()
+
+
+def test_registry_check_in_sandbox(ssa_script, registry):
+    service, folder = registry
+    script = ssa_script(folder / "registry_check.py")
+    assert script.create(claims={"org_id": "acme"})["claims"]["registry_status"] == "active"
+    denied = script.create(claims={"org_id": "unknown-org"})
+    assert denied["denied"]["error"] == "access_denied" and denied["result"] is False
+    assert [h[1] for h in service.hits] == ["/v1/orgs/acme", "/v1/orgs/unknown-org"]
+
+
+def test_registry_check_over_http_denies_unknown_orgs(serve_with, registry, tmp_path):
+    service, folder = registry
+    scripts = tmp_path / "scripts"
+    scripts.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        shutil.copy(f, scripts / f.name)
+    client, auth = serve_with()
+    r = client.post("/ssa", json={"org_id": "globex"}, headers=auth)
+    assert r.status_code == 201, r.text
+    assert claims_of(client, r.json()["ssa"])[1]["registry_status"] == "active"
+    r = client.post("/ssa", json={"org_id": "unknown-org"}, headers=auth)
+    assert r.status_code == 403 and "not in the registry" in r.json()["error_description"]
+    assert client.get("/ssa", params={"org_id": "unknown-org"}, headers=auth).json() == []
+    listed = {s["name"]: s for s in client.get("/scripts", headers=auth).json()}
+    assert listed["registry_check"]["http"]["calls"] == 2
+    assert service.api_key not in json.dumps(listed)
+
+
+# --- janssen_format (Janssen's class, print statements and imports, unchanged) ---
+JANSSEN_FORMAT = EXAMPLES / "scripts" / "janssen_format.py"
+
+
+def test_janssen_format_in_sandbox(ssa_script):
+    script = ssa_script(JANSSEN_FORMAT)
+    result = script.create()
+    assert result["header"]["custom_header_name"] == "custom_header_value"
+    assert result["claims"]["custom_claim_name"] == "custom_claim_value"
+    assert any("Modify ssa response script" in line for line in result["logs"])
+    assert script.get()["result"] is True and script.revoke()["result"] is True
+
+
+def test_janssen_format_over_http_is_signed(serve_with, tmp_path):
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    shutil.copy(JANSSEN_FORMAT, tmp_path / "scripts")
+    client, auth = serve_with()
+    r = client.post("/ssa", json={"org_id": "acme"}, headers=auth)
+    assert r.status_code == 201, r.text
+    header, claims = claims_of(client, r.json()["ssa"])
+    assert header["custom_header_name"] == "custom_header_value"
+    assert claims["custom_claim_name"] == "custom_claim_value"

@@ -35,9 +35,10 @@ class Live:
     def start(self) -> Live:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ssa_server", "serve", "--port", str(self.port), "--data-dir", str(self.data),
-             "--scripts-dir", str(self.tmp / "scripts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, SSA_KEY_REFRESH_INTERVAL="0.5"))
+            [sys.executable, "-m", "ssa_server", "serve", "--port", str(self.port),
+             "--data-dir", str(self.data), "--scripts-dir", str(self.tmp / "scripts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=dict(os.environ, SSA_KEY_REFRESH_INTERVAL="0.5"))
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -87,7 +88,7 @@ def test_walkthrough_and_cli_beside_the_server(live):
     assert live.http.post("/ssa/validation", headers={"jti": jti}).status_code == 200
     assert cli(live.data, "ssa", "revoke", "--jti", jti).returncode == 0  # revoked by the CLI...
     assert live.http.post("/ssa/validation", headers={"jti": jti}).status_code == 400  # ...seen at once
-    rotated = json.loads(cli(live.data, "keys", "rotate").stdout)
+    rotated = json.loads(cli(live.data, "keys", "rotate", "--now").stdout)  # delayed: test_key_rotation_live
     deadline = time.time() + 5
     while rotated["kid"] not in [k["kid"] for k in live.http.get("/jwks").json()["keys"]]:
         assert time.time() < deadline, "rotated key not served"

@@ -39,7 +39,8 @@ def test_concurrent_key_setup_creates_one_key_per_use(pg_url):
         keys = await stores[0].list_keys()
         assert sorted(k["use"] for k in keys) == ["ssa", "token"]
         assert len({r.active()["kid"] for r in rings}) == 1  # every process signs with the same key
-        await asyncio.gather(*[r.rotate() for r in rings[:3]])  # three rotations at once: three keys retired in turn
+        # three rotations at once: three keys retired in turn
+        await asyncio.gather(*[r.rotate() for r in rings[:3]])
         active = [k for k in await stores[0].list_keys() if k["use"] == "ssa" and k["status"] == "active"]
         assert len(active) == 1
         for s in stores:

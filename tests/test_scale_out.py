@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def cli(url: str, *args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "ssa_server", *args], capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, SSA_STORE_URL=url))
+    r = subprocess.run([sys.executable, "-m", "ssa_server", *args], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, SSA_STORE_URL=url))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -134,7 +134,7 @@ def test_two_nodes_share_ssas_validations_and_keys(nodes, pg_url):
     old_kid = kid_of(token)
     a.http.post("/ssa", json={"org_id": "still-valid"}, headers=H)  # keeps the old key in /jwks
     assert a.kids() == b.kids() == {old_kid}
-    rotated = cli(pg_url, "keys", "rotate")["kid"]
+    rotated = cli(pg_url, "keys", "rotate", "--now")["kid"]  # delayed: test_key_rotation_live
     deadline = time.time() + 10
     while not (rotated in a.kids() and rotated in b.kids()):
         assert time.time() < deadline, "the rotated key was not served by both nodes"
@@ -153,7 +153,8 @@ def test_workers_starting_together_make_one_key_per_use(nodes, pg_url):
     assert len(keys) == 2
     with psycopg.connect(pg_url) as conn:  # five workers, each with its own pool
         open_ = conn.execute("SELECT count(DISTINCT client_port) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND application_name = 'ssa-server'").fetchone()
+                             "WHERE datname = current_database() "
+                             "AND application_name = 'ssa-server'").fetchone()
     assert open_[0] >= 5
 
 
@@ -179,7 +180,8 @@ def test_database_outage_is_503_json_and_the_server_recovers(nodes, own_cluster)
     cluster, url = own_cluster
     node = nodes(url=url, SSA_STORE_POOL_TIMEOUT="0.5", SSA_STORE_STATEMENT_TIMEOUT="2")
     H = node.token(url)
-    kept = [jti_of(node.http.post("/ssa", json={"org_id": "keep"}, headers=H).json()["ssa"]) for _ in range(5)]
+    kept = [jti_of(node.http.post("/ssa", json={"org_id": "keep"}, headers=H).json()["ssa"])
+            for _ in range(5)]
 
     acknowledged: list[str] = []
     failures: list[tuple[int, str]] = []
@@ -238,7 +240,8 @@ def test_database_outage_is_503_json_and_the_server_recovers(nodes, own_cluster)
         time.sleep(0.2)
     assert node.proc.poll() is None
     # Connections the outage closed are replaced before use: no request fails on a stale one.
-    assert [node.http.post("/ssa", json={"org_id": "after"}, headers=H).status_code for _ in range(20)] == [201] * 20
+    assert [node.http.post("/ssa", json={"org_id": "after"}, headers=H).status_code
+            for _ in range(20)] == [201] * 20
     assert node.http.get("/health/ready").status_code == 200
 
     stored = {i["ssa"]["jti"] for i in node.http.get("/ssa", params={"org_id": "load"}, headers=H).json()}

@@ -7,9 +7,11 @@ import pytest
 
 from tests.test_scripts_http import harness  # noqa: F401  (pytest fixture)
 
-ADD = 'def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "{tag}"\n    return True\n'
+ADD = ('def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "{tag}"\n'
+       '    return True\n')
 HANG = "def create(jwt, context):\n    while True:\n        pass\n"
-RAISE_AFTER_CHANGE = 'def create(jwt, context):\n    jwt.claims["trail"] = "clobbered"\n    raise ValueError("no")\n'
+RAISE_AFTER_CHANGE = ('def create(jwt, context):\n    jwt.claims["trail"] = "clobbered"\n'
+                      '    raise ValueError("no")\n')
 
 
 def test_a_batch_chains_scripts_in_file_name_order(harness):
@@ -46,7 +48,8 @@ def test_skip_mode_drops_only_the_failing_script(harness):
 
 
 def test_a_false_or_a_denial_stops_the_batch(harness):
-    stop = 'def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "s"\n    return False\n'
+    stop = ('def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "s"\n'
+            '    return False\n')
     deny = 'def create(jwt, context):\n    context.deny("access_denied", "not this org")\n    return True\n'
     h = harness({"1_a.py": ADD.format(tag="a"), "2_stop.py": stop, "3_c.py": ADD.format(tag="c")})
     r = h.create()
@@ -60,7 +63,8 @@ def test_a_false_or_a_denial_stops_the_batch(harness):
 def test_scripts_in_a_batch_cannot_reach_each_others_context(harness):
     spoil = ('def create(jwt, context):\n    context.request["headers"]["x-spoiled"] = "yes"\n'
              '    context.settings["issuer"] = "evil"\n    return True\n')
-    look = ('def create(jwt, context):\n    jwt.claims["saw"] = [context.request["headers"].get("x-spoiled", "no"),'
+    look = ('def create(jwt, context):\n'
+            '    jwt.claims["saw"] = [context.request["headers"].get("x-spoiled", "no"),'
             ' context.settings["issuer"]]\n    return True\n')
     h = harness({"1_spoil.py": spoil, "2_look.py": look})
     r = h.create()

@@ -75,7 +75,8 @@ def harness(tmp_path):
         h.client.__exit__(None, None, None)
 
 
-ADD = 'def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "{tag}"\n    return {ret}\n'
+ADD = ('def create(jwt, context):\n    jwt.claims["trail"] = jwt.claims.get("trail", "") + "{tag}"\n'
+       '    return {ret}\n')
 
 
 def test_scripts_run_in_file_name_order(harness):
@@ -135,7 +136,8 @@ def test_timeout_refuses_within_limit_and_server_keeps_serving(harness):
 
 
 def test_deny_answers_403_and_stores_nothing(harness):
-    h = harness({"deny.py": 'def create(jwt, context):\n    context.deny("access_denied", "not today")\n    return False\n'})
+    h = harness({"deny.py": 'def create(jwt, context):\n    context.deny("access_denied", "not today")\n'
+                            '    return False\n'})
     r = h.create()
     assert r.status_code == 403
     assert r.json() == {"error": "access_denied", "error_description": "not today"}

@@ -18,9 +18,11 @@ def test_defaults():
 
 def test_precedence(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('port = 9000\nsigning_alg = "ES256"\n[ssa]\nexpiration_in_days = 7\ncustom_attributes = ["a", "b"]\n')
+    cfg.write_text('port = 9000\nsigning_alg = "ES256"\n[ssa]\nexpiration_in_days = 7\n'
+                   'custom_attributes = ["a", "b"]\n')
     s = load_settings({}, {}, cfg)
-    assert (s.port, s.signing_alg, s.expiration_in_days, s.custom_attributes) == (9000, "ES256", 7, ("a", "b"))
+    assert (s.port, s.signing_alg, s.expiration_in_days, s.custom_attributes) == (9000, "ES256", 7,
+                                                                                   ("a", "b"))
     s = load_settings({}, {"SSA_PORT": "9100", "SSA_CUSTOM_ATTRIBUTES": "x, y", "SSA_ENABLED": "off"}, cfg)
     assert (s.port, s.custom_attributes, s.enabled) == (9100, ("x", "y"), False)
     s = load_settings({"port": 9200}, {"SSA_PORT": "9100", "SSA_CONFIG": str(cfg)})

@@ -94,7 +94,8 @@ def test_two_keys_in_one_batch(process):
     async def go():
         da, db = sa.signing_input({}, {"x": 1}), sb.signing_input({}, {"x": 2})
         return await asyncio.gather(process.sign(a["kid"], a["alg"], a["jwk"], da),
-                                    process.sign(b["kid"], b["alg"], b["jwk"], db), return_exceptions=False), da, db
+                                    process.sign(b["kid"], b["alg"], b["jwk"], db),
+                                    return_exceptions=False), da, db
 
     (siga, sigb), da, db = asyncio.run(go())
     verify((da + b"." + siga).decode(), a)
@@ -131,7 +132,8 @@ def test_a_hung_helper_times_out(process):
         started = time.monotonic()
         with pytest.raises(SigningUnavailable):
             await process.sign(record["kid"], record["alg"], record["jwk"], data)
-        return time.monotonic() - started, await process.sign(record["kid"], record["alg"], record["jwk"], data)
+        return (time.monotonic() - started,
+                await process.sign(record["kid"], record["alg"], record["jwk"], data))
 
     waited, sig = asyncio.run(go())
     assert 1.5 < waited < 10

@@ -32,7 +32,8 @@ from ssa_server.settings import Settings, SettingsError
 from ssa_server.store.tiny import TinyStore
 
 SERVER_CLAIMS = {"jti", "iat", "exp", "iss"}  # on every SSA's claims and element, set by the server
-SERVER_FIELDS = {"custom", "jti", "created_at", "status", "creator_id", "iss"}  # a record's, not a request's
+SERVER_FIELDS = {"custom", "jti", "created_at", "status", "creator_id", "iss", "scope",
+                 "status_list", "hook_changes"}  # a record's, not a request's
 NOT_FIELD_FLAGS = {"help", "config", "data_dir", "store_url", "attr", "template", "save_template"}
 
 

@@ -4,7 +4,6 @@ own rules: durability, multi-process journal, crash safety."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import stat
@@ -81,7 +80,8 @@ def test_crud_and_copies(make_store):
         assert await s.has_client("c1") and not await s.has_client("c2")
         assert await s.delete_client("c1") and not await s.delete_client("c1")
         assert not await s.has_client("c1")
-        await s.add_key({"kid": "k", "alg": "RS256", "use": "ssa", "jwk": {}, "status": "active", "created_at": 1})
+        await s.add_key({"kid": "k", "alg": "RS256", "use": "ssa", "jwk": {}, "status": "active",
+                         "created_at": 1})
         await s.update_key("k", {"status": "retiring"})
         assert (await s.list_keys())[0]["status"] == "retiring"
         await s.put_template({"name": "t", "fields": {"org_id": "x"}, "created_at": 1})
@@ -187,7 +187,8 @@ def test_second_exclusive_open_is_refused_and_other_processes_are_seen(tmp_path)
             async def go():
                 s = TinyStore({str(tmp_path)!r}, exclusive=False)
                 await s.open()
-                await s.add_client({{"client_id": "cli", "name": "", "secret_hash": "h", "scopes": [], "created_at": 1}})
+                await s.add_client({{"client_id": "cli", "name": "", "secret_hash": "h", "scopes": [],
+                                     "created_at": 1}})
                 await s.close()
             asyncio.run(go())
         """)
@@ -245,7 +246,8 @@ def test_concurrent_revokes_and_key_updates_lose_nothing(make_store):
         s = await make_store()
         records = [ssa("many") for _ in range(30)]
         await s.add_ssas(records)
-        first, second = await asyncio.gather(s.revoke_ssas(org_id="many", now=7), s.revoke_ssas(org_id="many", now=8))
+        first, second = await asyncio.gather(s.revoke_ssas(org_id="many", now=7),
+                                             s.revoke_ssas(org_id="many", now=8))
         revoked = [r["jti"] for r in first + second]
         assert sorted(revoked) == sorted(r["jti"] for r in records)  # each revoked once, by one of them
         await s.add_key({"kid": "k", "alg": "RS256", "use": "ssa", "jwk": {"kty": "RSA"}, "status": "active",
@@ -253,7 +255,8 @@ def test_concurrent_revokes_and_key_updates_lose_nothing(make_store):
         await asyncio.gather(s.update_key("k", {"status": "retiring", "remove_after": 9}),
                              s.update_key("k", {"note": "x"}))
         (key,) = await s.list_keys()
-        assert (key["status"], key["remove_after"], key["note"], key["jwk"]) == ("retiring", 9, "x", {"kty": "RSA"})
+        assert (key["status"], key["remove_after"], key["note"], key["jwk"]) == ("retiring", 9, "x",
+                                                                                 {"kty": "RSA"})
         with pytest.raises(KeyError):
             await s.update_key("nope", {"status": "retired"})
         await s.close()

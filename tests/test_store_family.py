@@ -68,7 +68,8 @@ def test_the_store_package_loads_no_backend():
 def test_open_store_for_store_migrate_takes_two_connections_and_long_statements():
     from ssa_server.store.backends import MIGRATE_STATEMENT_TIMEOUT, open_store
 
-    settings = Settings(store_url="postgresql://app@127.0.0.1:1/ssa", store_pool_max=20, store_statement_timeout=5)
+    settings = Settings(store_url="postgresql://app@127.0.0.1:1/ssa", store_pool_max=20,
+                        store_statement_timeout=5)
     store = open_store(settings, exclusive=False, migration=True)
     assert (store._pool_min, store._pool_max) == (1, 2)
     assert f"statement_timeout={int(MIGRATE_STATEMENT_TIMEOUT * 1000)}" in store._connect_kwargs["options"]

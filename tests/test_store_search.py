@@ -24,7 +24,8 @@ def rec(jti: str, created: int, **fields) -> dict:
 RECORDS = [
     rec("s01", BASE, custom={"tenant": "t1", "n": 5}, description="first of acme"),
     rec("s02", BASE, custom={"n": 5.0}, status="REVOKED", creator_id="c2"),
-    rec("s03", BASE + 10, org_id="beta", custom={"n": "5"}, software_roles=["admin", "password"], lifetime=3600),
+    rec("s03", BASE + 10, org_id="beta", custom={"n": "5"}, software_roles=["admin", "password"],
+        lifetime=3600),
     rec("s04", BASE + 20, org_id="beta", custom={"n": True, "tags": ["a", "b"]}, one_time_use=False,
         rotate_ssa=False, status="USED"),
     rec("s05", BASE + DAY, org_id="gamma", custom={"tags": [["a"]], "big": 2**70}, status="EXPIRED",

@@ -10,11 +10,12 @@ admin search's filter language.
 
 from .base import Store
 from .errors import StoreDegraded, StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import (ID_FIELDS, KEY_ACTIVE, KEY_RETIRED, KEY_RETIRING, KEY_STATES, TABLES, ClientRecord, KeyRecord,
-                      TemplateRecord)
+from .records import (ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KEY_STATES, TABLES,
+                      ClientRecord, KeyRecord, StatusListRecord, TemplateRecord)
 
 __all__ = [
-    "ID_FIELDS", "KEY_ACTIVE", "KEY_RETIRED", "KEY_RETIRING", "KEY_STATES",
+    "ID_FIELDS", "KEY_ACTIVE", "KEY_NEXT", "KEY_RETIRED", "KEY_RETIRING", "KEY_STATES",
     "TABLES", "ClientRecord", "KeyRecord", "Store", "StoreDegraded",
-    "StoreLocked", "StoreSchemaError", "StoreUnavailable", "TemplateRecord", "UnstorableValue",
+    "StoreLocked", "StoreSchemaError", "StoreUnavailable", "StatusListRecord", "TemplateRecord",
+    "UnstorableValue",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .records import ClientRecord, KeyRecord, TemplateRecord
+from .records import ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
 
 if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports this package)
     from ..ssa import SsaRecord
@@ -64,10 +64,27 @@ class Store(Protocol):
 
     async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
         """ACTIVE SSAs with expiration <= now become EXPIRED; SSAs not ACTIVE whose expiration
-        is older than now - grace are deleted.  Returns (expired, purged)."""
+        is older than now - grace are deleted, except those whose status list entry's ``until``
+        (the JWT's own exp: a revocation sets ``expiration`` to now) is not older yet, since the
+        list must keep their bit while their JWT verifies.  Returns (expired, purged)."""
 
     async def count_ssas(self) -> int:
         """How many SSAs are stored, whatever their status."""
+
+    # --- Token Status Lists (``status_list.py``, ``status_issuer.py``) ---
+    async def reserve_status_counters(self, count: int, size: int, key: str,
+                                      now: int) -> tuple[StatusListRecord, int]:
+        """Atomically (across every process sharing the store) hand out ``count`` counters of the
+        newest list that still has them, else of a new list (``size``, ``key``); returns the list
+        after the change and the first counter.  A full list is never changed again."""
+
+    async def get_status_list(self, list_id: str) -> StatusListRecord | None: ...
+    async def list_status_lists(self) -> list[StatusListRecord]: ...
+    async def add_status_list(self, record: StatusListRecord) -> None:
+        """Import: store a list as it is (ValueError if its id exists)."""
+
+    async def invalid_status_indexes(self, list_id: str) -> list[int]:
+        """The indexes of the list's SSAs that are USED or REVOKED (their status list bit is 1)."""
 
     # --- clients ---
     async def add_client(self, record: ClientRecord) -> None: ...

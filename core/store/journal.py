@@ -339,10 +339,15 @@ class Journal:
                     item.loop.call_soon_threadsafe(_set_result, item.future, done)
                 i += 1
                 continue
+            writes = [item]  # the writes up to the next compaction
             j = i + 1
-            while j < len(batch) and not isinstance(batch[j], _Compaction):
+            while j < len(batch):
+                entry = batch[j]
+                if isinstance(entry, _Compaction):
+                    break
+                writes.append(entry)
                 j += 1
-            error = self._write_batch(batch[i:j])  # type: ignore[arg-type]
+            error = self._write_batch(writes)
             if error is not None:
                 # Nothing of this batch is acknowledged, and what was queued behind it goes too:
                 # its changes were applied on top of the failed ones.

@@ -44,6 +44,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             doc jsonb NOT NULL
         )""",
     ]),
+    (2, [  # Token Status Lists (issue 14): the lists, and the query that rebuilds a list's bits
+        """CREATE TABLE statuslists (
+            id bigint PRIMARY KEY,
+            size integer NOT NULL,
+            next integer NOT NULL,
+            created_at bigint NOT NULL,
+            doc jsonb NOT NULL
+        )""",
+        "CREATE INDEX ssa_status_list ON ssa ((doc->'status_list'->>'list')) "
+        "WHERE status IN ('USED', 'REVOKED')",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

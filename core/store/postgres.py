@@ -18,7 +18,7 @@ import select
 import uuid
 from decimal import Decimal
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.pq import ConnStatus
@@ -30,7 +30,7 @@ from ..settings import redact_url
 from . import pgschema
 from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import ClientRecord, KeyRecord, TemplateRecord
+from .records import ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
 from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
@@ -96,13 +96,21 @@ async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
 def _ssa(row: dict[str, Any]) -> SsaRecord:
     record = dict(row["doc"])
     record.update({c: row[c] for c in SSA_COLUMNS})
-    return record  # type: ignore[return-value]
+    return cast(SsaRecord, record)  # the doc and the columns: what add_ssas split
 
 
 def _key(row: dict[str, Any]) -> KeyRecord:
     record = dict(row["doc"])
     record.update({c: row[c] for c in KEY_COLUMNS})
-    return record  # type: ignore[return-value]
+    return cast(KeyRecord, record)
+
+
+_LIST_COLUMNS = "id, size, next, created_at, doc"
+
+
+def _status_list(row: dict[str, Any]) -> StatusListRecord:
+    return {"id": str(row["id"]), "size": row["size"], "next": row["next"], "key": row["doc"]["key"],
+            "created_at": row["created_at"]}
 
 
 class PgStore:
@@ -171,7 +179,7 @@ class PgStore:
             for version, statements in pgschema.MIGRATIONS:
                 if version > before:
                     for sql in statements:
-                        await conn.execute(sql)  # type: ignore[arg-type]
+                        await conn.execute(sql)
             await conn.execute("INSERT INTO schema_version (id, version) VALUES (true, %s) "
                                "ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version",
                                (pgschema.LATEST,))
@@ -194,7 +202,7 @@ class PgStore:
     async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         async with self._connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(sql, params)  # type: ignore[arg-type]
+            await cur.execute(sql, params)
             return await cur.fetchall() if cur.description else []
 
     @contextlib.asynccontextmanager
@@ -230,10 +238,10 @@ class PgStore:
         try:
             async with self._connection() as conn:
                 if len(rows) == 1:  # autocommit: one round trip
-                    await conn.execute(sql, rows[0])  # type: ignore[arg-type]
+                    await conn.execute(sql, rows[0])
                     return
                 async with conn.transaction(), conn.cursor() as cur:
-                    await cur.executemany(sql, rows)  # type: ignore[arg-type]
+                    await cur.executemany(sql, rows)
         except psycopg.errors.UniqueViolation:
             raise ValueError("an SSA with one of these jtis exists") from None
 
@@ -293,8 +301,10 @@ class PgStore:
     async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
         async with self._connection() as conn, conn.transaction():
             # Purge first, so an SSA expired in this run is kept until a later one (as TinyStore).
-            purged = await conn.execute("DELETE FROM ssa WHERE status <> %s AND expiration < %s",
-                                        (ACTIVE, now - grace))
+            purged = await conn.execute(
+                "DELETE FROM ssa WHERE status <> %(active)s AND expiration < %(cutoff)s"
+                " AND COALESCE((doc->'status_list'->>'until')::bigint, 0) < %(cutoff)s",
+                {"active": ACTIVE, "cutoff": now - grace})
             expired = await conn.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s",
                                          (EXPIRED, ACTIVE, now))
             return expired.rowcount, purged.rowcount
@@ -302,6 +312,51 @@ class PgStore:
     async def count_ssas(self) -> int:
         rows = await self._rows("SELECT count(*) AS n FROM ssa")
         return int(rows[0]["n"])
+
+    # --- Token Status Lists ---
+    async def reserve_status_counters(self, count: int, size: int, key: str,
+                                      now: int) -> tuple[StatusListRecord, int]:
+        """One conditional UPDATE of the newest list (its row lock serialises the nodes, and the
+        condition is checked again on the locked row); when it is full, an INSERT of the next id
+        (a node that loses that race retries the UPDATE on the winner's list)."""
+        while True:
+            rows = await self._rows(
+                f"UPDATE statuslists SET next = next + %(n)s WHERE id = (SELECT max(id) FROM statuslists)"
+                f" AND next + %(n)s <= size RETURNING {_LIST_COLUMNS}", {"n": count})
+            if rows:
+                return _status_list(rows[0]), rows[0]["next"] - count
+            rows = await self._rows(
+                f"INSERT INTO statuslists (id, size, next, created_at, doc)"
+                f" SELECT COALESCE(max(id), 0) + 1, %(size)s, %(n)s, %(now)s, %(doc)s FROM statuslists"
+                f" ON CONFLICT (id) DO NOTHING RETURNING {_LIST_COLUMNS}",
+                {"n": count, "size": size, "now": now, "doc": _jsonb({"key": key})})
+            if rows:
+                return _status_list(rows[0]), 0
+
+    async def get_status_list(self, list_id: str) -> StatusListRecord | None:
+        if not (list_id.isascii() and list_id.isdigit() and len(list_id) <= 18):
+            return None
+        rows = await self._rows(f"SELECT {_LIST_COLUMNS} FROM statuslists WHERE id = %s", (int(list_id),))
+        return _status_list(rows[0]) if rows else None
+
+    async def list_status_lists(self) -> list[StatusListRecord]:
+        rows = await self._rows(f"SELECT {_LIST_COLUMNS} FROM statuslists ORDER BY id")
+        return [_status_list(r) for r in rows]
+
+    async def add_status_list(self, record: StatusListRecord) -> None:
+        try:
+            await self._rows("INSERT INTO statuslists (id, size, next, created_at, doc) "
+                             "VALUES (%s, %s, %s, %s, %s)",
+                             (int(record["id"]), record["size"], record["next"], record["created_at"],
+                              _jsonb({"key": record["key"]})))
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"a status list with id {record['id']} exists") from None
+
+    async def invalid_status_indexes(self, list_id: str) -> list[int]:
+        rows = await self._rows(
+            "SELECT (doc->'status_list'->>'idx')::bigint AS idx FROM ssa WHERE status IN (%s, %s)"
+            " AND doc->'status_list'->>'list' = %s", (USED, REVOKED, list_id))
+        return [int(r["idx"]) for r in rows]
 
     # --- clients ---
     async def add_client(self, record: ClientRecord) -> None:
@@ -313,7 +368,7 @@ class PgStore:
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
         rows = await self._rows("SELECT doc FROM clients WHERE client_id = %s", (client_id,))
-        return rows[0]["doc"] if rows else None  # type: ignore[no-any-return]
+        return rows[0]["doc"] if rows else None
 
     async def has_client(self, client_id: str) -> bool:
         return bool(await self._rows("SELECT 1 FROM clients WHERE client_id = %s", (client_id,)))
@@ -367,7 +422,7 @@ class PgStore:
 
     async def get_template(self, name: str) -> TemplateRecord | None:
         rows = await self._rows("SELECT doc FROM templates WHERE name = %s", (name,))
-        return rows[0]["doc"] if rows else None  # type: ignore[no-any-return]
+        return rows[0]["doc"] if rows else None
 
     async def list_templates(self) -> list[TemplateRecord]:
         return [r["doc"] for r in await self._rows("SELECT doc FROM templates ORDER BY created_at, name")]

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-# Key statuses: an active key signs; a retiring one only verifies (published in /jwks until its
-# remove_after); a retired one is kept but never used or published.
-KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED = "active", "retiring", "retired"
-KEY_STATES = (KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
+# Key statuses (see docs/keys.md): a next key is published and signs from its activates_at; an
+# active key signs; a retiring one only verifies (published in /jwks until its remove_after); a
+# retired one is kept but never used or published.  Which key signs at a given time is decided by
+# the clock against activates_at (``key_states.py``); the statuses are written afterwards.
+KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED = "next", "active", "retiring", "retired"
+KEY_STATES = (KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
 
 # Every table of every store and the field that identifies its records, in export order (the
 # keys before the SSAs they signed, so an importer can verify SSAs as it goes).
-ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "ssa": "jti"}
+ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id", "ssa": "jti"}
 TABLES = tuple(ID_FIELDS)
 
 
@@ -36,6 +38,18 @@ class KeyRecord(TypedDict):
     status: str  # one of KEY_STATES
     created_at: int
     remove_after: NotRequired[int | None]  # epoch seconds after which a retiring key leaves /jwks
+    activates_at: NotRequired[int]  # epoch seconds from which it signs (absent on older keys: created_at)
+
+
+class StatusListRecord(TypedDict):
+    """One Token Status List (``status_list.py``): ``next`` counts the indexes handed out (their
+    order is ``status_list.Permutation(key, size)``); a full list is never rewritten, a new one is added."""
+
+    id: str  # "1", "2", ...: the list's URI is ISSUER/statuslists/ID
+    size: int  # indexes in the list
+    next: int  # counters [0, next) are handed out (reserved in blocks; some may stay unused)
+    key: str  # hex: the permutation key (not a credential: it only hides the allocation order)
+    created_at: int
 
 
 class TemplateRecord(TypedDict):

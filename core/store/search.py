@@ -40,7 +40,7 @@ from tinydb import Query
 from tinydb.queries import QueryInstance
 
 from .. import jsonvalues
-from ..ssa import STATES, SsaRecord
+from ..ssa import STATES, SsaRecord, StatusRef
 
 MAX_LENGTH = 1024  # characters of every ``where`` together
 MAX_TERMS = 16
@@ -63,6 +63,8 @@ def _kinds() -> tuple[dict[str, str], frozenset[str]]:
     kinds, nullable = {}, set()
     for name, hint in get_type_hints(SsaRecord).items():
         args = get_args(hint)
+        if StatusRef in args:  # the Token Status List entry: not a search field
+            continue
         if type(None) in args:
             nullable.add(name)
             hint = next(a for a in args if a is not type(None))
@@ -245,7 +247,8 @@ def _checked(value: Any, quoted: bool, kind: str, name: str, op: str, label: str
 
 
 # --- evaluation by TinyDB's query engine (the embedded store) ---
-_NATIVE: dict[str, Callable[[Any, Any], QueryInstance]] = {
+# (On a TinyDB path they build a query; on two values, ``_ordered``'s, they compare.)
+_NATIVE: dict[str, Callable[[Any, Any], Any]] = {
     "=": operator.eq, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _NUMBERS = (int, float)
 
@@ -272,7 +275,7 @@ def _ordered(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     return test
 
 
-_ORDERED = {op: _ordered(_NATIVE[op]) for op in _RANGES}  # type: ignore[arg-type]
+_ORDERED = {op: _ordered(_NATIVE[op]) for op in _RANGES}
 
 
 def tinydb_query(where: SsaFilter) -> QueryInstance | None:
@@ -299,7 +302,7 @@ def _tinydb_term(term: Term) -> QueryInstance:
         test = ~path.exists() | (path == None)  # noqa: E711  (a TinyDB query, not a comparison)
     else:
         compare = _equal if term.op == "=" else _contains if term.op == "~" else _ORDERED[term.op]
-        # (TinyDB types test()'s function as taking the value only; it passes the extra arguments too.)
+        # TinyDB types test()'s function as taking the value only; it passes the extra arguments too.
         test = path.test(compare, value)  # type: ignore[arg-type]
     return test
 

@@ -17,7 +17,7 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tinydb.queries import QueryInstance
 
@@ -25,7 +25,7 @@ from .journal import Journal
 from .search import INDEXED, SsaFilter, tinydb_query
 from ..jsonvalues import clone
 from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
-from .records import ID_FIELDS, TABLES, ClientRecord, KeyRecord, TemplateRecord
+from .records import ID_FIELDS, TABLES, ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
 
 # One change in memory and how to take it back: (table, id, document before, document after).
 _Change = tuple[str, str, Any, Any]
@@ -61,16 +61,25 @@ async def _scan(docs: list[dict[str, Any]], query: QueryInstance | None) -> list
     return found
 
 
+def _kept_until(doc: dict[str, Any]) -> int:
+    """When the SSA's status list entry may go: its JWT's exp (0 without an entry)."""
+    ref = doc.get("status_list")
+    return ref["until"] if ref else 0
+
+
 def _oldest_first(doc: dict[str, Any]) -> tuple[int, str]:
     return doc["created_at"], doc["jti"]
 
 
 def _copy_ssa(doc: dict[str, Any]) -> Any:
-    """A caller's copy of a stored SSA: its only mutable parts are its lists and ``custom``."""
+    """A caller's copy of a stored SSA: its only mutable parts are its lists, ``custom`` and
+    ``hook_changes``."""
     out = doc.copy()
     for name in LIST_FIELDS:
         out[name] = list(doc[name])
     out["custom"] = clone(doc["custom"]) if doc["custom"] else {}
+    if doc.get("hook_changes"):
+        out["hook_changes"] = clone(doc["hook_changes"])
     return out
 
 
@@ -126,6 +135,10 @@ class TinyStore:
     def _install(self, name: str, doc_id: str, doc: dict[str, Any]) -> _Change:
         table = self.tables[name]
         old = table.get(doc_id)
+        if name == "statuslists" and old is not None and old["next"] > doc["next"]:
+            # Counters only grow: a line written by another process from an older view of the
+            # list must not hand its counters out again.
+            doc = dict(doc, next=old["next"])
         if name == "ssa":
             if old is not None:
                 self._unindex(old)
@@ -173,7 +186,7 @@ class TinyStore:
             if r["jti"] in table or r["jti"] in seen:
                 raise ValueError(f"an SSA with jti {r['jti']} exists")
             seen.add(r["jti"])
-        docs = [_copy_ssa(r) for r in records]  # type: ignore[arg-type]
+        docs = [_copy_ssa(cast("dict[str, Any]", r)) for r in records]  # (a record is a plain dict)
         lines = [self.journal.line("ssa", doc["jti"], doc) for doc in docs]  # refuses before anything changes
         await self.journal.commit(lines, [self._put("ssa", doc["jti"], doc) for doc in docs])
 
@@ -234,7 +247,7 @@ class TinyStore:
         if doc is None or doc["status"] != ACTIVE or doc["expiration"] <= now:
             return None
         if not doc["one_time_use"]:
-            return _copy_ssa(doc)  # type: ignore[no-any-return]  (a read: served while degraded too)
+            return _copy_ssa(doc)  # a read: served while degraded too
         if self.journal.degraded is not None:
             await self.journal.writable()  # raises unless the store recovered
             return await self.mark_used(jti, now)  # the SSA may have changed while the probe ran
@@ -242,7 +255,7 @@ class TinyStore:
         doc = dict(doc, status=USED)
         line = self.journal.line("ssa", jti, doc)
         await self.journal.commit([line], [self._put("ssa", jti, doc)])
-        return _copy_ssa(doc)  # type: ignore[no-any-return]
+        return _copy_ssa(doc)
 
     async def revoke_ssas(self, *, jti: str | None = None, org_id: str | None = None,
                           creator_id: str | None = None, now: int) -> list[SsaRecord]:
@@ -266,7 +279,8 @@ class TinyStore:
         for doc_id, doc in self.tables["ssa"].items():
             if doc["status"] == ACTIVE and doc["expiration"] <= now:
                 expired.append(dict(doc, status=EXPIRED))
-            elif doc["status"] != ACTIVE and doc["expiration"] < now - grace:
+            elif (doc["status"] != ACTIVE and doc["expiration"] < now - grace
+                  and _kept_until(doc) < now - grace):
                 purged.append(doc_id)
         lines = [self.journal.line("ssa", new["jti"], new) for new in expired]  # every line before any change
         lines += [self.journal.line("ssa", doc_id, None) for doc_id in purged]
@@ -279,6 +293,51 @@ class TinyStore:
     async def count_ssas(self) -> int:
         self.journal.catch_up()
         return len(self.tables["ssa"])
+
+    # --- Token Status Lists ---
+    async def reserve_status_counters(self, count: int, size: int, key: str,
+                                      now: int) -> tuple[StatusListRecord, int]:
+        """Check and change in one synchronous step (no other coroutine interleaves); the list's
+        line is durable before the counters are used."""
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        newest = max(self.tables["statuslists"].values(), key=lambda d: int(d["id"]), default=None)
+        if newest is not None and newest["next"] + count <= newest["size"]:
+            first, doc = newest["next"], dict(newest, next=newest["next"] + count)
+        else:
+            first = 0
+            doc = {"id": str(int(newest["id"]) + 1 if newest else 1), "size": size, "next": count, "key": key,
+                   "created_at": now}
+        line = self.journal.line("statuslists", doc["id"], doc)
+        await self.journal.commit([line], [self._put("statuslists", doc["id"], doc)])
+        return dict(doc), first  # type: ignore[return-value]
+
+    async def get_status_list(self, list_id: str) -> StatusListRecord | None:
+        return self._get("statuslists", list_id)
+
+    async def list_status_lists(self) -> list[StatusListRecord]:
+        self.journal.catch_up()
+        return clone(sorted(self.tables["statuslists"].values(), key=lambda d: int(d["id"])))
+
+    async def add_status_list(self, record: StatusListRecord) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if record["id"] in self.tables["statuslists"]:
+            raise ValueError(f"a status list with id {record['id']} exists")
+        await self._put_record("statuslists", record["id"], dict(record))
+
+    async def invalid_status_indexes(self, list_id: str) -> list[int]:
+        """A scan of every SSA (the token is rebuilt at most every ``status_list_refresh`` seconds)."""
+        self.journal.catch_up()
+        out = []
+        for doc in self.tables["ssa"].values():
+            if doc["status"] in (USED, REVOKED):
+                ref = doc.get("status_list")
+                if ref and ref["list"] == list_id:
+                    out.append(ref["idx"])
+        return out
 
     # --- generic records ---
     async def _put_record(self, name: str, doc_id: str, record: dict[str, Any]) -> None:
@@ -306,7 +365,7 @@ class TinyStore:
         await self._put_record("clients", record["client_id"], dict(record))
 
     async def get_client(self, client_id: str) -> ClientRecord | None:
-        return self._get("clients", client_id)  # type: ignore[no-any-return]
+        return self._get("clients", client_id)
 
     async def has_client(self, client_id: str) -> bool:
         self.journal.catch_up()
@@ -352,7 +411,7 @@ class TinyStore:
         await self._put_record("templates", record["name"], dict(record))
 
     async def get_template(self, name: str) -> TemplateRecord | None:
-        return self._get("templates", name)  # type: ignore[no-any-return]
+        return self._get("templates", name)
 
     async def list_templates(self) -> list[TemplateRecord]:
         return self._all("templates")

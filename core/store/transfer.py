@@ -17,18 +17,19 @@ custom attribute or a template's fields), checked before anything recursive read
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from .. import jsonvalues
-from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS
+from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
-from .records import ID_FIELDS, KEY_ACTIVE, KEY_RETIRING, TABLES
+from .records import ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, TABLES, KeyRecord
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
     "clients": ("secret_hash", "scopes", "created_at"),
     "keys": ("alg", "use", "jwk", "status", "created_at"),
     "templates": ("fields", "created_at"),
+    "statuslists": ("size", "next", "key", "created_at"),
 }
 _BATCH = 1000
 MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
@@ -54,6 +55,8 @@ async def _all(store: Store, table: str) -> list[Any]:
         return await store.list_clients()
     if table == "keys":
         return await store.list_keys()
+    if table == "statuslists":
+        return await store.list_status_lists()
     return await store.list_templates()
 
 
@@ -82,6 +85,9 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         missing = [f for f in _REQUIRED[entry["table"]] if f not in entry["record"]]
         if missing:
             raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
+        problem = hook_changes_problem(entry["record"].get("hook_changes")) if table == "ssa" else None
+        if problem is not None:
+            raise TransferError(f"line {number}: {problem}")
         tables[entry["table"]].append(entry["record"])
     return tables
 
@@ -117,17 +123,20 @@ async def _add_missing(records: list[dict[str, Any]], key: str, get: Callable[[s
 
 async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
                         tables: dict[str, list[dict[str, Any]]], now: int) -> int:
+    # (The records hold their table's required fields: parse_lines checked them.)
     if table == "ssa":
         fresh = records
         if await store.count_ssas():
             fresh = [r for r in records if await store.get_ssa(r["jti"]) is None]
         for i in range(0, len(fresh), _BATCH):
-            await store.add_ssas(fresh[i:i + _BATCH])  # type: ignore[arg-type]
+            await store.add_ssas(cast("list[SsaRecord]", fresh[i:i + _BATCH]))
         return len(fresh)
     if table == "clients":
         return await _add_missing(records, "client_id", store.get_client, store.add_client)
     if table == "templates":
         return await _add_missing(records, "name", store.get_template, store.put_template)
+    if table == "statuslists":  # a list the store holds already keeps its counters (they only grow)
+        return await _add_missing(records, "id", store.get_status_list, store.add_status_list)
     existing = await store.list_keys()
     kids = {k["kid"] for k in existing}
     active_uses = {k["use"] for k in existing if k["status"] == KEY_ACTIVE}
@@ -136,9 +145,9 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
     for r in records:
         if r["kid"] in kids:
             continue
-        if r["status"] == KEY_ACTIVE and r["use"] in active_uses:
+        if r["status"] in (KEY_ACTIVE, KEY_NEXT) and r["use"] in active_uses:  # no 2nd timeline
             r = dict(r, status=KEY_RETIRING, remove_after=valid_until)
-        await store.add_key(r)  # type: ignore[arg-type]
+        await store.add_key(cast(KeyRecord, r))
         imported += 1
     return imported
 

@@ -222,7 +222,7 @@ def _java_import(stmt: list[tokenize.TokenInfo]) -> dict[str, str] | None:
             return None
         at = words.index("import")
         module = "".join(words[1:at])
-        if not module.split(".")[0] in JAVA_ROOTS:
+        if module.split(".")[0] not in JAVA_ROOTS:
             return None
         names = [w for w in words[at + 1:] if w not in ("(", ")")]
         if "*" in names:

@@ -19,6 +19,7 @@ import operator
 import time
 import types
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -107,11 +108,55 @@ class CappedPrint:
         print(*objects, sep=str(kw.get("sep", " ")), end=str(kw.get("end", "\n")), file=self)
 
 
+class HttpError(Exception):
+    """A ``context.http`` call the server refused (``http refused: ...``) or could not complete
+    (``http failed: ...``); uncaught, it fails the step like any exception."""
+
+
+AskHost = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ScriptHttp:
+    """``context.http``: each call is asked of the server over the worker's pipes (the worker has
+    no network); the server performs it only if the URL is in this script's allow-list."""
+
+    def __init__(self, ask: AskHost | None) -> None:
+        self._ask = ask  # (an underscore name: safer_getattr keeps scripts away from it)
+
+    def __repr__(self) -> str:
+        return "Http()"
+
+    def get(self, url: Any, headers: Any = None) -> dict[str, Any]:
+        return self._call({"method": "GET", "url": url, "headers": headers})
+
+    def post(self, url: Any, json: Any = None, headers: Any = None) -> dict[str, Any]:
+        return self._call({"method": "POST", "url": url, "headers": headers, "json": json})
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._ask is None:
+            raise HttpError("http refused: no HTTP here")
+        try:
+            check_json(request, max_bytes=MAX_HTTP_REQUEST, max_depth=32)
+        except ScriptError as e:
+            raise HttpError(f"http refused: the request is not plain JSON within {MAX_HTTP_REQUEST} bytes "
+                            f"({e})") from None
+        answer = self._ask(request)
+        if "http" not in answer:
+            raise HttpError(str(answer.get("http_error", "http failed"))[:MAX_LOG_LINE])
+        return answer["http"]
+
+
+MAX_HTTP_REQUEST = 80 * 1024  # URL, headers and a JSON body (the server caps the body at 64 KiB)
+
+
+_NO_SECRETS: Mapping[str, str] = types.MappingProxyType({})
+
+
 class ScriptContext:
     """The read-only ``context`` a hook receives (full_write_guard refuses attribute writes)."""
 
-    def __init__(self, facts: dict[str, Any], config: dict[str, Any],
-                 script: CustomScript | None = None) -> None:
+    def __init__(self, facts: dict[str, Any], config: dict[str, Any], ask: AskHost | None = None,
+                 secrets: Mapping[str, str] = _NO_SECRETS, script: CustomScript | None = None) -> None:
         self._script = script
         self.client_id = facts.get("client_id", "")
         self.scopes = list(facts.get("scopes", []))
@@ -120,9 +165,12 @@ class ScriptContext:
         self.request = facts.get("request", {})
         # The script's config outlives the call: a copy each time (plain JSON: the pool made it so).
         self.config = loads(dumps(config)) if config else {}
+        # This script's secrets only, read-only (a mapping proxy made at load: nothing to copy).
+        self.secrets = secrets
         self._logs: list[str] = []
         self._dropped = 0  # log lines past the per-call cap
         self._denied: dict[str, str] | None = None
+        self.http = ScriptHttp(ask)
 
     def __repr__(self) -> str:
         return f"Context(client_id={self.client_id!r}, hook={self.hook!r})"
@@ -168,6 +216,7 @@ def _builtins() -> dict[str, Any]:
     b.update({n: getattr(builtins, n) for n in _EXTRA_BUILTINS})
     b["getattr"] = safer_getattr_raise
     b["RecursionError"] = RecursionError
+    b["HttpError"] = HttpError
     b.update(HELPERS)
     return b
 
@@ -186,7 +235,7 @@ def load(name: str, source: str, *, max_source: int, output_limit: int, config: 
         result = compile_restricted_exec(source, filename=filename)
     except BaseException as e:  # RecursionError, MemoryError in the parser
         raise ScriptRefused(f"{name}: cannot be compiled ({type(e).__name__})") from None
-    if result.errors:
+    if result.errors or result.code is None:  # (no code comes without errors)
         raise ScriptRefused(f"{name}: {compile_errors(result.errors)}")
     env: dict[str, Any] = {
         "__builtins__": _builtins(), "__name__": f"script_{name}",
@@ -255,13 +304,14 @@ def hooks_of(env: dict[str, Any]) -> list[str]:
 
 
 def call(env: dict[str, Any], hook: str, payload: dict[str, Any], facts: dict[str, Any],
-         config: dict[str, Any], *, output_limit: int, script: CustomScript | None = None) -> dict[str, Any]:
+         config: dict[str, Any], *, output_limit: int, ask: AskHost | None = None,
+         secrets: Mapping[str, str] = _NO_SECRETS, script: CustomScript | None = None) -> dict[str, Any]:
     """Run one hook on ``payload``, which the script may change (the worker parsed it from the
     request frame: nothing else holds it); the JSON-ready result, validated by the caller."""
     fn = env.get(hook)
     if not isinstance(fn, types.FunctionType):
         raise ScriptError("invalid_result", f"the script defines no {hook}()")
-    context = ScriptContext(facts, config, script)
+    context = ScriptContext(facts, config, ask, secrets, script)
     printed = CappedPrint(limit=output_limit)
     env["_print_"] = lambda _getattr_=None: printed  # print() in this call lands here
     methods = env.get(METHODS_KEY)  # a Janssen script: its methods take self, and Janssen's objects
@@ -304,14 +354,16 @@ def _call_logs(context: ScriptContext, printed: str) -> tuple[list[str], int]:
 
 
 # Subclasses of str/int/dict/list, datetimes and dataclasses are refused, not converted.
-_PLAIN_ONLY = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_PLAIN_ONLY = (orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME
+               | orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
 def check_json(value: Any, *, max_bytes: int, max_depth: int) -> bytes:
     """Serialise a result: plain JSON only (strings valid Unicode), within the size and depth caps."""
     try:
         text = orjson.dumps(value, option=_PLAIN_ONLY)
-    except TypeError:  # not plain JSON, a lone surrogate, nested past orjson's limit, or an integer beyond 64 bits
+    except TypeError:
+        # not plain JSON, a lone surrogate, nested past orjson's limit, or an integer beyond 64 bits
         _check_depth(value, max_depth)  # names what is wrong, or passes for the big integers
         text = dumps(value)
     else:
@@ -348,4 +400,5 @@ def _check_depth(value: Any, limit: int) -> None:
 
 def _check_unicode(text: str) -> None:
     if not valid_unicode(text):
-        raise ScriptError("invalid_result", "the result holds a lone surrogate (a string that is not valid Unicode)")
+        raise ScriptError("invalid_result",
+                          "the result holds a lone surrogate (a string that is not valid Unicode)")

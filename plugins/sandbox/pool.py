@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,8 @@ from ssa_server.helper_process import AnswerReader, HelperProcess, Job, LoopTurn
 from ssa_server.shared_counter import SharedCounter
 
 from .errors import EXIT_UNSETTLED, ChainBroken, ScriptError, ScriptRefused
+from .http_allow import AllowEntry, parse_allow
+from .http_broker import HttpBroker
 from .limits import SandboxLimits
 from .options import ScriptOptions, split_options
 
@@ -44,6 +46,12 @@ log = logging.getLogger("ssa_server.sandbox")
 
 _WORKER = "ssa_server.plugins.sandbox.worker"
 _LOAD_TIMEOUT_EXTRA = 5.0  # a fresh interpreter needs time to start before it can compile
+# A worker's mid-step question (``context.http``), and how the server answers it: (the script the
+# server sent that step to, the request, calls asked in this step so far, seconds left on the
+# step's clock) -> the answer frame.
+# (script, request, asked, seconds left) -> the answer to a context.http call
+OnHttp = Callable[[str, Any, int, float], Coroutine[Any, Any, dict[str, Any]]]
+_NO_HTTP_HERE = {"http_error": "http refused: this script has no [http] allow-list"}
 
 
 class _Worker:
@@ -82,8 +90,11 @@ class _Worker:
     def pid(self) -> int:
         return self.process.pid
 
-    def request(self, message: dict[str, Any], timeout: float) -> Any:
-        """Send one request and wait for its answer; ScriptError(timeout|crashed) if none."""
+    def request(self, message: dict[str, Any], timeout: float, on_http: OnHttp | None = None,
+                script: str = "") -> Any:
+        """Send one request and wait for its answer; ScriptError(timeout|crashed) if none.
+        ``on_http`` answers the ``context.http`` calls of a lone call's step, of ``script``
+        (None: each is refused)."""
         self.calls += 1
         data = dumps(message)
         try:
@@ -92,19 +103,34 @@ class _Worker:
             raise ScriptError("crashed", "the script worker exited") from None
         poller = select.poll()  # not select(): a busy server's descriptors may pass FD_SETSIZE (1024)
         poller.register(self.from_child, select.POLLIN)
-        if not poller.poll(max(0.0, timeout) * 1000):
-            raise ScriptError("timeout", f"no answer within {timeout:g} s")
-        try:
-            answer = read_frame(self.from_child, self.max_answer + len(data))
-        except FrameError as e:
-            raise self._failure(e) from None
-        return self._checked(answer)
+        deadline, asked = time.monotonic() + timeout, 0
+        while True:
+            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                raise ScriptError("timeout", f"no answer within {timeout:g} s")
+            try:
+                answer = read_frame(self.from_child, self.max_answer + len(data))
+            except FrameError as e:
+                raise self._failure(e) from None
+            if not (type(answer) is dict and "http" in answer and len(answer) == 1):
+                return self._checked(answer)
+            asked += 1  # a context.http call mid-step (see request_async)
+            reply = _NO_HTTP_HERE if on_http is None else asyncio.run(
+                on_http(script, answer["http"], asked, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:  # the wait used up the step's wall time
+                raise ScriptError("timeout", f"no answer within {timeout:g} s")
+            try:
+                write_raw_frame(self.to_child, dumps(reply))
+            except OSError:
+                raise ScriptError("crashed", "the script worker exited") from None
 
-    async def request_async(self, message: dict[str, Any], timeouts: list[float]) -> Any:
+    async def request_async(self, message: dict[str, Any], timeouts: list[float], *,
+                            on_http: OnHttp | None = None, script: str = "") -> Any:
         """``request`` on the event loop: the answer is read when the pipe is readable, so no
         thread waits for it (a thread hop costs more than the whole round trip).  Each of its
         steps (the scripts of its chains) gets its own timeout: the clock restarts with the next
-        step's when the worker reports it."""
+        step's when the worker reports it.  A ``context.http`` call mid-step (a frame
+        ``{"http": ...}``) is answered by ``on_http`` for ``script`` (None: refused) while the
+        step's clock runs on."""
         loop = asyncio.get_running_loop()
         steps = len(timeouts)
         self.calls += steps
@@ -121,6 +147,22 @@ class _Worker:
         try:
             raw = await answers.expect((self.max_answer + len(data)) * steps, timeouts[0], self.progress,
                                        steps, timeouts=timeouts if steps > 1 else None)
+            asked = 0
+            while raw[:8] == b'{"http":' or raw[:9] == b' {"http":':  # a context.http call mid-step
+                asked += 1
+                try:
+                    question = loads(raw)["http"]
+                except (ValueError, TypeError, KeyError):
+                    raise FrameError("a malformed http request") from None
+                reply = _NO_HTTP_HERE if on_http is None else await on_http(script, question, asked,
+                                                                                   answers.time_left())
+                try:
+                    sending = self.process.send(dumps(reply))
+                    if sending is not None:
+                        await sending
+                except OSError:  # (not around the awaits above: TimeoutError is an OSError)
+                    raise FrameError("the script worker exited") from None
+                raw = await answers.resume()
         except FrameError as e:
             raise await loop.run_in_executor(None, self._failure, e) from None
         except TimeoutError:
@@ -174,20 +216,28 @@ class _Entry:
     source: str
     config: dict[str, Any]
     options: ScriptOptions
+    secrets: dict[str, str]  # the script's own, sent in its load frame only
+    http: tuple[AllowEntry, ...] = ()  # its [http] allow-list: the server holds its HTTP calls to it
     revision: str = ""
 
     @classmethod
-    def of(cls, name: str, source: str, config: dict[str, Any], limits: SandboxLimits,
-           revision: str) -> _Entry:
-        """The revision to load: ``config`` without its ``[sandbox]`` table, which holds the
-        sandbox's options for this script (``options.py``).  ScriptRefused if they are wrong."""
+    def of(cls, name: str, source: str, config: dict[str, Any], limits: SandboxLimits, revision: str,
+           secrets: dict[str, str]) -> _Entry:
+        """The revision to load: ``config`` without its ``[sandbox]`` table (the sandbox's options
+        for this script, ``options.py``) and its ``[http]`` allow-list.  ScriptRefused if they
+        are wrong."""
         options, config = split_options(name, config, limits)
-        return cls(source, config, options, revision)
+        http = parse_allow(name, config.pop("http")) if "http" in config else ()
+        return cls(source, config, options, dict(secrets), http, revision)
 
     def message(self, name: str) -> dict[str, Any]:
         o = self.options
-        return {"op": "load", "name": name, "source": self.source, "config": self.config,
-                "keep_state": o.keep_state, "cpu": o.cpu, "memory_mb": o.memory_mb, "revision": self.revision}
+        message = {"op": "load", "name": name, "source": self.source, "config": self.config,
+                   "keep_state": o.keep_state, "cpu": o.cpu, "memory_mb": o.memory_mb,
+                   "revision": self.revision}
+        if self.secrets:
+            message["secrets"] = self.secrets
+        return message
 
 
 class SandboxPool:
@@ -200,9 +250,11 @@ class SandboxPool:
     """
 
     def __init__(self, workers: int = 2, limits: SandboxLimits | None = None, *,
-                 on_failed: Callable[[str, str], None] | None = None) -> None:
+                 on_failed: Callable[[str, str], None] | None = None, http: HttpBroker | None = None) -> None:
         self.limits = limits or SandboxLimits()
+        self.http = http or HttpBroker()
         self._scripts: dict[str, _Entry] = {}
+        self._http_users: frozenset[str] = frozenset()  # scripts with an [http] allow-list (swapped whole)
         self.failed: dict[str, str] = {}  # scripts dropped pool-wide -> why
         self._on_failed = on_failed
         self._registry = threading.Lock()  # _scripts and failed (a replacement reads them in a thread)
@@ -228,12 +280,14 @@ class SandboxPool:
             self._idle.append(_Worker(self.limits))
 
     # --- scripts ---
-    def load(self, name: str, source: str, config: dict[str, Any], revision: str = "") -> list[str]:
-        """Compile ``source`` in every worker; the hooks it defines.  ScriptRefused if it cannot
-        load in any of them: then every worker keeps the previous revision (or none)."""
+    def load(self, name: str, source: str, config: dict[str, Any], secrets: dict[str, str] | None = None,
+             revision: str = "") -> list[str]:
+        """Compile ``source`` in every worker, with the script's ``secrets`` (``context.secrets``);
+        the hooks it defines.  ScriptRefused if it cannot load in any of them: then every worker
+        keeps the previous revision (or none)."""
         if len(source.encode()) > self.limits.max_source_kb * 1024:
             raise ScriptRefused(f"{name}: larger than {self.limits.max_source_kb * 1024} bytes")
-        entry = _Entry.of(name, source, config, self.limits, revision)
+        entry = _Entry.of(name, source, config, self.limits, revision, secrets or {})
         with self._admin:
             workers = self._take_all()
             try:
@@ -251,6 +305,7 @@ class SandboxPool:
                 with self._registry:
                     self._scripts[name] = entry
                     self.failed.pop(name, None)
+                    self._http_users = frozenset(n for n, e in self._scripts.items() if e.http)
                 return hooks
             finally:
                 self._release_all(workers)
@@ -349,8 +404,9 @@ class SandboxPool:
         try:
             return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self._release(waiter.result())  # handed over just as we were cancelled
+            handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
+            if handed is not None:
+                self._release(handed)  # handed over just as we were cancelled
             raise
         finally:
             if timer is not None:
@@ -398,6 +454,21 @@ class SandboxPool:
         own = entry.options.timeout if entry is not None else None
         return own if own is not None else self.limits.timeout
 
+    # --- context.http ---
+    def uses_http(self, name: str) -> bool:
+        """Whether ``name``'s revision has an ``[http]`` allow-list (its calls then go alone)."""
+        return name in self._http_users
+
+    async def _answer_http(self, name: str, request: Any, asked: int, time_left: float) -> dict[str, Any]:
+        """A ``context.http`` call of the lone call's step of ``name``: the script is the one the
+        server sent the step to (never the worker's say), held to that script's allow-list."""
+        with self._registry:
+            entry = self._scripts.get(name)
+        cap = self.http.limits.calls_per_step
+        if asked > cap:
+            return self.http.refusal(name, f"more than {cap} calls per call of the script")
+        return await self.http.perform(name, entry.http if entry is not None else (), request, time_left)
+
     # --- calls ---
     def call(self, name: str, hook: str, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
         """Run one hook in an idle worker (blocking, thread-safe); ScriptError on any failure."""
@@ -407,7 +478,7 @@ class SandboxPool:
         try:
             try:
                 message = _batch([_call_job(name, hook, payload, context)])
-                answer = worker.request(message, self._timeout(name))
+                answer = worker.request(message, self._timeout(name), self._answer_http, name)
                 (job_answer,) = _job_answers(answer, 1)
             except ScriptError:  # no answer, or one no worker should send
                 worker = self._replace(worker)
@@ -429,7 +500,9 @@ class SandboxPool:
         (a fresh interpreter) goes to a thread."""
         job = self._job(_call_job(name, hook, payload, context), [name],
                         lambda answer: _call_result(hook, answer))
-        return await self._batches.submit(job)  # type: ignore[no-any-return]
+        if name in self._http_users:
+            job.alone = True  # its step may call context.http: the server must know which script asks
+        return await self._batches.submit(job)
 
     async def call_chain_async(self, names: list[str], hook: str, payload: dict[str, Any],
                                context: dict[str, Any], *,
@@ -444,7 +517,7 @@ class SandboxPool:
 
         chain = {"names": names, "hook": hook, "payload": payload, "context": context,
                  "skip_errors": skip_errors}
-        return await self._batches.submit(self._job(chain, names, outcomes))  # type: ignore[no-any-return]
+        return await self._batches.submit(self._job(chain, names, outcomes))
 
     def _job(self, message: dict[str, Any], names: list[str], check: Callable[[dict[str, Any]], Any]) -> _Job:
         """A job (a chain; a call is a chain of one) for the event loop, its answer to be
@@ -495,7 +568,12 @@ class SandboxPool:
         now = jobs[0].future.get_loop().time()
         if now - jobs[0].queued < self.limits.timeout / 2:
             self._saturated = False
-        return 1 if jobs[0].alone or now < self._wary_until else len(jobs)
+        if jobs[0].alone or now < self._wary_until:
+            return 1
+        for count, job in enumerate(jobs):  # a job that must go alone is not sent with the ones before it
+            if job.alone:
+                return count
+        return len(jobs)
 
     def _refuse_expired(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
@@ -517,7 +595,10 @@ class SandboxPool:
         caller runs its scripts again one call each).  A lost worker is replaced in the
         background; so is one left mid-call by a cancellation."""
         try:
-            answer = await worker.request_async(_batch([job.message]), job.timeouts)
+            names = job.message["names"]
+            answer = await worker.request_async(_batch([job.message]), job.timeouts,
+                                                on_http=self._answer_http if len(names) == 1 else None,
+                                                script=names[0])
             (answer,) = _job_answers(answer, 1)
         except asyncio.CancelledError:
             self._retire_later(worker)
@@ -707,10 +788,9 @@ def _result(hook: str, answer: dict[str, Any]) -> dict[str, Any]:
         kind = answer["error"].get("kind", "exception")
         raise ScriptError(kind if kind in ("exception", "invalid_result", "limit") else "exception",
                           str(answer["error"].get("message", ""))[:1000])
-    result = answer.get("ok")
-    _validate(hook, result)
+    result = _validate(hook, answer.get("ok"))
     result.setdefault("denied", None)  # the worker leaves it out when nothing was denied
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
@@ -720,8 +800,8 @@ def _outcome(hook: str, step: dict[str, Any]) -> dict[str, Any] | ScriptError:
         return e
 
 
-def _validate(hook: str, result: Any) -> None:
-    """The server checks the shape again: the worker is not trusted."""
+def _validate(hook: str, result: Any) -> dict[str, Any]:
+    """``result``, its shape checked again by the server: the worker is not trusted."""
     def bad(why: str) -> ScriptError:
         return ScriptError("invalid_result", why)
 
@@ -733,8 +813,10 @@ def _validate(hook: str, result: Any) -> None:
     if denied is not None and not (isinstance(denied, dict) and isinstance(denied.get("error"), str)
                                    and isinstance(denied.get("description"), str)):
         raise bad("malformed denial")
-    if hook == "create" and not (isinstance(result.get("header"), dict) and isinstance(result.get("claims"), dict)):
+    if hook == "create" and not (isinstance(result.get("header"), dict)
+                                 and isinstance(result.get("claims"), dict)):
         raise bad("create must leave header and claims as objects")
     if hook == "get" and not (isinstance(result.get("ssa_list"), list)
                               and all(isinstance(i, dict) for i in result["ssa_list"])):
         raise bad("get must leave a list of objects")
+    return result

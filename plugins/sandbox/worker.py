@@ -4,13 +4,15 @@ limits, and JSON frames on two pipes (and ``P``, a memfd holding the index of th
 see ``docs/sandbox.md``).  It loads only what it needs: the frames, the language policy, the
 result rules; nothing of the pool, the plugin manager or the server's process machinery.
 
-Requests: ``{"op": "load", "name", "source", "config", "keep_state"}`` and ``{"op": "unload",
+Requests: ``{"op": "load", "name", "source", "config", "keep_state", "secrets"}`` and ``{"op": "unload",
 "name"}`` for the script set, and one mode for calls, ``{"op": "batch", "jobs": [chain, ...]}``
 where a chain is ``{"names", "hook", "payload", "context", "skip_errors"}`` (a call is a chain of
 one script).  Answers: ``{"ok": ...}`` or ``{"error": {"kind", "message"}}`` (a step's, a load's),
 for a batch ``{"answers": [{"steps": [step answer, ...]}, ...]}``; ``"retire": true`` in front
-when the worker's lifetime CPU is nearly spent.  Anything worse (CPU limit, segfault) ends the
-process; the server sees the pipe close and starts a new worker.
+when the worker's lifetime CPU is nearly spent.  Mid-step, ``context.http`` writes ``{"http":
+request}`` on the answer pipe and reads the server's answer on the request pipe (``_ask_host``).
+Anything worse (CPU limit, segfault) ends the process; the server sees the pipe close and starts
+a new worker.
 
 Every script call is a *step* of its own: its own CPU budget, a fresh copy of its input and of
 the script's module state, and at its end its objects dropped and the garbage collected (the
@@ -31,6 +33,7 @@ import sys
 import tracemalloc
 import unicodedata  # noqa: F401  (the compiler imports it for non-ASCII names: no file can be opened later)
 import warnings
+from types import MappingProxyType
 from typing import Any
 
 from ssa_server.frames import FrameError, dumps, loads, read_frame_bytes, write_raw_frame
@@ -107,6 +110,9 @@ def _cpu_budget(seconds: float, hard: int) -> None:
 
 
 _Own = tuple[float | None, int | None]  # a script's own per-step cpu seconds and memory MiB
+# A loaded script: its worlds, config (context.config), secrets (context.secrets), what
+# context.getScript() names, and its own per-step limits (None: the worker's).
+_Loaded = tuple[ScriptWorlds, dict[str, Any], MappingProxyType[str, str], CustomScript, _Own | None]
 _address_space = [0]  # the worker's RLIMIT_AS (bytes): a step's own memory budget is set below it
 
 
@@ -197,9 +203,10 @@ class Worker:
     """The scripts loaded in this process and the steps that run them."""
 
     def __init__(self, limits: dict[str, Any], progress: SharedCounter) -> None:
-        # name -> its worlds, its config (context.config), what context.getScript() names, and its
-        # own per-step (cpu, memory_mb) when its NAME.toml sets either (None: the worker's limits)
-        self.scripts: dict[str, tuple[ScriptWorlds, dict[str, Any], CustomScript, _Own | None]] = {}
+        # name -> its worlds, its config (context.config), its secrets (context.secrets), what
+        # context.getScript() names, and its own per-step (cpu, memory_mb) when its NAME.toml sets
+        # either (None: the worker's limits)
+        self.scripts: dict[str, _Loaded] = {}
         self.output = limits["output_kb"] * 1024
         self.max_depth = limits["max_depth"]
         self.max_source = limits["max_source_kb"] * 1024
@@ -294,11 +301,14 @@ class Worker:
         is dropped and collected before the answer is returned, and a finalizer that raised
         fails the step."""
         loaded = self.scripts.get(name)
-        own = loaded[3] if loaded is not None else None  # the script's own cpu / memory_mb, if any
+        own = loaded[4] if loaded is not None else None  # the script's own cpu / memory_mb, if any
         _cpu_budget(self.cpu, self.hard)
         if own is not None:
             _own_limits(*own)
         _finalizer_errors.clear()
+        payload: dict[str, Any] | None
+        facts: dict[str, Any] | None
+        result: dict[str, Any] | None
         payload, facts = box.pop(), facts_box.pop()
         world: dict[str, Any] | None = None
         client = ""
@@ -308,14 +318,14 @@ class Worker:
             client = str(facts.get("client_id", ""))
             world = loaded[0].take(client)
             result = policy.call(world, hook, payload, facts, loaded[1], output_limit=self.output,
-                                 script=loaded[2])
-            payload = facts = None  # type: ignore[assignment]
+                                 ask=_ask_host, secrets=loaded[2], script=loaded[3])
+            payload = facts = None
             text = _ok(policy.check_json(result, max_bytes=cap, max_depth=self.max_depth))
         except BaseException as e:  # the script's own exception, SystemExit included
             text = _error_of(e)
-        result = payload = facts = None  # type: ignore[assignment]
-        if world is not None:
-            loaded[0].done(client, world)  # type: ignore[index]
+        result = payload = facts = None
+        if world is not None and loaded is not None:  # (a world is taken from a loaded script only)
+            loaded[0].done(client, world)
             world = None
         _settle(careful=loaded is not None and loaded[0].careful)
         if own is not None:
@@ -362,19 +372,35 @@ class Worker:
             cpu, memory_mb = request.get("cpu"), request.get("memory_mb")
             own = ((float(cpu) if cpu else None, int(memory_mb) if memory_mb else None)
                    if cpu or memory_mb else None)
+            secrets = request.get("secrets") or {}
             self.scripts[name] = (ScriptWorlds(template, str(request.get("keep_state") or "none")),
                                   request.get("config") or {},
+                                  MappingProxyType({k: v for k, v in secrets.items() if type(v) is str}),
                                   CustomScript(name, str(request.get("revision") or "")), own)
         _refreeze(replaced)
         return text
 
-    def _destroy(self, loaded: tuple[ScriptWorlds, dict[str, Any], CustomScript, _Own | None]) -> None:
+    def _destroy(self, loaded: _Loaded) -> None:
         """A Janssen script's ``destroy`` as its revision leaves, on a fresh copy of its state,
         under a call's CPU budget (a plain script has none: nothing runs)."""
         world = loaded[0].template.world()
         if "destroy" in world:
             _cpu_budget(self.cpu, self.hard)
             policy.destroy(world, loaded[1])
+
+
+def _ask_host(request: dict[str, Any]) -> dict[str, Any]:
+    """``context.http``: the request as a frame on the answer pipe, ``{"http": request}``, then
+    the server's answer on the request pipe (``http_broker.py``); the step waits meanwhile (its
+    wall clock runs in the server, its CPU budget does not).  A server gone: this process ends."""
+    text = dumps(request)
+    lead = b" " if text[:1] == b" " else b""
+    write_raw_frame(ANSWERS_FD, lead + b'{"http":' + text.lstrip(b" ") + b"}")
+    try:
+        answer = loads(read_frame_bytes(REQUESTS_FD, MAX_REQUEST))
+    except (FrameError, ValueError):
+        os._exit(1)
+    return answer if isinstance(answer, dict) else {"http_error": "http failed: a malformed answer"}
 
 
 def _joined(head: bytes, texts: list[bytes], tail: bytes) -> bytes:

@@ -259,8 +259,9 @@ def add_garbage(data_dir: Path, count: int) -> None:
         await store.open()
         now = int(time.time())
         await store.add_ssas([{"jti": str(uuid.uuid4()), "org_id": "dead", "description": "x" * 100,
-                               "software_id": "s", "software_roles": [], "grant_types": [], "one_time_use": True,
-                               "rotate_ssa": True, "lifetime": None, "custom": {}, "created_at": now,
+                               "software_id": "s", "software_roles": [], "grant_types": [],
+                               "one_time_use": True, "rotate_ssa": True, "lifetime": None, "custom": {},
+                               "created_at": now,
                                "expiration": 1, "status": "ACTIVE", "creator_id": "c", "iss": "i"}
                               for _ in range(count)])
         await store.revoke_ssas(org_id="dead", now=1)

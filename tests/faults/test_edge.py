@@ -27,7 +27,6 @@ from starlette.testclient import TestClient
 from conftest import ADMIN
 from .served import Served, closed_by_server, connect, read_response
 from ssa_server.app import create_app
-from ssa_server.server import Server
 from ssa_server.settings import Settings
 
 FAST = {"SSA_HTTP_HEAD_TIMEOUT": "1", "SSA_HTTP_BODY_TIMEOUT": "1", "SSA_HTTP_IDLE_TIMEOUT": "1"}

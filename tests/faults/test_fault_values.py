@@ -154,7 +154,7 @@ def test_cli_attr_and_template_values_are_checked(tmp_path, where):
     ok = cli_bytes(tmp_path, where, *create, b"--org-id", b"o", b"--attr", b"myattr=v", b"--save-template",
                    b"t")
     assert ok.returncode == 0, ok.stderr
-    assert sorted(stored(tmp_path, where)) == ["ssa", "templates"]
+    assert sorted(stored(tmp_path, where)) == ["ssa", "statuslists", "templates"]  # the SSA's status list too
 
 
 def _ssa_line(custom: str) -> str:

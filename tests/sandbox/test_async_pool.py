@@ -113,7 +113,8 @@ def round_trips(monkeypatch):
 
 def test_calls_of_one_loop_turn_share_one_round_trip(pool, round_trips):
     async def go():
-        return await asyncio.gather(*(pool.call_async("s", "create", payload(f"j{i}"), {}) for i in range(12)))
+        return await asyncio.gather(*(pool.call_async("s", "create", payload(f"j{i}"), {})
+                                      for i in range(12)))
 
     results = asyncio.run(go())
     assert [r["claims"]["echo"] for r in results] == [f"j{i}" for i in range(12)]
@@ -130,7 +131,8 @@ def test_a_hanging_call_in_a_batch_fails_alone(pool, round_trips):
     worker's progress counter said is not trusted), and the hanging one fails in its own lone
     call."""
     async def go():
-        calls = [pool.call_async("s", "create", payload(f"j{i}", spin=-1 if i == 2 else 0), {}) for i in range(5)]
+        calls = [pool.call_async("s", "create", payload(f"j{i}", spin=-1 if i == 2 else 0), {})
+                 for i in range(5)]
         return await asyncio.gather(*calls, return_exceptions=True)
 
     results = asyncio.run(go())
@@ -146,7 +148,8 @@ def test_a_crashing_script_in_a_batch_fails_alone():
         pool.load("crash", CRASH, {})
 
         async def go():
-            calls = [pool.call_async("crash" if i == 1 else "s", "create", payload(f"j{i}"), {}) for i in range(4)]
+            calls = [pool.call_async("crash" if i == 1 else "s", "create", payload(f"j{i}"), {})
+                     for i in range(4)]
             return await asyncio.gather(*calls, return_exceptions=True)
 
         results = asyncio.run(go())
@@ -195,10 +198,12 @@ def test_cancelling_the_gathering_call_leaves_the_others_served(pool):
     async def go():
         busy = []
         for i in range(2):  # one after the other: two batches, both workers taken
-            busy.append(asyncio.ensure_future(pool.call_async("s", "create", payload(f"busy{i}", spin=300_000), {})))
+            busy.append(asyncio.ensure_future(pool.call_async("s", "create",
+                                                              payload(f"busy{i}", spin=300_000), {})))
             await asyncio.sleep(0.005)
         gathering = asyncio.ensure_future(pool.call_async("s", "create", payload("gone"), {}))
-        others = [asyncio.ensure_future(pool.call_async("s", "create", payload(f"o{i}"), {})) for i in range(3)]
+        others = [asyncio.ensure_future(pool.call_async("s", "create", payload(f"o{i}"), {}))
+                  for i in range(3)]
         await asyncio.sleep(0.001)
         gathering.cancel()
         results = await asyncio.wait_for(asyncio.gather(*others), 10)

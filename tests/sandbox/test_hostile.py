@@ -32,11 +32,14 @@ HOSTILE: list[tuple[str, str]] = [
     ("globals_of_func", C + "    jwt.claims['x'] = str(create.__globals__)\n"),
     ("builtins_name", C + "    jwt.claims['x'] = str(__builtins__)\n"),
     ("code_obj", C + "    jwt.claims['x'] = str(create.__code__)\n"),
-    ("traceback_frame", C + "    try:\n        1/0\n    except Exception as e:\n        jwt.claims['x'] = str(e.__traceback__.tb_frame.f_back.f_globals)\n"),
+    ("traceback_frame", C + "    try:\n        1/0\n    except Exception as e:\n"
+                            "        jwt.claims['x'] = str(e.__traceback__.tb_frame.f_back.f_globals)\n"),
     ("gen_frame", C + "    g = (i for i in [1])\n    jwt.claims['x'] = str(g.gi_frame.f_back)\n"),
-    ("gen_frame_getattr", C + "    g = (i for i in [1])\n    jwt.claims['x'] = str(getattr(g, 'gi_frame'))\n"),
+    ("gen_frame_getattr",
+     C + "    g = (i for i in [1])\n    jwt.claims['x'] = str(getattr(g, 'gi_frame'))\n"),
     ("getattr_dunder", C + "    jwt.claims['x'] = str(getattr(len, '__self__'))\n"),
-    ("getattr_str_subclass", C + "    jwt.claims['x'] = str(getattr(jwt, chr(95) + chr(95) + 'dict' + chr(95) + chr(95)))\n"),
+    ("getattr_str_subclass",
+     C + "    jwt.claims['x'] = str(getattr(jwt, chr(95) + chr(95) + 'dict' + chr(95) + chr(95)))\n"),
     ("jwt_private", C + "    jwt.claims['x'] = str(jwt.getClaims()._target)\n"),
     ("context_private", C + "    jwt.claims['x'] = str(context._logs)\n"),
     ("func_closure", C + "    jwt.claims['x'] = str(json_dumps.__closure__)\n"),
@@ -47,7 +50,8 @@ HOSTILE: list[tuple[str, str]] = [
     ("format_attr_ref", C + "    f = ''.format\n    jwt.claims['x'] = f('{0.__init__.__globals__}', jwt)\n"),
     ("fstring_dunder", C + "    jwt.claims['x'] = f'{jwt.__class__}'\n"),
     ("fstring_format_spec", C + "    jwt.claims['x'] = f'{jwt!r:>{10}}'\n    return True\n"),
-    ("string_formatter", C + "    import string\n    jwt.claims['x'] = string.Formatter().format('{0.__class__}', 1)\n"),
+    ("string_formatter",
+     C + "    import string\n    jwt.claims['x'] = string.Formatter().format('{0.__class__}', 1)\n"),
     ("format_builtin", C + "    jwt.claims['x'] = format(jwt, '')\n"),
     # imports
     ("import_os", "import os\n" + C + "    return True\n"),
@@ -96,7 +100,9 @@ HOSTILE: list[tuple[str, str]] = [
     ("keyboard_interrupt", C + "    raise KeyboardInterrupt\n"),
     ("generator_exit", C + "    raise GeneratorExit\n"),
     ("base_exception", C + "    raise BaseException('x')\n"),
-    ("swallow_and_loop", C + "    while True:\n        try:\n            pass\n        except BaseException:\n            pass\n"),
+    ("swallow_and_loop",
+     C + "    while True:\n        try:\n            pass\n"
+         "        except BaseException:\n            pass\n"),
     # CPU, memory, recursion, crash
     ("infinite_loop", C + "    while True:\n        pass\n"),
     ("loop_in_finally", C + "    try:\n        pass\n    finally:\n        while True:\n            pass\n"),
@@ -105,8 +111,10 @@ HOSTILE: list[tuple[str, str]] = [
     ("memory_list", C + "    x = [0] * (10 ** 10)\n"),
     ("memory_growth", C + "    x = []\n    while True:\n        x.append('a' * 1000000)\n"),
     ("deep_recursion", "def f(n):\n    return f(n + 1)\n" + C + "    f(0)\n"),
-    ("recursion_swallow", "def f():\n    try:\n        f()\n    except RecursionError:\n        f()\n" + C + "    f()\n"),
-    ("deep_tuple_hash", C + "    x = ()\n    i = 0\n    while i < 1000000:\n        x = (x,)\n        i = i + 1\n    jwt.claims['x'] = len({x})\n"),
+    ("recursion_swallow",
+     "def f():\n    try:\n        f()\n    except RecursionError:\n        f()\n" + C + "    f()\n"),
+    ("deep_tuple_hash", C + "    x = ()\n    i = 0\n    while i < 1000000:\n        x = (x,)\n"
+                            "        i = i + 1\n    jwt.claims['x'] = len({x})\n"),
     ("top_level_loop", "while True:\n    pass\n" + C + "    return True\n"),
     ("top_level_memory", "x = 'a' * (10 ** 10)\n" + C + "    return True\n"),
     # output floods and huge results
@@ -119,7 +127,9 @@ HOSTILE: list[tuple[str, str]] = [
     ("write_file", C + f"    open('{CANARY_FILE}', 'w').write('x')\n"),
     ("socket", C + "    import socket\n    socket.create_connection(('127.0.0.1', 80))\n"),
     ("environ_via_helper", C + "    jwt.claims['x'] = str(now.__globals__['os'].environ)\n"),
-    ("environ_via_exception", C + "    try:\n        1/0\n    except Exception as e:\n        jwt.claims['x'] = str(e.__traceback__)\n"),
+    ("environ_via_exception",
+     C + "    try:\n        1/0\n    except Exception as e:\n"
+         "        jwt.claims['x'] = str(e.__traceback__)\n"),
     ("passwd_via_builtins_open", C + "    jwt.claims['x'] = __builtins__['open']('/etc/passwd').read()\n"),
     ("source_size_bomb", "x = 1\n" * 60000 + C + "    return True\n"),
     ("parser_recursion_bomb", "x = " + "+".join(["1"] * 100000) + "\n" + C + "    return True\n"),

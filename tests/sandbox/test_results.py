@@ -31,13 +31,16 @@ def test_results_that_are_not_plain_json_are_refused(tmp_path, ssa_script, body,
 
 def test_values_come_back_exactly(tmp_path, ssa_script):
     runner = ssa_script(script(tmp_path, "    jwt.claims['big'] = 2 ** 70\n    jwt.claims['none'] = None\n"
-                                         "    jwt.claims['deep'] = [[[[1]]]]\n    jwt.claims['u'] = 'żółw'\n"))
+                                         "    jwt.claims['deep'] = [[[[1]]]]\n"
+                                         "    jwt.claims['u'] = 'żółw'\n"))
     claims = runner.create()["claims"]
     assert claims["big"] == 2**70 and type(claims["big"]) is int
     assert claims["none"] is None and claims["deep"] == [[[[1]]]] and claims["u"] == "żółw"
 
 
 def test_a_denial_and_its_absence_are_reported(tmp_path, ssa_script):
-    runner = ssa_script(script(tmp_path, "    if jwt.claims['org_id'] == 'bad':\n        context.deny('access_denied', 'no')\n"))
+    runner = ssa_script(script(tmp_path, "    if jwt.claims['org_id'] == 'bad':\n"
+                                         "        context.deny('access_denied', 'no')\n"))
     assert runner.create()["denied"] is None
-    assert runner.create(claims={"org_id": "bad"})["denied"] == {"error": "access_denied", "description": "no"}
+    assert runner.create(claims={"org_id": "bad"})["denied"] == {"error": "access_denied",
+                                                                 "description": "no"}
