@@ -134,7 +134,11 @@ def test_two_postgresql_nodes_switch_keys_together(nodes, pg_url):  # noqa: F811
 def test_scheduled_rotation_happens_once_across_two_postgresql_nodes(nodes, pg_url):  # noqa: F811
     import psycopg
 
-    env = {"SSA_KEY_ROTATION_DAYS": "1", "SSA_CLEANUP_INTERVAL": "1", "SSA_KEY_ACTIVATION_DELAY": "2"}
+    # (the clients' kept-alive connections idle through the waits below, longer than the default 5 s
+    # idle limit: a server closing one just as the client reuses it is HTTP's keep-alive race, and a
+    # POST is not retried through it)
+    env = {"SSA_KEY_ROTATION_DAYS": "1", "SSA_CLEANUP_INTERVAL": "1", "SSA_KEY_ACTIVATION_DELAY": "2",
+           "SSA_HTTP_IDLE_TIMEOUT": "120"}
     a, b = nodes(**env), nodes(**env)
     H = a.token(pg_url)
     old_kid = kid_of(a.http.post("/ssa", json={"org_id": "o"}, headers=H).json()["ssa"])
