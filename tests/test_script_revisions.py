@@ -48,7 +48,8 @@ def test_store_keeps_the_last_n_once_each_newest_first(store_kind, tmp_path, req
         await store.open()
         try:
             assert await store.put_script_revision(record("a", "r1", 1.0), keep=3) is True
-            assert await store.put_script_revision(record("a", "r1", 5.0), keep=3) is False  # seen twice: once
+            # Seen twice: recorded once.
+            assert await store.put_script_revision(record("a", "r1", 5.0), keep=3) is False
             assert await store.put_script_revision(record("a", "r1", 6.0, "failed", "top level"),
                                                    keep=3) is False  # a state change: same revision
             kept = await store.list_script_revisions("a")
@@ -185,7 +186,8 @@ def test_a_bad_deploy_rolled_back_on_a_live_server(served):
 
     rolled = run_cli(s, "scripts", "rollback", "tiers", "--scripts-dir", str(s.scripts))
     assert rolled.returncode == 0, rolled.stderr
-    assert json.loads(rolled.stdout) == {"name": "tiers", "revision": good, "files": ["tiers.py", "tiers.toml"]}
+    assert json.loads(rolled.stdout) == {"name": "tiers", "revision": good,
+                                         "files": ["tiers.py", "tiers.toml"]}
     assert (s.scripts / "tiers.py").read_text() == GOOD
     assert (s.scripts / "tiers.toml").read_text() == GOOD_TOML
     assert not [p for p in s.scripts.iterdir() if p.name.startswith(".")]  # no temp file left

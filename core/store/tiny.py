@@ -432,7 +432,8 @@ class TinyStore:
         if self.journal.degraded is not None:
             await self.journal.writable()
             return await self.put_script_revision(record, keep)  # it may have changed meanwhile
-        doc = clone(dict(record) if old is None else dict(old, state=record["state"], reason=record["reason"]))
+        doc = clone(dict(record) if old is None
+                    else dict(old, state=record["state"], reason=record["reason"]))
         lines = [self.journal.line("script_revisions", doc["id"], doc)]
         pruned: list[str] = []
         if keep is not None:
