@@ -109,9 +109,10 @@ def test_export_and_import_carry_revisions(store_kind, tmp_path, request):
 def test_import_refuses_a_revision_that_is_not_text(tmp_path):
     from ssa_server.store.transfer import TransferError, parse_lines
 
-    bad = dict(record("a", "r1", 1.0), source=["not", "text"])
-    with pytest.raises(TransferError, match="line 1"):
-        parse_lines([json.dumps({"table": "script_revisions", "record": bad})])
+    for bad in (dict(record("a", "r1", 1.0), source=["not", "text"]), dict(record("a", "r1", 1.0), state="x"),
+                dict(record("a", "r1", 1.0), id="b@r1"), dict(record("a", "r1", 1.0), source="x" * 300_000)):
+        with pytest.raises(TransferError, match="line 1"):
+            parse_lines([json.dumps({"table": "script_revisions", "record": bad})])
 
 
 # --- the CLI and a real server ---
@@ -322,6 +323,28 @@ def test_the_reload_thread_never_waits_for_the_store(tmp_path):
         for i in range(2000):  # nobody drains: the queue stays bounded
             host._revision_seen("tiers", f"{i:012x}", BAD, None, "refused", "x")
         assert len(host.take_revisions()) <= 1000
+    finally:
+        host.stop()
+
+
+def test_a_secret_value_written_into_the_files_is_kept_as_its_name(tmp_path, monkeypatch):
+    """The NAME.toml text holds references; a resolved value never lands in a revision, even one
+    pasted into the files literally."""
+    from ssa_server.plugins.scripts import ScriptHost
+    from ssa_server.plugins.sandbox import SandboxLimits
+
+    monkeypatch.setenv("REV_TEST_SECRET", SECRET_VALUE)
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    write(folder, "tiers.toml", f'pasted = "{SECRET_VALUE}"\n' + GOOD_TOML)
+    write(folder, "tiers.py", GOOD + f"# {SECRET_VALUE}\n")
+    host = ScriptHost(folder, limits=SandboxLimits(), workers=1)
+    host.start(watch=False)
+    try:
+        (seen,) = host.take_revisions()
+        assert seen["state"] == "loaded" and seen["revision"] == host.scripts["tiers"].revision
+        assert SECRET_VALUE not in json.dumps(seen)
+        assert "[secret crm]" in seen["source"] and 'crm = "env:REV_TEST_SECRET"' in seen["config"]
     finally:
         host.stop()
 

@@ -60,6 +60,9 @@ class TemplateRecord(TypedDict):
 
 
 REVISION_STATES = ("loaded", "refused", "failed")
+# A revision's texts are at most the scripts folder's caps (``SandboxLimits.max_source_kb``,
+# ``script_folder.MAX_CONFIG``): what an import may bring too.
+REVISION_SOURCE_MAX, REVISION_CONFIG_MAX = 256 * 1024, 64 * 1024
 
 
 class ScriptRevisionRecord(TypedDict):

@@ -23,7 +23,8 @@ from typing import Any, BinaryIO, cast
 from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
-from .records import ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_STATES, TABLES, KeyRecord
+from .records import (ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX, REVISION_SOURCE_MAX,
+                      REVISION_STATES, TABLES, KeyRecord)
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -105,6 +106,9 @@ def _revision_problem(record: dict[str, Any]) -> str | None:
             and type(record["seen_at"]) in (int, float) and record["state"] in REVISION_STATES
             and isinstance(record["reason"], (str, type(None))) and isinstance(record["seen_by"], str)):
         return "a script_revisions record whose fields are not as the server stores them"
+    if (len(record["source"].encode("utf-8", "surrogatepass")) > REVISION_SOURCE_MAX
+            or len((record["config"] or "").encode("utf-8", "surrogatepass")) > REVISION_CONFIG_MAX):
+        return "a script_revisions record larger than the scripts folder's caps"
     return None
 
 
