@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -288,8 +290,6 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_store_export(args: argparse.Namespace) -> int:
-    import os
-
     from .store.transfer import export_records, write_lines
 
     async def action(store: Any) -> Any:
@@ -385,8 +385,6 @@ def cmd_scripts_check(args: argparse.Namespace) -> int:
 
 
 def cmd_scripts_list(args: argparse.Namespace) -> int:
-    import os
-
     from ssa_server.plugins.script_folder import NAME_RULE, entries, open_folder
 
     settings = _settings(args)
@@ -470,7 +468,6 @@ def _remote_get(url: str, token: str) -> Any:
 def cmd_scripts_logs(args: argparse.Namespace) -> int:
     """A running server's per-script log ring over HTTP (GET /scripts/{name}/logs): the ring lives
     in the server's memory, so only the server can answer.  One JSON object per line."""
-    import os
     import time
     import urllib.parse
 
@@ -713,6 +710,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (``| head``): end quietly, as a pipeline expects
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot raise a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

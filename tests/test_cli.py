@@ -126,3 +126,20 @@ def test_ssa_list_where_searches_every_stored_ssa(cli):
         code, out, err = cli("ssa", "list", *args, ok=False)
         assert code == 1 and out == "" and err.count("\n") == 1 and "invalid_request" in err, err
         assert problem in err and "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``ssa-server scripts test ... | head`` closes the pipe early: no traceback, exit 141 as a
+    shell pipeline expects (128 + SIGPIPE)."""
+    script = tmp_path / "big.py"
+    # (a list printed one number per line: more than a pipe's 64 KiB buffer, within the script output cap)
+    script.write_text("def create(jwt, context):\n    jwt.claims['n'] = list(range(8000))\n    return True\n")
+    command = [sys.executable, "-m", "ssa_server", "scripts", "test", str(script), "--hook", "create"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": "/usr/bin:/bin", "SSA_DATA_DIR": str(tmp_path / "data")})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `head -c 10` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
