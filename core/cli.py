@@ -402,6 +402,45 @@ def cmd_scripts_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scripts_history(args: argparse.Namespace) -> int:
+    from .script_revisions import RevisionError, history
+
+    try:
+        _print(asyncio.run(_with_store(_settings(args), lambda store: history(store, args.name))))
+    except RevisionError as e:
+        print(f"ssa-server: scripts history: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_scripts_rollback(args: argparse.Namespace) -> int:
+    """Write a kept revision back into the scripts folder; the server's watcher loads it."""
+    from ssa_server.plugins.sandbox import ScriptRefused
+    from ssa_server.plugins.script_folder import SCRIPT_NAME, NAME_RULE, escaped, read_script, write_back
+
+    from .script_revisions import RevisionError, rollback_target
+
+    settings = _settings(args)
+    if not SCRIPT_NAME.match(args.name):
+        print(f"ssa-server: scripts rollback: {escaped(args.name)} is not a script name ({NAME_RULE})",
+              file=sys.stderr)
+        return 1
+    try:  # the revision in the folder now (None when it cannot be read): not the default target
+        current: str | None = read_script(settings.scripts_dir / f"{args.name}.py",
+                                          _script_limits(settings).max_source_kb * 1024)[2]
+    except ScriptRefused:
+        current = None
+    try:
+        target = asyncio.run(_with_store(settings, lambda store: rollback_target(store, args.name,
+                                                                                 args.revision, current)))
+        files = write_back(settings.scripts_dir, args.name, target["source"], target["config"])
+    except (RevisionError, ScriptRefused) as e:
+        print(f"ssa-server: scripts rollback: {e}", file=sys.stderr)
+        return 1
+    _print({"name": args.name, "revision": target["revision"], "files": files})
+    return 0
+
+
 class _RemoteError(Exception):
     """A running server's refusal or absence, as one line (never the token)."""
 
@@ -634,6 +673,16 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--follow", action="store_true", help="keep polling for new lines")
     lg.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
     lg.set_defaults(func=cmd_scripts_logs)
+    hs = scripts.add_parser("history", parents=[common],
+                            help="a script's kept revisions, newest first (hash, time, state, reason)")
+    hs.add_argument("name")
+    hs.set_defaults(func=cmd_scripts_history)
+    rb = scripts.add_parser("rollback", parents=[common],
+                            help="write a kept revision back into the scripts folder (hot reload serves it)")
+    rb.add_argument("name")
+    rb.add_argument("revision", nargs="?", help="the revision (default: the previous loaded revision)")
+    rb.add_argument("--scripts-dir", dest="scripts_dir")
+    rb.set_defaults(func=cmd_scripts_rollback)
     return parser
 
 

@@ -150,6 +150,13 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "responses": {**_ok("Entries {seq, time, revision, kind: log|failure, line} and next",
                                 any_object),
                           **_errors(400, 401, 404)}}},
+        "/scripts/{name}/revisions": {"get": {
+            "summary": "A script's kept revisions, newest first (from the store: any node answers)",
+            "security": bearer(ADMIN),
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok("{name, revisions: [{revision, seen_at, state: loaded|refused|failed, "
+                                "reason, seen_by, has_config}]}", any_object),
+                          **_errors(401, 404, 503)}}},
         "/.well-known/openid-configuration": {"get": {"summary": "Discovery",
                                                       "responses": _ok("Metadata", any_object)}},
         "/.well-known/oauth-authorization-server": {"get": {"summary": "RFC 8414 metadata",

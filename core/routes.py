@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
 from .errors import InvalidRequest, NotFound
+from .script_revisions import RevisionError, history
 from .server import Server
 from .service import CallContext
 from .status_list import MEDIA_TYPE
@@ -164,6 +165,18 @@ async def script_logs(request: Request) -> Response:
     return JSONResponse({"name": name, "lines": lines, "next": cursor})
 
 
+async def script_revisions(request: Request) -> Response:
+    """A script's kept revisions, newest first (admin; from the store, so any node answers)."""
+    server = _server(request)
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    name = request.path_params["name"]
+    try:
+        found = await history(server.store, name)
+    except RevisionError as e:
+        raise NotFound(str(e)) from None
+    return JSONResponse({"name": name, "revisions": found})
+
+
 def _count_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     text = _query(request, name)
     if text is None:
@@ -211,6 +224,7 @@ ROUTES = [
     Route("/statuslists/{list_id}", status_list, methods=["GET"]),
     Route("/scripts", list_scripts, methods=["GET"]),
     Route("/scripts/{name}/logs", script_logs, methods=["GET"]),
+    Route("/scripts/{name}/revisions", script_revisions, methods=["GET"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),
     Route("/jwks", jwks, methods=["GET"]),

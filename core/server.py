@@ -18,6 +18,7 @@ from typing import Any
 import anyio.to_thread
 import pluggy
 
+from . import script_revisions
 from .clients import ClientService
 from .keys import KeyRing
 from .service import SsaService
@@ -64,7 +65,8 @@ class Server:
                                  reload_interval=settings.script_reload_interval,
                                  log_lines=settings.script_log_lines,
                                  log_interval=settings.script_log_interval,
-                                 http=http_limits_from(settings), log_keep=settings.script_log_buffer)
+                                 http=http_limits_from(settings), log_keep=settings.script_log_buffer,
+                                 revisions_kept=settings.script_revisions_kept)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         clients = ClientService(store, tokens, clock=clock,
                                 failures_per_client=settings.token_failures_per_client,
@@ -119,6 +121,8 @@ class Server:
                     log.warning("starting with %s DOWN: %s", check["name"],
                                 check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
+            if host is not None:
+                self._tasks.append(asyncio.create_task(self._revisions(host), name="ssa-script-revisions"))
             self.keys.start_signing()  # signing threads and process; CLI commands sign inline
             self.service.status_lists.block = BLOCK  # a CLI command reserves one index at a time
 
@@ -154,6 +158,16 @@ class Server:
             except Exception as e:  # keep the cleaner alive; the next run retries
                 log.error("cleanup failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(self.settings.cleanup_interval)
+
+    async def _revisions(self, host: ScriptHost) -> None:
+        """Record the revisions the folder watcher saw (``script_revisions``), on the event loop
+        (the store is not thread-safe), every reload interval; what the store refused is retried."""
+        pending: list[Any] = []
+        while True:
+            pending = (pending + host.take_revisions())[-1000:]
+            if pending:
+                pending = await script_revisions.record(self.store, pending, host.revisions_kept)
+            await asyncio.sleep(max(0.05, host.reload_interval))
 
     @property
     def backend(self) -> str:

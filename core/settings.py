@@ -77,6 +77,7 @@ class Settings:
     script_log_lines: int = 100  # log lines each script may write per script_log_interval (the rest: counted)
     script_log_interval: float = 10.0  # seconds: the script log rate's period, and of its summary lines
     script_log_buffer: int = 200  # entries (log lines, failures) kept per script: GET /scripts/{name}/logs
+    script_revisions_kept: int = 20  # revisions kept per script in the store (scripts history, rollback)
     # context.http (issue 13): calls the server performs for a script, to its [http] allow-list only.
     script_http_timeout: float = 2.0  # seconds per call (and never past the step's script_timeout)
     script_http_max_kb: int = 256  # response head and body; larger is cut off, the call fails
@@ -157,6 +158,9 @@ class Settings:
                     from None
         if self.script_log_buffer < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_BUFFER={self.script_log_buffer} must not be negative")
+        if not 1 <= self.script_revisions_kept <= 1000:
+            raise SettingsError(f"SSA_SCRIPT_REVISIONS_KEPT={self.script_revisions_kept} "
+                                "must be from 1 to 1000")
         if self.script_log_lines < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
         for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days"):

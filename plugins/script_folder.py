@@ -19,10 +19,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
+import secrets
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -196,6 +198,13 @@ def read_script(path: Path, max_bytes: int) -> tuple[str, dict[str, Any], str]:
 
 def read_entry(dir_fd: int, entry: Entry, max_bytes: int) -> tuple[str, dict[str, Any], str]:
     """``read_script`` for an entry of the folder open at ``dir_fd``."""
+    source, config_text, revision = read_texts(dir_fd, entry, max_bytes)
+    return source, parse_config(entry.name, config_text), revision
+
+
+def read_texts(dir_fd: int, entry: Entry, max_bytes: int) -> tuple[str, str | None, str]:
+    """The entry's source, its ``NAME.toml`` text (None when there is none) and the revision (the
+    hash of both files' bytes); ScriptRefused when either cannot be read or is not UTF-8."""
     raw = _read(dir_fd, entry.file, max_bytes, entry.regular)
     if raw is None:
         raise ScriptRefused(f"{entry.file}: removed while it was read")
@@ -203,15 +212,86 @@ def read_entry(dir_fd: int, entry: Entry, max_bytes: int) -> tuple[str, dict[str
         source = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ScriptRefused(f"{entry.file}: not UTF-8 text") from None
-    config: dict[str, Any] = {}
     config_name = f"{entry.name}.toml"
-    config_raw = (_read(dir_fd, config_name, MAX_CONFIG, None) if entry.has_config else None) or b""
-    if config_raw:
+    config_raw = _read(dir_fd, config_name, MAX_CONFIG, None) if entry.has_config else None
+    try:
+        config_text = config_raw.decode("utf-8") if config_raw is not None else None
+    except UnicodeDecodeError:
+        raise ScriptRefused(f"{config_name}: invalid TOML (not UTF-8 text)") from None
+    return source, config_text, revision_of(raw + b"\0" + (config_raw or b""))
+
+
+def parse_config(name: str, text: str | None) -> dict[str, Any]:
+    """``NAME.toml``'s text parsed; ScriptRefused naming the file when it is not TOML."""
+    if not text:
+        return {}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ScriptRefused(f"{name}.toml: invalid TOML ({e})") from None
+
+
+def write_back(folder: Path, name: str, source: str, config: str | None) -> list[str]:
+    """Write ``NAME.py`` (and ``NAME.toml``, or remove it when ``config`` is None) into the folder
+    atomically: each file through a dot-file temp in the folder (which the watcher ignores),
+    fsync'ed, renamed over the target, then the folder fsync'ed.  A target that is a symlink or
+    not a regular file is refused before anything is written (a Kubernetes ConfigMap is rolled
+    back in Kubernetes).  The files written, in order; ScriptRefused (one line) on any problem."""
+    if not SCRIPT_NAME.match(name):
+        raise ScriptRefused(f"{escaped(name)}: {NAME_RULE}")
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ScriptRefused(f"cannot write the scripts folder {folder}: {e.strerror}") from None
+    try:
+        # The config first: a watcher that reads between the two renames sees the old source.
+        files = [(f"{name}.toml", config), (f"{name}.py", source)]
+        for file, _ in files:
+            _check_target(dir_fd, file)
+        written = []
+        for file, text in files:
+            if text is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(file, dir_fd=dir_fd)
+            else:
+                _replace(dir_fd, file, text.encode("utf-8"), folder)
+                written.append(file)
+        os.fsync(dir_fd)
+        return sorted(written)
+    except OSError as e:
+        raise ScriptRefused(f"cannot write the scripts folder {folder}: {e.strerror}") from None
+    finally:
+        os.close(dir_fd)
+
+
+def _check_target(dir_fd: int, file: str) -> None:
+    try:
+        info = os.stat(file, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise ScriptRefused(f"{file} is a symlink: not written (roll back where its target is made)")
+    if not stat.S_ISREG(info.st_mode):
+        raise ScriptRefused(f"{file} is not a regular file: not written")
+
+
+def _replace(dir_fd: int, file: str, data: bytes, folder: Path) -> None:
+    temp = f".{file}.{secrets.token_hex(6)}.rollback"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dir_fd)
+    try:
         try:
-            config = tomllib.loads(config_raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ScriptRefused(f"{config_name}: invalid TOML ({e})") from None
-    return source, config, revision_of(raw + b"\0" + config_raw)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, file, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
 
 
 def _read(dir_fd: int, name: str, cap: int, regular: bool | None) -> bytes | None:

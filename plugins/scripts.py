@@ -22,18 +22,21 @@ from typing import Any, NoReturn
 
 from ssa_server.errors import SandboxBusy, ScriptDenied, ScriptFailed
 from ssa_server.jwt_draft import JwtDraft
+from ssa_server.script_revisions import new_record
 from ssa_server.script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
+from ssa_server.store import ScriptRevisionRecord
 
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.http_broker import HttpBroker, HttpLimits
 from .script_config import script_config
-from .script_folder import NAME_RULE, Entry, entries, open_folder, read_entry, read_script
+from .script_folder import NAME_RULE, Entry, entries, open_folder, parse_config, read_script, read_texts
 from .script_log import ScriptLog
 from .script_secrets import NO_SECRETS, Redactor
 
 log = logging.getLogger("ssa_server.scripts")
 
 _DURATIONS_KEPT = 512
+_REVISIONS_QUEUED = 1000  # revisions seen and not yet taken by the server (the oldest go first)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ScriptState:
     redactor: Redactor = NO_SECRETS  # its secrets' values, kept out of its log lines and errors
     on_error: str = "fail"  # its own [sandbox] on_error, else the server's on_script_error
     settings: dict[str, Any] = field(default_factory=dict)  # its effective sandbox settings
+    texts: tuple[str, str | None] | None = None  # the serving revision's NAME.py and NAME.toml (as recorded)
 
     def public(self) -> dict[str, Any]:
         p50 = p99 = None
@@ -155,6 +159,15 @@ class _FailedAdapter(_Adapter):
         raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
 
 
+def _redacted(texts: tuple[str, str | None], redactor: Redactor) -> tuple[str, str | None]:
+    """A script's files as a revision keeps them: a secret's value written into them literally
+    (not as a reference) is kept as ``[secret NAME]``, never as the value."""
+    if not redactor:
+        return texts
+    source, config = texts
+    return redactor.text(source), redactor.text(config) if config is not None else None
+
+
 def _payload(data: Any) -> dict[str, Any]:
     """A hook's data as the sandbox takes it: a create draft's header and claims, or the list."""
     if isinstance(data, JwtDraft):
@@ -187,8 +200,12 @@ class ScriptHost:
     def __init__(self, scripts_dir: Path, *, limits: SandboxLimits,
                  workers: int, on_error: str = "fail", reload_interval: float = 1.0,
                  log_lines: int = 100, log_interval: float = 10.0, http: HttpLimits | None = None,
-                 log_keep: int = 200) -> None:
+                 log_keep: int = 200, revisions_kept: int = 20) -> None:
         self.scripts_dir = Path(scripts_dir)
+        self.revisions_kept = revisions_kept
+        # Revisions first seen, for the server to record in its store (``take_revisions``): the
+        # reload thread never waits for the store.
+        self._seen: deque[ScriptRevisionRecord] = deque(maxlen=_REVISIONS_QUEUED)
         self.limits = limits
         self.workers = workers
         self.on_error = on_error
@@ -315,9 +332,13 @@ class ScriptHost:
         name = entry.name
         state = self.scripts.get(name)
         error: str | None
+        texts: tuple[str, str | None] | None = None  # what a revision keeps, once both files are read
+        seen = ""  # their content hash
         try:
-            source, toml, revision = read_entry(dir_fd, entry, self.limits.max_source_kb * 1024)
-            loaded = script_config(name, toml)
+            source, config_text, seen = read_texts(dir_fd, entry, self.limits.max_source_kb * 1024)
+            texts = (source, config_text)
+            loaded = script_config(name, parse_config(name, config_text))
+            revision = seen
         except ScriptRefused as e:
             revision, source, loaded, error = "", "", script_config(name, {}), str(e)
         else:
@@ -331,10 +352,7 @@ class ScriptHost:
         if error is None and self.pool is None:  # workers start with the first script, not before
             self.pool = SandboxPool(workers=self.workers, limits=self.limits, on_failed=self._script_failed,
                                     http=self.http)
-        if error is None:
-            if self.pool is None:  # workers start with the first script, not before
-                self.pool = SandboxPool(workers=self.workers, limits=self.limits,
-                                        on_failed=self._script_failed)
+        if error is None and self.pool is not None:
             try:
                 hooks = self.pool.load(name, source, loaded.config, loaded.secrets, revision)
                 state.hooks = [h for h in hooks if h in HOOKS]
@@ -346,15 +364,31 @@ class ScriptHost:
                 options = self.pool.options(name)
                 state.on_error = options.on_error or self.on_error
                 state.settings = options.effective(self.limits, self.on_error)
+                if texts is not None:
+                    state.texts = _redacted(texts, loaded.redactor)
+                    self._revision_seen(name, revision, *state.texts, "loaded", None)
                 log.info("script %s loaded revision=%s hooks=%s", name, revision,
                          ",".join(state.hooks) or "-")
                 return True
+        if texts is not None:  # (both files read: a refusal of their content, kept as a revision)
+            self._revision_seen(name, seen, *_redacted(texts, loaded.redactor), "refused", error)
         state.last_error = error
         if state.state != "failed":  # a failed script stays failed until a revision loads
             state.state = "stale" if state.revision else "error"
         log.error("script %s refused (%s): %s", name,
                   "previous revision keeps serving" if state.revision else "not loaded", error)
         return False
+
+    def _revision_seen(self, name: str, revision: str, source: str, config: str | None, state: str,
+                       reason: str | None) -> None:
+        self._seen.append(new_record(name, revision, source, config, state, reason, time.time()))
+
+    def take_revisions(self) -> list[ScriptRevisionRecord]:
+        """The revisions seen since the last call, oldest first (the server records them)."""
+        taken = []
+        while self._seen:
+            taken.append(self._seen.popleft())
+        return taken
 
     def _script_failed(self, name: str, reason: str) -> None:
         """The pool dropped ``name``: its top level failed in a replacement worker.  Called from
@@ -365,6 +399,8 @@ class ScriptHost:
             return
         state.state, state.last_error = "failed", reason
         self._build_chains()
+        if state.texts is not None:
+            self._revision_seen(name, state.revision, *state.texts, "failed", reason)
         refusing = [h for h in HOOKS if failure_refuses(h, state.on_error)]
         effect = (f"its {' and '.join(refusing)} hooks refuse requests"
                   if refusing else "its hooks are skipped")

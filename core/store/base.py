@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .records import ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
+from .records import ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord
 
 if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports this package)
     from ..ssa import SsaRecord
@@ -104,6 +104,17 @@ class Store(Protocol):
     async def put_template(self, record: TemplateRecord) -> None: ...
     async def get_template(self, name: str) -> TemplateRecord | None: ...
     async def list_templates(self) -> list[TemplateRecord]: ...
+
+    # --- script revisions (``script_revisions.py``) ---
+    async def put_script_revision(self, record: ScriptRevisionRecord, keep: int | None) -> bool:
+        """Record a revision once (by its id, atomically across processes): True when it is new.
+        A revision stored already keeps its ``seen_at``, ``seen_by`` and texts; only its ``state``
+        and ``reason`` take the new values.  With ``keep``, the script's revisions beyond the
+        ``keep`` newest (by ``seen_at``) are deleted; ``None`` (import) deletes nothing."""
+
+    async def get_script_revision(self, revision_id: str) -> ScriptRevisionRecord | None: ...
+    async def list_script_revisions(self, name: str | None = None) -> list[ScriptRevisionRecord]:
+        """``name``'s revisions newest first (every script's, for the export, without ``name``)."""
 
     # --- coordination ---
     def lock(self, name: str) -> AbstractAsyncContextManager[None]:

@@ -55,6 +55,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX ssa_status_list ON ssa ((doc->'status_list'->>'list')) "
         "WHERE status IN ('USED', 'REVOKED')",
     ]),
+    (3, [  # script revisions (issue 13): one row per (script, content hash), the last N per script
+        """CREATE TABLE script_revisions (
+            id text PRIMARY KEY,
+            name text NOT NULL,
+            seen_at double precision NOT NULL,
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            doc jsonb NOT NULL
+        )""",
+        "CREATE INDEX script_revisions_name ON script_revisions (name, seen_at DESC, seq DESC)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -30,7 +30,7 @@ from ..settings import redact_url
 from . import pgschema
 from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
+from .records import ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord
 from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
@@ -426,6 +426,35 @@ class PgStore:
 
     async def list_templates(self) -> list[TemplateRecord]:
         return [r["doc"] for r in await self._rows("SELECT doc FROM templates ORDER BY created_at, name")]
+
+    # --- script revisions ---
+    async def put_script_revision(self, record: ScriptRevisionRecord, keep: int | None) -> bool:
+        """One ``INSERT ... ON CONFLICT``: of several nodes recording the same revision, one inserts
+        it; a state change merges ``state`` and ``reason`` into the stored doc.  Then one ``DELETE``
+        prunes the script's revisions beyond the ``keep`` newest."""
+        rows = await self._rows(
+            "INSERT INTO script_revisions AS r (id, name, seen_at, doc) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET doc = r.doc || jsonb_build_object("
+            "'state', EXCLUDED.doc->'state', 'reason', EXCLUDED.doc->'reason') "
+            "WHERE (r.doc->'state', r.doc->'reason') IS DISTINCT FROM "
+            "(EXCLUDED.doc->'state', EXCLUDED.doc->'reason') RETURNING (xmax = 0) AS inserted",
+            (record["id"], record["name"], record["seen_at"], _jsonb(dict(record))))
+        if keep is not None and rows:
+            await self._rows(
+                "DELETE FROM script_revisions WHERE name = %(name)s AND id NOT IN (SELECT id FROM "
+                "script_revisions WHERE name = %(name)s ORDER BY seen_at DESC, seq DESC LIMIT %(keep)s)",
+                {"name": record["name"], "keep": keep})
+        return bool(rows and rows[0]["inserted"])
+
+    async def get_script_revision(self, revision_id: str) -> ScriptRevisionRecord | None:
+        rows = await self._rows("SELECT doc FROM script_revisions WHERE id = %s", (revision_id,))
+        return rows[0]["doc"] if rows else None
+
+    async def list_script_revisions(self, name: str | None = None) -> list[ScriptRevisionRecord]:
+        where = "WHERE name = %s " if name is not None else ""
+        rows = await self._rows(f"SELECT doc FROM script_revisions {where}ORDER BY seen_at DESC, seq DESC",
+                                (name,) if name is not None else None)
+        return [r["doc"] for r in rows]
 
     # --- health ---
     async def check(self) -> None:

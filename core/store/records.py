@@ -18,7 +18,8 @@ KEY_STATES = (KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
 
 # Every table of every store and the field that identifies its records, in export order (the
 # keys before the SSAs they signed, so an importer can verify SSAs as it goes).
-ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id", "ssa": "jti"}
+ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id",
+             "script_revisions": "id", "ssa": "jti"}
 TABLES = tuple(ID_FIELDS)
 
 
@@ -56,3 +57,24 @@ class TemplateRecord(TypedDict):
     name: str
     fields: dict[str, Any]  # the POST /ssa body to reuse
     created_at: int
+
+
+REVISION_STATES = ("loaded", "refused", "failed")
+# A revision's texts are at most the scripts folder's caps (``SandboxLimits.max_source_kb``,
+# ``script_folder.MAX_CONFIG``): what an import may bring too.
+REVISION_SOURCE_MAX, REVISION_CONFIG_MAX = 256 * 1024, 64 * 1024
+
+
+class ScriptRevisionRecord(TypedDict):
+    """One revision of a user script as the server's folder watcher first saw it (``script_revisions.py``):
+    kept so that ``scripts rollback`` can write it back, on any node sharing the store."""
+
+    id: str  # "NAME@REVISION": one record per content, however many nodes see it
+    name: str
+    revision: str  # the content hash GET /scripts shows (NAME.py and NAME.toml together)
+    seen_at: float  # epoch seconds (ms precision) it was first seen
+    state: str  # loaded | refused | failed (its top level failed in a replacement worker)
+    reason: str | None  # why it was refused or failed (secrets redacted)
+    source: str  # NAME.py as it was
+    config: str | None  # NAME.toml's text (secret references only, never values); None: no NAME.toml
+    seen_by: str  # the watcher that first saw it: "HOST pid PID"

@@ -25,7 +25,8 @@ from .journal import Journal
 from .search import INDEXED, SsaFilter, tinydb_query
 from ..jsonvalues import clone
 from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
-from .records import ID_FIELDS, TABLES, ClientRecord, KeyRecord, StatusListRecord, TemplateRecord
+from .records import (ID_FIELDS, TABLES, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
+                      TemplateRecord)
 
 # One change in memory and how to take it back: (table, id, document before, document after).
 _Change = tuple[str, str, Any, Any]
@@ -65,6 +66,10 @@ def _kept_until(doc: dict[str, Any]) -> int:
     """When the SSA's status list entry may go: its JWT's exp (0 without an entry)."""
     ref = doc.get("status_list")
     return ref["until"] if ref else 0
+
+
+def _newest_first(doc: dict[str, Any]) -> tuple[float, str]:
+    return -doc["seen_at"], doc["id"]
 
 
 def _oldest_first(doc: dict[str, Any]) -> tuple[int, str]:
@@ -415,6 +420,38 @@ class TinyStore:
 
     async def list_templates(self) -> list[TemplateRecord]:
         return self._all("templates")
+
+    # --- script revisions ---
+    async def put_script_revision(self, record: ScriptRevisionRecord, keep: int | None) -> bool:
+        """Check, change and prune in one synchronous step (no other coroutine interleaves)."""
+        self.journal.catch_up()
+        table = self.tables["script_revisions"]
+        old = table.get(record["id"])
+        if old is not None and (old["state"], old["reason"]) == (record["state"], record["reason"]):
+            return False  # seen before, nothing new: no write
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+            return await self.put_script_revision(record, keep)  # it may have changed meanwhile
+        doc = clone(dict(record) if old is None
+                    else dict(old, state=record["state"], reason=record["reason"]))
+        lines = [self.journal.line("script_revisions", doc["id"], doc)]
+        pruned: list[str] = []
+        if keep is not None:
+            mine = [d for d in table.values() if d["name"] == doc["name"] and d["id"] != doc["id"]] + [doc]
+            pruned = [d["id"] for d in sorted(mine, key=_newest_first)[keep:]]
+            lines += [self.journal.line("script_revisions", doc_id, None) for doc_id in pruned]
+        changes = [self._put("script_revisions", doc["id"], doc)]
+        changes += [self._delete("script_revisions", doc_id) for doc_id in pruned]
+        await self.journal.commit(lines, changes)
+        return old is None
+
+    async def get_script_revision(self, revision_id: str) -> ScriptRevisionRecord | None:
+        return self._get("script_revisions", revision_id)
+
+    async def list_script_revisions(self, name: str | None = None) -> list[ScriptRevisionRecord]:
+        self.journal.catch_up()
+        docs = [d for d in self.tables["script_revisions"].values() if name is None or d["name"] == name]
+        return clone(sorted(docs, key=_newest_first))
 
     # --- coordination ---
     @contextlib.asynccontextmanager

@@ -1,6 +1,7 @@
 """``store export`` / ``store import``: every record of a store as JSON lines, and back.
 
-One line per record: ``{"table": "ssa"|"clients"|"keys"|"templates", "record": {...}}``.  The
+One line per record: ``{"table": "ssa"|"clients"|"keys"|"templates"|"statuslists"|"script_revisions",
+"record": {...}}``.  The
 same format leaves and enters both stores, so a deployment moves from TinyDB to PostgreSQL and
 back without losing anything.  Exports hold the private signing keys: they are written 0600.
 
@@ -22,7 +23,8 @@ from typing import Any, BinaryIO, cast
 from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
-from .records import ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, TABLES, KeyRecord
+from .records import (ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX, REVISION_SOURCE_MAX,
+                      REVISION_STATES, TABLES, KeyRecord)
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -30,6 +32,7 @@ _REQUIRED = {
     "keys": ("alg", "use", "jwk", "status", "created_at"),
     "templates": ("fields", "created_at"),
     "statuslists": ("size", "next", "key", "created_at"),
+    "script_revisions": ("name", "revision", "seen_at", "state", "reason", "source", "config", "seen_by"),
 }
 _BATCH = 1000
 MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
@@ -57,6 +60,8 @@ async def _all(store: Store, table: str) -> list[Any]:
         return await store.list_keys()
     if table == "statuslists":
         return await store.list_status_lists()
+    if table == "script_revisions":
+        return await store.list_script_revisions()
     return await store.list_templates()
 
 
@@ -85,11 +90,26 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         missing = [f for f in _REQUIRED[entry["table"]] if f not in entry["record"]]
         if missing:
             raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
-        problem = hook_changes_problem(entry["record"].get("hook_changes")) if table == "ssa" else None
+        problem = (hook_changes_problem(entry["record"].get("hook_changes")) if table == "ssa"
+                   else _revision_problem(entry["record"]) if table == "script_revisions" else None)
         if problem is not None:
             raise TransferError(f"line {number}: {problem}")
         tables[entry["table"]].append(entry["record"])
     return tables
+
+
+def _revision_problem(record: dict[str, Any]) -> str | None:
+    """A script revision must be what the server would have stored: texts, a known state."""
+    if not (isinstance(record["source"], str) and isinstance(record["config"], (str, type(None)))
+            and isinstance(record["name"], str) and isinstance(record["revision"], str)
+            and record["id"] == f"{record['name']}@{record['revision']}"
+            and type(record["seen_at"]) in (int, float) and record["state"] in REVISION_STATES
+            and isinstance(record["reason"], (str, type(None))) and isinstance(record["seen_by"], str)):
+        return "a script_revisions record whose fields are not as the server stores them"
+    if (len(record["source"].encode("utf-8", "surrogatepass")) > REVISION_SOURCE_MAX
+            or len((record["config"] or "").encode("utf-8", "surrogatepass")) > REVISION_CONFIG_MAX):
+        return "a script_revisions record larger than the scripts folder's caps"
+    return None
 
 
 async def import_records(store: Store, tables: dict[str, list[dict[str, Any]]],
@@ -135,6 +155,9 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
         return await _add_missing(records, "client_id", store.get_client, store.add_client)
     if table == "templates":
         return await _add_missing(records, "name", store.get_template, store.put_template)
+    if table == "script_revisions":  # nothing pruned: the counts are checked
+        return await _add_missing(records, "id", store.get_script_revision,
+                                  lambda r: _put_revision(store, r))
     if table == "statuslists":  # a list the store holds already keeps its counters (they only grow)
         return await _add_missing(records, "id", store.get_status_list, store.add_status_list)
     existing = await store.list_keys()
@@ -150,6 +173,10 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
         await store.add_key(cast(KeyRecord, r))
         imported += 1
     return imported
+
+
+async def _put_revision(store: Store, record: Any) -> None:
+    await store.put_script_revision(record, keep=None)
 
 
 def write_lines(lines: Iterable[bytes], out: BinaryIO) -> int:
