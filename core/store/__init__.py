@@ -11,11 +11,13 @@ admin search's filter language.
 from .base import Store
 from .errors import StoreDegraded, StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
 from .records import (ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KEY_STATES, TABLES,
-                      ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord)
+                      AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
+                      TemplateRecord)
 
 __all__ = [
     "ID_FIELDS", "KEY_ACTIVE", "KEY_NEXT", "KEY_RETIRED", "KEY_RETIRING", "KEY_STATES",
-    "TABLES", "ClientRecord", "KeyRecord", "ScriptRevisionRecord", "Store", "StoreDegraded",
+    "TABLES", "AssertionRecord", "ClientRecord", "KeyRecord", "ScriptRevisionRecord", "Store",
+    "StoreDegraded",
     "StoreLocked", "StoreSchemaError", "StoreUnavailable", "StatusListRecord", "TemplateRecord",
     "UnstorableValue",
 ]
