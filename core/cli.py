@@ -137,11 +137,11 @@ def cmd_clients_create(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
         record, secret = await server.clients.create(args.scope, name=args.name or "", jwks=jwks,
                                                      jwks_uri=args.jwks_uri)
-        made: dict[str, Any] = {
-            "client_id": record["client_id"], "scopes": record["scopes"],
-            "token_endpoint_auth_method": record.get("token_endpoint_auth_method", "client_secret_basic")}
-        if secret is not None:
+        made: dict[str, Any] = {"client_id": record["client_id"], "scopes": record["scopes"]}
+        if secret is not None:  # (a secret client's answer is as it always was)
             made["client_secret"] = secret
+        else:
+            made["token_endpoint_auth_method"] = record.get("token_endpoint_auth_method")
         return made
 
     _print(asyncio.run(_with_server(_settings(args), action)))
