@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -133,6 +134,7 @@ class KeySetCache:
         self.keys: jwk.JWKSet | None = None
         self.fetched_at = float("-inf")
         self.failure: IssuerUnreachable | None = None  # the last fetch's, until one succeeds
+        self._lock = threading.Lock()
 
     def cached(self, kid: str | None) -> jwk.JWK | None:
         """The key ``kid`` if it is held and the set is fresh: no I/O."""
@@ -141,7 +143,12 @@ class KeySetCache:
         return self.keys.get_key(kid)
 
     def key(self, kid: str | None) -> jwk.JWK:
-        """The key ``kid`` (fetching the set if due); UnknownKey, IssuerUnreachable."""
+        """The key ``kid`` (fetching the set if due); UnknownKey, IssuerUnreachable.  Callers in
+        several threads wait for one fetch under way rather than being refused while it runs."""
+        with self._lock:
+            return self._key(kid)
+
+    def _key(self, kid: str | None) -> jwk.JWK:
         found = self.cached(kid)
         if found is None and self._clock() - self.fetched_at >= self.refetch_interval:
             url = self._url()

@@ -432,3 +432,32 @@ def test_export_import_carries_the_client_keys(tmp_path, pg_url, keys):
     r = run_cli("store", "import", "-", env={"SSA_DATA_DIR": str(tmp_path / "bad")},
                 stdin=json.dumps({"table": "clients", "record": record}) + "\n")
     assert r.returncode == 1 and "line 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cold_key_set_cache_lets_concurrent_callers_wait_for_one_fetch(keys):
+    """Two first assertions of a jwks_uri client at once: the second waits for the first's fetch
+    instead of being refused as an unknown kid while it runs (and there is one fetch)."""
+    from ssa_server.verify import KeySetCache
+
+    fetched: list[str] = []
+
+    def slow_fetch(url: str) -> tuple[int, bytes]:
+        fetched.append(url)
+        time.sleep(0.3)
+        return 200, json.dumps(public_set(keys["RS256"])).encode()
+
+    cache = KeySetCache(lambda: "https://client.example/jwks", slow_fetch, refetch_interval=30)
+    found: list[object] = []
+
+    def first_use() -> None:
+        try:
+            found.append(cache.key("rsa-1").kid)
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion
+            found.append(type(e).__name__)
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert found == ["rsa-1", "rsa-1"] and len(fetched) == 1
