@@ -11,13 +11,15 @@ an HMAC, whose "secret" could be the client's public key.
 
 A ``jwks_uri`` is https, or http to a loopback address (tests, a sidecar); it is fetched with
 ``verify.KeySetCache`` (a timeout, a size cap, no redirects; kept for ``client_jwks_max_age``,
-fetched again for an unknown ``kid`` at most once per ``client_jwks_refetch_interval``) in a thread.
+fetched again for an unknown ``kid`` at most once per ``client_jwks_refetch_interval``) in a thread,
+one per client at a time.
 
 Malformed assertions are 400 ``invalid_request``; every failed check is 401 ``invalid_client``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -151,7 +153,8 @@ class ClientAssertions:
         self._fetch = urllib_fetch(jwks_timeout, follow_redirects=False)
         self._refetch, self._max_age = jwks_refetch_interval, jwks_max_age
         self._clock = clock
-        self._key_sets: dict[str, tuple[str, KeySetCache]] = {}  # client_id -> (jwks_uri, its cache)
+        # client_id -> (jwks_uri, its cache, held while a thread asks the cache)
+        self._key_sets: dict[str, tuple[str, KeySetCache, asyncio.Lock]] = {}
 
     async def verify(self, client: ClientRecord, header: dict[str, Any], claims: dict[str, Any],
                      assertion: str) -> None:
@@ -208,28 +211,29 @@ class ClientAssertions:
             if found is None:
                 raise InvalidClient(f"The client has no key {kid!r}.")
             return found
-        cache = self._cache(client["client_id"], check_jwks_uri(jwks_uri))
+        cache, fetching = self._cache(client["client_id"], check_jwks_uri(jwks_uri))
         found = cache.cached(kid) if kid is not None else None
         if found is not None:
             return found
         if kid is None:
             raise InvalidClient("A client with a jwks_uri must name its key (kid) in the client_assertion.")
         try:
-            return await anyio.to_thread.run_sync(cache.key, kid)
+            async with fetching:  # one thread per client at a time; the others wait on the loop
+                return await anyio.to_thread.run_sync(cache.key, kid)
         except VerificationError as e:
             if e.error == "issuer_unreachable":
                 log.warning("client %s: jwks_uri fetch failed: %s", client["client_id"], e)
             raise InvalidClient(f"The client's key {kid!r} could not be found ({e.error}).") from None
 
-    def _cache(self, client_id: str, jwks_uri: str) -> KeySetCache:
+    def _cache(self, client_id: str, jwks_uri: str) -> tuple[KeySetCache, asyncio.Lock]:
         held = self._key_sets.get(client_id)
         if held is None or held[0] != jwks_uri:
             if len(self._key_sets) >= _CACHED_CLIENTS:
                 del self._key_sets[next(iter(self._key_sets))]
             cache = KeySetCache(lambda: jwks_uri, self._fetch, refetch_interval=self._refetch,
                                 max_age=self._max_age, clock=self._clock)
-            held = self._key_sets[client_id] = (jwks_uri, cache)
-        return held[1]
+            held = self._key_sets[client_id] = (jwks_uri, cache, asyncio.Lock())
+        return held[1], held[2]
 
     def forget(self, client_id: str) -> None:
         self._key_sets.pop(client_id, None)
