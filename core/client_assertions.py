@@ -211,7 +211,11 @@ class ClientAssertions:
             if found is None:
                 raise InvalidClient(f"The client has no key {kid!r}.")
             return found
-        cache, fetching = self._cache(client["client_id"], check_jwks_uri(jwks_uri))
+        try:  # (checked at registration; an imported record is checked here)
+            checked = check_jwks_uri(jwks_uri)
+        except InvalidClientMetadata:
+            raise InvalidClient("The client's jwks_uri is not https (or http to loopback).") from None
+        cache, fetching = self._cache(client["client_id"], checked)
         found = cache.cached(kid) if kid is not None else None
         if found is not None:
             return found

@@ -148,6 +148,12 @@ def test_refused_assertions_are_invalid_client_never_500(make_api, keys):
     # A private_key_jwt client has no secret to present.
     assert_error(api.client.post("/token", data={"grant_type": "client_credentials"}, auth=(cid, "")),
                  401, "invalid_client")
+    # A stored jwks_uri the registration rules refuse (as an import could bring): never fetched.
+    plain = {"client_id": "imported", "name": "", "secret_hash": "", "scopes": [ADMIN], "created_at": 1,
+             "token_endpoint_auth_method": "private_key_jwt", "jwks_uri": "http://example.com/jwks"}
+    api.call(api.server.store.add_client, plain)
+    r = api.client.post("/token", data=token_form(sign(rsa, claims_for("imported"))))
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_client"), r.text
     # The client_id parameter, when given, must be the assertion's subject.
     r = api.client.post("/token", data=token_form(sign(rsa, claims_for(cid)), client_id=secret_client))
     assert_error(r, 401, "invalid_client")
