@@ -360,3 +360,45 @@ def test_export_without_private_keys_imports_verify_only(tmp_path):
         assert kid_of(new_ssa) not in {k["kid"] for k in imported} and verifies(target, new_ssa)
     finally:
         target.kill()
+
+
+def test_rewrap_on_postgresql_beside_the_store(tmp_path, pg_url):
+    from conftest import truncate
+    from ssa_server.key_encryption import key_id
+
+    truncate(pg_url)
+    old, new = new_master_key(), new_master_key()
+    env = {"SSA_STORE_URL": pg_url, "SSA_KEY_ENCRYPTION_KEY": "env:OLD_KEK", "OLD_KEK": old}
+    ok("keys", "rotate", env=env, data=tmp_path)
+    done = json.loads(ok("keys", "rewrap", "--new-key", "env:NEW_KEK", env=dict(env, NEW_KEK=new),
+                         data=tmp_path).stdout)
+    assert done["rewrapped"] == done["keys"] == 3 and done["master_key"] == key_id(_unb64(new))
+    only_new = {"SSA_STORE_URL": pg_url, "SSA_KEY_ENCRYPTION_KEY": "env:NEW_KEK", "NEW_KEK": new}
+    assert len(json.loads(ok("keys", "list", env=only_new, data=tmp_path).stdout)) == 3
+    dump = pg_dump_keys(pg_url)
+    assert key_id(_unb64(new)) in dump and key_id(_unb64(old)) not in dump and not PRIVATE_MEMBER.search(dump)
+    r = run("keys", "list", env=env, data=tmp_path)
+    assert r.returncode == 1 and "is encrypted under master key" in r.stderr
+
+
+def test_a_ciphertext_moved_or_altered_does_not_open_and_a_fifo_is_not_waited_on(tmp_path):
+    from ssa_server.key_encryption import KeyDecryptionError, KeyEncryption
+    from ssa_server.keys import SSA_USE, generate_key
+
+    enc = KeyEncryption(os.urandom(32))
+    a, b = (enc.seal(generate_key("ES256", SSA_USE, 0)) for _ in range(2))
+    assert enc.open(a)["d"] and "d" not in a["jwk"]
+    assert a["jwk_encrypted"]["nonce"] != enc.seal(dict(a, jwk=enc.open(a)))["jwk_encrypted"]["nonce"]
+    moved = dict(a, jwk_encrypted=b["jwk_encrypted"])
+    altered = dict(a, jwk_encrypted=dict(a["jwk_encrypted"], v=2))
+    for bad, words in ((moved, "the record was altered"), (altered, "unknown format")):
+        with pytest.raises(KeyDecryptionError, match=words):
+            enc.open(bad)
+
+    fifo = tmp_path / "kek"
+    os.mkfifo(fifo)
+    r = run("keys", "list", env={"SSA_KEY_ENCRYPTION_KEY": f"file:{fifo}"}, data=tmp_path / "data", timeout=30)
+    assert r.returncode == 2 and "is not a regular file" in r.stderr, r.stderr
+    key_file = tmp_path / "kek.txt"
+    key_file.write_text(new_master_key() + "\n")
+    ok("keys", "list", env={"SSA_KEY_ENCRYPTION_KEY": f"file:{key_file}"}, data=tmp_path / "data")
