@@ -142,6 +142,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.service.status_lists.close()  # a block reservation under way
         self.keys.close()  # the signing process and threads
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
