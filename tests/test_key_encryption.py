@@ -397,7 +397,8 @@ def test_a_ciphertext_moved_or_altered_does_not_open_and_a_fifo_is_not_waited_on
 
     fifo = tmp_path / "kek"
     os.mkfifo(fifo)
-    r = run("keys", "list", env={"SSA_KEY_ENCRYPTION_KEY": f"file:{fifo}"}, data=tmp_path / "data", timeout=30)
+    r = run("keys", "list", env={"SSA_KEY_ENCRYPTION_KEY": f"file:{fifo}"}, data=tmp_path / "data",
+            timeout=30)
     assert r.returncode == 2 and "is not a regular file" in r.stderr, r.stderr
     key_file = tmp_path / "kek.txt"
     key_file.write_text(new_master_key() + "\n")
