@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import ApiError
+from .key_encryption import KeyDecryptionError
 from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
@@ -100,7 +101,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # --- config ---
 def cmd_config_show(args: argparse.Namespace) -> int:
-    _print(_settings(args).public_dict())
+    settings = _settings(args)
+    shown = settings.public_dict()  # key_encryption_key is a reference (env:, file:), never the key
+    shown["private_keys_at_rest"] = ("encrypted (AES-256-GCM) under key_encryption_key"
+                                     if settings.key_encryption_key else
+                                     "in the clear (no key_encryption_key set; docs/keys.md)")
+    _print(shown)
     return 0
 
 
@@ -181,6 +187,34 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         return {k: v for k, v in new.items() if k != "jwk"}
 
     _print(asyncio.run(_with_server(_settings(args), action, keys=True)))
+    return 0
+
+
+def cmd_keys_rewrap(args: argparse.Namespace) -> int:
+    """Every private key re-encrypted under ``--new-key``, opened with it, ``--old-key`` (default:
+    key_encryption_key) or key_encryption_key_previous.  The embedded store's journal is then
+    compacted, so the data dir's lock is taken: the server must be stopped (PostgreSQL: online)."""
+    from .key_encryption import KeyEncryption, read_master_key, rewrap
+    from .store.backends import open_store
+
+    settings = _settings(args)
+    new = read_master_key("--new-key", args.new_key)
+    old = read_master_key("--old-key", args.old_key) if args.old_key else None
+    olds = [old] + [read_master_key(name, getattr(settings, name))
+                    for name in ("key_encryption_key", "key_encryption_key_previous")]
+    encryption = KeyEncryption(new, *olds)
+
+    async def run() -> Any:
+        store = open_store(settings, exclusive=True)
+        await store.open()
+        try:
+            return await rewrap(store, encryption)
+        finally:
+            await store.close()
+
+    done = asyncio.run(run())
+    _print(dict(done, next="serve with key_encryption_key set to the new key (and "
+                           "key_encryption_key_previous to the old one until every node runs so)"))
     return 0
 
 
@@ -327,7 +361,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
     from .store.transfer import export_records, write_lines
 
     async def action(store: Any) -> Any:
-        return list(await export_records(store))
+        return list(await export_records(store, private_keys=not args.no_private_keys))
 
     lines = asyncio.run(_with_store(_settings(args), action))
     if args.output in (None, "-"):
@@ -336,7 +370,7 @@ def cmd_store_export(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
     else:
         try:
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds private keys
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold private keys
         except OSError as e:
             print(f"ssa-server: cannot write {args.output}: {e.strerror}", file=sys.stderr)
             return 1
@@ -647,6 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sign with the new key at once (emergencies: verifiers caching /jwks may fail "
                         "for a while)")
     r.set_defaults(func=cmd_keys_rotate)
+    rw = keys.add_parser("rewrap", parents=[common],
+                         help="re-encrypt every private key under a new master key (docs/keys.md)")
+    rw.add_argument("--new-key", dest="new_key", required=True, metavar="env:VAR|file:/path",
+                    help="the new master key (a reference, never the key)")
+    rw.add_argument("--old-key", dest="old_key", metavar="env:VAR|file:/path",
+                    help="the master key the keys are under now (default: key_encryption_key)")
+    rw.set_defaults(func=cmd_keys_rewrap)
 
     ssa = sub.add_parser("ssa", help="SSAs, for operators on this machine").add_subparsers(dest="action",
                                                                                            required=True)
@@ -685,8 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                           required=True)
     store.add_parser("migrate", parents=[common], help="create or upgrade the PostgreSQL schema") \
         .set_defaults(func=cmd_store_migrate)
-    ex = store.add_parser("export", parents=[common], help="every record as JSON lines (holds private keys)")
+    ex = store.add_parser("export", parents=[common],
+                          help="every record as JSON lines (private keys as stored: encrypted or clear)")
     ex.add_argument("--output", "-o", help="file to write (created 0600; default stdout)")
+    ex.add_argument("--no-private-keys", dest="no_private_keys", action="store_true",
+                    help="leave every key's private part out (an import of it verifies, signs with new keys)")
     ex.set_defaults(func=cmd_store_export)
     im = store.add_parser("import", parents=[common], help="add the records of an export (counts checked)")
     im.add_argument("file", help="export file, or - for stdin")
@@ -737,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"ssa-server: configuration error: {e}", file=sys.stderr)
         return 2
-    except (StoreLocked, StoreSchemaError, StoreUnavailable) as e:
+    except (StoreLocked, StoreSchemaError, StoreUnavailable, KeyDecryptionError) as e:
         print(f"ssa-server: {e}", file=sys.stderr)
         return 1
     except TransferError as e:

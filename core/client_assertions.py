@@ -37,7 +37,7 @@ from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 
 from .errors import ApiError, InvalidClient, InvalidRequest
-from .store import AssertionRecord, ClientRecord, Store
+from .store import PRIVATE_JWK_MEMBERS, AssertionRecord, ClientRecord, Store
 from .verify import KeySetCache, VerificationError, urllib_fetch
 
 log = logging.getLogger("ssa_server")
@@ -52,7 +52,6 @@ ASSERTION_ALGS: dict[str, tuple[str, str | None]] = {
 MAX_ASSERTION = 8192  # characters of a compact JWS (a 4096-bit RSA signature is 683)
 MAX_JTI = 256
 MAX_KEYS = 20  # keys in a registered JWK set
-_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _CACHED_CLIENTS = 1000  # jwks_uri clients whose key sets are kept
 
 
@@ -94,7 +93,7 @@ def public_key_set(value: Any) -> dict[str, Any]:
     for key in keys:
         if not isinstance(key, dict):
             raise InvalidClientMetadata("A JWK must be a JSON object.")
-        if any(m in key for m in _PRIVATE_MEMBERS):
+        if not PRIVATE_JWK_MEMBERS.isdisjoint(key):
             raise InvalidClientMetadata("The JWK holds private or symmetric key material; "
                                         "give the public key.")
         try:

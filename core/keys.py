@@ -19,15 +19,17 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from jwcrypto import jwk
 
+from .key_encryption import KeyDecryptionError, KeyEncryption, reseal
 from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
 from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, signing_key, state, superseded
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
-from .store import KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store
+from .store import (ENCRYPTED_FIELD, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store,
+                    can_sign)
 
 log = logging.getLogger("ssa_server.keys")
 
@@ -69,8 +71,12 @@ class KeyRing:
 
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
                  activation_delay: int = 600, rotation_days: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None) -> None:
         self._store = store
+        self.encryption = encryption or KeyEncryption()
+        self._private: dict[str, dict[str, Any]] = {}  # kid -> the whole JWK, decrypted once
+        self._unopened: set[str] = set()  # kids logged as undecryptable here
+        self.resealed = 0  # key records ``load`` rewrote under the current master key
         self._alg = signing_alg
         self._refresh_interval = refresh_interval
         self._activation_delay = activation_delay
@@ -98,11 +104,13 @@ class KeyRing:
         server's keys.
         """
         async with self._lock, self._store.lock("keys"):  # workers starting together: one creates
-            records = await self._store.list_keys()
+            stored = await self._store.list_keys()
+            records = self._opened(stored, strict=True)  # a key that cannot be opened stops the start
+            await self._seal_locked(stored)
             now = int(self._clock())
             if signing_key(records, TOKEN_USE, now) is None:
                 rec = generate_key("HS256", TOKEN_USE, now)
-                await self._store.add_key(rec)
+                await self._add(rec)
             current = signing_key(records, SSA_USE, now)
             wanted = current is not None
             if adopt_alg and current is not None and current["alg"] != self._alg:
@@ -110,6 +118,45 @@ class KeyRing:
             if not wanted:
                 await self._replace_signing_ssa_keys(records, generate_key(self._alg, SSA_USE, now), now)
             self._install(await self._store.list_keys())
+
+    async def _add(self, record: KeyRecord) -> None:
+        """Store a new key, its private part encrypted when a master key is configured."""
+        await self._store.add_key(self.encryption.seal(record))
+
+    async def _seal_locked(self, stored: list[KeyRecord]) -> None:
+        """Keys stored in the clear, or under the previous master key, rewritten under the current
+        one (``key_encryption.reseal``: one store write each)."""
+        done = await reseal(self._store, self.encryption, stored)
+        if done:
+            self.resealed += done
+            log.info("%d private keys encrypted under key_encryption_key %s", done,
+                     self.encryption.current_id)
+
+    def _opened(self, records: list[KeyRecord], *, strict: bool) -> list[KeyRecord]:
+        """The records with their whole JWK, each key decrypted the first time it is seen.
+
+        ``strict`` (loading, and a process's first read): KeyDecryptionError naming the kid of a key
+        that cannot be decrypted.  Otherwise (a refresh, serving) such a key, made by a process with
+        another master key, is logged once and kept public only: this process verifies with it but
+        cannot sign with it, instead of failing every request."""
+        out = []
+        for r in records:
+            if ENCRYPTED_FIELD in r:
+                whole = self._private.get(r["kid"])
+                if whole is None:
+                    try:
+                        whole = self._private[r["kid"]] = self.encryption.open(r)
+                    except KeyDecryptionError as e:
+                        if strict:
+                            raise
+                        if r["kid"] not in self._unopened:
+                            self._unopened.add(r["kid"])
+                            log.error("%s: this process verifies with it but cannot sign with it", e)
+                        whole = r["jwk"]
+                r = cast(KeyRecord, {k: v for k, v in r.items() if k != ENCRYPTED_FIELD})
+                r["jwk"] = whole
+            out.append(r)
+        return out
 
     async def refresh_if_due(self) -> None:
         """Pick up keys rotated by another process (``ssa-server keys rotate``), and switch to a
@@ -126,10 +173,13 @@ class KeyRing:
 
     def _install(self, records: list[KeyRecord]) -> None:
         now = self._clock()
+        records = self._opened(records, strict=not self._fingerprint)
         self._records = records
-        self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records}
+        # (An HMAC key without its secret, one this process cannot decrypt, has nothing to verify with.)
+        self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records if r["jwk"].get("kty") != "oct"
+                         or "k" in r["jwk"]}
         self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records
-                         if r["status"] in SIGNING_STATUSES}
+                         if r["status"] in SIGNING_STATUSES and can_sign(r)}
         self._uses = {r["kid"]: r["use"] for r in records if r["status"] != KEY_RETIRED}
         self._active = {use: rec for use in (SSA_USE, TOKEN_USE)
                         if (rec := signing_key(records, use, now)) is not None}
@@ -159,13 +209,13 @@ class KeyRing:
             await self._replace_signing_ssa_keys(records, new, now)
         else:
             new = generate_key(alg, SSA_USE, now, activates_at=now + self._activation_delay)
-            await self._store.add_key(new)
+            await self._add(new)
         return new
 
     async def _replace_signing_ssa_keys(self, records: list[KeyRecord], new: KeyRecord, now: int) -> None:
         """Add ``new`` (signing from ``now``), then retire the keys that signed until now:
         another process refreshing in between sees both published, never none."""
-        await self._store.add_key(new)
+        await self._add(new)
         await self._retire([r for r in records if r["use"] == SSA_USE and r["status"] in SIGNING_STATUSES
                             and activates_at(r) <= now], now)
 

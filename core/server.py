@@ -21,6 +21,7 @@ import pluggy
 from . import script_revisions
 from .client_assertions import ClientAssertions
 from .clients import ClientService
+from .key_encryption import KeyEncryption
 from .keys import KeyRing
 from .service import SsaService
 from .settings import Settings
@@ -53,10 +54,11 @@ class Server:
     def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
               accept_journal_loss: bool = False) -> Server:
+        encryption = KeyEncryption.from_settings(settings)  # before the store: a bad reference is one line
         store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
-                       rotation_days=settings.key_rotation_days, clock=clock)
+                       rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -120,6 +122,14 @@ class Server:
             raise
         if background:
             self._serving = True
+            if not self.keys.encryption.enabled:
+                log.warning("private keys are stored in the clear: set key_encryption_key (docs/keys.md)")
+            if self.keys.resealed:  # their clear (or old master key's) versions leave the store's files
+                try:
+                    await self.store.compact_keys()
+                except Exception as e:  # the keys are encrypted; only their old versions wait
+                    log.warning("old versions of the key records could not be dropped yet: %s",
+                                type(e).__name__)
             # What start-up loaded (the store's records above all) lives as long as the server:
             # keep it out of the cyclic GC's scans, which would otherwise walk every record.
             gc.freeze()

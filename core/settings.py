@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import secret_refs
 from .ssa import RESERVED_ATTRIBUTES  # request fields and server claims: never custom attributes
 
 SIGNING_ALGS = (
@@ -62,6 +63,10 @@ class Settings:
     key_refresh_interval: float = 2.0  # seconds between checks for keys rotated by another process
     key_activation_delay: int = 600  # seconds a rotated key is published before it signs (docs/keys.md)
     key_rotation_days: int = 0  # days each SSA key signs before the server rotates it; 0: never
+    # The master key private keys are stored encrypted under (docs/keys.md): a reference only,
+    # env:VARIABLE or file:/path, never the key; empty: private keys are stored in the clear.
+    key_encryption_key: str = ""
+    key_encryption_key_previous: str = ""  # the master key before a rotation (keys rewrap), read too
     log_level: str = "info"
     # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
     access_log: bool = False
@@ -173,6 +178,7 @@ class Settings:
         for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days", "client_assertion_leeway"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
+        self._validate_key_encryption()
         if self.jwt_typ not in JWT_TYPS:
             raise SettingsError(f"SSA_JWT_TYP={self.jwt_typ!r} must be 'jwt' (Janssen) or 'JWT' (OBIE)")
         self._validate_role_scopes()
@@ -190,6 +196,16 @@ class Settings:
         for attr in self.custom_attributes:
             if not attr or attr in RESERVED_ATTRIBUTES:
                 raise SettingsError(f"SSA_CUSTOM_ATTRIBUTES: {attr!r} is empty or a built-in SSA field")
+
+    def _validate_key_encryption(self) -> None:
+        for name in ("key_encryption_key", "key_encryption_key_previous"):
+            value = getattr(self, name)
+            if value and secret_refs.parse(value) is None:  # never echoed: it may be the key itself
+                raise SettingsError(f"SSA_{name.upper()} must be a reference, {secret_refs.RULE}, "
+                                    "never the key itself")
+        if self.key_encryption_key_previous and not self.key_encryption_key:
+            raise SettingsError("SSA_KEY_ENCRYPTION_KEY_PREVIOUS needs SSA_KEY_ENCRYPTION_KEY (the key "
+                                "records are rewritten under)")
 
     def _validate_role_scopes(self) -> None:
         name = "SSA_MAP_SOFTWARE_ROLES_TO_SCOPES"

@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from ssa_server import secret_refs
+
 from .sandbox.errors import ScriptRefused
 from .script_folder import read_file
 
@@ -33,7 +35,6 @@ TABLE = "secrets"  # the NAME.toml table of references; not part of ``context.co
 MAX_SECRETS = 32
 MAX_SECRET_BYTES = 64 * 1024
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}\Z")
 
 
 def references(script: str, config: dict[str, Any]) -> dict[str, str]:
@@ -49,14 +50,8 @@ def references(script: str, config: dict[str, Any]) -> dict[str, str]:
         if not SECRET_NAME.match(name):
             raise ScriptRefused(f"{where}: a secret name is 1-64 letters, digits or '_', "
                                 "not starting with a digit")
-        if not isinstance(ref, str):
-            raise ScriptRefused(f'{where} {name}: a reference is "env:VARIABLE" or "file:/absolute/path"')
-        kind, _, target = ref.partition(":")
-        if kind == "env" and _ENV_NAME.match(target):
-            continue
-        if kind == "file" and target.startswith("/") and "\x00" not in target and len(target) <= 4096:
-            continue
-        raise ScriptRefused(f'{where} {name}: a reference is "env:VARIABLE" or "file:/absolute/path"')
+        if secret_refs.parse(ref) is None:
+            raise ScriptRefused(f"{where} {name}: a reference is {secret_refs.RULE}")
     return table
 
 

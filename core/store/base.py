@@ -127,6 +127,11 @@ class Store(Protocol):
     async def list_script_revisions(self, name: str | None = None) -> list[ScriptRevisionRecord]:
         """``name``'s revisions newest first (every script's, for the export, without ``name``)."""
 
+    async def compact_keys(self) -> bool:
+        """Drop the superseded versions of key records the store still holds (after they were
+        encrypted or re-encrypted): the embedded store compacts its journal (the exclusive owner
+        only), PostgreSQL rewrites the keys table (``VACUUM FULL keys``).  Whether it ran."""
+
     # --- coordination ---
     def lock(self, name: str) -> AbstractAsyncContextManager[None]:
         """``async with store.lock("keys"):`` serialises key set-up and rotation across every

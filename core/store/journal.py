@@ -545,6 +545,12 @@ class Journal:
                 and self.degraded is None and time.monotonic() >= self._compact_after):
             await self._compact_soon()
 
+    async def compact(self) -> bool:
+        """Compact now (``Store.compact_keys``): the exclusive owner only, not while degraded."""
+        if not self.exclusive or self.degraded is not None:
+            return False
+        return await self._compact_soon()
+
     async def _compact_soon(self) -> bool:
         """Queue a compaction behind the writes applied so far (exclusive owner only)."""
         loop = asyncio.get_running_loop()

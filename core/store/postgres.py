@@ -426,6 +426,10 @@ class PgStore:
         if not rows:
             raise KeyError(kid)
 
+    async def compact_keys(self) -> bool:
+        await self._rows("VACUUM FULL keys")  # autocommit: VACUUM runs outside a transaction
+        return True
+
     async def list_keys(self) -> list[KeyRecord]:
         return [_key(r) for r in await self._rows(
             f"SELECT {', '.join(KEY_COLUMNS)}, doc FROM keys ORDER BY created_at, kid")]

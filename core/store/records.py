@@ -49,11 +49,28 @@ class KeyRecord(TypedDict):
     kid: str
     alg: str  # RS256 ... EdDSA for SSA keys, HS256 for the access-token key
     use: str  # "ssa" (signs SSAs, published in /jwks) or "token" (signs access tokens, never published)
-    jwk: dict[str, Any]  # the private JWK; lives only in the store, which is 0600
+    # The private JWK; with key_encryption_key only its public members (the private ones are in
+    # jwk_encrypted, ``key_encryption.py``).  The store is 0600 either way.
+    jwk: dict[str, Any]
+    jwk_encrypted: NotRequired[dict[str, Any]]  # {"v", "kek", "nonce", "ciphertext"} (docs/keys.md)
     status: str  # one of KEY_STATES
     created_at: int
     remove_after: NotRequired[int | None]  # epoch seconds after which a retiring key leaves /jwks
     activates_at: NotRequired[int]  # epoch seconds from which it signs (absent on older keys: created_at)
+
+# The JWK members that are private (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2): what an encrypted
+# key record holds only inside jwk_encrypted, and what ``store export --no-private-keys`` leaves out.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+ENCRYPTED_FIELD = "jwk_encrypted"
+
+
+def can_sign(record: KeyRecord | dict[str, Any]) -> bool:
+    """Whether the record holds its private key (in the clear or encrypted)."""
+    return ENCRYPTED_FIELD in record or not PRIVATE_JWK_MEMBERS.isdisjoint(record["jwk"])
+
+
+def public_jwk(jwk: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in jwk.items() if k not in PRIVATE_JWK_MEMBERS}
 
 
 class StatusListRecord(TypedDict):

@@ -428,6 +428,9 @@ class TinyStore:
     async def list_keys(self) -> list[KeyRecord]:
         return self._all("keys")
 
+    async def compact_keys(self) -> bool:
+        return await self.journal.compact()
+
     # --- templates ---
     async def put_template(self, record: TemplateRecord) -> None:
         if self.journal.degraded is not None:

@@ -4,12 +4,18 @@ One line per record: ``{"table": "ssa"|"clients"|"keys"|"templates"|"statuslists
 "assertion_jtis", "record": {...}}`` (a private_key_jwt client's record carries its public ``jwks`` or
 its ``jwks_uri``; ``assertion_jtis`` are the client assertions' replay cache).  The
 same format leaves and enters both stores, so a deployment moves from TinyDB to PostgreSQL and
-back without losing anything.  Exports hold the private signing keys: they are written 0600.
+back without losing anything.  Exports hold the private signing keys as the store holds them
+(encrypted under ``key_encryption_key``, or in the clear without one): they are written 0600.
+``private_keys=False`` (``store export --no-private-keys``) leaves every private part out: each
+key keeps only its public JWK, and the access-token HMAC key (no public part) is left out.
 
 Import into an empty store recreates it exactly.  Into a store that already has records, a record
 whose id exists there is skipped (counted), and imported signing keys that would make a second
 active key of their use are stored as retiring instead (still published in ``/jwks`` until the
-imported SSAs they signed expire), so the target keeps exactly one active key per use.
+imported SSAs they signed expire), so the target keeps exactly one active key per use.  A key
+without its private part (an export made with ``--no-private-keys``) is imported verify-only: as
+retiring if it was next or active, so a store made from such an export publishes and verifies with
+it until the imported SSAs expire, and makes new keys of its own to sign with.
 
 Lines are read by the request bodies' rules (``jsonvalues``: no NaN or Infinity, exact integers,
 UTF-8), nesting at most two levels more than a body (the line's object and the record around a
@@ -24,8 +30,9 @@ from typing import Any, BinaryIO, cast
 from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
-from .records import (ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX, REVISION_SOURCE_MAX,
-                      REVISION_STATES, TABLES, AssertionRecord, KeyRecord)
+from .records import (ENCRYPTED_FIELD, ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX,
+                      REVISION_SOURCE_MAX, REVISION_STATES, TABLES, AssertionRecord, KeyRecord, can_sign,
+                      public_jwk)
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -44,11 +51,16 @@ class TransferError(ValueError):
     """The import file is not a valid export (the message names the line)."""
 
 
-async def export_records(store: Store) -> Iterator[bytes]:
+async def export_records(store: Store, *, private_keys: bool = True) -> Iterator[bytes]:
     """The store as JSON lines, UTF-8 (the keys first: an importer can verify SSAs as it goes)."""
     out: list[bytes] = []
     for table in TABLES:
         for record in await _all(store, table):
+            if table == "keys" and not private_keys:
+                if record["jwk"].get("kty") == "oct":  # an HMAC key (access tokens) has no public part
+                    continue
+                record = {k: v for k, v in record.items() if k != ENCRYPTED_FIELD}
+                record["jwk"] = public_jwk(record["jwk"])
             out.append(jsonvalues.dumps({"table": table, "record": record}, sort_keys=True))
     return iter(out)
 
@@ -196,11 +208,16 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
     for r in records:
         if r["kid"] in kids:
             continue
-        if r["status"] in (KEY_ACTIVE, KEY_NEXT) and r["use"] in active_uses:  # no 2nd timeline
+        if r["status"] in (KEY_ACTIVE, KEY_NEXT) and (r["use"] in active_uses  # no 2nd timeline
+                                                       or not _can_sign(r)):  # verify-only
             r = dict(r, status=KEY_RETIRING, remove_after=valid_until)
         await store.add_key(cast(KeyRecord, r))
         imported += 1
     return imported
+
+
+def _can_sign(record: dict[str, Any]) -> bool:
+    return isinstance(record["jwk"], dict) and can_sign(record)
 
 
 async def _put_revision(store: Store, record: Any) -> None:

@@ -4,6 +4,7 @@ than its published end, and the orderings that must not raise a false alarm."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -137,22 +138,28 @@ def test_a_truncated_journal_stops_start_up_until_the_loss_is_accepted(tmp_path,
 
 
 def test_no_false_alarm_after_compaction_cli_writes_and_kill_9(tmp_path, serve):
-    """Compaction makes the journal shorter and CLI writers publish ends too: none of it is a loss."""
+    """Compaction makes the journal shorter and CLI writers publish ends too: none of it is a loss.
+    (With private keys encrypted: a server without a master key warns that they are in the clear.)"""
     data = tmp_path / "data"
-    s = serve(data).start()
-    made = json.loads(run_cli(data, "clients", "create", "--scope", ADMIN).stdout)
+    kek = tmp_path / "kek"
+    kek.write_text(base64.urlsafe_b64encode(os.urandom(32)).decode())
+    config = tmp_path / "ssa.toml"
+    config.write_text(f'key_encryption_key = "file:{kek}"\n')
+    keyed = {"SSA_CONFIG": str(config)}
+    s = serve(data).start("--config", str(config))
+    made = json.loads(run_cli(data, "clients", "create", "--scope", ADMIN, env=keyed).stdout)
     H = s.token_for(made)
     jtis = create(s, H, 5)
     s.stop()
     add_garbage(data, 1500)
     size = (data / "store.jsonl").stat().st_size
-    s = serve(data).start()  # compacts at open
+    s = serve(data).start("--config", str(config))  # compacts at open
     assert (data / "store.jsonl").stat().st_size < size / 10
     H = s.token_for(made)
-    assert run_cli(data, "ssa", "create", "--org-id", "o").returncode == 0  # a CLI write beside the server
+    assert run_cli(data, "ssa", "create", "--org-id", "o", env=keyed).returncode == 0  # a CLI write beside it
     jtis += create(s, H, 3)
     s.stop(signal.SIGKILL)
-    s = serve(data).start()
+    s = serve(data).start("--config", str(config))
     H = s.token_for(made)
     assert len(listed(s, H)) == 9 and set(jtis) <= listed(s, H)
     assert "WARNING" not in s.log() and "ERROR" not in s.log()
