@@ -16,6 +16,7 @@ from .responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, MethodNotAllowed, NotFound, ServiceUnavailable
+from .observe import ObserveRequests
 from .routes import ALLOWED_METHODS, ROUTES
 from .server import Server
 from .settings import Settings
@@ -123,4 +124,6 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
     app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(NoStoreHeaders)
+    # Outside NoStoreHeaders: its X-Request-ID and status are the response's as sent.
+    app.add_middleware(ObserveRequests, metrics=server.metrics, log_requests=server.settings.access_log)
     return app

@@ -23,6 +23,7 @@ from typing import Any
 
 from jwcrypto import jwk
 
+from .metrics import Metrics
 from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
 from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, signing_key, state, superseded
 from .signing_process import SigningProcess, SigningUnavailable
@@ -69,8 +70,9 @@ class KeyRing:
 
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
                  activation_delay: int = 600, rotation_days: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self._alg = signing_alg
         self._refresh_interval = refresh_interval
         self._activation_delay = activation_delay
@@ -259,6 +261,13 @@ class KeyRing:
         the signing process is unavailable (it died, hung or cannot start: logged)."""
         record = self.active()
         signer = self._signers[record["kid"]]
+        started = time.perf_counter()
+        token = await self._sign_with(record, signer, header, claims)
+        self._metrics.signed(signer.alg, time.perf_counter() - started)
+        return token
+
+    async def _sign_with(self, record: KeyRecord, signer: Signer, header: dict[str, Any],
+                         claims: dict[str, Any]) -> str:
         if self._threads is not None and signer.alg in SLOW_ALGS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._threads, signer.sign, header, claims)
