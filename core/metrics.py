@@ -2,8 +2,14 @@
 
 Label values come from small fixed sets (an HTTP method, a route template, a status code, an
 alg, an outcome word, a store operation, a script's file name): never a jti, an org_id or a
-client_id, so a client cannot grow the set of series.  The hot paths reach a metric through a
-child bound once per label set (``_child``), never through ``labels()`` per call.
+client_id, so a client cannot grow the set of series.
+
+The hot paths (every request, every store operation, every signature) do not call
+prometheus_client: each of its updates takes a lock, and a histogram's walks its buckets (about
+1 us each, three or four per request).  They add to a ``Tally`` instead (plain numbers, touched on
+the event loop only), and ``Metrics.flush`` moves the tallies into the prometheus_client metrics in
+bulk: before every exposition, every ``FLUSH_INTERVAL`` seconds where another process or thread
+reads the figures (``serve --workers N``, ``metrics_port``), and when the server stops.
 
 With ``serve --workers N`` each worker writes its figures into a private directory the parent
 made for that run (prometheus_client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``, read by
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -27,6 +34,7 @@ from .settings import SettingsError
 from .store import Store
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FLUSH_INTERVAL = 1.0  # seconds: how stale a worker's figures may be in another process's scrape
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})  # else "other"
 # Seconds: requests and store operations from 0.25 ms (an indexed read) to 10 s (a timeout).
@@ -46,6 +54,50 @@ STORE_OPS = ("add_ssa", "add_ssas", "get_ssa", "find_ssas", "search_ssas", "mark
 def multiprocess_dir() -> str | None:
     """The directory of this run's per-process figures (``serve --workers N``), or None."""
     return os.environ.get(MULTIPROC_ENV) or None
+
+
+class Tally:
+    """One histogram child's observations since the last flush (no lock: the event loop only)."""
+
+    __slots__ = ("child", "bounds", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds = tuple(child._upper_bounds)  # ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # the first bucket with seconds <= le
+        self.total += seconds
+
+    def flush(self) -> None:
+        """Into the child in bulk.  prometheus_client has no bulk observe: this adds to the child's
+        own values (``_sum``, ``_buckets``: per-bucket counts, as its ``observe`` keeps them),
+        which its exposition and multiprocess files read."""
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        total, self.total = self.total, 0.0
+        if not any(counts):
+            return
+        self.child._sum.inc(total)
+        for i, count in enumerate(counts):
+            if count:
+                self.child._buckets[i].inc(count)
+
+
+class Count:
+    """One counter child's increments since the last flush."""
+
+    __slots__ = ("child", "n")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.n = 0
+
+    def flush(self) -> None:
+        if self.n:
+            n, self.n = self.n, 0
+            self.child.inc(n)
 
 
 class Metrics:
@@ -84,60 +136,74 @@ class Metrics:
         self.token_requests = Counter("ssa_token_requests",
                                       "POST /token answers: issued, or the OAuth error code", ["outcome"],
                                       registry=registry)
-        self._children: dict[Any, Any] = {}
-        self._requests: dict[tuple[str, str, int], Any] = {}  # the hottest: a key of its own
+        self._tallies: dict[Any, Any] = {}  # (metric, label values) -> Tally or Count
+        self._requests: dict[tuple[str, str, int], Tally] = {}  # the hottest: a key of its own
+        self._valid = self.count(self.validations, "valid")
+        self._invalid = self.count(self.validations, "invalid")
+        self._revoked = self.count(self.revoked)
 
-    def _child(self, metric: Any, *values: str) -> Any:
-        """The metric's child for these label values, bound once (labels() takes a lock and
-        checks its arguments on every call)."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+    def tally(self, metric: Any, *values: str) -> Tally:
+        """The tally of a histogram's child for these label values (made once)."""
+        key = (metric, values)
+        found = self._tallies.get(key)
+        if found is None:
+            found = self._tallies[key] = Tally(metric.labels(*values) if values else metric)
+        return found
+
+    def count(self, metric: Any, *values: str) -> Count:
+        key = (metric, values)
+        found = self._tallies.get(key)
+        if found is None:
+            found = self._tallies[key] = Count(metric.labels(*values) if values else metric)
+        return found
+
+    def flush(self) -> None:
+        """Every tally into prometheus_client (on the event loop, or where the tallies are made)."""
+        for found in list(self._tallies.values()):
+            found.flush()
 
     # --- the hot paths ---
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         if method not in METHODS:  # a client may send any token as a method
             method = "other"
         key = (method, route, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(method, route, str(status))
-        child.observe(seconds)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = self.tally(self.requests, method, route, str(status))
+        found.observe(seconds)
 
     def signed(self, alg: str, seconds: float) -> None:
-        self._child(self.signing, alg).observe(seconds)
+        self.tally(self.signing, alg).observe(seconds)
 
     def validation(self, valid: bool) -> None:
-        self._child(self.validations, "valid" if valid else "invalid").inc()
+        (self._valid if valid else self._invalid).n += 1
+
+    def revocations(self, n: int) -> None:
+        self._revoked.n += n
 
     def issue(self, alg: str) -> None:
-        self._child(self.issued, alg).inc()
+        self.count(self.issued, alg).n += 1
 
     def token(self, outcome: str) -> None:
-        self._child(self.token_requests, outcome).inc()
+        self.count(self.token_requests, outcome).n += 1
 
     def script_run(self, script: str, hook: str, outcome: str, seconds: float | None) -> None:
-        self._child(self.script_runs, script, hook, outcome).inc()
+        self.count(self.script_runs, script, hook, outcome).n += 1
         if seconds is not None:
-            self._child(self.script_duration, hook).observe(seconds)
-
-    def store_op(self, op: str, backend: str) -> Any:
-        """The histogram child of one store operation (``TimedStore`` binds it once)."""
-        return self._child(self.store_ops, op, backend)
+            self.tally(self.script_duration, hook).observe(seconds)
 
     # --- state, set before a scrape ---
     def set_state(self, *, active: int, keys: dict[str, int], key_age: float | None) -> None:
         self.active.set(active)
         for state in ("next", "active", "retiring", "retired"):
-            self._child(self.keys, state).set(keys.get(state, 0))
+            self.keys.labels(state).set(keys.get(state, 0))
         if key_age is not None:
             self.key_age.set(key_age)
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this process's figures, or with ``serve --workers N``
         every worker's (read from the run's directory)."""
+        self.flush()
         path = multiprocess_dir()
         return generate_latest(self.registry if path is None else aggregate(path))
 
@@ -166,15 +232,16 @@ def listen(host: str, port: int, registry: CollectorRegistry) -> Callable[[], No
     return stop
 
 
-def _timed(method: Callable[..., Awaitable[Any]], child: Any) -> Callable[..., Awaitable[Any]]:
+def _timed(method: Callable[..., Awaitable[Any]], tally: Tally) -> Callable[..., Awaitable[Any]]:
     perf_counter = time.perf_counter
+    observe = tally.observe
 
     async def timed(*args: Any, **kwargs: Any) -> Any:
         started = perf_counter()
         try:
             return await method(*args, **kwargs)
         finally:
-            child.observe(perf_counter() - started)
+            observe(perf_counter() - started)
 
     return timed
 
@@ -188,7 +255,7 @@ class TimedStore:
         for op in STORE_OPS:
             method = getattr(store, op, None)
             if method is not None:
-                setattr(self, op, _timed(method, metrics.store_op(op, backend)))
+                setattr(self, op, _timed(method, metrics.tally(metrics.store_ops, op, backend)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

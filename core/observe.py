@@ -1,6 +1,9 @@
 """Each request observed once: its id, route template, status and duration.
 
-``ObserveRequests`` (pure ASGI, no task per request) gives every request an id: the client's
+``ObserveRequests`` (pure ASGI, no task per request; one send wrapper for the response's own
+headers: ``Cache-Control: no-store`` on every response unless the handler set its own
+``Cache-Control`` (the Status List Tokens, meant to be cached), and ``X-Request-ID``) gives every
+request an id: the client's
 ``X-Request-ID`` when it is a sane token (``REQUEST_ID``: at most 64 characters of
 ``[A-Za-z0-9._:-]``, too short for a JWT, so a token pasted there is not logged), else one made
 here (a per-process random prefix and a counter: no system call per request).  The id is echoed
@@ -19,7 +22,6 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,18 +30,22 @@ if TYPE_CHECKING:  # (logs.py imports this module: it stays light)
     from .metrics import Metrics
 
 access = logging.getLogger("ssa_server.access")
+_perf_counter = time.perf_counter
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 _HEADER = b"x-request-id"
+NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
 UNMATCHED = "unmatched"  # the route label of a request no route matched (never the raw path)
 
 
-@dataclass
 class RequestInfo:
     """What the log records of one request carry; the handlers fill in ``client_id``."""
 
-    request_id: str
-    client_id: str | None = None
+    __slots__ = ("request_id", "client_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.client_id: str | None = None
 
 
 CURRENT: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar("ssa_request", default=None)
@@ -56,11 +62,11 @@ class _Ids:
     """Request ids made here: a random prefix per process, then a counter."""
 
     def __init__(self) -> None:
-        self.prefix = secrets.token_hex(6)
+        self.prefix = secrets.token_hex(6) + "-"
         self.counter = itertools.count(1)
 
-    def __call__(self) -> str:
-        return f"{self.prefix}-{next(self.counter):x}"
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
 
 
 class ObserveRequests:
@@ -68,20 +74,19 @@ class ObserveRequests:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
-        self.new_id = _Ids()
+        self.new_id = _Ids().next
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = _perf_counter()
         given = None
         for name, value in scope["headers"]:
             if name == _HEADER:
                 given = value
                 break
         request_id = given.decode() if given is not None and REQUEST_ID.fullmatch(given) else self.new_id()
-        header = (_HEADER, request_id.encode())
         info = RequestInfo(request_id)
         token = CURRENT.set(info)
         status = 500  # unless a response starts: an exception on its way to the 500 handler
@@ -90,13 +95,20 @@ class ObserveRequests:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                headers = message.get("headers", [])
+                own = (_HEADER, request_id.encode())
+                for name, _ in headers:  # (a loop: a generator costs more per request)
+                    if name == b"cache-control":
+                        message["headers"] = [*headers, own]
+                        break
+                else:
+                    message["headers"] = [*headers, *NO_STORE, own]
             await send(message)
 
         try:
             await self.app(scope, receive, send_observed)
         finally:
-            seconds = time.perf_counter() - started
+            seconds = _perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             self.metrics.request(scope["method"], template, status, seconds)

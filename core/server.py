@@ -21,7 +21,7 @@ import pluggy
 from . import script_revisions
 from .clients import ClientService
 from .keys import SSA_USE, KeyRing
-from .metrics import Metrics, timed_store
+from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
 from .service import SsaService
 from .settings import Settings
 from .status_issuer import BLOCK, StatusIssuer
@@ -131,8 +131,8 @@ class Server:
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             if host is not None:
                 self._tasks.append(asyncio.create_task(self._revisions(host), name="ssa-script-revisions"))
-            if self.settings.metrics_port:
-                self._tasks.append(asyncio.create_task(self._observer(), name="ssa-metrics"))
+            if self.settings.metrics_port or multiprocess_dir() is not None:
+                self._tasks.append(asyncio.create_task(self._metrics(), name="ssa-metrics"))
             self.keys.start_signing()  # signing threads and process; CLI commands sign inline
             self.service.status_lists.block = BLOCK  # a CLI command reserves one index at a time
 
@@ -142,6 +142,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.metrics.flush()  # (with --workers N, the last figures into this run's files)
         self.keys.close()  # the signing process and threads
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
@@ -195,15 +196,22 @@ class Server:
             age = max(0.0, now - float(active.get("activates_at") or active["created_at"]))
         self.metrics.set_state(active=await self.store.count_active_ssas(int(now)), keys=counts, key_age=age)
 
-    async def _observer(self) -> None:
+    async def _metrics(self) -> None:
+        """Where another process or thread reads this process's figures (``serve --workers N``,
+        ``metrics_port``): the tallies flushed every ``FLUSH_INTERVAL``, and for a
+        ``metrics_port`` the gauges refreshed every ``METRICS_REFRESH``."""
+        refreshed = 0.0
         while True:
-            try:
-                await self.observe_state()
-            except (StoreUnavailable, OSError):
-                pass  # the readiness check says why; the next run retries
-            except Exception as e:  # keep it alive
-                log.error("metrics refresh failed: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(METRICS_REFRESH)
+            self.metrics.flush()
+            if self.settings.metrics_port and time.monotonic() - refreshed >= METRICS_REFRESH:
+                refreshed = time.monotonic()
+                try:
+                    await self.observe_state()
+                except (StoreUnavailable, OSError):
+                    pass  # the readiness check says why; the next run retries
+                except Exception as e:  # keep it alive
+                    log.error("metrics refresh failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(FLUSH_INTERVAL)
 
     @property
     def backend(self) -> str:

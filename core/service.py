@@ -267,7 +267,7 @@ class SsaService:
         revoked = await self.store.revoke_ssas(jti=jti or None, org_id=org_id or None, now=self.now())
         if not revoked:
             raise NothingToRevoke()
-        self.metrics.revoked.inc(len(revoked))
+        self.metrics.revocations(len(revoked))
         log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
         if self.hooks.wanted("revoke"):  # never raises: the revocation stands whatever a hook does
             items = [list_item(r) for r in revoked]

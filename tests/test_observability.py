@@ -234,6 +234,22 @@ def _metrics_dir(pid: int) -> Path:
     raise AssertionError("no worker with a metrics directory")
 
 
+def _scraped(url: str, headers: dict[str, str] | None = None, **want: float) -> dict:
+    """A scrape in which every ``want`` (metric name -> value, labels after ``|``) holds: a
+    worker's figures reach the others' scrapes within a second (metrics.FLUSH_INTERVAL)."""
+    deadline = time.time() + 10
+    while True:
+        found = samples(httpx.get(url, headers=headers, timeout=10).text)
+        seen = {}
+        for key in want:
+            name, _, labels = key.partition("|")
+            seen[key] = value(found, name, **dict(p.split("=") for p in labels.split(",") if p))
+        if all(seen[k] == v for k, v in want.items()):
+            return found
+        assert time.time() < deadline, seen
+        time.sleep(0.2)
+
+
 def _validate_many(port: int, jti: str, count: int) -> None:
     """``count`` validations from 8 threads, each on a new connection (spread over the workers)."""
     def run(n: int) -> None:
@@ -265,11 +281,9 @@ def test_workers_figures_are_summed_on_both_ports(pg_nodes, pg_url):
     writers = {int(m.group(1)) for f in folder.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
     assert len(writers) == 2  # both workers write their figures there
     # The metrics port: the parent (which serves no request) answers, open, with every worker's sum.
-    found = samples(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text)
-    assert value(found, "ssa_validations_total", outcome="valid") == 32
-    assert value(found, "http_server_request_duration_seconds_count", method="POST", route="/ssa/validation",
-                 status="200") == 32
-    assert value(found, "ssa_issued_total", alg="RS256") == 1
+    _scraped(f"http://127.0.0.1:{metrics_port}/metrics", **{
+        "ssa_validations_total|outcome=valid": 32, "ssa_issued_total|alg=RS256": 1,
+        "http_server_request_duration_seconds_count|method=POST,route=/ssa/validation,status=200": 32})
     assert httpx.get(f"http://127.0.0.1:{port}/metrics", headers=H).status_code == 404  # not on the main port
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
@@ -280,7 +294,8 @@ def test_workers_figures_are_summed_on_both_ports(pg_nodes, pg_url):
     jti = jti_of(httpx.post(f"http://127.0.0.1:{port}/ssa", json={"org_id": "w", "one_time_use": False},
                             headers=H).json()["ssa"])
     _validate_many(port, jti, 32)
-    for _ in range(6):  # new connections: either worker answers
+    _scraped(f"http://127.0.0.1:{port}/metrics", H, **{"ssa_validations_total|outcome=valid": 32})
+    for _ in range(6):  # new connections: either worker answers, with both workers' figures
         found = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", headers=H, timeout=10).text)
         assert value(found, "ssa_validations_total", outcome="valid") == 32
         assert value(found, "ssa_active") == 2  # the store's figure, not a worker's
