@@ -142,6 +142,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.service.status_lists.close()  # a block reservation under way
         self.metrics.flush()  # (with --workers N, the last figures into this run's files)
         self.keys.close()  # the signing process and threads
         if self.scripts is not None:

@@ -165,3 +165,45 @@ def test_custom_attribute_cannot_be_named_status():
 
     with pytest.raises(SettingsError):
         Settings(custom_attributes=("status",))
+
+
+def test_a_serving_process_reserves_the_next_block_before_its_block_runs_out(tmp_path):
+    """Creates never queue behind a reservation: the next block of counters is asked for in the
+    background once half of the current one is handed out (with every create of the moment waiting
+    on one durable reservation, a busy server's commits trickled one by one: bench/README.md)."""
+    import asyncio
+
+    from ssa_server.keys import KeyRing
+    from ssa_server.settings import Settings
+    from ssa_server.status_issuer import StatusIssuer
+    from ssa_server.store.tiny import TinyStore
+
+    async def scenario() -> tuple[list[int], set[int]]:
+        store = TinyStore(tmp_path / "data")
+        await store.open()
+        released = asyncio.Event()
+        started: list[int] = []
+        reserve = store.reserve_status_counters
+
+        async def slow_reserve(count, size, key, now):
+            started.append(len(handed))
+            if len(started) > 1:
+                await released.wait()  # the second reservation lands only when released
+            return await reserve(count, size, key, now)
+
+        store.reserve_status_counters = slow_reserve  # type: ignore[method-assign]
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        issuer = StatusIssuer(settings, store, KeyRing(store, "RS256"), clock=time.time)
+        issuer.block = 8
+        handed: list[int] = []
+        for _ in range(8):  # the whole first block, none waiting on the second reservation
+            handed.append((await asyncio.wait_for(issuer.allocate(), 5))[1])
+        assert started == [0, 4], "the next block is reserved once half of this one is handed out"
+        released.set()
+        handed.append((await asyncio.wait_for(issuer.allocate(), 5))[1])  # from the block reserved ahead
+        await asyncio.sleep(0)
+        await store.close()
+        return started, set(handed)
+
+    started, handed = asyncio.run(scenario())
+    assert started == [0, 4] and len(handed) == 9  # still two reservations, nine distinct indexes
