@@ -206,10 +206,14 @@ def pg_nodes(pg_url, tmp_path):
             time.sleep(0.1)
 
     yield start
-    for proc in started:
+    for proc in started:  # SIGTERM: the parent removes its run's metrics directory
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
 
 def _children(pid: int) -> list[int]:
