@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable
 
 from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
+from .metrics import Metrics
+from .observe import note_client
 from .ssa import SSA_SCOPES
 from .store import ClientRecord, Store
 from .throttle import FailureThrottle, parse_networks
@@ -44,8 +46,10 @@ _DUMMY_HASH = hash_secret(secrets.token_urlsafe(32))  # what an unknown client i
 class ClientService:
     def __init__(self, store: Store, tokens: TokenAuthority, clock: Callable[[], float] = time.time, *,
                  failures_per_client: int = 10, failures_per_address: int = 50,
-                 failure_window: float = 60.0, trusted_proxies: tuple[str, ...] = ()) -> None:
+                 failure_window: float = 60.0, trusted_proxies: tuple[str, ...] = (),
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
         self.tokens = tokens
         self._clock = clock
         self.by_client = FailureThrottle(failures_per_client, failure_window, clock)
@@ -85,7 +89,18 @@ class ClientService:
         """The client-credentials grant: authenticate, check scopes, issue an access token.
 
         ``address`` finds the client's address; it is only called when a failure is counted or
-        an address is being refused, so a normal request does not pay for it."""
+        an address is being refused, so a normal request does not pay for it.  Each answer is
+        counted in ``ssa_token_requests_total``: ``issued``, or the OAuth error code."""
+        try:
+            answer = await self._token(form, basic, address)
+        except ApiError as e:
+            self.metrics.token(e.error)
+            raise
+        self.metrics.token("issued")
+        return answer
+
+    async def _token(self, form: dict[str, str], basic: tuple[str, str] | None,
+                     address: Callable[[], str]) -> dict[str, object]:
         post_id, post_secret = form.get("client_id"), form.get("client_secret")
         if basic and (post_secret is not None or (post_id is not None and post_id != basic[0])):
             raise InvalidRequest("Use one client authentication method, not both.")
@@ -99,6 +114,7 @@ class ClientService:
         if not grant:
             raise InvalidRequest("The grant_type parameter is required.")
         client = await self._authenticate_throttled(client_id, secret, address)
+        note_client(client["client_id"])
         if grant != "client_credentials":
             raise UnsupportedGrantType()
         requested = form.get("scope", "").split()
