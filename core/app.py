@@ -13,9 +13,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, MethodNotAllowed, NotFound, ServiceUnavailable
+from .observe import NO_STORE, ObserveRequests
 from .routes import ALLOWED_METHODS, ROUTES
 from .server import Server
 from .settings import Settings
@@ -23,31 +23,8 @@ from .store import StoreDegraded, StoreUnavailable
 
 log = logging.getLogger("ssa_server.app")
 
-_NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
-# Starlette answers an unexpected exception from its outermost middleware, outside NoStoreHeaders.
-_NO_STORE_HEADERS = {name.decode(): value.decode() for name, value in _NO_STORE}
-
-
-class NoStoreHeaders:
-    """Every response carries ``Cache-Control: no-store`` (pure ASGI: no per-request task), but a
-    handler that sets its own ``Cache-Control`` (the Status List Tokens, meant to be cached) keeps it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = message.get("headers", [])
-                if not any(h[0] == b"cache-control" for h in headers):
-                    message["headers"] = [*headers, *_NO_STORE]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+# Starlette answers an unexpected exception from its outermost middleware, outside ObserveRequests.
+_NO_STORE_HEADERS = {name.decode(): value.decode() for name, value in NO_STORE}
 
 
 def _error_response(error: ApiError) -> Response:
@@ -122,5 +99,5 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
     }
     app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(NoStoreHeaders)
+    app.add_middleware(ObserveRequests, metrics=server.metrics, log_requests=server.settings.access_log)
     return app

@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from .clients import ClientService
 from .errors import InsufficientScope, InvalidClient, InvalidToken, MissingToken
+from .observe import note_client
 from .tokens import Caller, TokenAuthority
 from .validation import storable
 
@@ -25,6 +26,7 @@ async def authenticate(request: Request, tokens: TokenAuthority, clients: Client
     if scheme.lower() != "bearer" or not token:
         raise InvalidToken("Use an Authorization: Bearer access token.")
     caller = tokens.verify(token)
+    note_client(caller.client_id)
     if not await clients.caller_exists(caller.client_id):
         raise InvalidToken("The client of this access token no longer exists.")
     if not caller.scopes & set(allowed_scopes):

@@ -70,13 +70,14 @@ def _require_httptools() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _require_httptools()
-    logs = configure_logging(settings.log_level)
+    logs = configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
         from .workers import serve_workers
 
         return serve_workers(settings, logs)
     from .app import create_app
     from .edge import edge_config
+    from .metrics import listen
     from .signals import GracefulServer, end_by, keep_signals
 
     server = Server.build(settings, accept_journal_loss=args.accept_journal_loss)
@@ -87,10 +88,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         await server.start()  # opens the store (takes the data-dir lock) before accepting requests
         config.log_limits()
+        stop_metrics = None
         try:
+            if settings.metrics_port:
+                stop_metrics = listen(settings.host, settings.metrics_port, server.metrics.registry)
             if not uv.should_exit:  # a signal during start-up: stop at once
                 await uv.serve()
         finally:
+            if stop_metrics is not None:
+                stop_metrics()
             await server.stop()
 
     with keep_signals(uv), asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:  # uvloop

@@ -22,6 +22,8 @@ from typing import Any
 from .client_assertions import (JWT_BEARER, PRIVATE_KEY_JWT, ClientAssertions, check_jwks_uri, public_key_set,
                                 unverified_parts)
 from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
+from .metrics import Metrics
+from .observe import note_client
 from .ssa import SSA_SCOPES
 from .store import ClientRecord, Store
 from .throttle import FailureThrottle, parse_networks
@@ -50,8 +52,9 @@ class ClientService:
     def __init__(self, store: Store, tokens: TokenAuthority, clock: Callable[[], float] = time.time, *,
                  failures_per_client: int = 10, failures_per_address: int = 50,
                  failure_window: float = 60.0, trusted_proxies: tuple[str, ...] = (),
-                 assertions: ClientAssertions | None = None) -> None:
+                 metrics: Metrics | None = None, assertions: ClientAssertions | None = None) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
         self.tokens = tokens
         self.assertions = assertions or ClientAssertions(store, tokens.issuer, clock=clock)
         self._clock = clock
@@ -105,7 +108,18 @@ class ClientService:
         """The client-credentials grant: authenticate, check scopes, issue an access token.
 
         ``address`` finds the client's address; it is only called when a failure is counted or
-        an address is being refused, so a normal request does not pay for it."""
+        an address is being refused, so a normal request does not pay for it.  Each answer is
+        counted in ``ssa_token_requests_total``: ``issued``, or the OAuth error code."""
+        try:
+            answer = await self._token(form, basic, address)
+        except ApiError as e:
+            self.metrics.token(e.error)
+            raise
+        self.metrics.token("issued")
+        return answer
+
+    async def _token(self, form: dict[str, str], basic: tuple[str, str] | None,
+                     address: Callable[[], str]) -> dict[str, object]:
         post_id, post_secret = form.get("client_id"), form.get("client_secret")
         assertion_type, assertion = form.get("client_assertion_type"), form.get("client_assertion")
         if assertion_type is not None or assertion is not None:
@@ -133,6 +147,7 @@ class ClientService:
         if not grant:
             raise InvalidRequest("The grant_type parameter is required.")
         client = await self._authenticate_throttled(client_id, address, check)
+        note_client(client["client_id"])
         if grant != "client_credentials":
             raise UnsupportedGrantType()
         requested = form.get("scope", "").split()

@@ -116,10 +116,14 @@ def edge_config(settings: Settings, app: Any, **options: Any) -> EdgeConfig:
     limits = EdgeLimits(head_timeout=settings.http_head_timeout, body_timeout=settings.http_body_timeout,
                         idle_timeout=settings.http_idle_timeout,
                         max_connections=max_connections(settings, soft))
-    # X-Forwarded-* only change the client address and scheme uvicorn reports, which only its
-    # access log shows (every URL the server hands out comes from the configured issuer).
+    # X-Forwarded-* only change the client address and scheme uvicorn reports (every URL the
+    # server hands out comes from the configured issuer).  The access log is the server's own
+    # request line (observe.py: request id, route template, client_id), never uvicorn's (raw
+    # paths with their queries).  JSON logs: uvicorn's loggers go through the server's handler.
+    if settings.log_format == "json":
+        options.setdefault("log_config", None)
     return EdgeConfig(app, limits=limits, fd_limit=soft, host=settings.host, port=settings.port,
-                      log_level=settings.log_level, access_log=settings.access_log,
+                      log_level=settings.log_level, access_log=False,
                       proxy_headers=settings.access_log, server_header=False, **options)
 
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 from jwcrypto import jwk
 
 from .key_encryption import KeyDecryptionError, KeyEncryption, reseal
+from .metrics import Metrics
 from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
 from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, signing_key, state, superseded
 from .signing_process import SigningProcess, SigningUnavailable
@@ -71,12 +72,14 @@ class KeyRing:
 
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
                  activation_delay: int = 600, rotation_days: int = 0,
-                 clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None) -> None:
+                 clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._store = store
         self.encryption = encryption or KeyEncryption()
         self._private: dict[str, dict[str, Any]] = {}  # kid -> the whole JWK, decrypted once
         self._unopened: set[str] = set()  # kids logged as undecryptable here
         self.resealed = 0  # key records ``load`` rewrote under the current master key
+        self._metrics = metrics if metrics is not None else Metrics()
         self._alg = signing_alg
         self._refresh_interval = refresh_interval
         self._activation_delay = activation_delay
@@ -309,6 +312,13 @@ class KeyRing:
         the signing process is unavailable (it died, hung or cannot start: logged)."""
         record = self.active()
         signer = self._signers[record["kid"]]
+        started = time.perf_counter()
+        token = await self._sign_with(record, signer, header, claims)
+        self._metrics.signed(signer.alg, time.perf_counter() - started)
+        return token
+
+    async def _sign_with(self, record: KeyRecord, signer: Signer, header: dict[str, Any],
+                         claims: dict[str, Any]) -> str:
         if self._threads is not None and signer.alg in SLOW_ALGS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._threads, signer.sign, header, claims)

@@ -176,6 +176,13 @@ def openapi_document(issuer: str) -> dict[str, Any]:
         "/health/live": {"get": {"summary": "Liveness", "responses": _ok("Alive", any_object)}},
         "/health/ready": {"get": {"summary": "Readiness (store, signing key)",
                                   "responses": {**_ok("Ready", any_object), **_errors(503)}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format; no jti, org_id or client_id in any label). "
+                       "With metrics_port set: served open on that port, and 404 here",
+            "security": bearer(ADMIN),
+            "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors(401, 404, 503)}}},
     }
     return {
         "openapi": "3.1.0",

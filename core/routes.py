@@ -13,6 +13,7 @@ from starlette.routing import Route
 from .auth import authenticate, basic_credentials
 from .client_assertions import ASSERTION_ALGS, PRIVATE_KEY_JWT
 from .errors import InvalidRequest, NotFound
+from .metrics import CONTENT_TYPE
 from .script_revisions import RevisionError, history
 from .server import Server
 from .service import CallContext
@@ -189,6 +190,17 @@ def _count_param(request: Request, name: str, default: int, low: int, high: int)
     return int(text)
 
 
+async def metrics(request: Request) -> Response:
+    """The Prometheus text format (``metrics.py``), admin token on the main port; with
+    ``metrics_port`` set it is served there (open) and this route answers 404."""
+    server = _server(request)
+    if server.settings.metrics_port:
+        raise NotFound("Metrics are served on the metrics port (metrics_port).")
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    await server.observe_state()
+    return Response(server.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
 async def discovery(request: Request) -> Response:
     return JSONResponse(discovery_document(request))
 
@@ -234,6 +246,7 @@ ROUTES = [
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/health/live", health_live, methods=["GET"]),
     Route("/health/ready", health_ready, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]
 
 # Every method of each path, for the Allow header of a 405 (/ssa is three routes).

@@ -22,7 +22,8 @@ from . import script_revisions
 from .client_assertions import ClientAssertions
 from .clients import ClientService
 from .key_encryption import KeyEncryption
-from .keys import KeyRing
+from .keys import SSA_USE, KeyRing
+from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
 from .service import SsaService
 from .settings import Settings
 from .status_issuer import BLOCK, StatusIssuer
@@ -34,6 +35,8 @@ from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
 
 log = logging.getLogger("ssa_server")
+
+METRICS_REFRESH = 5.0  # seconds between the gauges' refreshes for a metrics_port listener
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Server:
     plugins: pluggy.PluginManager
     scripts: ScriptHost | None = None
     clock: Callable[[], float] = time.time
+    metrics: Metrics = field(default_factory=Metrics)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _serving: bool = False
 
@@ -55,10 +59,14 @@ class Server:
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
               accept_journal_loss: bool = False) -> Server:
         encryption = KeyEncryption.from_settings(settings)  # before the store: a bad reference is one line
-        store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
+        metrics = Metrics()
+        store = timed_store(store or open_store(settings, exclusive=exclusive,
+                                                accept_journal_loss=accept_journal_loss),
+                            metrics, "postgresql" if settings.uses_postgres else "tinydb")
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
-                       rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption)
+                       rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
+                       metrics=metrics)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -69,7 +77,7 @@ class Server:
                                  log_lines=settings.script_log_lines,
                                  log_interval=settings.script_log_interval,
                                  http=http_limits_from(settings), log_keep=settings.script_log_buffer,
-                                 revisions_kept=settings.script_revisions_kept)
+                                 revisions_kept=settings.script_revisions_kept, metrics=metrics)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         assertions = ClientAssertions(store, settings.issuer,
                                       max_lifetime=settings.client_assertion_max_lifetime,
@@ -81,11 +89,12 @@ class Server:
                                 failures_per_client=settings.token_failures_per_client,
                                 failures_per_address=settings.token_failures_per_address,
                                 failure_window=settings.token_failure_window,
-                                trusted_proxies=settings.trusted_proxies)
+                                trusted_proxies=settings.trusted_proxies, metrics=metrics)
         status_lists = StatusIssuer(settings, store, keys, clock)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
-                   service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists),
-                   plugins=plugins, scripts=scripts, clock=clock)
+                   service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists,
+                                      metrics=metrics),
+                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
         """Open the store, load the keys, start the script pool and, for the server
@@ -140,6 +149,8 @@ class Server:
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
             if host is not None:
                 self._tasks.append(asyncio.create_task(self._revisions(host), name="ssa-script-revisions"))
+            if self.settings.metrics_port or multiprocess_dir() is not None:
+                self._tasks.append(asyncio.create_task(self._metrics(), name="ssa-metrics"))
             self.keys.start_signing()  # signing threads and process; CLI commands sign inline
             self.service.status_lists.block = BLOCK  # a CLI command reserves one index at a time
 
@@ -150,6 +161,7 @@ class Server:
                 await task
         self._tasks.clear()
         self.service.status_lists.close()  # a block reservation under way
+        self.metrics.flush()  # (with --workers N, the last figures into this run's files)
         self.keys.close()  # the signing process and threads
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
@@ -186,6 +198,39 @@ class Server:
             if pending:
                 pending = await script_revisions.record(self.store, pending, host.revisions_kept)
             await asyncio.sleep(max(0.05, host.reload_interval))
+
+    async def observe_state(self) -> None:
+        """Set the gauges of what the store and the keys hold now (before a scrape, and every
+        ``METRICS_REFRESH`` seconds for a ``metrics_port`` listener, which cannot ask the store)."""
+        now = self.clock()
+        counts: dict[str, int] = {}
+        for record in self.keys.records():
+            if record["use"] == SSA_USE:
+                counts[record["status"]] = counts.get(record["status"], 0) + 1
+        try:
+            active = self.keys.active()
+        except RuntimeError:
+            age = None
+        else:
+            age = max(0.0, now - float(active.get("activates_at") or active["created_at"]))
+        self.metrics.set_state(active=await self.store.count_active_ssas(int(now)), keys=counts, key_age=age)
+
+    async def _metrics(self) -> None:
+        """Where another process or thread reads this process's figures (``serve --workers N``,
+        ``metrics_port``): the tallies flushed every ``FLUSH_INTERVAL``, and for a
+        ``metrics_port`` the gauges refreshed every ``METRICS_REFRESH``."""
+        refreshed = 0.0
+        while True:
+            self.metrics.flush()
+            if self.settings.metrics_port and time.monotonic() - refreshed >= METRICS_REFRESH:
+                refreshed = time.monotonic()
+                try:
+                    await self.observe_state()
+                except (StoreUnavailable, OSError):
+                    pass  # the readiness check says why; the next run retries
+                except Exception as e:  # keep it alive
+                    log.error("metrics refresh failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(FLUSH_INTERVAL)
 
     @property
     def backend(self) -> str:

@@ -21,6 +21,7 @@ from . import jsonvalues
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
 from .keys import KeyRing
+from .metrics import Metrics
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_changes, jwt_claims,
@@ -89,8 +90,10 @@ class CallContext:
 
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
-                 clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None) -> None:
+                 clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.keys = keys
         self.status_lists = (status_lists if status_lists is not None
@@ -142,6 +145,7 @@ class SsaService:
             await self.store.add_ssa(record)
         except UnstorableValue as e:  # the request's checks refuse these first; never a 500 anyway
             raise InvalidRequest(f"A value of the request cannot be stored exactly: {e}.") from None
+        self.metrics.issue(active["alg"])
         log.debug("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
         return token
 
@@ -229,7 +233,9 @@ class SsaService:
     async def validate(self, jti: str | None) -> None:
         """Succeeds for an existing, ACTIVE, unexpired SSA; a one-time SSA becomes USED, atomically."""
         self.require_enabled()
-        if not jti or await self.store.mark_used(jti, self.now()) is None:
+        valid = False if not jti else await self.store.mark_used(jti, self.now()) is not None
+        self.metrics.validation(valid)
+        if not valid:
             raise InvalidJti()
 
     # --- status (no token: the consumers' question, never a change) ---
@@ -261,6 +267,7 @@ class SsaService:
         revoked = await self.store.revoke_ssas(jti=jti or None, org_id=org_id or None, now=self.now())
         if not revoked:
             raise NothingToRevoke()
+        self.metrics.revocations(len(revoked))
         log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
         if self.hooks.wanted("revoke"):  # never raises: the revocation stands whatever a hook does
             items = [list_item(r) for r in revoked]

@@ -31,6 +31,7 @@ JWT_TYPS = ("jwt", "JWT")  # Janssen's, and the OBIE profile's
 # An OAuth scope token (RFC 6749 §3.3): printable ASCII but space, '"' and '\\'.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 ON_SCRIPT_ERROR = ("fail", "skip")
+LOG_FORMATS = ("text", "json")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SECRET_FIELDS = frozenset({"store_url"})  # may carry a password; masked by ``config show``
 
@@ -68,8 +69,10 @@ class Settings:
     key_encryption_key: str = ""
     key_encryption_key_previous: str = ""  # the master key before a rotation (keys rewrap), read too
     log_level: str = "info"
-    # off by default: uvicorn's access log costs a large share of throughput (bench/README.md)
+    # off by default: a line per request costs a share of throughput (bench/README.md)
     access_log: bool = False
+    log_format: str = "text"  # "text" or "json" (one object per line)
+    metrics_port: int = 0  # GET /metrics on its own port (open there); 0: on the main port (admin token)
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"
@@ -138,6 +141,11 @@ class Settings:
             )
         if not 0 < self.port < 65536:
             raise SettingsError(f"SSA_PORT={self.port} is not a TCP port (1-65535)")
+        if not 0 <= self.metrics_port < 65536 or self.metrics_port == self.port:
+            raise SettingsError(f"SSA_METRICS_PORT={self.metrics_port} must be a TCP port other than "
+                                "SSA_PORT (1-65535), or 0 (GET /metrics on the main port)")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"SSA_LOG_FORMAT={self.log_format!r} must be 'text' or 'json'")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",
                      "script_memory_mb", "script_output_kb", "script_http_max_kb",
                      "script_http_calls_per_step", "store_pool_min", "store_pool_max", "workers",

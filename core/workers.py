@@ -15,6 +15,8 @@ import asyncio
 import json
 import logging.handlers
 import os
+import shutil
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from .logs import configure_logging
+from .metrics import MULTIPROC_ENV, aggregate, listen
 from .server import Server
 from .settings import Settings, load_settings
 
@@ -49,12 +52,24 @@ def serve_workers(settings: Settings, logs: logging.handlers.QueueListener) -> i
 
     asyncio.run(_prepare(settings))
     os.environ[SETTINGS_ENV] = _encode(settings)  # inherited by the workers, never logged
-    # The workers inherit the raised file-descriptor limit and get the edge's limits in the config.
-    config = edge_config(settings, "ssa_server.workers:app_factory", factory=True, workers=settings.workers,
-                         lifespan="on")
-    config.log_limits()
-    supervisor = Supervisor(config, sockets=[config.bind_socket()])
-    supervisor.run()
+    # This run's metrics: each worker writes its figures here (0700, removed when the run ends),
+    # whichever process answers a scrape sums them (metrics.py).
+    metrics_dir = tempfile.mkdtemp(prefix="ssa-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    stop_metrics = None
+    try:
+        # The workers inherit the raised file-descriptor limit and get the edge's limits in the config.
+        config = edge_config(settings, "ssa_server.workers:app_factory", factory=True,
+                             workers=settings.workers, lifespan="on")
+        config.log_limits()
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        if settings.metrics_port:  # one listener, in the parent, over every worker's figures
+            stop_metrics = listen(settings.host, settings.metrics_port, aggregate(metrics_dir))
+        supervisor.run()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     end_by(supervisor.signals, logs)
     return 0
 
@@ -65,5 +80,5 @@ def app_factory() -> Starlette:
     from .app import create_app
 
     settings = load_settings(json.loads(os.environ[SETTINGS_ENV]), environ={})
-    logs = configure_logging(settings.log_level)
+    logs = configure_logging(settings.log_level, settings.log_format)
     return create_app(settings, on_stop=logs.stop)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from ssa_server.errors import SandboxBusy, ScriptDenied, ScriptFailed
 from ssa_server.jwt_draft import JwtDraft
+from ssa_server.metrics import Metrics
 from ssa_server.script_revisions import new_record
 from ssa_server.script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
 from ssa_server.store import ScriptRevisionRecord
@@ -108,11 +109,13 @@ class _Adapter:
         cannot refuse (revoke) a skipped hook."""
         name = self.state.name
         if e.kind == "busy":
+            self.host.metrics.script_run(name, self.hook, "busy", None)
             if not may_refuse(self.hook):
                 log.warning("script %s %s skipped: %s", name, self.hook, e)
                 return None
             raise SandboxBusy(retry_after=max(1, math.ceil(self.host.limits.timeout)))
         self._count(seconds)
+        self.host.metrics.script_run(name, self.hook, "failed", seconds)
         self.state.failures += 1
         message = self.state.redactor.text(str(e))
         self.state.failures_by_kind[e.kind] = self.state.failures_by_kind.get(e.kind, 0) + 1
@@ -132,6 +135,8 @@ class _Adapter:
         self.host.script_log.write(name, self.state.revision, result.get("logs"), result.get("logs_dropped"),
                                    redactor=redactor)
         denied = result.get("denied")
+        self.host.metrics.script_run(name, self.hook, "denied" if denied and may_refuse(self.hook) else "ok",
+                                     seconds)
         if denied and may_refuse(self.hook):
             raise ScriptDenied(redactor.text(str(denied.get("description") or f"denied by script {name}")),
                                error=redactor.text(str(denied.get("error") or "access_denied")))
@@ -154,6 +159,7 @@ class _FailedAdapter(_Adapter):
 
     def refuse(self) -> NoReturn:
         self._count(0.0)
+        self.host.metrics.script_run(self.state.name, self.hook, "failed", None)
         self.state.failures += 1
         self.state.failures_by_kind["not_loaded"] = self.state.failures_by_kind.get("not_loaded", 0) + 1
         raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
@@ -200,8 +206,9 @@ class ScriptHost:
     def __init__(self, scripts_dir: Path, *, limits: SandboxLimits,
                  workers: int, on_error: str = "fail", reload_interval: float = 1.0,
                  log_lines: int = 100, log_interval: float = 10.0, http: HttpLimits | None = None,
-                 log_keep: int = 200, revisions_kept: int = 20) -> None:
+                 log_keep: int = 200, revisions_kept: int = 20, metrics: Metrics | None = None) -> None:
         self.scripts_dir = Path(scripts_dir)
+        self.metrics = metrics if metrics is not None else Metrics()  # ssa_script_runs_total, durations
         self.revisions_kept = revisions_kept
         # Revisions first seen, for the server to record in its store (``take_revisions``): the
         # reload thread never waits for the store.

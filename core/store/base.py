@@ -73,6 +73,9 @@ class Store(Protocol):
     async def count_ssas(self) -> int:
         """How many SSAs are stored, whatever their status."""
 
+    async def count_active_ssas(self, now: int) -> int:
+        """How many SSAs are ACTIVE with an expiration after ``now`` (the ``ssa_active`` gauge)."""
+
     # --- Token Status Lists (``status_list.py``, ``status_issuer.py``) ---
     async def reserve_status_counters(self, count: int, size: int, key: str,
                                       now: int) -> tuple[StatusListRecord, int]:

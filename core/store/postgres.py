@@ -315,6 +315,11 @@ class PgStore:
         rows = await self._rows("SELECT count(*) AS n FROM ssa")
         return int(rows[0]["n"])
 
+    async def count_active_ssas(self, now: int) -> int:
+        rows = await self._rows("SELECT count(*) AS n FROM ssa WHERE status = %s AND expiration > %s",
+                                [ACTIVE, now])
+        return int(rows[0]["n"])
+
     # --- Token Status Lists ---
     async def reserve_status_counters(self, count: int, size: int, key: str,
                                       now: int) -> tuple[StatusListRecord, int]:

@@ -302,6 +302,11 @@ class TinyStore:
         self.journal.catch_up()
         return len(self.tables["ssa"])
 
+    async def count_active_ssas(self, now: int) -> int:
+        self.journal.catch_up()
+        return sum(1 for doc in self.tables["ssa"].values()
+                   if doc["status"] == ACTIVE and doc["expiration"] > now)
+
     # --- Token Status Lists ---
     async def reserve_status_counters(self, count: int, size: int, key: str,
                                       now: int) -> tuple[StatusListRecord, int]:
