@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -116,10 +117,44 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 # --- clients ---
+def _read_jwk(path: str) -> Any:
+    """A JWK or JWK set file (public keys: ``ClientService.create`` refuses private members)."""
+    try:  # non-blocking open: a FIFO is refused as not a regular file instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ApiError(f"--jwk {path} is not a regular file", error="invalid_client_metadata")
+            text = f.read(64 * 1024 + 1)
+    except OSError as e:
+        raise ApiError(f"--jwk {path}: {e.strerror or type(e).__name__}", error="invalid_client_metadata") \
+            from None
+    try:
+        if len(text) > 64 * 1024:
+            raise ValueError("larger than 64 KiB")
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(f"--jwk {path} is not a JSON JWK: {e}", error="invalid_client_metadata") from None
+
+
+def _client_view(record: dict[str, Any]) -> dict[str, Any]:
+    """A client as the CLI shows it: never the secret's hash; its authentication method always."""
+    view = {k: v for k, v in record.items() if k != "secret_hash"}
+    view.setdefault("token_endpoint_auth_method", "client_secret_basic")
+    return view
+
+
 def cmd_clients_create(args: argparse.Namespace) -> int:
+    jwks = _read_jwk(args.jwk) if args.jwk else None
+
     async def action(server: Server) -> Any:
-        record, secret = await server.clients.create(args.scope, name=args.name or "")
-        return {"client_id": record["client_id"], "client_secret": secret, "scopes": record["scopes"]}
+        record, secret = await server.clients.create(args.scope, name=args.name or "", jwks=jwks,
+                                                     jwks_uri=args.jwks_uri)
+        made: dict[str, Any] = {"client_id": record["client_id"], "scopes": record["scopes"]}
+        if secret is not None:  # (a secret client's answer is as it always was)
+            made["client_secret"] = secret
+        else:
+            made["token_endpoint_auth_method"] = record.get("token_endpoint_auth_method")
+        return made
 
     _print(asyncio.run(_with_server(_settings(args), action)))
     return 0
@@ -127,8 +162,7 @@ def cmd_clients_create(args: argparse.Namespace) -> int:
 
 def cmd_clients_list(args: argparse.Namespace) -> int:
     async def action(server: Server) -> Any:
-        clients = await server.clients.list_clients()
-        return [{k: v for k, v in c.items() if k != "secret_hash"} for c in clients]
+        return [_client_view(dict(c)) for c in await server.clients.list_clients()]
 
     _print(asyncio.run(_with_server(_settings(args), action)))
     return 0
@@ -628,9 +662,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     clients = sub.add_parser("clients", help="token-endpoint clients").add_subparsers(dest="action",
                                                                                       required=True)
-    c = clients.add_parser("create", parents=[common], help="register a client; prints its secret once")
+    c = clients.add_parser("create", parents=[common],
+                           help="register a client; prints its secret once (none with --jwk or --jwks-uri)")
     c.add_argument("--scope", action="append", required=True, help="scope URI (repeatable)")
     c.add_argument("--name")
+    method = c.add_mutually_exclusive_group()
+    method.add_argument("--jwk", metavar="FILE",
+                        help="private_key_jwt: the client's public JWK or JWK set (a JSON file)")
+    method.add_argument("--jwks-uri", dest="jwks_uri", metavar="URL",
+                        help="private_key_jwt: where the client publishes its keys "
+                             "(https, or http to loopback)")
     c.set_defaults(func=cmd_clients_create)
     clients.add_parser("list", parents=[common]).set_defaults(func=cmd_clients_list)
     d = clients.add_parser("delete", parents=[common])

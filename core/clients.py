@@ -4,7 +4,9 @@ Client secrets are 256-bit random strings, so a salted SHA-256 is enough to stor
 is nothing to brute-force that a slow hash would protect.  The secret itself is shown once, at
 creation, and never stored.  An unknown client id is checked against a dummy hash, so it takes the
 time a known id with a wrong secret takes; failed authentications are throttled per client id and
-per client address (``throttle.py``).
+per client address (``throttle.py``).  A client registered with a public key set or a jwks_uri
+authenticates with a signed client assertion instead (``private_key_jwt``, ``client_assertions.py``);
+a client has one method.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from .client_assertions import (JWT_BEARER, PRIVATE_KEY_JWT, ClientAssertions, check_jwks_uri, public_key_set,
+                                unverified_parts)
 from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
 from .metrics import Metrics
 from .observe import note_client
@@ -47,24 +52,37 @@ class ClientService:
     def __init__(self, store: Store, tokens: TokenAuthority, clock: Callable[[], float] = time.time, *,
                  failures_per_client: int = 10, failures_per_address: int = 50,
                  failure_window: float = 60.0, trusted_proxies: tuple[str, ...] = (),
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, assertions: ClientAssertions | None = None) -> None:
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
         self.tokens = tokens
+        self.assertions = assertions or ClientAssertions(store, tokens.issuer, clock=clock)
         self._clock = clock
         self.by_client = FailureThrottle(failures_per_client, failure_window, clock)
         self.by_address = FailureThrottle(failures_per_address, failure_window, clock)
         self.proxies = parse_networks(trusted_proxies)  # whose X-Forwarded-For names the client
 
-    async def create(self, scopes: list[str], name: str = "") -> tuple[ClientRecord, str]:
-        """Register a client; returns its record and the secret (shown once)."""
+    async def create(self, scopes: list[str], name: str = "", *, jwks: Any = None,
+                     jwks_uri: str | None = None) -> tuple[ClientRecord, str | None]:
+        """Register a client; returns its record and the secret (shown once).  With ``jwks`` (a
+        public JWK or JWK set) or ``jwks_uri`` the client uses private_key_jwt and has no secret."""
         unknown = [s for s in scopes if s not in SSA_SCOPES]
         if not scopes or unknown:
             raise ApiError(f"Scopes must be among {', '.join(SSA_SCOPES)}; "
                            f"got {', '.join(unknown) or 'none'}.", error="invalid_scope")
-        secret = secrets.token_urlsafe(32)
-        record = ClientRecord(client_id=str(uuid.uuid4()), name=name, secret_hash=hash_secret(secret),
+        if jwks is not None and jwks_uri is not None:
+            raise ApiError("Give a JWK set or a jwks_uri, not both.", error="invalid_client_metadata")
+        record = ClientRecord(client_id=str(uuid.uuid4()), name=name, secret_hash="",
                               scopes=sorted(set(scopes)), created_at=int(self._clock()))
+        secret = None
+        if jwks is not None:
+            record["token_endpoint_auth_method"], record["jwks"] = PRIVATE_KEY_JWT, public_key_set(jwks)
+        elif jwks_uri is not None:
+            record["token_endpoint_auth_method"] = PRIVATE_KEY_JWT
+            record["jwks_uri"] = check_jwks_uri(jwks_uri)
+        else:
+            secret = secrets.token_urlsafe(32)
+            record["secret_hash"] = hash_secret(secret)
         await self.store.add_client(record)
         return record, secret
 
@@ -74,13 +92,14 @@ class ClientService:
     async def delete(self, client_id: str) -> bool:
         deleted = await self.store.delete_client(client_id)
         self.tokens.forget_client(client_id)
+        self.assertions.forget(client_id)
         return deleted
 
     async def authenticate(self, client_id: str, secret: str) -> ClientRecord:
         record = await self.store.get_client(client_id) if client_id else None
         # One hash either way: an unknown id must not answer faster than a wrong secret.
         matches = secret_matches(secret, record["secret_hash"] if record is not None else _DUMMY_HASH)
-        if record is None or not matches:
+        if record is None or not matches or "token_endpoint_auth_method" in record:
             raise InvalidClient()
         return record
 
@@ -102,18 +121,32 @@ class ClientService:
     async def _token(self, form: dict[str, str], basic: tuple[str, str] | None,
                      address: Callable[[], str]) -> dict[str, object]:
         post_id, post_secret = form.get("client_id"), form.get("client_secret")
-        if basic and (post_secret is not None or (post_id is not None and post_id != basic[0])):
-            raise InvalidRequest("Use one client authentication method, not both.")
-        if basic:
-            client_id, secret = basic
-        elif post_id is not None and post_secret is not None:
-            client_id, secret = post_id, post_secret
+        assertion_type, assertion = form.get("client_assertion_type"), form.get("client_assertion")
+        if assertion_type is not None or assertion is not None:
+            if basic or post_secret is not None:
+                raise InvalidRequest("Use one client authentication method, not both.")
+            if assertion_type != JWT_BEARER or not assertion:
+                raise InvalidRequest(f"A client assertion needs client_assertion_type={JWT_BEARER} "
+                                     "and client_assertion.")
+            header, claims, client_id = unverified_parts(assertion)
+            if post_id is not None and post_id != client_id:
+                raise InvalidClient("The client_id is not the client_assertion's sub.")
+            check = lambda: self._assertion_client(client_id, header, claims, assertion)  # noqa: E731
         else:
-            raise InvalidClient("Client authentication is required (HTTP Basic or client_secret_post).")
+            if basic and (post_secret is not None or (post_id is not None and post_id != basic[0])):
+                raise InvalidRequest("Use one client authentication method, not both.")
+            if basic:
+                client_id, secret = basic
+            elif post_id is not None and post_secret is not None:
+                client_id, secret = post_id, post_secret
+            else:
+                raise InvalidClient("Client authentication is required (HTTP Basic, client_secret_post "
+                                    "or private_key_jwt).")
+            check = lambda: self.authenticate(client_id, secret)  # noqa: E731
         grant = form.get("grant_type")
         if not grant:
             raise InvalidRequest("The grant_type parameter is required.")
-        client = await self._authenticate_throttled(client_id, secret, address)
+        client = await self._authenticate_throttled(client_id, address, check)
         note_client(client["client_id"])
         if grant != "client_credentials":
             raise UnsupportedGrantType()
@@ -125,10 +158,19 @@ class ClientService:
         token, ttl = self.tokens.issue(client["client_id"], scopes)
         return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": " ".join(scopes)}
 
-    async def _authenticate_throttled(self, client_id: str, secret: str,
-                                      address: Callable[[], str]) -> ClientRecord:
-        """``authenticate``, unless this id or address failed too often (429 before the secret is
-        checked: a right secret is refused too, or the throttle would still let guesses through)."""
+    async def _assertion_client(self, client_id: str, header: dict[str, Any], claims: dict[str, Any],
+                                assertion: str) -> ClientRecord:
+        record = await self.store.get_client(client_id)
+        if record is None:
+            raise InvalidClient()
+        await self.assertions.verify(record, header, claims, assertion)
+        return record
+
+    async def _authenticate_throttled(self, client_id: str, address: Callable[[], str],
+                                      check: Callable[[], Awaitable[ClientRecord]]) -> ClientRecord:
+        """``check`` (the secret, or the client assertion), unless this id or address failed too
+        often (429 before the credentials are checked: right ones are refused too, or the throttle
+        would still let guesses through)."""
         where = address() if self.by_address.blocking else None
         wait = self.by_client.retry_after(client_id)
         if where:
@@ -136,7 +178,7 @@ class ClientService:
         if wait > 0:
             raise SlowDown(wait)
         try:
-            return await self.authenticate(client_id, secret)
+            return await check()
         except InvalidClient:
             self.by_client.failed(client_id)
             self.by_address.failed(where if where is not None else address())

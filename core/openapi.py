@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .client_assertions import ASSERTION_ALGS, JWT_BEARER, MAX_ASSERTION
 from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, STATES, Kind
 from .store.search import DEFAULT_LIMIT, MAX_LENGTH, MAX_LIMIT, MAX_TERMS
 
@@ -73,11 +74,19 @@ def openapi_document(issuer: str) -> dict[str, Any]:
     any_object = {"type": "object", "additionalProperties": True}
     paths: dict[str, Any] = {
         "/token": {"post": {
-            "summary": "Client-credentials grant (RFC 6749 §4.4)",
+            "summary": "Client-credentials grant (RFC 6749 §4.4); the client authenticates with HTTP Basic, "
+                       "client_secret_post or private_key_jwt (RFC 7523 §2.2: client_assertion_type and "
+                       "client_assertion), one method per client",
             "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
                 "type": "object", "required": ["grant_type"],
                 "properties": {"grant_type": {"const": "client_credentials"}, "scope": {"type": "string"},
-                               "client_id": {"type": "string"}, "client_secret": {"type": "string"}}}}}},
+                               "client_id": {"type": "string"}, "client_secret": {"type": "string"},
+                               "client_assertion_type": {"const": JWT_BEARER},
+                               "client_assertion": {
+                                   "type": "string", "maxLength": MAX_ASSERTION,
+                                   "description": "a JWT signed by the client (iss = sub = client_id, aud = "
+                                                  "the token endpoint or the issuer, exp, jti used once; "
+                                                  f"alg one of {', '.join(ASSERTION_ALGS)})"}}}}}},
             "responses": {**_ok("Access token", {"type": "object", "required": ["access_token", "token_type",
                                                                                "expires_in", "scope"]}),
                           **_errors(400, 401, 413, 429, 503)},

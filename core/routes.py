@@ -11,6 +11,7 @@ from .responses import JSONResponse
 from starlette.routing import Route
 
 from .auth import authenticate, basic_credentials
+from .client_assertions import ASSERTION_ALGS, PRIVATE_KEY_JWT
 from .errors import InvalidRequest, NotFound
 from .metrics import CONTENT_TYPE
 from .script_revisions import RevisionError, history
@@ -132,7 +133,9 @@ def discovery_document(request: Request) -> dict[str, Any]:
         "issuer": settings.issuer,
         "jwks_uri": f"{settings.issuer}/jwks",
         "token_endpoint": f"{settings.issuer}/token",
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post",
+                                                  PRIVATE_KEY_JWT],
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "grant_types_supported": ["client_credentials"],
         "scopes_supported": list(SSA_SCOPES),
         "response_types_supported": ["token"],

@@ -19,6 +19,7 @@ import anyio.to_thread
 import pluggy
 
 from . import script_revisions
+from .client_assertions import ClientAssertions
 from .clients import ClientService
 from .key_encryption import KeyEncryption
 from .keys import SSA_USE, KeyRing
@@ -78,7 +79,13 @@ class Server:
                                  http=http_limits_from(settings), log_keep=settings.script_log_buffer,
                                  revisions_kept=settings.script_revisions_kept, metrics=metrics)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
-        clients = ClientService(store, tokens, clock=clock,
+        assertions = ClientAssertions(store, settings.issuer,
+                                      max_lifetime=settings.client_assertion_max_lifetime,
+                                      leeway=settings.client_assertion_leeway,
+                                      jwks_timeout=settings.client_jwks_timeout,
+                                      jwks_refetch_interval=settings.client_jwks_refetch_interval,
+                                      jwks_max_age=settings.client_jwks_max_age, clock=clock)
+        clients = ClientService(store, tokens, clock=clock, assertions=assertions,
                                 failures_per_client=settings.token_failures_per_client,
                                 failures_per_address=settings.token_failures_per_address,
                                 failure_window=settings.token_failure_window,

@@ -107,6 +107,12 @@ class Settings:
     token_failures_per_address: int = 50  # ... per client address per window
     token_failure_window: float = 60.0  # seconds
     trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For is believed
+    # private_key_jwt client assertions at /token (issue 16; client_assertions.py).
+    client_assertion_max_lifetime: int = 300  # seconds an assertion's exp may be ahead of now
+    client_assertion_leeway: int = 30  # seconds of clock skew allowed on exp, iat and nbf
+    client_jwks_timeout: float = 5.0  # seconds per read of a client's jwks_uri (the whole fetch: twice that)
+    client_jwks_refetch_interval: float = 30.0  # seconds between fetches of a jwks_uri for unknown kids
+    client_jwks_max_age: float = 300.0  # seconds a fetched client key set is used before it is fetched again
     # GET /ssa/status for unknown jtis per address per token_failure_window
     status_failures_per_address: int = 50
     # Token Status Lists (issue 14; status_list.py, status_issuer.py).
@@ -144,13 +150,14 @@ class Settings:
                      "script_memory_mb", "script_output_kb", "script_http_max_kb",
                      "script_http_calls_per_step", "store_pool_min", "store_pool_max", "workers",
                      "token_failures_per_client", "token_failures_per_address",
-                     "status_failures_per_address"):
+                     "status_failures_per_address", "client_assertion_max_lifetime"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
                      "script_log_interval", "store_pool_timeout", "store_statement_timeout",
                      "http_head_timeout", "http_body_timeout", "http_idle_timeout", "token_failure_window",
-                     "script_http_timeout", "script_http_calls_per_second"):
+                     "script_http_timeout", "script_http_calls_per_second", "client_jwks_timeout",
+                     "client_jwks_refetch_interval", "client_jwks_max_age"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
         if not 8 <= self.status_list_size <= 1 << 24 or self.status_list_size % 8:
@@ -176,7 +183,7 @@ class Settings:
                                 "must be from 1 to 1000")
         if self.script_log_lines < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
-        for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days"):
+        for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days", "client_assertion_leeway"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
         self._validate_key_encryption()

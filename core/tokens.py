@@ -34,6 +34,7 @@ class TokenAuthority:
     def __init__(self, keys: KeyRing, issuer: str, ttl: int, clock: Callable[[], float] = time.time) -> None:
         self._keys = keys
         self._issuer = issuer
+        self.issuer = issuer  # the audience of client assertions too (``client_assertions.py``)
         self._ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[Caller, int]] = {}

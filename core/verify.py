@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -80,18 +81,100 @@ class StatusUnavailable(VerificationError):
     error = "status_unavailable"
 
 
-def urllib_fetch(timeout: float = 5.0) -> Fetch:
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx is answered as it is (an HTTPError): not 200, so refused
+
+
+def urllib_fetch(timeout: float = 5.0, *, follow_redirects: bool = True) -> Fetch:
+    """GET with ``timeout`` per socket operation and about twice that for the whole body, at most
+    ``MAX_DOCUMENT`` bytes kept (a longer document is cut there, so it is not JSON)."""
+    opener = (urllib.request.build_opener() if follow_redirects
+              else urllib.request.build_opener(_NoRedirect()))
+
     def fetch(url: str) -> tuple[int, bytes]:
         accept = "application/json, application/statuslist+jwt"
         request = urllib.request.Request(url, headers={"Accept": accept})
+        deadline = time.monotonic() + 2 * timeout
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read(MAX_DOCUMENT)
+            with opener.open(request, timeout=timeout) as response:
+                return response.status, _read_capped(response, deadline)
         except urllib.error.HTTPError as e:
-            return e.code, e.read(MAX_DOCUMENT)
+            return e.code, _read_capped(e, deadline)
         except (OSError, ValueError) as e:
             raise IssuerUnreachable(f"{url}: {type(e).__name__}") from None
     return fetch
+
+
+def _read_capped(response: Any, deadline: float) -> bytes:
+    """At most MAX_DOCUMENT bytes, read in pieces until ``deadline`` (a server dripping bytes
+    cannot hold a reader longer than that and one socket timeout)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_DOCUMENT:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the response took too long")
+        chunk = (getattr(response, "read1", None) or response.read)(min(65536, MAX_DOCUMENT - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+class KeySetCache:
+    """A JWK set fetched from a URL and kept: fetched again when a token names a ``kid`` it does
+    not hold, or once it is older than ``max_age``, at most once per ``refetch_interval``.
+    ``url`` is asked only when a fetch is due (the kit finds it in the discovery document)."""
+
+    def __init__(self, url: Callable[[], str], fetch: Fetch, *, refetch_interval: float = 30.0,
+                 max_age: float = float("inf"), clock: Callable[[], float] = time.time) -> None:
+        self._url, self._fetch, self._clock = url, fetch, clock
+        self.refetch_interval, self.max_age = refetch_interval, max_age
+        self.keys: jwk.JWKSet | None = None
+        self.fetched_at = float("-inf")
+        self.failure: IssuerUnreachable | None = None  # the last fetch's, until one succeeds
+        self._lock = threading.Lock()
+
+    def cached(self, kid: str | None) -> jwk.JWK | None:
+        """The key ``kid`` if it is held and the set is fresh: no I/O."""
+        if self.keys is None or kid is None or self._clock() - self.fetched_at >= self.max_age:
+            return None
+        return self.keys.get_key(kid)
+
+    def key(self, kid: str | None) -> jwk.JWK:
+        """The key ``kid`` (fetching the set if due); UnknownKey, IssuerUnreachable.  Callers in
+        several threads wait for one fetch under way rather than being refused while it runs."""
+        with self._lock:
+            return self._key(kid)
+
+    def _key(self, kid: str | None) -> jwk.JWK:
+        found = self.cached(kid)
+        if found is None and self._clock() - self.fetched_at >= self.refetch_interval:
+            url = self._url()
+            self.fetched_at = self._clock()  # a failed fetch waits its interval too
+            try:
+                self.keys, self.failure = self._fetch_set(url), None
+            except IssuerUnreachable as e:
+                self.failure = e
+                raise
+            found = self.keys.get_key(kid) if kid is not None else None
+        elif found is None and self.keys is not None and kid is not None:
+            found = self.keys.get_key(kid)  # stale but not yet due again: what was fetched last
+        elif found is None and self.failure is not None:
+            raise self.failure  # the last fetch failed and the next is not due yet
+        if found is None:
+            raise UnknownKey(f"no key {kid!r} in the JWKS")
+        return found
+
+    def _fetch_set(self, url: str) -> jwk.JWKSet:
+        status, body = self._fetch(url)
+        if status != 200:
+            raise IssuerUnreachable(f"{url} answered {status}")
+        try:
+            return jwk.JWKSet.from_json(body)
+        except (JWException, ValueError, TypeError, AttributeError, RecursionError):
+            raise IssuerUnreachable("the JWKS is not a JWK set") from None
 
 
 def _b64json(part: str) -> Any:
@@ -111,8 +194,8 @@ class SsaVerifier:
         self._fetch = fetch or urllib_fetch()
         self._clock = clock
         self._discovery: dict[str, Any] | None = None
-        self._keys: jwk.JWKSet | None = None
-        self._keys_at = float("-inf")
+        self._jwks = KeySetCache(lambda: self.discovery()["jwks_uri"], self._fetch,
+                                 refetch_interval=refetch_interval, clock=clock)
         self._lists: dict[str, tuple[float, dict[str, Any]]] = {}  # uri -> (valid until, status_list)
 
     # --- documents ---
@@ -134,18 +217,12 @@ class SsaVerifier:
             self._discovery = doc
         return self._discovery
 
-    def _key_set(self, kid: str | None) -> jwk.JWKSet:
-        """The issuer's keys; fetched again for an unknown kid at most once per refetch_interval."""
-        known = self._keys is not None and kid is not None and self._keys.get_key(kid) is not None
-        if not known and self._clock() - self._keys_at >= self.refetch_interval:
-            try:
-                self._keys = jwk.JWKSet.from_json(json.dumps(self._json(self.discovery()["jwks_uri"])))
-            except JWException:
-                raise IssuerUnreachable("the JWKS is not a JWK set") from None
-            self._keys_at = self._clock()
-        if self._keys is None or kid is None or self._keys.get_key(kid) is None:
-            raise UnknownKey(f"no key {kid!r} in the issuer's JWKS")
-        return self._keys
+    def _key(self, kid: str | None) -> jwk.JWK:
+        """The issuer's key; the JWKS fetched again for an unknown kid at most once per refetch_interval."""
+        try:
+            return self._jwks.key(kid)
+        except UnknownKey:
+            raise UnknownKey(f"no key {kid!r} in the issuer's JWKS") from None
 
     def _verified(self, token: str, typ: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         parts = token.split(".") if isinstance(token, str) else []
@@ -158,11 +235,11 @@ class SsaVerifier:
             raise AlgorithmNotAllowed(f"alg {header.get('alg')!r} is not allowed")
         if typ is not None and header.get("typ") != typ:
             raise MalformedToken(f"typ is not {typ}")
-        keys = self._key_set(header.get("kid"))
+        key = self._key(header.get("kid"))
         verifier = jws.JWS()
         try:
             verifier.deserialize(token)
-            verifier.verify(keys.get_key(header["kid"]), alg=header["alg"])
+            verifier.verify(key, alg=header["alg"])
             claims = json.loads(verifier.payload)
         except (JWException, ValueError):
             raise BadSignature("the signature does not verify") from None
@@ -194,10 +271,9 @@ class SsaVerifier:
         if not isinstance(header, dict):
             raise MalformedToken("not a compact JWS")
         kid = header.get("kid")
-        key = self._key_set(kid).get_key(kid) if isinstance(kid, str) else None
-        if key is None:
+        if not isinstance(kid, str):
             raise UnknownKey(f"no key {kid!r} in the issuer's JWKS")
-        return key.export_public(as_dict=True)
+        return self._key(kid).export_public(as_dict=True)
 
     def _check_status(self, claims: dict[str, Any]) -> None:
         ref = claims.get("status", {}).get("status_list") if isinstance(claims.get("status"), dict) else None

@@ -9,7 +9,8 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .records import ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord
+from .records import (AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
+                      TemplateRecord)
 
 if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports this package)
     from ..ssa import SsaRecord
@@ -66,7 +67,8 @@ class Store(Protocol):
         """ACTIVE SSAs with expiration <= now become EXPIRED; SSAs not ACTIVE whose expiration
         is older than now - grace are deleted, except those whose status list entry's ``until``
         (the JWT's own exp: a revocation sets ``expiration`` to now) is not older yet, since the
-        list must keep their bit while their JWT verifies.  Returns (expired, purged)."""
+        list must keep their bit while their JWT verifies.  Client assertion jtis past their
+        ``expires_at`` are deleted too.  Returns (expired, purged) SSAs."""
 
     async def count_ssas(self) -> int:
         """How many SSAs are stored, whatever their status."""
@@ -97,6 +99,15 @@ class Store(Protocol):
 
     async def list_clients(self) -> list[ClientRecord]: ...
     async def delete_client(self, client_id: str) -> bool: ...
+
+    # --- client assertions' jtis (``client_assertions.py``: the replay cache) ---
+    async def use_assertion(self, record: AssertionRecord, now: int) -> bool:
+        """Keep the assertion's jti until ``expires_at``: True if its id was not held (or only by an
+        entry expired by ``now``), False for a replay.  Of concurrent calls with one id, in any
+        number of processes sharing the store, exactly one gets True."""
+
+    async def list_assertions(self) -> list[AssertionRecord]:
+        """Every kept jti (the export)."""
 
     # --- keys ---
     async def add_key(self, record: KeyRecord) -> None: ...

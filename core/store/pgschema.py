@@ -65,6 +65,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         )""",
         "CREATE INDEX script_revisions_name ON script_revisions (name, seen_at DESC, seq DESC)",
     ]),
+    (4, [  # client assertions' jtis (issue 16, private_key_jwt): the replay cache, purged by expires_at
+        """CREATE TABLE assertion_jtis (
+            id text PRIMARY KEY,
+            client_id text NOT NULL,
+            expires_at bigint NOT NULL
+        )""",
+        "CREATE INDEX assertion_jtis_expires_at ON assertion_jtis (expires_at)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

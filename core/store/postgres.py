@@ -30,7 +30,8 @@ from ..settings import redact_url
 from . import pgschema
 from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord
+from .records import (AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
+                      TemplateRecord)
 from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
@@ -307,6 +308,7 @@ class PgStore:
                 {"active": ACTIVE, "cutoff": now - grace})
             expired = await conn.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s",
                                          (EXPIRED, ACTIVE, now))
+            await conn.execute("DELETE FROM assertion_jtis WHERE expires_at < %s", (now,))
             return expired.rowcount, purged.rowcount
 
     async def count_ssas(self) -> int:
@@ -384,6 +386,21 @@ class PgStore:
     async def delete_client(self, client_id: str) -> bool:
         return bool(await self._rows("DELETE FROM clients WHERE client_id = %s RETURNING client_id",
                                      (client_id,)))
+
+    # --- client assertions' jtis ---
+    async def use_assertion(self, record: AssertionRecord, now: int) -> bool:
+        """One ``INSERT ... ON CONFLICT``: a live row for the id is left as it is (no row back: a
+        replay), an expired one is taken over; of concurrent inserts one wins (the primary key)."""
+        rows = await self._rows(
+            "INSERT INTO assertion_jtis AS a (id, client_id, expires_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET client_id = EXCLUDED.client_id, expires_at = EXCLUDED.expires_at "
+            "WHERE a.expires_at < %s RETURNING id",
+            (record["id"], record["client_id"], record["expires_at"], now))
+        return bool(rows)
+
+    async def list_assertions(self) -> list[AssertionRecord]:
+        rows = await self._rows("SELECT id, client_id, expires_at FROM assertion_jtis ORDER BY id")
+        return [cast(AssertionRecord, dict(r)) for r in rows]
 
     # --- keys ---
     async def add_key(self, record: KeyRecord) -> None:

@@ -19,16 +19,30 @@ KEY_STATES = (KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
 # Every table of every store and the field that identifies its records, in export order (the
 # keys before the SSAs they signed, so an importer can verify SSAs as it goes).
 ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id",
-             "script_revisions": "id", "ssa": "jti"}
+             "script_revisions": "id", "assertion_jtis": "id", "ssa": "jti"}
 TABLES = tuple(ID_FIELDS)
 
 
 class ClientRecord(TypedDict):
     client_id: str
     name: str
-    secret_hash: str  # "sha256$<salt hex>$<digest hex>"; the secret itself is never stored
+    # "sha256$<salt hex>$<digest hex>"; the secret itself is never stored; "" for a private_key_jwt client
+    secret_hash: str
     scopes: list[str]
     created_at: int
+    # absent: client_secret_basic or client_secret_post; "private_key_jwt": a client assertion
+    # (``client_assertions.py``) verified by the public ``jwks`` or the keys at ``jwks_uri``
+    token_endpoint_auth_method: NotRequired[str]
+    jwks: NotRequired[dict[str, Any]]
+    jwks_uri: NotRequired[str]
+
+
+class AssertionRecord(TypedDict):
+    """A client assertion's jti, kept until the assertion can no longer be accepted: a replay cache."""
+
+    id: str  # sha256 hex of client_id NUL jti
+    client_id: str
+    expires_at: int  # the assertion's exp plus the leeway; purged by the cleaner after
 
 
 class KeyRecord(TypedDict):

@@ -25,8 +25,8 @@ from .journal import Journal
 from .search import INDEXED, SsaFilter, tinydb_query
 from ..jsonvalues import clone
 from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
-from .records import (ID_FIELDS, TABLES, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
-                      TemplateRecord)
+from .records import (ID_FIELDS, TABLES, AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord,
+                      StatusListRecord, TemplateRecord)
 
 # One change in memory and how to take it back: (table, id, document before, document after).
 _Change = tuple[str, str, Any, Any]
@@ -287,10 +287,13 @@ class TinyStore:
             elif (doc["status"] != ACTIVE and doc["expiration"] < now - grace
                   and _kept_until(doc) < now - grace):
                 purged.append(doc_id)
+        spent = [doc_id for doc_id, doc in self.tables["assertion_jtis"].items() if doc["expires_at"] < now]
         lines = [self.journal.line("ssa", new["jti"], new) for new in expired]  # every line before any change
         lines += [self.journal.line("ssa", doc_id, None) for doc_id in purged]
+        lines += [self.journal.line("assertion_jtis", doc_id, None) for doc_id in spent]
         changes = [self._put("ssa", new["jti"], new) for new in expired]
         changes += [self._delete("ssa", doc_id) for doc_id in purged]
+        changes += [self._delete("assertion_jtis", doc_id) for doc_id in spent]
         await self.journal.commit(lines, changes)
         await self.journal.compact_if_due()
         return len(expired), len(purged)
@@ -393,6 +396,23 @@ class TinyStore:
         line = self.journal.line("clients", client_id, None)
         await self.journal.commit([line], [self._delete("clients", client_id)])
         return True
+
+    # --- client assertions' jtis ---
+    async def use_assertion(self, record: AssertionRecord, now: int) -> bool:
+        """Check and record in one synchronous step (no other coroutine interleaves); the line is
+        durable before the assertion is accepted."""
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        held = self.tables["assertion_jtis"].get(record["id"])
+        if held is not None and held["expires_at"] >= now:
+            return False
+        await self._put_record("assertion_jtis", record["id"], dict(record))
+        return True
+
+    async def list_assertions(self) -> list[AssertionRecord]:
+        self.journal.catch_up()
+        return clone(sorted(self.tables["assertion_jtis"].values(), key=lambda d: d["id"]))
 
     # --- keys ---
     async def add_key(self, record: KeyRecord) -> None:

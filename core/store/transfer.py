@@ -1,7 +1,8 @@
 """``store export`` / ``store import``: every record of a store as JSON lines, and back.
 
-One line per record: ``{"table": "ssa"|"clients"|"keys"|"templates"|"statuslists"|"script_revisions",
-"record": {...}}``.  The
+One line per record: ``{"table": "ssa"|"clients"|"keys"|"templates"|"statuslists"|"script_revisions"|
+"assertion_jtis", "record": {...}}`` (a private_key_jwt client's record carries its public ``jwks`` or
+its ``jwks_uri``; ``assertion_jtis`` are the client assertions' replay cache).  The
 same format leaves and enters both stores, so a deployment moves from TinyDB to PostgreSQL and
 back without losing anything.  Exports hold the private signing keys as the store holds them
 (encrypted under ``key_encryption_key``, or in the clear without one): they are written 0600.
@@ -30,7 +31,8 @@ from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
 from .records import (ENCRYPTED_FIELD, ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX,
-                      REVISION_SOURCE_MAX, REVISION_STATES, TABLES, KeyRecord, can_sign, public_jwk)
+                      REVISION_SOURCE_MAX, REVISION_STATES, TABLES, AssertionRecord, KeyRecord, can_sign,
+                      public_jwk)
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -39,6 +41,7 @@ _REQUIRED = {
     "templates": ("fields", "created_at"),
     "statuslists": ("size", "next", "key", "created_at"),
     "script_revisions": ("name", "revision", "seen_at", "state", "reason", "source", "config", "seen_by"),
+    "assertion_jtis": ("client_id", "expires_at"),
 }
 _BATCH = 1000
 MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
@@ -73,6 +76,8 @@ async def _all(store: Store, table: str) -> list[Any]:
         return await store.list_status_lists()
     if table == "script_revisions":
         return await store.list_script_revisions()
+    if table == "assertion_jtis":
+        return await store.list_assertions()
     return await store.list_templates()
 
 
@@ -102,7 +107,9 @@ def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         if missing:
             raise TransferError(f"line {number}: a {entry['table']} record without {', '.join(missing)}")
         problem = (hook_changes_problem(entry["record"].get("hook_changes")) if table == "ssa"
-                   else _revision_problem(entry["record"]) if table == "script_revisions" else None)
+                   else _revision_problem(entry["record"]) if table == "script_revisions"
+                   else _client_problem(entry["record"]) if table == "clients"
+                   else _assertion_problem(entry["record"]) if table == "assertion_jtis" else None)
         if problem is not None:
             raise TransferError(f"line {number}: {problem}")
         tables[entry["table"]].append(entry["record"])
@@ -120,6 +127,26 @@ def _revision_problem(record: dict[str, Any]) -> str | None:
     if (len(record["source"].encode("utf-8", "surrogatepass")) > REVISION_SOURCE_MAX
             or len((record["config"] or "").encode("utf-8", "surrogatepass")) > REVISION_CONFIG_MAX):
         return "a script_revisions record larger than the scripts folder's caps"
+    return None
+
+
+def _client_problem(record: dict[str, Any]) -> str | None:
+    """One authentication method: a secret hash, or private_key_jwt with a JWK set or a jwks_uri."""
+    method = record.get("token_endpoint_auth_method")
+    if method is None:
+        return None if isinstance(record["secret_hash"], str) and record["secret_hash"] else \
+            "a clients record without its secret_hash"
+    keys = record.get("jwks")
+    has_keys = isinstance(keys, dict) and isinstance(keys.get("keys"), list)
+    has_uri = isinstance(record.get("jwks_uri"), str)
+    if method != "private_key_jwt" or has_keys == has_uri or record["secret_hash"] != "":
+        return "a clients record with private_key_jwt needs jwks or jwks_uri (one) and no secret"
+    return None
+
+
+def _assertion_problem(record: dict[str, Any]) -> str | None:
+    if not isinstance(record["client_id"], str) or type(record["expires_at"]) is not int:
+        return "an assertion_jtis record whose fields are not as the server stores them"
     return None
 
 
@@ -166,6 +193,8 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
         return await _add_missing(records, "client_id", store.get_client, store.add_client)
     if table == "templates":
         return await _add_missing(records, "name", store.get_template, store.put_template)
+    if table == "assertion_jtis":  # a jti held already stays as it is
+        return sum([await store.use_assertion(cast(AssertionRecord, r), now) for r in records])
     if table == "script_revisions":  # nothing pruned: the counts are checked
         return await _add_missing(records, "id", store.get_script_revision,
                                   lambda r: _put_revision(store, r))
