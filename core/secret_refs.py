@@ -72,8 +72,17 @@ def _read_file(ref: str, path: str) -> str:
         raise SecretUnreadable(f"{ref} cannot be read ({e.strerror})") from None
     finally:
         os.close(fd)
+    text = file_text(raw)
+    if text is None:
+        raise SecretUnreadable(f"{ref} is not UTF-8 text")
+    return text
+
+
+def file_text(raw: bytes) -> str | None:
+    """A secret file's value: its UTF-8 text without one final newline (``echo`` adds one);
+    None when it is not UTF-8.  The master key's file and the scripts' secret files alike."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise SecretUnreadable(f"{ref} is not UTF-8 text") from None
+        return None
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text

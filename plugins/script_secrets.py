@@ -95,11 +95,10 @@ def _read_secret_file(where: str, path: str) -> str:
         raise ScriptRefused(f"{where}: cannot be read ({e.strerror})") from None
     finally:
         os.close(dir_fd)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScriptRefused(f"{where}: not UTF-8 text") from None
-    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    text = secret_refs.file_text(raw)
+    if text is None:
+        raise ScriptRefused(f"{where}: not UTF-8 text")
+    return text
 
 
 class Redactor:
