@@ -20,6 +20,7 @@ from .routes import ALLOWED_METHODS, ROUTES
 from .server import Server
 from .settings import Settings
 from .store import StoreDegraded, StoreUnavailable
+from .tracing import OtelTracing, TraceRequests
 
 log = logging.getLogger("ssa_server.app")
 
@@ -100,4 +101,6 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
     app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(ObserveRequests, metrics=server.metrics, log_requests=server.settings.access_log)
+    if isinstance(server.tracing, OtelTracing):  # (off: no middleware, nothing per request)
+        app.add_middleware(TraceRequests, tracing=server.tracing)  # outermost: the request's span
     return app

@@ -29,6 +29,7 @@ from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
 from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, signing_key, state, superseded
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
+from .tracing import OFF, Tracing
 from .store import (ENCRYPTED_FIELD, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store,
                     can_sign)
 
@@ -73,8 +74,9 @@ class KeyRing:
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
                  activation_delay: int = 600, rotation_days: int = 0,
                  clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, tracing: Tracing = OFF) -> None:
         self._store = store
+        self._tracing = tracing
         self.encryption = encryption or KeyEncryption()
         self._private: dict[str, dict[str, Any]] = {}  # kid -> the whole JWK, decrypted once
         self._unopened: set[str] = set()  # kids logged as undecryptable here
@@ -312,9 +314,10 @@ class KeyRing:
         the signing process is unavailable (it died, hung or cannot start: logged)."""
         record = self.active()
         signer = self._signers[record["kid"]]
-        started = time.perf_counter()
-        token = await self._sign_with(record, signer, header, claims)
-        self._metrics.signed(signer.alg, time.perf_counter() - started)
+        with self._tracing.span("sign", {"ssa.signing.alg": signer.alg, "ssa.signing.kid": record["kid"]}):
+            started = time.perf_counter()
+            token = await self._sign_with(record, signer, header, claims)
+            self._metrics.signed(signer.alg, time.perf_counter() - started)
         return token
 
     async def _sign_with(self, record: KeyRecord, signer: Signer, header: dict[str, Any],

@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .settings import SettingsError
 from .store import Store
+from .tracing import OFF, Tracing, traced
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_INTERVAL = 1.0  # seconds: how stale a worker's figures may be in another process's scrape
@@ -248,18 +249,22 @@ def _timed(method: Callable[..., Awaitable[Any]], tally: Tally) -> Callable[...,
 
 class TimedStore:
     """The store with each data operation (``STORE_OPS``) timed into
-    ``ssa_store_operation_duration_seconds``; everything else is the store's own."""
+    ``ssa_store_operation_duration_seconds`` and, with tracing on, in a ``store.OP`` span (off:
+    not wrapped at all); everything else is the store's own."""
 
-    def __init__(self, store: Store, metrics: Metrics, backend: str) -> None:
+    def __init__(self, store: Store, metrics: Metrics, backend: str, tracing: Tracing = OFF) -> None:
         self.inner = store
         for op in STORE_OPS:
             method = getattr(store, op, None)
             if method is not None:
+                if tracing.enabled:
+                    method = traced(method, tracing, f"store.{op}",
+                                    {"ssa.store.op": op, "ssa.store.backend": backend})
                 setattr(self, op, _timed(method, metrics.tally(metrics.store_ops, op, backend)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-def timed_store(store: Store, metrics: Metrics, backend: str) -> Store:
-    return cast(Store, TimedStore(store, metrics, backend))
+def timed_store(store: Store, metrics: Metrics, backend: str, tracing: Tracing = OFF) -> Store:
+    return cast(Store, TimedStore(store, metrics, backend, tracing))

@@ -36,7 +36,10 @@ async def _ssa_caller(request: Request, *scopes: str) -> Caller:
     """Feature flag first (as Janssen), then the token and its scopes."""
     server = _server(request)
     server.service.require_enabled()
-    return await authenticate(request, server.tokens, server.clients, scopes)
+    with server.tracing.span("auth") as span:
+        caller = await authenticate(request, server.tokens, server.clients, scopes)
+        span.set_attribute("ssa.client_id", caller.client_id)
+    return caller
 
 
 def _query(request: Request, name: str) -> str | None:
@@ -62,8 +65,9 @@ async def token(request: Request) -> Response:
 async def create_ssa(request: Request) -> Response:
     caller = await _ssa_caller(request, ADMIN)
     server = _server(request)
-    raw = await read_body(request)
-    body = parse_create_request(parse_json_body(raw), server.settings.custom_attributes)
+    with server.tracing.span("validation"):
+        raw = await read_body(request)
+        body = parse_create_request(parse_json_body(raw), server.settings.custom_attributes)
     jwt = await server.service.create(body, _context(request, caller))
     return JSONResponse({"ssa": jwt}, status_code=201)
 

@@ -30,6 +30,7 @@ from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
 from .tokens import TokenAuthority
+from .tracing import Tracing, from_settings as tracing_from_settings
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
@@ -51,22 +52,25 @@ class Server:
     scripts: ScriptHost | None = None
     clock: Callable[[], float] = time.time
     metrics: Metrics = field(default_factory=Metrics)
+    tracing: Tracing = field(default_factory=Tracing)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _serving: bool = False
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
-              accept_journal_loss: bool = False) -> Server:
+              accept_journal_loss: bool = False, tracing: Tracing | None = None) -> Server:
+        """``tracing``: given by tests (an in-memory exporter); else from ``otel_enabled``."""
         encryption = KeyEncryption.from_settings(settings)  # before the store: a bad reference is one line
         metrics = Metrics()
+        tracing = tracing if tracing is not None else tracing_from_settings(settings)
         store = timed_store(store or open_store(settings, exclusive=exclusive,
                                                 accept_journal_loss=accept_journal_loss),
-                            metrics, "postgresql" if settings.uses_postgres else "tinydb")
+                            metrics, "postgresql" if settings.uses_postgres else "tinydb", tracing)
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
                        rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
-                       metrics=metrics)
+                       metrics=metrics, tracing=tracing)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -77,7 +81,8 @@ class Server:
                                  log_lines=settings.script_log_lines,
                                  log_interval=settings.script_log_interval,
                                  http=http_limits_from(settings), log_keep=settings.script_log_buffer,
-                                 revisions_kept=settings.script_revisions_kept, metrics=metrics)
+                                 revisions_kept=settings.script_revisions_kept, metrics=metrics,
+                                 tracing=tracing)
         hooks = HookRunner(plugins, scripts, on_error=settings.on_script_error)
         assertions = ClientAssertions(store, settings.issuer,
                                       max_lifetime=settings.client_assertion_max_lifetime,
@@ -94,7 +99,7 @@ class Server:
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
                    service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists,
                                       metrics=metrics),
-                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics)
+                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics, tracing=tracing)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
         """Open the store, load the keys, start the script pool and, for the server
@@ -131,6 +136,7 @@ class Server:
             raise
         if background:
             self._serving = True
+            self.tracing.start()  # the serving process's own provider (each worker's, with --workers N)
             if not self.keys.encryption.enabled:
                 log.warning("private keys are stored in the clear: set key_encryption_key (docs/keys.md)")
             if self.keys.resealed:  # their clear (or old master key's) versions leave the store's files
@@ -166,6 +172,9 @@ class Server:
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
         await self.store.close()
+        # The spans batched so far exported (OTEL_BSP_EXPORT_TIMEOUT bounds it), in a thread: the
+        # exporter's HTTP call blocks.
+        await anyio.to_thread.run_sync(self.tracing.shutdown)
         if self._serving:
             self._serving = False
             log.info("server stopped (cleaner, signing process, script workers and store closed)")

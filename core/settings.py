@@ -73,6 +73,8 @@ class Settings:
     access_log: bool = False
     log_format: str = "text"  # "text" or "json" (one object per line)
     metrics_port: int = 0  # GET /metrics on its own port (open there); 0: on the main port (admin token)
+    # OpenTelemetry traces (the [otel] extra; tracing.py): the exporter and resource from OTEL_* variables.
+    otel_enabled: bool = False
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"

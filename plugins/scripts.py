@@ -26,6 +26,7 @@ from ssa_server.metrics import Metrics
 from ssa_server.script_revisions import new_record
 from ssa_server.script_rules import HOOKS, PASSED_ON, failure_refuses, may_refuse, stops_chain
 from ssa_server.store import ScriptRevisionRecord
+from ssa_server.tracing import OFF, Tracing
 
 from .sandbox import SandboxLimits, SandboxPool, ScriptError, ScriptRefused
 from .sandbox.http_broker import HttpBroker, HttpLimits
@@ -37,6 +38,9 @@ from .script_secrets import NO_SECRETS, Redactor
 log = logging.getLogger("ssa_server.scripts")
 
 _DURATIONS_KEPT = 512
+# The spans of a hook's chain and of each of its scripts (tracing.py): fixed names, made once.
+_CHAIN_SPAN = {hook: f"scripts.{hook}" for hook in HOOKS}
+_SCRIPT_SPAN = {hook: f"script.{hook}" for hook in HOOKS}
 _REVISIONS_QUEUED = 1000  # revisions seen and not yet taken by the server (the oldest go first)
 
 
@@ -87,6 +91,8 @@ class _Adapter:
         self.state = state
         self.hook = hook
         self._passed_on = PASSED_ON[hook]
+        self.span_attributes = {"ssa.hook": hook, "ssa.script.name": state.name,
+                                "ssa.script.revision": state.revision}
 
     def apply(self, result: dict[str, Any], payload: dict[str, Any]) -> bool | None:
         """Take the script's answer into ``payload``; False when it ends the chain."""
@@ -95,13 +101,16 @@ class _Adapter:
         return False if stops_chain(self.hook, result) else None
 
     async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> bool | None:
-        started = time.perf_counter()
-        try:
-            result = await self.pool.call_async(self.state.name, self.hook, payload, context)
-        except ScriptError as e:
-            self.failed(e, time.perf_counter() - started)
-            return None
-        return self.apply(self.finish(result, time.perf_counter() - started), payload)
+        with self.host.tracing.span(_SCRIPT_SPAN[self.hook], self.span_attributes) as span:
+            started = time.perf_counter()
+            try:
+                result = await self.pool.call_async(self.state.name, self.hook, payload, context)
+            except ScriptError as e:
+                span.set_attribute("ssa.script.outcome", e.kind)
+                self.failed(e, time.perf_counter() - started)
+                return None
+            span.set_attribute("ssa.script.outcome", outcome_word(result))
+            return self.apply(self.finish(result, time.perf_counter() - started), payload)
 
     def failed(self, e: ScriptError, seconds: float) -> None:
         """Count and report a failure; ScriptFailed when it refuses the request (``failure_refuses``).
@@ -165,6 +174,13 @@ class _FailedAdapter(_Adapter):
         raise ScriptFailed(f"script {self.state.name}: {self.hook} failed (not loaded)")
 
 
+def outcome_word(result: dict[str, Any] | ScriptError) -> str:
+    """A script call's outcome as its span says it: ok, denied, or the failure's kind."""
+    if isinstance(result, ScriptError):
+        return result.kind
+    return "denied" if result.get("denied") else "ok"
+
+
 def _redacted(texts: tuple[str, str | None], redactor: Redactor) -> tuple[str, str | None]:
     """A script's files as a revision keeps them: a secret's value written into them literally
     (not as a reference) is kept as ``[secret NAME]``, never as the value."""
@@ -206,8 +222,10 @@ class ScriptHost:
     def __init__(self, scripts_dir: Path, *, limits: SandboxLimits,
                  workers: int, on_error: str = "fail", reload_interval: float = 1.0,
                  log_lines: int = 100, log_interval: float = 10.0, http: HttpLimits | None = None,
-                 log_keep: int = 200, revisions_kept: int = 20, metrics: Metrics | None = None) -> None:
+                 log_keep: int = 200, revisions_kept: int = 20, metrics: Metrics | None = None,
+                 tracing: Tracing = OFF) -> None:
         self.scripts_dir = Path(scripts_dir)
+        self.tracing = tracing  # a span per chain and per script (tracing.py)
         self.metrics = metrics if metrics is not None else Metrics()  # ssa_script_runs_total, durations
         self.revisions_kept = revisions_kept
         # Revisions first seen, for the server to record in its store (``take_revisions``): the
@@ -454,14 +472,20 @@ class ScriptHost:
         if not chain:
             return None
         payload = _payload(data)
-        try:
-            if isinstance(chain[-1], _FailedAdapter):  # the scripts before it run, then it refuses
-                if await self._run_chain(hook, chain[:-1], payload, context) is False:
-                    return False
-                chain[-1].refuse()
-            return await self._run_chain(hook, chain, payload, context)
-        finally:
-            _take_back(data, payload)
+        with self.tracing.span(_CHAIN_SPAN[hook], {"ssa.hook": hook, "ssa.scripts": len(chain)}):
+            try:
+                return await self._run_chains(hook, chain, payload, context)
+            finally:
+                _take_back(data, payload)
+
+    async def _run_chains(self, hook: str, chain: tuple[_Adapter, ...], payload: dict[str, Any],
+                          context: dict[str, Any]) -> bool | None:
+        """The chain; a failed script at its end refuses after the scripts before it ran."""
+        if isinstance(chain[-1], _FailedAdapter):  # the scripts before it run, then it refuses
+            if await self._run_chain(hook, chain[:-1], payload, context) is False:
+                return False
+            chain[-1].refuse()
+        return await self._run_chain(hook, chain, payload, context)
 
     async def _run_chain(self, hook: str, chain: tuple[_Adapter, ...], payload: dict[str, Any],
                          context: dict[str, Any]) -> bool | None:
@@ -495,7 +519,14 @@ class ScriptHost:
                 if await adapter.run(payload, context) is False:
                     return False
             return None
-        share = (time.perf_counter() - started) / len(outcomes)
+        ended = time.perf_counter()
+        share = (ended - started) / len(outcomes)
+        if self.tracing.enabled:  # one round trip for the chain: each script a share of its time
+            for i, (adapter, outcome) in enumerate(zip(chain, outcomes)):
+                attributes = {**adapter.span_attributes, "ssa.script.batched": True,
+                              "ssa.script.outcome": outcome_word(outcome)}
+                self.tracing.record(_SCRIPT_SPAN[hook], attributes, started + i * share,
+                                    started + (i + 1) * share)
         for adapter, outcome in zip(chain, outcomes):
             if isinstance(outcome, ScriptError):
                 adapter.failed(outcome, share)
