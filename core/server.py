@@ -30,7 +30,7 @@ from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
 from .tokens import TokenAuthority
-from .tracing import Tracing, from_settings as tracing_from_settings
+from .tracing import OFF, Tracing, from_settings as tracing_from_settings
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
@@ -52,7 +52,7 @@ class Server:
     scripts: ScriptHost | None = None
     clock: Callable[[], float] = time.time
     metrics: Metrics = field(default_factory=Metrics)
-    tracing: Tracing = field(default_factory=Tracing)
+    tracing: Tracing = OFF
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _serving: bool = False
 

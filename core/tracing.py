@@ -18,8 +18,9 @@ Spans (their names are fixed words, never a value from the request):
 
 - ``TraceRequests``: the request, SERVER kind, named ``METHOD /route/template``, with the W3C
   ``traceparent`` of the request as its parent (the configured propagators, W3C trace context by
-  default); ``http.request.method``, ``http.route``, ``http.response.status_code``, ``url.path``,
-  ``ssa.request_id``, ``ssa.client_id``.
+  default); ``http.request.method``, ``http.route``, ``http.response.status_code``,
+  ``ssa.request_id``, ``ssa.client_id``.  Not ``url.path``: the raw path is whatever the client
+  sent (a token pasted there included); the route template says which endpoint it was.
 - ``auth`` (token verification and scope), ``validation`` (body read and parsed), ``scripts.HOOK``
   with a ``script.HOOK`` child per script of the chain, ``sign`` (``ssa.signing.alg``,
   ``ssa.signing.kid``), ``store.OP`` (``ssa.store.op``, ``ssa.store.backend``).
@@ -191,7 +192,7 @@ class OtelTracing(Tracing):
         with tracer.start_as_current_span(
                 method, context=parent, kind=self._trace.SpanKind.SERVER, record_exception=False,
                 set_status_on_exception=False,
-                attributes={"http.request.method": method, "url.path": scope["path"]}) as span:
+                attributes={"http.request.method": method}) as span:
             yield span
 
 
