@@ -327,6 +327,15 @@ def cmd_ssa_templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssa_templates_delete(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        await server.service.delete_template(args.name)
+        return {"deleted": args.name}
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
 # --- store ---
 async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[Any]]) -> Any:
     from .store.backends import open_store
@@ -718,8 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--jti")
     sr.add_argument("--org-id", dest="org_id")
     sr.set_defaults(func=cmd_ssa_revoke)
-    ssa.add_parser("templates", parents=[common],
-                   help="list saved templates").set_defaults(func=cmd_ssa_templates)
+    st = ssa.add_parser("templates", parents=[common], help="list saved templates (or: list, delete NAME)")
+    st.set_defaults(func=cmd_ssa_templates)
+    templates = st.add_subparsers(dest="templates_action", required=False)
+    templates.add_parser("list", parents=[common], help="list saved templates").set_defaults(
+        func=cmd_ssa_templates)
+    td = templates.add_parser("delete", parents=[common], help="delete a saved template")
+    td.add_argument("name")
+    td.set_defaults(func=cmd_ssa_templates_delete)
     sv = ssa.add_parser("verify",
                         help="verify an SSA as a consumer does (exit 0 valid, 3 refused, 1 unreachable)")
     sv.add_argument("jwt", help="the SSA (compact JWS)")
