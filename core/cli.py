@@ -336,6 +336,29 @@ def cmd_ssa_templates_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tui ---
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The text UI (``tui.py``): on a server over HTTP with ``--url``, else on the local store."""
+    try:
+        from .tui import SsaTui
+    except ImportError:
+        raise SettingsError("the text UI needs Textual: pip install 'ssa-server[tui]'") from None
+    from .tui_client import HttpSource, LocalSource, Source
+
+    source: Source
+    if args.url:
+        client_id = args.client_id or os.environ.get("SSA_TUI_CLIENT_ID", "")
+        secret = args.client_secret or os.environ.get("SSA_TUI_CLIENT_SECRET", "")
+        if not client_id or not secret:
+            raise SettingsError("--url needs an admin client: --client-id/--client-secret or "
+                                "SSA_TUI_CLIENT_ID/SSA_TUI_CLIENT_SECRET")
+        source = HttpSource(args.url, client_id, secret)
+    else:
+        source = LocalSource(_settings(args))
+    SsaTui(source, page_size=args.page_size).run()
+    return 0
+
+
 # --- store ---
 async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[Any]]) -> Any:
     from .store.backends import open_store
@@ -742,6 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--leeway", type=int, default=60, help="seconds of clock skew allowed (default 60)")
     sv.add_argument("--no-status", dest="no_status", action="store_true", help="skip the status check")
     sv.set_defaults(func=cmd_ssa_verify)
+
+    tui = sub.add_parser("tui", parents=[common],
+                         help="the operator's text UI: a server over HTTP (--url) or the local store")
+    tui.add_argument("--url", help="the server (e.g. https://ssa.example.org); default: the local store")
+    tui.add_argument("--client-id", dest="client_id", help="an admin client (SSA_TUI_CLIENT_ID)")
+    tui.add_argument("--client-secret", dest="client_secret",
+                     help="its secret (SSA_TUI_CLIENT_SECRET; the variable keeps it out of the process list)")
+    tui.add_argument("--page-size", dest="page_size", type=int, default=50, help="SSAs a page shows (50)")
+    tui.set_defaults(func=cmd_tui)
 
     store = sub.add_parser("store", help="the store: schema, export, import").add_subparsers(dest="action",
                                                                                           required=True)
