@@ -42,6 +42,8 @@ ModalScreen { align: center middle; }
 .field-label { margin-top: 1; }
 #add-form { height: 1fr; }
 #test-result { height: auto; margin-top: 1; }
+#script-hook { width: 24; }
+#custom-fields { height: auto; }
 """
 
 
@@ -61,9 +63,15 @@ class SsaTui(App[None]):
         Binding("f3", "tab('templates')", "Templates"), Binding("f4", "tab('revoke')", "Revoke"),
         Binding("f5", "tab('scripts')", "Scripts"), Binding("ctrl+q", "quit", "Quit"),
         Binding("ctrl+n", "next_page", "Next page"), Binding("ctrl+b", "previous_page", "Prev page"),
-        Binding("ctrl+r", "refresh", "Refresh"), Binding("ctrl+s", "create", "Create", show=False),
-        Binding("ctrl+d", "delete_template", "Delete", show=False),
+        Binding("ctrl+r", "refresh", "Refresh"), Binding("ctrl+s", "create", "Create"),
+        Binding("ctrl+l", "pick_template", "Templates"), Binding("ctrl+a", "apply_template", "Apply"),
+        Binding("ctrl+d", "delete_template", "Delete"), Binding("ctrl+g", "revoke", "Revoke..."),
+        Binding("ctrl+t", "test_script", "Test hook"),
     ]
+    # The tab each tab-specific key works on (the footer shows a tab's own keys only).
+    TAB_ACTIONS = {"next_page": "ssas", "previous_page": "ssas", "create": "add", "pick_template": "add",
+                   "apply_template": "templates", "delete_template": "templates", "revoke": "revoke",
+                   "test_script": "scripts"}
 
     def __init__(self, source: Source, *, page_size: int = PAGE_SIZE, clock: Any = time.time) -> None:
         super().__init__()
@@ -167,11 +175,46 @@ class SsaTui(App[None]):
         return True
 
     # --- navigation ---
+    FIRST = {"ssas": "#ssa-table", "add": f"#{_field_id(REQUEST_FIELDS[0].name)}",
+             "templates": "#template-table", "revoke": "#revoke-jti", "scripts": "#script-table"}
+
     def action_tab(self, tab: str) -> None:
+        """Show ``tab`` and focus its first widget (else the focus, left in a hidden tab, would
+        move to a widget of that tab and bring it back)."""
+        self.set_focus(None)
         self._main().query_one("#tabs", TabbedContent).active = tab
+        target = self._main().query_one(self.FIRST[tab])
+        self.call_after_refresh(target.focus)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        tab = self.TAB_ACTIONS.get(action)
+        if tab is None:
+            return True
+        try:
+            return self._tab() == tab
+        except Exception:  # not composed yet
+            return False
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.refresh_bindings()
+
+    async def action_pick_template(self) -> None:
+        await self._guard(self.pick_template())
+
+    def action_apply_template(self) -> None:
+        name = self._chosen_template()
+        if name is not None:
+            self.apply_template(name)
+
+    async def action_revoke(self) -> None:
+        await self._guard(self.ask_revoke())
+
+    async def action_test_script(self) -> None:
+        await self._guard(self.run_script_test())
 
     def _tab(self) -> str:
         return str(self._main().query_one("#tabs", TabbedContent).active)
+
 
     async def action_refresh(self) -> None:
         tab = self._tab()
@@ -391,9 +434,7 @@ class SsaTui(App[None]):
         elif button == "clear-form":
             self.clear_form()
         elif button == "apply-template":
-            name = self._chosen_template()
-            if name is not None:
-                self.apply_template(name)
+            self.action_apply_template()
         elif button == "delete-template":
             self.action_delete_template()
 

@@ -77,7 +77,7 @@ class DetailsScreen(ModalScreen[None]):
 class TokenScreen(ModalScreen[None]):
     """The new SSA's JWT, shown once, with Export (a new 0600 file) and Copy (the clipboard)."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("ctrl+e", "export", "Export"),
+    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("ctrl+o", "export", "Export"),
                 Binding("ctrl+y", "copy", "Copy")]
 
     def __init__(self, token: str, suggested: str) -> None:

@@ -143,7 +143,7 @@ def test_create_with_a_template(live):
         async with app.run_test(size=SIZE) as pilot:
             await ready(pilot)
             await pilot.press("f2")
-            app.query_one("#pick-template", Button).press()
+            await pilot.press("ctrl+l")  # the keys, not the buttons, in this test
             picker = await dialog(pilot, TemplatePicker)
             options = picker.query_one("#template-options")
             options.highlighted = picker.names.index("tmpl-reuse")
@@ -153,7 +153,7 @@ def test_create_with_a_template(live):
             assert app.query_one("#field-one_time_use", Checkbox).value is False
             assert app.query_one("#custom-tier", Input).value == "7"
             app.query_one("#field-description", Input).value = "second"
-            app.query_one("#create", Button).press()
+            await pilot.press("ctrl+s")
             screen = await dialog(pilot, TokenScreen)
             return screen.token
 
@@ -193,6 +193,12 @@ def test_search_pages_and_details(live):
             details = await dialog(pilot, DetailsScreen)
             shown = "\n".join(text(s) for s in details.query(".detail"))
             await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, DetailsScreen))
+            await pilot.press("f2")  # from the table's focus: the tab changes and stays
+            await until(pilot, lambda: app.query_one("#tabs").active == "add" and
+                        app.focused is app.query_one("#field-org_id"))
+            await pilot.pause(0.2)
+            assert app.query_one("#tabs").active == "add"
             return seen, shown
 
     seen, shown = run(go())
@@ -224,7 +230,7 @@ def test_revoke_confirms_with_the_count(live):
             result = app.query_one("#revoke-result", Label)
             await until(pilot, lambda: text(result) == "Not revoked.")
             assert len(live.http.get("/ssa", params={"org_id": "to-revoke"}, headers=live.H).json()) == 3
-            app.query_one("#revoke-button", Button).press()
+            await pilot.press("ctrl+g")
             await dialog(pilot, ConfirmScreen)
             await pilot.press("y")
             await until(pilot, lambda: text(result).startswith("Revoked"))
@@ -277,7 +283,7 @@ def test_scripts_table_and_a_test_run(live):
             await pilot.press("f5")
             table = app.query_one("#script-table", DataTable)
             row = table.get_row("stamp")
-            app.query_one("#run-test", Button).press()
+            await pilot.press("ctrl+t")
             out = app.query_one("#test-result", Static)
             await until(pilot, lambda: "returned" in text(out) or "failed" in text(out), timeout=30)
             return row, text(out)
@@ -329,3 +335,32 @@ def test_local_mode(tmp_path):
     token, row = run(go())
     assert row[0] == claims(token)["jti"] and row[1] == "local-org" and row[5] == "one-time"
     assert claims(token)["tier"] == "silver"
+
+
+def test_footer_shows_each_tab_its_own_keys_and_bad_credentials_show_the_api_error(live):
+    async def go():
+        app = SsaTui(HttpSource(live.url, live.admin[0], "s3cret-wrong-value"))
+        async with app.run_test(size=SIZE) as pilot:
+            msg = app.query_one("#message", Static)
+            await until(pilot, lambda: "invalid_client" in text(msg), what="the token error")
+            shown = {}
+            for key, tab in (("f1", "ssas"), ("f2", "add"), ("f3", "templates"), ("f5", "scripts")):
+                await pilot.press(key)
+                await until(pilot, lambda t=tab: app.query_one("#tabs").active == t)
+                shown[tab] = {a for a in SsaTui.TAB_ACTIONS if app.check_action(a, ())}
+            return text(msg), shown
+
+    message, shown = run(go())
+    assert "s3cret-wrong-value" not in message
+    assert shown == {"ssas": {"next_page", "previous_page"}, "add": {"create", "pick_template"},
+                     "templates": {"apply_template", "delete_template"}, "scripts": {"test_script"}}
+
+
+def test_cli_tui_needs_credentials_with_a_url(live):
+    env_free = {k: v for k, v in live.env.items() if not k.startswith("SSA_TUI_")}
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ssa_server", "tui", "--url", live.url, "--client-id", "x"],
+                       capture_output=True, text=True, timeout=60, env=env_free)
+    assert r.returncode == 2 and "SSA_TUI_CLIENT_SECRET" in r.stderr
