@@ -312,8 +312,12 @@ def test_token_is_renewed_before_it_expires(live):
 
 
 def test_local_mode(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", scripts_dir=tmp_path / "no-scripts",
-                        custom_attributes=("tier",))
+    """No server: the settings' data dir through the service; the scripts folder's create hook runs
+    on create, and the Scripts tab's test goes through ScriptHost.test_hook."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "stamp.py").write_text(STAMP)
+    settings = Settings(data_dir=tmp_path / "data", scripts_dir=tmp_path / "scripts",
+                        custom_attributes=("tier",), script_workers=1)
 
     async def go():
         app = SsaTui(LocalSource(settings))
@@ -330,11 +334,18 @@ def test_local_mode(tmp_path):
             table = app.query_one("#ssa-table", DataTable)
             await until(pilot, lambda: table.row_count == 1)
             row = table.get_row_at(0)
-            return token, row
+            await pilot.press("f5")
+            scripts = app.query_one("#script-table", DataTable)
+            await until(pilot, lambda: scripts.row_count == 1)
+            await pilot.press("ctrl+t")
+            out = app.query_one("#test-result", Static)
+            await until(pilot, lambda: "returned" in text(out) or "failed" in text(out), timeout=30)
+            return token, row, text(out)
 
-    token, row = run(go())
+    token, row, out = run(go())
     assert row[0] == claims(token)["jti"] and row[1] == "local-org" and row[5] == "one-time"
-    assert claims(token)["tier"] == "silver"
+    assert claims(token)["tier"] == "silver" and claims(token)["stamped"] == "yes"
+    assert out.startswith("stamp.create returned true") and '"stamped": "yes"' in out
 
 
 def test_footer_shows_each_tab_its_own_keys_and_bad_credentials_show_the_api_error(live):
