@@ -352,7 +352,10 @@ def cmd_tui(args: argparse.Namespace) -> int:
         if not client_id or not secret:
             raise SettingsError("--url needs an admin client: --client-id/--client-secret or "
                                 "SSA_TUI_CLIENT_ID/SSA_TUI_CLIENT_SECRET")
-        source = HttpSource(args.url, client_id, secret)
+        try:
+            source = HttpSource(args.url, client_id, secret)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
     else:
         source = LocalSource(_settings(args))
     SsaTui(source, page_size=args.page_size).run()

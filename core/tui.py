@@ -21,6 +21,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import (Button, Checkbox, DataTable, Footer, Header, Input, Label, Select, Static,
                              TabbedContent, TabPane)
 
+from rich.text import Text
+
 from .errors import ApiError
 from .ssa import REQUEST_FIELDS
 from .tui_client import Cursor, Source, count_active, form_fields, form_values, page
@@ -94,7 +96,7 @@ class SsaTui(App[None]):
                 yield Input(placeholder="search: org_id=acme, software_id~scan, jti=..., tier=gold "
                                         "(Enter)", id="search")
                 yield DataTable(id="ssa-table", cursor_type="row", zebra_stripes=True)
-                yield Label("", id="page-label")
+                yield Label("", id="page-label", markup=False)
             with TabPane("Add SSA", id="add"):
                 with VerticalScroll(id="add-form"):
                     for f in REQUEST_FIELDS:
@@ -124,14 +126,14 @@ class SsaTui(App[None]):
                 yield Input(placeholder="org_id", id="revoke-org")
                 with Horizontal(classes="buttons"):
                     yield Button("Revoke...", id="revoke-button", variant="error")
-                yield Label("", id="revoke-result")
+                yield Label("", id="revoke-result", markup=False)
             with TabPane("Scripts", id="scripts"):
                 yield DataTable(id="script-table", cursor_type="row", zebra_stripes=True)
                 with Horizontal(classes="buttons"):
                     yield Select([(h, h) for h in HOOKS], value="create", allow_blank=False, id="script-hook")
                     yield Button("Run test", id="run-test", variant="primary")
-                yield Static("", id="test-result")
-        yield Static("", id="message")
+                yield Static("", id="test-result", markup=False)
+        yield Static("", id="message", markup=False)
         yield Footer()
 
     def _main(self) -> Any:
@@ -237,9 +239,9 @@ class SsaTui(App[None]):
         for item in found:
             inner = item["ssa"]
             self.items[inner["jti"]] = item
-            table.add_row(inner["jti"], inner.get("org_id", ""), inner.get("software_id", ""),
-                          when(item["created_at"]), when(item["expiration"]),
-                          "one-time" if inner.get("one_time_use") else "reusable", key=inner["jti"])
+            table.add_row(*_cells(inner["jti"], inner.get("org_id", ""), inner.get("software_id", ""),
+                                  when(item["created_at"]), when(item["expiration"]),
+                                  "one-time" if inner.get("one_time_use") else "reusable"), key=inner["jti"])
         number = len(self.pages)
         self._main().query_one("#page-label", Label).update(
             f"page {number}: {len(found)} SSA(s){', more: ctrl+n' if self.more else ''}"
@@ -347,8 +349,8 @@ class SsaTui(App[None]):
         table = self._main().query_one("#template-table", DataTable)
         table.clear()
         for t in templates:
-            table.add_row(t["name"], when(t.get("created_at")), json.dumps(t["fields"], sort_keys=True),
-                          key=t["name"])
+            fields = json.dumps(t["fields"], sort_keys=True)
+            table.add_row(*_cells(t["name"], when(t.get("created_at")), fields), key=t["name"])
 
     def _chosen_template(self) -> str | None:
         table = self._main().query_one("#template-table", DataTable)
@@ -400,8 +402,8 @@ class SsaTui(App[None]):
         table = self._main().query_one("#script-table", DataTable)
         table.clear()
         for s in self.script_rows:
-            table.add_row(s["name"], s.get("state", ""), str(s.get("revision", ""))[:12],
-                          ", ".join(s.get("hooks", [])), s.get("last_error") or "", key=s["name"])
+            table.add_row(*_cells(s["name"], s.get("state", ""), str(s.get("revision", ""))[:12],
+                                  ", ".join(s.get("hooks", [])), s.get("last_error") or ""), key=s["name"])
 
     async def run_script_test(self) -> None:
         table = self._main().query_one("#script-table", DataTable)
@@ -437,6 +439,12 @@ class SsaTui(App[None]):
             self.action_apply_template()
         elif button == "delete-template":
             self.action_delete_template()
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells as plain text: a DataTable reads a str cell as markup, and these are the store's
+    values (an org_id of "[b]" must show as it is, and "[/]" must not break the table)."""
+    return [Text(str(v)) for v in values]
 
 
 def _jti(token: str) -> str:

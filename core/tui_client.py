@@ -92,9 +92,22 @@ async def count_active(source: Source, *, jti: str | None, org_id: str | None) -
 
 
 # --- over HTTP ---
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would send the request again, Authorization header included, wherever a redirect
+    points: the client's secret and tokens go to the server the operator named, nowhere else."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 class HttpSource:
     def __init__(self, url: str, client_id: str, client_secret: str, *, timeout: float = 15.0,
                  clock: Any = time.time) -> None:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"the server's URL must be http(s)://..., not {url[:80]!r}")
         self.url = url.rstrip("/")
         self.label = self.url
         self._client = (client_id, client_secret)  # never shown, never logged
@@ -116,7 +129,7 @@ class HttpSource:
     def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+            with _OPENER.open(request, timeout=self._timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

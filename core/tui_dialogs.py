@@ -8,6 +8,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -66,7 +67,7 @@ class DetailsScreen(ModalScreen[None]):
         with VerticalScroll(id="details", classes="dialog"):
             yield Label("SSA details", classes="title")
             for name, text in details_lines(self.item):
-                yield Static(f"[b]{name}[/b]: {text}", markup=True, classes="detail")
+                yield Static(Text.assemble((name, "bold"), ": ", text), classes="detail")
             yield Button("Close", id="close-details")
         yield Footer()
 
@@ -89,13 +90,13 @@ class TokenScreen(ModalScreen[None]):
         with Vertical(id="token", classes="dialog"):
             yield Label("SSA created", classes="title")
             yield Label(ONCE, id="once")
-            yield Static(self.token, id="jwt")
+            yield Static(self.token, id="jwt", markup=False)
             yield Input(self.suggested, placeholder="file to export to", id="export-path")
             with Horizontal(classes="buttons"):
                 yield Button("Export", id="export", variant="primary")
                 yield Button("Copy", id="copy")
                 yield Button("Close", id="close-token")
-            yield Label("", id="token-msg")
+            yield Label("", id="token-msg", markup=False)
         yield Footer()
 
     def action_export(self) -> None:
@@ -136,7 +137,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm", classes="dialog"):
-            yield Label(self.question, id="question")
+            yield Label(self.question, id="question", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Yes", id="yes", variant="error")
                 yield Button("No", id="no")

@@ -282,7 +282,7 @@ def test_scripts_table_and_a_test_run(live):
             await ready(pilot)
             await pilot.press("f5")
             table = app.query_one("#script-table", DataTable)
-            row = table.get_row("stamp")
+            row = [str(c) for c in table.get_row("stamp")]
             await pilot.press("ctrl+t")
             out = app.query_one("#test-result", Static)
             await until(pilot, lambda: "returned" in text(out) or "failed" in text(out), timeout=30)
@@ -333,7 +333,7 @@ def test_local_mode(tmp_path):
             await pilot.press("f1")
             table = app.query_one("#ssa-table", DataTable)
             await until(pilot, lambda: table.row_count == 1)
-            row = table.get_row_at(0)
+            row = [str(c) for c in table.get_row_at(0)]
             await pilot.press("f5")
             scripts = app.query_one("#script-table", DataTable)
             await until(pilot, lambda: scripts.row_count == 1)
@@ -375,3 +375,65 @@ def test_cli_tui_needs_credentials_with_a_url(live):
     r = subprocess.run([sys.executable, "-m", "ssa_server", "tui", "--url", live.url, "--client-id", "x"],
                        capture_output=True, text=True, timeout=60, env=env_free)
     assert r.returncode == 2 and "SSA_TUI_CLIENT_SECRET" in r.stderr
+
+
+def test_values_are_shown_as_text_never_as_markup(live):
+    """An org_id or description with Rich markup in it ("[b]", "[/]") shows as written, in the
+    table and the details, and breaks nothing."""
+    r = live.http.post("/ssa", json={"org_id": "[b]m[/i]", "description": "[/] and [red]x",
+                                     "tier": "[link=x]y"}, headers=live.H)
+    assert r.status_code == 201
+
+    async def go():
+        app = app_for(live)
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            search = app.query_one("#search", Input)
+            search.value = 'org_id="[b]m[/i]"'
+            search.focus()
+            await pilot.press("enter")
+            table = app.query_one("#ssa-table", DataTable)
+            await until(pilot, lambda: table.row_count == 1 and str(table.get_row_at(0)[1]) == "[b]m[/i]")
+            table.focus()
+            await pilot.press("enter")
+            details = await dialog(pilot, DetailsScreen)
+            return "\n".join(str(s.render()) for s in details.query(".detail"))
+
+    shown = run(go())
+    assert "org_id: [b]m[/i]" in shown and "description: [/] and [red]x" in shown
+    assert "tier: [link=x]y" in shown
+
+
+def test_a_redirect_is_not_followed_with_the_credentials(tmp_path):
+    """A server answering 302 to another address: the UI reports it, and the other address gets
+    nothing (urllib would resend the Authorization header there)."""
+    import http.server
+    import threading
+
+    from http_service import start_server
+
+    other = start_server()
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_port}/token")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
+    try:
+        source = HttpSource(f"http://127.0.0.1:{redirecting.server_port}", "cid", "s3cret-value")
+        with pytest.raises(Exception) as raised:
+            asyncio.run(source.open())
+        assert "302" in str(raised.value) and "s3cret-value" not in str(raised.value)
+        assert other.hits == []
+    finally:
+        redirecting.shutdown()
+        other.shutdown()
+    with pytest.raises(ValueError):
+        HttpSource("file:///etc/passwd", "a", "b")
