@@ -358,7 +358,11 @@ def cmd_tui(args: argparse.Namespace) -> int:
             raise SettingsError(str(e)) from None
     else:
         source = LocalSource(_settings(args))
-    SsaTui(source, page_size=args.page_size).run()
+    try:
+        app = SsaTui(source, page_size=args.page_size)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    app.run()
     return 0
 
 

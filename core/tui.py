@@ -25,6 +25,7 @@ from rich.text import Text
 
 from .errors import ApiError
 from .ssa import REQUEST_FIELDS
+from .store.search import MAX_LIMIT
 from .tui_client import Cursor, Source, count_active, form_fields, form_values, page
 from .tui_dialogs import ConfirmScreen, DetailsScreen, TemplatePicker, TokenScreen, when
 
@@ -77,6 +78,8 @@ class SsaTui(App[None]):
 
     def __init__(self, source: Source, *, page_size: int = PAGE_SIZE, clock: Any = time.time) -> None:
         super().__init__()
+        if not 1 <= page_size < MAX_LIMIT:  # a page asks for one more SSA, to know whether more follow
+            raise ValueError(f"the page size must be from 1 to {MAX_LIMIT - 1}")
         self.source = source
         self.page_size = page_size
         self.clock = clock
@@ -217,7 +220,6 @@ class SsaTui(App[None]):
     def _tab(self) -> str:
         return str(self._main().query_one("#tabs", TabbedContent).active)
 
-
     async def action_refresh(self) -> None:
         tab = self._tab()
         if tab == "ssas":
@@ -318,14 +320,16 @@ class SsaTui(App[None]):
 
     async def _create(self) -> None:
         body = self.form()
+        saved = ""
         if self._main().query_one("#save-template", Checkbox).value:
             name = self._main().query_one("#template-name", Input).value.strip()
             created = await self.source.save_template(name, body)
-            self.say(f"template {name} {'saved' if created else 'replaced'}")
+            saved = f"template {name} {'saved' if created else 'replaced'}"
             await self.load_templates()
         token = await self.source.create(body)
         await self.push_screen(TokenScreen(token, f"ssa-{_jti(token)[:8]}.jwt"))
         await self.load_page(self.pages[-1])
+        self.say(saved)
 
     async def pick_template(self) -> None:
         templates = await self.source.templates()
