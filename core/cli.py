@@ -327,6 +327,45 @@ def cmd_ssa_templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssa_templates_delete(args: argparse.Namespace) -> int:
+    async def action(server: Server) -> Any:
+        await server.service.delete_template(args.name)
+        return {"deleted": args.name}
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+# --- tui ---
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The text UI (``tui.py``): on a server over HTTP with ``--url``, else on the local store."""
+    try:
+        from .tui import SsaTui
+    except ImportError:
+        raise SettingsError("the text UI needs Textual: pip install 'ssa-server[tui]'") from None
+    from .tui_client import HttpSource, LocalSource, Source
+
+    source: Source
+    if args.url:
+        client_id = args.client_id or os.environ.get("SSA_TUI_CLIENT_ID", "")
+        secret = args.client_secret or os.environ.get("SSA_TUI_CLIENT_SECRET", "")
+        if not client_id or not secret:
+            raise SettingsError("--url needs an admin client: --client-id/--client-secret or "
+                                "SSA_TUI_CLIENT_ID/SSA_TUI_CLIENT_SECRET")
+        try:
+            source = HttpSource(args.url, client_id, secret)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+    else:
+        source = LocalSource(_settings(args))
+    try:
+        app = SsaTui(source, page_size=args.page_size)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    app.run()
+    return 0
+
+
 # --- store ---
 async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[Any]]) -> Any:
     from .store.backends import open_store
@@ -718,8 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--jti")
     sr.add_argument("--org-id", dest="org_id")
     sr.set_defaults(func=cmd_ssa_revoke)
-    ssa.add_parser("templates", parents=[common],
-                   help="list saved templates").set_defaults(func=cmd_ssa_templates)
+    st = ssa.add_parser("templates", parents=[common], help="list saved templates (or: list, delete NAME)")
+    st.set_defaults(func=cmd_ssa_templates)
+    templates = st.add_subparsers(dest="templates_action", required=False)
+    templates.add_parser("list", parents=[common], help="list saved templates").set_defaults(
+        func=cmd_ssa_templates)
+    td = templates.add_parser("delete", parents=[common], help="delete a saved template")
+    td.add_argument("name")
+    td.set_defaults(func=cmd_ssa_templates_delete)
     sv = ssa.add_parser("verify",
                         help="verify an SSA as a consumer does (exit 0 valid, 3 refused, 1 unreachable)")
     sv.add_argument("jwt", help="the SSA (compact JWS)")
@@ -727,6 +772,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--leeway", type=int, default=60, help="seconds of clock skew allowed (default 60)")
     sv.add_argument("--no-status", dest="no_status", action="store_true", help="skip the status check")
     sv.set_defaults(func=cmd_ssa_verify)
+
+    tui = sub.add_parser("tui", parents=[common],
+                         help="the operator's text UI: a server over HTTP (--url) or the local store")
+    tui.add_argument("--url", help="the server (e.g. https://ssa.example.org); default: the local store")
+    tui.add_argument("--client-id", dest="client_id", help="an admin client (SSA_TUI_CLIENT_ID)")
+    tui.add_argument("--client-secret", dest="client_secret",
+                     help="its secret (SSA_TUI_CLIENT_SECRET; the variable keeps it out of the process list)")
+    tui.add_argument("--page-size", dest="page_size", type=int, default=50, help="SSAs a page shows (50)")
+    tui.set_defaults(func=cmd_tui)
 
     store = sub.add_parser("store", help="the store: schema, export, import").add_subparsers(dest="action",
                                                                                           required=True)

@@ -22,6 +22,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -91,7 +92,9 @@ class ObserveRequests:
         token = CURRENT.set(info)
         status = 500  # unless a response starts: an exception on its way to the 500 handler
 
-        async def send_observed(message: Message) -> None:
+        def send_observed(message: Message) -> Awaitable[None]:
+            # A plain function handing back send's awaitable: no coroutine of its own per message
+            # (the app awaits what it returns).
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -103,7 +106,7 @@ class ObserveRequests:
                         break
                 else:
                     message["headers"] = [*headers, *NO_STORE, own]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_observed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .client_assertions import ASSERTION_ALGS, JWT_BEARER, MAX_ASSERTION
+from .service import TEMPLATE_NAME
 from .ssa import ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, STATES, Kind
 from .store.search import DEFAULT_LIMIT, MAX_LENGTH, MAX_LIMIT, MAX_TERMS
 
@@ -16,7 +17,7 @@ _JWT = {"type": "object", "required": ["ssa"],
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {400: "Bad request", 401: "Missing or invalid token, or insufficient scope (unauthorized_client)",
             403: "Feature flag off (access_denied) or a script denied the request",
-            404: "No SSA with this jti (invalid_jti): never issued, or purged; no such script",
+            404: "No SSA with this jti (invalid_jti): never issued, or purged; no such script or template",
             406: "Neither jti nor org_id given", 413: "Body too large", 422: "No ACTIVE SSA matches",
             429: "Too many failed client authentications, or unknown jtis from one address "
                  "(slow_down, Retry-After)",
@@ -46,19 +47,28 @@ _KIND_SCHEMAS: dict[Kind, dict[str, Any]] = {
 }
 
 
-def create_request_schema() -> dict[str, Any]:
-    """The POST /ssa body: the fields of ``ssa.CreateRequest``; configured custom attributes too."""
-    properties = {}
+CUSTOM_MARK = "x-ssa-custom-attribute"  # marks the configured custom attributes (the text UI reads them)
+
+
+def create_request_schema(custom_attributes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The POST /ssa body: the fields of ``ssa.CreateRequest``, then the server's configured custom
+    attributes (any JSON value, marked ``x-ssa-custom-attribute``): the one place the API says
+    which custom attributes it keeps."""
+    properties: dict[str, Any] = {}
     for f in REQUEST_FIELDS:
         schema = {**_KIND_SCHEMAS[f.kind], "description": f.help}
         if f.kind == "boolean":
             schema["default"] = f.default
         properties[f.name] = schema
+    for name in custom_attributes:
+        properties[name] = {"description": "a configured custom attribute (any JSON value)",
+                            CUSTOM_MARK: True}
     return {"type": "object", "properties": properties, "additionalProperties": True}
 
 
-def openapi_document(issuer: str) -> dict[str, Any]:
+def openapi_document(issuer: str, custom_attributes: tuple[str, ...] = ()) -> dict[str, Any]:
     bearer = lambda *scopes: [{"bearer": list(scopes)}]  # noqa: E731
+    create_schema = create_request_schema(custom_attributes)
     ssa_item: dict[str, Any] = {
         "type": "object",
         "required": ["ssa", "created_at", "expiration", "iss", "status"],
@@ -72,6 +82,14 @@ def openapi_document(issuer: str) -> dict[str, Any]:
     stored_item = dict(ssa_item, properties=dict(ssa_item["properties"],
                                                  status={"type": "string", "enum": list(STATES)}))
     any_object = {"type": "object", "additionalProperties": True}
+    template_item = {"type": "object", "required": ["name", "fields", "created_at"],
+                     "properties": {"name": {"type": "string"}, "fields": any_object,
+                                    "created_at": {"type": "integer",
+                                                   "description": "when it was last saved"}}}
+    template_name = {"name": "name", "in": "path", "required": True,
+                     "schema": {"type": "string", "pattern": TEMPLATE_NAME.pattern},
+                     "description": "1-64 ASCII letters, digits, '.', '_', '-'; "
+                                    "starts with a letter or digit"}
     paths: dict[str, Any] = {
         "/token": {"post": {
             "summary": "Client-credentials grant (RFC 6749 §4.4); the client authenticates with HTTP Basic, "
@@ -94,7 +112,7 @@ def openapi_document(issuer: str) -> dict[str, Any]:
         "/ssa": {
             "post": {"summary": "Create an SSA", "security": bearer(ADMIN),
                      "requestBody": {"required": True,
-                                     "content": {"application/json": {"schema": create_request_schema()}}},
+                                     "content": {"application/json": {"schema": create_schema}}},
                      "responses": {**_ok("The signed SSA", _JWT, 201),
                                    **_errors(400, 401, 403, 413, 502, 503)}},
             "get": {"summary": "List active SSAs", "security": bearer(ADMIN, PORTAL, DEVELOPER),
@@ -119,6 +137,21 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                     "type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}}],
             "responses": {**_ok("Matching SSAs, oldest first", {"type": "array", "items": stored_item}),
                           **_errors(400, 401, 403, 503)}}},
+        "/ssa/templates": {"get": {
+            "summary": "Saved templates (create bodies to reuse), oldest first", "security": bearer(ADMIN),
+            "responses": {**_ok("Templates", {"type": "array", "items": template_item}),
+                          **_errors(401, 403, 503)}}},
+        "/ssa/templates/{name}": {
+            "put": {"summary": "Save or replace a template: the body is checked as a POST /ssa body; "
+                               "unknown members are dropped",
+                    "security": bearer(ADMIN), "parameters": [template_name],
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": create_schema}}},
+                    "responses": {**_ok("Replaced (empty body)"), **_ok("Created (empty body)", status=201),
+                                  **_errors(400, 401, 403, 413, 503)}},
+            "delete": {"summary": "Delete a template", "security": bearer(ADMIN),
+                       "parameters": [template_name],
+                       "responses": {"204": {"description": "Deleted"}, **_errors(400, 401, 403, 404, 503)}}},
         "/ssa/jwt": {"get": {"summary": "The SSA JWT, re-signed", "security": bearer(ADMIN),
                              "parameters": [_query("jti", "SSA id")],
                              "responses": {**_ok("The JWT", _JWT), **_errors(400, 401, 403, 503)}}},
@@ -166,6 +199,20 @@ def openapi_document(issuer: str) -> dict[str, Any]:
             "responses": {**_ok("{name, revisions: [{revision, seen_at, state: loaded|refused|failed, "
                                 "reason, seen_by, has_config}]}", any_object),
                           **_errors(401, 404, 503)}}},
+        "/scripts/{name}/test": {"post": {
+            "summary": "Run one hook of a loaded script on a sample event (or the given one) in a fresh "
+                       "sandbox, as `ssa-server scripts test` does; the serving scripts are not touched",
+            "security": bearer(ADMIN),
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["hook"],
+                "properties": {"hook": {"enum": ["create", "get", "revoke"]},
+                               "event": {"type": "object", "properties": {"payload": any_object,
+                                                                          "context": any_object}}}}}}},
+            "responses": {**_ok("{name, hook, revision, result: {header and claims, or ssa_list; result, "
+                                "logs, denied}}, or, when the script failed, error: {kind, message}",
+                                any_object),
+                          **_errors(400, 401, 404, 503)}}},
         "/.well-known/openid-configuration": {"get": {"summary": "Discovery",
                                                       "responses": _ok("Metadata", any_object)}},
         "/.well-known/oauth-authorization-server": {"get": {"summary": "RFC 8414 metadata",

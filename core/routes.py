@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -21,7 +22,8 @@ from .status_list import MEDIA_TYPE
 from .ssa import ADMIN, DEVELOPER, PORTAL, SSA_SCOPES
 from .throttle import client_address
 from .tokens import Caller
-from .validation import parse_create_request, parse_form, parse_json_body, read_body, storable
+from .validation import (parse_create_request, parse_form, parse_json_body, parse_script_test, read_body,
+                         storable)
 
 def _server(request: Request) -> Server:
     return request.app.state.server
@@ -100,6 +102,26 @@ async def revoke_ssas(request: Request) -> Response:
 async def get_jwt(request: Request) -> Response:
     await _ssa_caller(request, ADMIN)
     return JSONResponse({"ssa": await _server(request).service.get_jwt(_query(request, "jti"))})
+
+
+async def list_templates(request: Request) -> Response:
+    await _ssa_caller(request, ADMIN)
+    return JSONResponse(await _server(request).service.list_templates())
+
+
+async def put_template(request: Request) -> Response:
+    """201 for a new template, 200 for a replaced one; the body is a create body."""
+    await _ssa_caller(request, ADMIN)
+    service = _server(request).service
+    created = await service.save_template(request.path_params["name"],
+                                          parse_json_body(await read_body(request)))
+    return _empty(201 if created else 200)
+
+
+async def delete_template(request: Request) -> Response:
+    await _ssa_caller(request, ADMIN)
+    await _server(request).service.delete_template(request.path_params["name"])
+    return Response(status_code=204)
 
 
 async def validate_ssa(request: Request) -> Response:
@@ -185,6 +207,21 @@ async def script_revisions(request: Request) -> Response:
     return JSONResponse({"name": name, "revisions": found})
 
 
+async def script_test(request: Request) -> Response:
+    """Run one hook of a loaded script on a sample (or the given) event in a fresh sandbox (admin);
+    the script's failure is the answer's ``error``, not an HTTP error."""
+    server = _server(request)
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    hook, event = parse_script_test(parse_json_body(await read_body(request)))
+    name = request.path_params["name"]
+    found = None
+    if server.scripts is not None:
+        found = await asyncio.to_thread(server.scripts.test_hook, name, hook, event)
+    if found is None:
+        raise NotFound(f"no script named {name[:64]!r}")
+    return JSONResponse(found)
+
+
 def _count_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     text = _query(request, name)
     if text is None:
@@ -218,7 +255,8 @@ async def jwks(request: Request) -> Response:
 async def openapi(request: Request) -> Response:
     from .openapi import openapi_document
 
-    return JSONResponse(openapi_document(_server(request).settings.issuer))
+    settings = _server(request).settings
+    return JSONResponse(openapi_document(settings.issuer, settings.custom_attributes))
 
 
 async def health_live(request: Request) -> Response:
@@ -238,12 +276,16 @@ ROUTES = [
     Route("/ssa", revoke_ssas, methods=["DELETE"]),
     Route("/ssa/jwt", get_jwt, methods=["GET"]),
     Route("/ssa/search", search_ssas, methods=["GET"]),
+    Route("/ssa/templates", list_templates, methods=["GET"]),
+    Route("/ssa/templates/{name}", put_template, methods=["PUT"]),
+    Route("/ssa/templates/{name}", delete_template, methods=["DELETE"]),
     Route("/ssa/validation", validate_ssa, methods=["POST"]),
     Route("/ssa/status", ssa_status, methods=["GET"]),
     Route("/statuslists/{list_id}", status_list, methods=["GET"]),
     Route("/scripts", list_scripts, methods=["GET"]),
     Route("/scripts/{name}/logs", script_logs, methods=["GET"]),
     Route("/scripts/{name}/revisions", script_revisions, methods=["GET"]),
+    Route("/scripts/{name}/test", script_test, methods=["POST"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),
     Route("/jwks", jwks, methods=["GET"]),

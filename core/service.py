@@ -7,7 +7,6 @@ way: checked input -> service -> hooks -> signing -> store -> result.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import time
@@ -15,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
-                     ScriptFailed, SlowDown, UnknownJti)
+from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NotFound, NothingToRevoke,
+                     NotAcceptable, ScriptFailed, SlowDown, UnknownJti)
 from . import jsonvalues
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
@@ -24,12 +23,13 @@ from .keys import KeyRing
 from .metrics import Metrics
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
-from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_changes, jwt_claims,
-                  jwt_header, list_item, record_from_request, status_view)
+from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, CreateRequest, SsaRecord, jwt_changes,
+                  jwt_claims, jwt_header, list_item, record_from_request, status_view)
 from .status_issuer import StatusIssuer
 from .store import Store, TemplateRecord, UnstorableValue
 from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
 from .throttle import FailureThrottle
+from .validation import check_fields, parse_create_request
 
 if TYPE_CHECKING:
     from ssa_server.plugins.hooks import HookRunner
@@ -274,11 +274,27 @@ class SsaService:
             await self.hooks.revoke(items, ctx.for_hook("revoke", self.settings))
         return revoked
 
-    # --- templates (operator CLI) ---
-    async def save_template(self, name: str, fields: dict[str, Any]) -> None:
+    # --- templates (HTTP /ssa/templates, the CLI, the text UI) ---
+    def template_body(self, fields: Any) -> dict[str, Any]:
+        """What a template keeps of ``fields``: checked exactly as a create body is
+        (``validation.parse_create_request``: the same 400 texts), then the given request fields and
+        configured custom attributes as they came; unknown keys (ignored by a create) are dropped."""
+        if not isinstance(fields, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        check_fields(fields)
+        parse_create_request(fields, self.settings.custom_attributes)
+        kept = {f.name for f in REQUEST_FIELDS} | set(self.settings.custom_attributes)
+        return {k: v for k, v in fields.items() if k in kept and v is not None}
+
+    async def save_template(self, name: str, fields: dict[str, Any]) -> bool:
+        """Save (or replace) the template ``name``; True when it is new."""
         self.require_enabled()
-        fields = json.loads(json.dumps(fields, allow_nan=False))
-        await self.store.put_template({"name": name, "fields": fields, "created_at": self.now()})
+        check_template_name(name)
+        body = clone(self.template_body(fields))
+        created = await self.store.get_template(name) is None
+        await self.store.put_template({"name": name, "fields": body, "created_at": self.now()})
+        log.info("template saved name=%s", name)
+        return created
 
     async def template_fields(self, name: str) -> dict[str, Any]:
         self.require_enabled()
@@ -288,5 +304,24 @@ class SsaService:
         return dict(record["fields"])
 
     async def list_templates(self) -> list[TemplateRecord]:
+        """Every saved template (name, fields, created_at: when it was last saved), oldest first."""
         self.require_enabled()
         return await self.store.list_templates()
+
+    async def delete_template(self, name: str) -> None:
+        self.require_enabled()
+        check_template_name(name)
+        if not await self.store.delete_template(name):
+            raise NotFound(f"No template named '{name}'.")
+        log.info("template deleted name=%s", name)
+
+
+TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_template_name(name: str) -> None:
+    """A template's name goes in a URL path and a file-like listing: 1-64 ASCII letters, digits,
+    '.', '_' or '-', starting with a letter or digit."""
+    if not TEMPLATE_NAME.fullmatch(name):
+        raise InvalidRequest("A template name is 1 to 64 letters, digits, '.', '_' or '-' (ASCII), "
+                             "starting with a letter or a digit.")

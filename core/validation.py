@@ -165,6 +165,25 @@ def parse_create_request(body: Any, custom_attributes: tuple[str, ...]) -> Creat
     return CreateRequest(**values, custom=custom)
 
 
+def parse_script_test(body: Any) -> tuple[str, dict[str, Any] | None]:
+    """A POST /scripts/NAME/test body: ``{"hook": "create"|"get"|"revoke", "event": {"payload": {...},
+    "context": {...}}}``, the event and either part optional (the sample fills them in)."""
+    from .script_rules import HOOKS
+
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    hook = body.get("hook")
+    if hook not in HOOKS:
+        raise InvalidRequest(f"'hook' must be one of {', '.join(HOOKS)}.")
+    event = body.get("event")
+    if event is None:
+        return hook, None
+    parts = ("payload", "context")
+    if not isinstance(event, dict) or any(not isinstance(event.get(k, {}), dict) for k in parts):
+        raise InvalidRequest("'event' must be an object of 'payload' and 'context' objects.")
+    return hook, {k: event[k] for k in parts if k in event}
+
+
 def parse_form(raw: bytes) -> dict[str, str]:
     """An application/x-www-form-urlencoded body; a repeated parameter is invalid (RFC 6749 §3.2)."""
     from urllib.parse import parse_qsl

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ssa_server.errors import SandboxBusy, ScriptDenied, ScriptFailed
+from ssa_server.errors import InvalidRequest, SandboxBusy, ScriptDenied, ScriptFailed
 from ssa_server.jwt_draft import JwtDraft
 from ssa_server.metrics import Metrics
 from ssa_server.script_revisions import new_record
@@ -246,6 +246,7 @@ class ScriptHost:
         self._chains_lock = threading.Lock()  # chain rebuilds: never held while waiting for the pool
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._testing = threading.Lock()  # one ``test_hook`` sandbox at a time (each is a process)
 
     def start(self, *, watch: bool = True) -> None:
         self.reload()
@@ -544,6 +545,34 @@ class ScriptHost:
     def listing(self) -> list[dict[str, Any]]:
         states = {**self.rejected, **self.scripts}  # a rejected name is never a script name
         return [dict(states[n].public(), http=self.http.figures(n)) for n in sorted(states)]
+
+    def test_hook(self, name: str, hook: str, event: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """``scripts test`` for a script of the folder (POST /scripts/NAME/test, the text UI): its file
+        loaded into a fresh one-worker sandbox (``ScriptRunner``, the host's limits; never the
+        serving pool, so a test cannot disturb requests) and one hook run on ``event`` (default:
+        the sample).  ``{"hook", "revision", "result"}``, or ``"error": {"kind", "message"}`` when
+        the script failed; None when no script has that name (or its file is gone); 400
+        ``invalid_request`` when it cannot load or lacks the hook.  Blocking: call it from a thread."""
+        state = self.scripts.get(name)
+        if state is None:
+            return None
+        if not self._testing.acquire(blocking=False):
+            raise SandboxBusy()
+        try:
+            event = event or {}
+            with ScriptRunner(state.path, limits=self.limits) as runner:
+                out: dict[str, Any] = {"name": name, "hook": hook, "revision": runner.revision}
+                try:
+                    out["result"] = runner.run(hook, event.get("payload"), event.get("context"))
+                except ScriptError as e:
+                    out["error"] = {"kind": e.kind, "message": str(e)}
+            return out
+        except FileNotFoundError:
+            return None
+        except ScriptRefused as e:
+            raise InvalidRequest(f"{name} cannot run {hook}: {e}") from None
+        finally:
+            self._testing.release()
 
 
 def sample_event(hook: str, issuer: str = "http://127.0.0.1:8080") -> dict[str, Any]:

@@ -166,3 +166,25 @@ def test_a_helper_process_reaches_only_what_it_needs(helper):
     extra = sorted(set(chains) - HELPERS[helper])
     assert not extra, f"{helper} reaches " + "; ".join(" -> ".join(chains[m]) for m in extra)
     assert set(chains) == HELPERS[helper]  # the list above stays exact: a module no longer needed leaves it
+
+
+TUI = {"ssa_server.tui", "ssa_server.tui_dialogs", "ssa_server.tui_client"}
+
+
+def test_the_text_ui_is_a_layer_above_the_service():
+    """Only the text UI imports Textual (the server runs without it); nothing but the CLI's ``tui``
+    command imports the text UI, and that only inside the command; the UI reaches neither the HTTP
+    routes nor the plugins (its local source goes through the service and the server)."""
+    wrong = []
+    for module in MODULES:
+        for target, line, top in imports_of(module):
+            if (target == "textual" or target.startswith("textual.")) and module not in TUI:
+                wrong.append(f"{module} line {line} imports {target}")
+            if target in TUI and module not in TUI and (module != "ssa_server.cli" or top):
+                wrong.append(f"{module} line {line} imports {target}")
+            if module in TUI and (target.startswith("ssa_server.plugins") or target in (
+                    "ssa_server.routes", "ssa_server.app")):
+                wrong.append(f"{module} line {line} imports {target}")
+    assert not wrong, "\n".join(wrong)
+    assert any(t == "ssa_server.tui" and not top for t, _, top in imports_of("ssa_server.cli"))
+    assert any(t.startswith("textual") for t, _, _ in imports_of("ssa_server.tui"))

@@ -57,6 +57,22 @@ def make_store(request, tmp_path):
 
 
 # --- the contract (both stores) ---
+def test_delete_template(make_store):
+    async def go():
+        s = await make_store()
+        await s.put_template({"name": "t", "fields": {"org_id": "x"}, "created_at": 1})
+        await s.put_template({"name": "u", "fields": {}, "created_at": 2})
+        assert await s.delete_template("t") is True
+        assert await s.get_template("t") is None
+        assert await s.delete_template("t") is False
+        assert [t["name"] for t in await s.list_templates()] == ["u"]
+        await s.close()
+        s = await make_store()  # the deletion is durable
+        assert await s.get_template("t") is None and [t["name"] for t in await s.list_templates()] == ["u"]
+        await s.close()
+    run(go())
+
+
 def test_crud_and_copies(make_store):
     async def go():
         s = await make_store()

@@ -453,6 +453,9 @@ class PgStore:
     async def list_templates(self) -> list[TemplateRecord]:
         return [r["doc"] for r in await self._rows("SELECT doc FROM templates ORDER BY created_at, name")]
 
+    async def delete_template(self, name: str) -> bool:
+        return bool(await self._rows("DELETE FROM templates WHERE name = %s RETURNING name", (name,)))
+
     # --- script revisions ---
     async def put_script_revision(self, record: ScriptRevisionRecord, keep: int | None) -> bool:
         """One ``INSERT ... ON CONFLICT``: of several nodes recording the same revision, one inserts

@@ -449,6 +449,16 @@ class TinyStore:
     async def list_templates(self) -> list[TemplateRecord]:
         return self._all("templates")
 
+    async def delete_template(self, name: str) -> bool:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if name not in self.tables["templates"]:
+            return False
+        line = self.journal.line("templates", name, None)
+        await self.journal.commit([line], [self._delete("templates", name)])
+        return True
+
     # --- script revisions ---
     async def put_script_revision(self, record: ScriptRevisionRecord, keep: int | None) -> bool:
         """Check, change and prune in one synchronous step (no other coroutine interleaves)."""
