@@ -269,26 +269,29 @@ async def health_ready(request: Request) -> Response:
     return JSONResponse({"status": "UP" if up else "DOWN", "checks": checks}, status_code=200 if up else 503)
 
 
+# Starlette tries the routes in order (a regex each), so the busiest come first: every route
+# above a request's own costs it a match (each a few thousand instructions; measured).  No two
+# routes' paths overlap, so the order changes nothing else (a 405's Allow lists every method).
 ROUTES = [
-    Route("/token", token, methods=["POST"]),
+    Route("/ssa/validation", validate_ssa, methods=["POST"]),
     Route("/ssa", create_ssa, methods=["POST"]),
     Route("/ssa", list_ssas, methods=["GET"]),
+    Route("/ssa/status", ssa_status, methods=["GET"]),
+    Route("/token", token, methods=["POST"]),
+    Route("/statuslists/{list_id}", status_list, methods=["GET"]),
+    Route("/jwks", jwks, methods=["GET"]),
     Route("/ssa", revoke_ssas, methods=["DELETE"]),
     Route("/ssa/jwt", get_jwt, methods=["GET"]),
     Route("/ssa/search", search_ssas, methods=["GET"]),
     Route("/ssa/templates", list_templates, methods=["GET"]),
     Route("/ssa/templates/{name}", put_template, methods=["PUT"]),
     Route("/ssa/templates/{name}", delete_template, methods=["DELETE"]),
-    Route("/ssa/validation", validate_ssa, methods=["POST"]),
-    Route("/ssa/status", ssa_status, methods=["GET"]),
-    Route("/statuslists/{list_id}", status_list, methods=["GET"]),
     Route("/scripts", list_scripts, methods=["GET"]),
     Route("/scripts/{name}/logs", script_logs, methods=["GET"]),
     Route("/scripts/{name}/revisions", script_revisions, methods=["GET"]),
     Route("/scripts/{name}/test", script_test, methods=["POST"]),
     Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", discovery, methods=["GET"]),
-    Route("/jwks", jwks, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/health/live", health_live, methods=["GET"]),
     Route("/health/ready", health_ready, methods=["GET"]),
