@@ -1,0 +1,251 @@
+"""The audit trail: every event (``events.py``) appended to a hash chain in the store, anchored by
+signed checkpoints, purged by retention, listed by ``GET /audit`` and ``ssa-server audit list``.
+
+Why a chain: each stored event carries the SHA-256 of the previous one (``prev_hash``) and its own
+(``hash``, over its canonical JSON: ``records.audit_hash``), so changing, removing or reordering
+an event breaks the chain at that event (``audit_verify.py`` names it).  Rewriting the whole chain
+from some event on would go unnoticed but for the **checkpoints**: every
+``audit_checkpoint_events`` events or ``audit_checkpoint_interval`` seconds, a JWS over
+(seq, hash, time) signed with the SSA signing key; the chain up to a checkpoint is as signed.
+
+Why here and not in the services: the services say what happened (``Events.emit``); this sink makes
+it durable before ``emit`` returns.  The store serialises the appends (``Store.append_audit``:
+``audit.lock`` + the journal for the embedded store, an advisory lock and one transaction for
+PostgreSQL), so the chain is one line whatever the number of processes and nodes.
+
+Cost on the create path: the event is appended after the SSA is durable, as its own journal
+lines, awaited (an acknowledged SSA is an audited one).  Concurrent publishers are coalesced: while
+one append is in flight the next events queue and go as one append (one lock hold, one commit), and
+the embedded journal's group commit writes them in the same batch (one fsync) as the other
+requests' SSAs: under load the audit lines ride the fsyncs the creates make anyway instead of
+adding one per event; alone, a create waits for two fsyncs (its SSA's, then its event's).
+``audit_enabled = false`` removes the sink (``Events.wanted`` is then False: no event is built).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequest
+from .events import ACTIONS, Event
+from .store import AuditCheckpointRecord, AuditRecord, Store
+
+if TYPE_CHECKING:
+    from .keys import KeyRing
+
+log = logging.getLogger("ssa_server.audit")
+
+CHECKPOINT_TYP = "audit-checkpoint+jwt"
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+_SCAN_PAGE = 5000  # events read at a time by a walk of the whole chain (verify, export, retention)
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """The fields an event is stored with (``records.AuditRecord`` without seq and hashes)."""
+    fields = asdict(event)
+    fields["details"] = dict(event.details)
+    return fields
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """A page of ``GET /audit`` / ``audit list``: events with seq > ``after`` (the cursor) and
+    the filters, at most ``limit``."""
+
+    after: int = 0
+    since: float | None = None
+    action: str | None = None
+    jti: str | None = None
+    org_id: str | None = None
+    limit: int = PAGE_DEFAULT
+
+    @classmethod
+    def parse(cls, *, next: str | None = None, since: str | None = None, action: str | None = None,
+              jti: str | None = None, org_id: str | None = None, limit: str | None = None) -> AuditQuery:
+        """From text (query parameters, CLI flags; ``next`` is a page's cursor); InvalidRequest
+        (400) naming the bad one."""
+        if action is not None and action not in ACTIONS:
+            raise InvalidRequest(f"'action' must be one of {', '.join(sorted(ACTIONS))}.")
+        return cls(after=_count("next", next, 0, 0, 2**62), since=_time(since), action=action,
+                   jti=jti, org_id=org_id, limit=_count("limit", limit, PAGE_DEFAULT, 1, PAGE_MAX))
+
+
+def _count(name: str, text: str | None, default: int, low: int, high: int) -> int:
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and low <= int(text) <= high):
+        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}.")
+    return int(text)
+
+
+def _time(text: str | None) -> float | None:
+    """Epoch seconds, or an ISO 8601 date-time (UTC when it names no offset)."""
+    if text is None:
+        return None
+    try:
+        if text.isascii() and text.replace(".", "", 1).isdigit() and len(text) <= 20:
+            return float(text)
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest("'since' must be epoch seconds or an ISO 8601 date-time.") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+class AuditTrail:
+    """The audit sink (``events.EventSink``) and the trail's service: list, checkpoints, retention."""
+
+    def __init__(self, store: Store, keys: KeyRing | None = None, *, checkpoint_events: int = 1000,
+                 checkpoint_interval: float = 3600.0, retention_days: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.keys = keys
+        self.checkpoint_events = checkpoint_events
+        self.checkpoint_interval = checkpoint_interval
+        self.retention_days = retention_days
+        self._clock = clock
+        self._queue: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._checkpointed: tuple[int, float] | None = None  # the newest checkpoint's (seq, time)
+
+    # --- the sink ---
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Durable in the chain when this returns; concurrent calls share one append."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(([event_fields(e) for e in events], future))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain(), name="ssa-audit-append")
+        await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                stored = await self.store.append_audit([f for fields, _ in batch for f in fields])
+            except Exception as e:  # each publisher's emit logs it (events.Events)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+            if stored:
+                await self._checkpoint_if_due(stored[-1], by_count=True)
+
+    # --- checkpoints ---
+    async def _last_checkpoint(self) -> tuple[int, float]:
+        if self._checkpointed is None:
+            found = await self.store.list_audit_checkpoints()
+            self._checkpointed = (found[-1]["seq"], found[-1]["time"]) if found else (0, 0.0)
+        return self._checkpointed
+
+    async def _checkpoint_if_due(self, head: AuditRecord, *, by_count: bool) -> None:
+        seq, at = await self._last_checkpoint()
+        if head["seq"] <= seq:
+            return
+        due = (head["seq"] - seq >= self.checkpoint_events if by_count
+               else self._clock() - at >= self.checkpoint_interval)
+        if due:
+            try:
+                await self.checkpoint(head, "interval")
+            except Exception as e:  # the next append or cleaner run retries
+                log.warning("audit checkpoint at seq %d not written: %s", head["seq"], type(e).__name__)
+
+    async def checkpoint(self, event: AuditRecord, reason: str) -> AuditCheckpointRecord | None:
+        """Sign and store a checkpoint of ``event``; None where no SSA key can sign (a CLI
+        command that loaded no keys: the server checkpoints later)."""
+        if self.keys is None:
+            return None
+        try:
+            self.keys.active()
+        except RuntimeError:
+            return None
+        now = self._clock()
+        claims = {"seq": event["seq"], "hash": event["hash"], "time": now}
+        jws = await self.keys.sign({"typ": CHECKPOINT_TYP}, claims)
+        from .audit_verify import jws_kid
+
+        record = AuditCheckpointRecord(id=str(event["seq"]), seq=event["seq"], hash=event["hash"], time=now,
+                                       kid=jws_kid(jws), jws=jws, reason=reason)
+        await self.store.put_audit_checkpoint(record)
+        if self._checkpointed is None or event["seq"] > self._checkpointed[0]:
+            self._checkpointed = (event["seq"], now)
+        return record
+
+    # --- the cleaner's work ---
+    async def maintain(self) -> None:
+        """A checkpoint when ``audit_checkpoint_interval`` passed with new events; retention."""
+        seq, _ = await self._last_checkpoint()
+        newer = await self.store.list_audit(after=seq)
+        if newer:
+            await self._checkpoint_if_due(newer[-1], by_count=False)
+        if self.retention_days > 0:
+            await self.purge(self._clock() - self.retention_days * 86400)
+
+    async def purge(self, before: float) -> int:
+        """Delete the events older than ``before`` (the newest event is always kept, so the chain
+        goes on from it), after a checkpoint of the last one deleted: the first event kept then
+        verifies from that anchor (its ``prev_hash`` is the checkpoint's ``hash``)."""
+        cut: AuditRecord | None = None
+        newest_seq = 0
+        after = 0
+        while True:
+            page = await self.store.list_audit(after=after, limit=_SCAN_PAGE)
+            if not page:
+                break
+            newest_seq = page[-1]["seq"]
+            old = [e for e in page if e["time"] < before]
+            if old:
+                cut = old[-1]
+            if len(old) < len(page):
+                break
+            after = newest_seq
+        if cut is None:
+            return 0
+        if cut["seq"] >= newest_seq:  # keep the head
+            kept = await self.store.list_audit(after=cut["seq"] - 2, limit=1)
+            if not kept or kept[0]["seq"] >= cut["seq"]:
+                return 0
+            cut = kept[0]
+        if await self.checkpoint(cut, "retention") is None:
+            return 0  # without an anchor the rest would not verify: keep everything
+        gone = await self.store.delete_audit_through(cut["seq"])
+        log.info("audit retention: %d events before seq %d purged (checkpoint at seq %d)",
+                 gone, cut["seq"] + 1, cut["seq"])
+        return gone
+
+    # --- reading ---
+    async def page(self, query: AuditQuery) -> dict[str, Any]:
+        """``{"events": [...], "next": cursor or None}``: ``next`` is given back as ``next`` for
+        the following page (None: no more)."""
+        found = await self.store.list_audit(after=query.after, since=query.since, action=query.action,
+                                            jti=query.jti, org_id=query.org_id, limit=query.limit + 1)
+        more = len(found) > query.limit
+        events = found[:query.limit]
+        return {"events": events, "next": events[-1]["seq"] if more and events else None}
+
+    async def walk(self) -> Any:
+        """Every event, by seq, a page at a time (an async iterator)."""
+        after = 0
+        while True:
+            page = await self.store.list_audit(after=after, limit=_SCAN_PAGE)
+            if not page:
+                return
+            for event in page:
+                yield event
+            after = page[-1]["seq"]
+
+    async def verify(self) -> tuple[Any, dict[str, Any]]:
+        """``audit_verify.verify`` over the whole chain, its checkpoints and the stored keys."""
+        from .audit_verify import verify
+
+        checkpoints = await self.store.list_audit_checkpoints()
+        return await verify(self.walk(), checkpoints, await self.store.list_keys())
