@@ -118,9 +118,14 @@ def _audit_row(record: Any) -> tuple[Any, ...]:
 
 
 def _audit(row: dict[str, Any]) -> AuditRecord:
-    """The doc, its indexed fields as the columns hold them (a column changed alone is a changed event)."""
-    return cast(AuditRecord, dict(row["doc"], seq=int(row["seq"]), time=float(row["time"]),
-                                  action=row["action"], jti=row["jti"], org_id=row["org_id"]))
+    """The doc (what the hash covers).  A row whose indexed columns disagree with its doc (one of
+    them changed alone) shows both, ``{"column": ..., "doc": ...}``, for that field: the event no
+    longer hashes to its ``hash`` and ``audit verify`` names it."""
+    record = dict(row["doc"])
+    for name in ("seq", "time", "action", "jti", "org_id"):
+        if record.get(name) != row[name]:
+            record[name] = {"column": row[name], "doc": record.get(name)}
+    return cast(AuditRecord, record)
 
 
 def _status_list(row: dict[str, Any]) -> StatusListRecord:
