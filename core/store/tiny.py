@@ -17,7 +17,7 @@ import contextlib
 import fcntl
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -496,18 +496,19 @@ class TinyStore:
         return clone(sorted(docs, key=_newest_first))
 
     # --- the audit trail ---
-    @contextlib.contextmanager
-    def _audit_flock(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _audit_flock(self) -> AsyncIterator[None]:
         """``audit.lock`` in the data dir: held from reading the chain's head until the new
         events are durable and published, so a CLI process and the server never both append
         after the same head.  Taken without waiting when free (the common case: nobody else
-        appends); else in a short blocking wait (another process's append is one fsync)."""
+        appends); else waited for in a thread (another process's append is one fsync, but a
+        compaction may hold its journal longer: the event loop goes on serving)."""
         fd = os.open(self.data_dir / "audit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -518,15 +519,14 @@ class TinyStore:
         else is written in that batch)."""
         if not events:
             return []
-        async with self._audit_lock:
-            with self._audit_flock():
-                if self.journal.degraded is not None:
-                    await self.journal.writable()
-                self.journal.catch_up()
-                docs = chain(events, *self._audit_head)
-                lines = [self.journal.line("audit", d["id"], cast("dict[str, Any]", d)) for d in docs]
-                await self.journal.commit(lines, [self._put("audit", d["id"], cast("dict[str, Any]", d))
-                                                  for d in docs])
+        async with self._audit_lock, self._audit_flock():
+            if self.journal.degraded is not None:
+                await self.journal.writable()
+            self.journal.catch_up()
+            docs = chain(events, *self._audit_head)
+            lines = [self.journal.line("audit", d["id"], cast("dict[str, Any]", d)) for d in docs]
+            await self.journal.commit(lines, [self._put("audit", d["id"], cast("dict[str, Any]", d))
+                                              for d in docs])
         return clone(docs)
 
     async def add_audit_records(self, records: list[AuditRecord]) -> int:
