@@ -81,7 +81,8 @@ class Server:
         if settings.audit_enabled:  # (the webhooks' outbox is the other sink)
             audit = AuditTrail(store, keys, checkpoint_events=settings.audit_checkpoint_events,
                                checkpoint_interval=settings.audit_checkpoint_interval,
-                               retention_days=settings.audit_retention_days, clock=clock)
+                               retention_days=settings.audit_retention_days, sync=settings.audit_sync,
+                               clock=clock)
             events.add_sink(audit)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
@@ -179,6 +180,11 @@ class Server:
         self._tasks.clear()
         self.service.status_lists.close()  # a block reservation under way
         self.metrics.flush()  # (with --workers N, the last figures into this run's files)
+        if self.audit is not None:
+            try:
+                await self.audit.flush()  # the events queued: into the store before it closes
+            except Exception as e:  # (logged by the trail; the store closes anyway)
+                log.error("audit events not flushed at stop: %s", type(e).__name__)
         self.keys.close()  # the signing process and threads
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)

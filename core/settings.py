@@ -75,6 +75,9 @@ class Settings:
     metrics_port: int = 0  # GET /metrics on its own port (open there); 0: on the main port (admin token)
     # The audit trail (issue 15, core/audit.py): every action hash-chained in the store.
     audit_enabled: bool = True
+    # true: a request waits until its event is durable; false: the event rides the next group
+    # commit (a crash within those milliseconds may lose it; README "Audit")
+    audit_sync: bool = False
     audit_checkpoint_events: int = 1000  # a signed checkpoint at least every N events...
     audit_checkpoint_interval: float = 3600.0  # ...or every T seconds (with new events since the last)
     audit_retention_days: int = 0  # events older than this are purged (a checkpoint at the cut); 0: keep all

@@ -39,18 +39,20 @@ async def _verify(store):
 def test_append_chains_and_survives_reopen(make_store):
     async def go():
         s = await make_store()
-        first = await s.append_audit([ev(jti="a"), ev(jti="b")])
-        second = await s.append_audit([ev(SSA_REVOKED, jti="a", org_id="acme")])
-        assert [e["seq"] for e in first + second] == [1, 2, 3]
-        assert first[0]["prev_hash"] == GENESIS
-        assert first[1]["prev_hash"] == first[0]["hash"] and second[0]["prev_hash"] == first[1]["hash"]
-        assert all(audit_hash(dict(e)) == e["hash"] for e in first + second)
+        head = await s.append_audit([ev(jti="a"), ev(jti="b")])
+        assert head["seq"] == 2 and head["jti"] == "b"
+        head = await s.append_audit([ev(SSA_REVOKED, jti="a", org_id="acme")])
+        assert head["seq"] == 3
+        stored = await s.list_audit()
+        assert [e["seq"] for e in stored] == [1, 2, 3] and stored[-1] == head
+        assert stored[0]["prev_hash"] == GENESIS
+        assert stored[1]["prev_hash"] == stored[0]["hash"] and stored[2]["prev_hash"] == stored[1]["hash"]
+        assert all(audit_hash(dict(e)) == e["hash"] for e in stored)
         await s.close()
         s = await make_store()
-        stored = await s.list_audit()
-        assert stored == first + second  # as stored, field for field (hashes still verify)
+        assert await s.list_audit() == stored  # as stored, field for field (hashes still verify)
         more = await s.append_audit([ev()])  # the head was found again after the reopen
-        assert more[0]["seq"] == 4 and more[0]["prev_hash"] == second[0]["hash"]
+        assert more["seq"] == 4 and more["prev_hash"] == stored[-1]["hash"]
         problem, summary = await _verify(s)
         assert problem is None and summary["events"] == 4
         await s.close()
@@ -150,6 +152,7 @@ def test_verify_names_the_first_tampered_event(tmp_path, case):
         try:
             assert server.audit is not None
             await server.events.emit(*(Event(SSA_CREATED, "c1", jti=f"j{i}") for i in range(6)))
+            await server.audit.flush()
             checkpoints = await server.store.list_audit_checkpoints()
             assert [c["seq"] for c in checkpoints] == [6]  # (one append of 6 events: >= 5 since none)
             await server.audit.checkpoint((await server.store.list_audit(after=4, limit=1))[0], "interval")
@@ -174,6 +177,7 @@ def test_a_forged_checkpoint_is_refused(tmp_path):
         await server.start(background=False, scripts=False, keys=True)
         try:
             await server.events.emit(Event(SSA_CREATED, "c1"), Event(SSA_CREATED, "c1"))
+            await server.audit.flush()
             head = (await server.store.list_audit())[-1]
             cp = await server.audit.checkpoint(head, "interval")
             await server.store.put_audit_checkpoint(dict(cp, hash="f" * 64))  # the record, not the JWS
@@ -210,6 +214,7 @@ def test_retention_purge_keeps_the_chain_verifiable(tmp_path, store_kind, reques
             old = [Event(SSA_CREATED, "c1", jti=f"old{i}", time=now - 3 * 86400 + i) for i in range(5)]
             await server.events.emit(*old)
             await server.events.emit(Event(SSA_REVOKED, "c1", jti="new"))
+            await server.audit.flush()
             await server.audit.maintain()  # the cleaner's call
             left = await server.store.list_audit()
             assert [e["seq"] for e in left] == [6]
@@ -233,6 +238,7 @@ def test_export_then_import_keeps_the_chain(tmp_path, store_kind, request):
         await server.start(background=False, scripts=False, keys=True)
         try:
             await server.events.emit(*(Event(SSA_CREATED, "c1", jti=f"j{i}") for i in range(3)))
+            await server.audit.flush()
             lines = [line.decode() for line in await export_records(server.store)]
         finally:
             await server.stop()
@@ -292,3 +298,28 @@ async def _close_after(path):
     store = await opened(path)
     await store.append_audit([ev(jti="first")])
     await store.close()
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_publish_waits_for_the_store_only_with_audit_sync(tmp_path, sync):
+    """``audit_sync``: the event is in the store when emit returns; else it is once the queue is
+    flushed (as ``Server.stop`` and a read of the trail do)."""
+    async def go():
+        server = Server.build(Settings(data_dir=tmp_path / "d", scripts_dir=tmp_path / "none",
+                                       audit_sync=sync))
+        await server.start(background=False, scripts=False, keys=False)
+        try:
+            await server.events.emit(Event(SSA_CREATED, "c1", jti="x"))
+            if sync:
+                assert [e["jti"] for e in await server.store.list_audit()] == ["x"]
+            page = await server.audit.page(AuditQuery())  # flushes first
+            assert [e["jti"] for e in page["events"]] == ["x"]
+            await server.events.emit(Event(SSA_CREATED, "c1", jti="y"))
+        finally:
+            await server.stop()  # flushes the queue before the store closes
+        store = await opened(tmp_path / "d")
+        try:
+            assert [e["jti"] for e in await store.list_audit()] == ["x", "y"]
+        finally:
+            await store.close()
+    run(go())

@@ -133,10 +133,12 @@ class Store(Protocol):
         """``name``'s revisions newest first (every script's, for the export, without ``name``)."""
 
     # --- the audit trail (``audit.py``) ---
-    async def append_audit(self, events: list[dict[str, Any]]) -> list[AuditRecord]:
+    async def append_audit(self, events: list[dict[str, Any]], *, lazy: bool = False) -> AuditRecord | None:
         """Append events (an ``Event``'s fields) to the hash chain (``records.chain``): the head
         is read and the new records written in one step serialised across every process sharing
-        the store, so two writers never fork the chain.  Returns the records as stored."""
+        the store, so two writers never fork the chain.  Returns the new head (the last record
+        appended; None for no events).  ``lazy``: the write may wait a few milliseconds to share
+        the durable write of another change (the embedded store's journal)."""
 
     async def add_audit_records(self, records: list[AuditRecord]) -> int:
         """Import: store records as they are (their seq and hashes), skipping seqs held; how many."""

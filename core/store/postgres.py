@@ -508,11 +508,12 @@ class PgStore:
 
     # --- health ---
     # --- the audit trail ---
-    async def append_audit(self, events: list[dict[str, Any]]) -> list[AuditRecord]:
+    async def append_audit(self, events: list[dict[str, Any]], *, lazy: bool = False) -> AuditRecord | None:
         """One transaction under ``pg_advisory_xact_lock(AUDIT_LOCK)``: the head read and the new
-        rows written as one step for every node and worker (the chain never forks)."""
+        rows written as one step for every node and worker (the chain never forks).  ``lazy``
+        changes nothing here (PostgreSQL's own group commit serves concurrent transactions)."""
         if not events:
-            return []
+            return None
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (pgschema.AUDIT_LOCK,))
             cur = conn.cursor()
@@ -520,7 +521,7 @@ class PgStore:
             head = await cur.fetchone()
             records = chain(events, int(head[0]), str(head[1])) if head else chain(events, 0, GENESIS)
             await cur.executemany(_AUDIT_INSERT, [_audit_row(r) for r in records])
-        return records
+        return records[-1]
 
     async def add_audit_records(self, records: list[AuditRecord]) -> int:
         rows = [_audit_row(dict(r, id=str(r["seq"]))) for r in records]

@@ -513,12 +513,13 @@ class TinyStore:
         finally:
             os.close(fd)  # releases the flock
 
-    async def append_audit(self, events: list[dict[str, Any]]) -> list[AuditRecord]:
+    async def append_audit(self, events: list[dict[str, Any]], *, lazy: bool = False) -> AuditRecord | None:
         """Under the process's lock and ``audit.lock``: catch up (another process's events), chain
         after the head, commit (the journal's group commit: the lines share the fsync of whatever
-        else is written in that batch)."""
+        else is written in that batch; ``lazy``: they wait a few milliseconds for the next other
+        write, ``Journal.commit``)."""
         if not events:
-            return []
+            return None
         async with self._audit_lock, self._audit_flock():
             if self.journal.degraded is not None:
                 await self.journal.writable()
@@ -526,8 +527,8 @@ class TinyStore:
             docs = chain(events, *self._audit_head)
             lines = [self.journal.line("audit", d["id"], cast("dict[str, Any]", d)) for d in docs]
             await self.journal.commit(lines, [self._put("audit", d["id"], cast("dict[str, Any]", d))
-                                              for d in docs])
-        return clone(docs)
+                                              for d in docs], lazy=lazy)
+        return clone(docs[-1])
 
     async def add_audit_records(self, records: list[AuditRecord]) -> int:
         if self.journal.degraded is not None:
