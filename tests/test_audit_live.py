@@ -99,6 +99,8 @@ def tiny_env(tmp_path):
 
 
 def test_a_live_server_records_every_action(tiny_env, tmp_path):
+    empty = cli(tiny_env, "audit", "verify")  # nothing yet: a chain of none verifies
+    assert empty.returncode == 0 and json.loads(empty.stdout)["events"] == 0, empty.stderr
     node = Node(tiny_env)
     try:
         cid, secret = _client(tiny_env)
@@ -134,6 +136,12 @@ def test_a_live_server_records_every_action(tiny_env, tmp_path):
         assert by_script["good"]["action"] == "script.loaded" and by_script["good"]["details"]["revision"]
         assert by_script["bad"]["action"] == "script.refused" and by_script["bad"]["outcome"] == "refused"
         assert all(e["actor"] == "server" for e in scripts)
+        (Path(tiny_env["SSA_SCRIPTS_DIR"]) / "good.py").unlink()
+        deadline = time.time() + 15
+        while time.time() < deadline and not _all_events(node, admin, action="script.unloaded"):
+            time.sleep(0.2)
+        (gone,) = _all_events(node, admin, action="script.unloaded")
+        assert gone["details"] == {"script": "good", "revision": by_script["good"]["details"]["revision"]}
 
         events = _all_events(node, admin)
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # the pages cover all, once
