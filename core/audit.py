@@ -146,22 +146,34 @@ class AuditTrail:
     async def _drain(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
-            fields = [f for part, _ in batch for f in part]
-            try:
-                head = await self.store.append_audit(fields, lazy=not self.sync)
-            except Exception as e:
-                if self.sync:  # each publisher's emit logs it (events.Events)
-                    for _, future in batch:
-                        if future is not None and not future.done():
-                            future.set_exception(e)
-                else:
-                    log.error("%d audit events not stored: %s: %s", len(fields), type(e).__name__, e)
-                continue
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_result(None)
+            head = await self._append(batch)
+            if head is None and len(batch) > 1:  # one publisher's events alone may be the cause
+                for one in batch:
+                    head = await self._append([one]) or head
             if head is not None:
                 await self._checkpoint_if_due(head, by_count=True)
+
+    async def _append(self, batch: list[tuple[list[dict[str, Any]], asyncio.Future[None] | None]]
+                      ) -> AuditRecord | None:
+        """One append of the batch's events; None (and the futures failed, or the failure
+        logged) if the store refused it.  (A value the store cannot hold, say text PostgreSQL
+        refuses, in one request's event must not cost the others theirs: ``_drain`` retries
+        each publisher's events alone.)"""
+        fields = [f for part, _ in batch for f in part]
+        try:
+            head = await self.store.append_audit(fields, lazy=not self.sync)
+        except Exception as e:
+            if len(batch) == 1:
+                _, future = batch[0]
+                if future is not None and not future.done():
+                    future.set_exception(e)  # the publisher's emit logs it (events.Events)
+                elif future is None:
+                    log.error("%d audit events not stored: %s: %s", len(fields), type(e).__name__, e)
+            return None
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_result(None)
+        return head
 
     # --- checkpoints ---
     async def _last_checkpoint(self) -> tuple[int, float]:

@@ -95,3 +95,18 @@ def test_a_failing_store_never_fails_the_request(make_api, store_kind, caplog):
     while "audit events not stored" not in caplog.text and time.time() < deadline:
         api.call(asyncio.sleep, 0.05)
     assert "audit events not stored" in caplog.text and "disk on fire" in caplog.text
+
+
+def test_an_unstorable_event_costs_only_its_own_publisher(make_api, store_kind, caplog):
+    """Events of concurrent requests go as one append; one the store cannot hold (a lone
+    surrogate: not UTF-8) is dropped and logged, the others are stored, the chain verifies."""
+    api = make_api()
+
+    async def three() -> None:
+        await asyncio.gather(*(api.server.events.emit(Event(SSA_CREATED, "c1", jti=j, details=d))
+                               for j, d in (("a", {}), ("b", {"x": "\ud800"}), ("c", {}))))
+        await api.server.audit.flush()
+    api.call(three)
+    assert [e["jti"] for e in trail(api)] == ["a", "c"]
+    assert "1 audit events not stored" in caplog.text
+    assert api.call(api.server.audit.verify)[0] is None
