@@ -32,6 +32,7 @@ of the trail in the same process (``GET /audit``) flushes it first.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime
 import logging
 import time
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequest
 from .events import ACTIONS, Event
-from .store import AuditCheckpointRecord, AuditRecord, Store
+from .store import AuditCheckpointRecord, AuditRecord, Store, StoreUnavailable, UnstorableValue
 
 if TYPE_CHECKING:
     from .keys import KeyRing
@@ -133,7 +134,9 @@ class AuditTrail:
         future = asyncio.get_running_loop().create_future() if self.sync else None
         self._queue.append(([event_fields(e) for e in events], future))
         if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain(), name="ssa-audit-append")
+            # (a context of its own: not the request's, whose id would tag the task's log lines)
+            self._draining = asyncio.create_task(self._drain(), name="ssa-audit-append",
+                                                 context=contextvars.Context())
         if future is not None:
             await future
 
@@ -147,29 +150,36 @@ class AuditTrail:
         while self._queue:
             batch, self._queue = self._queue, []
             head = await self._append(batch)
-            if head is None and len(batch) > 1:  # one publisher's events alone may be the cause
+            if isinstance(head, UnstorableValue) and len(batch) > 1:  # one publisher's events are the cause
                 for one in batch:
-                    head = await self._append([one]) or head
-            if head is not None:
+                    alone = await self._append([one])
+                    head = alone if not isinstance(alone, Exception) else head
+            if head is not None and not isinstance(head, Exception):
                 await self._checkpoint_if_due(head, by_count=True)
 
     async def _append(self, batch: list[tuple[list[dict[str, Any]], asyncio.Future[None] | None]]
-                      ) -> AuditRecord | None:
-        """One append of the batch's events; None (and the futures failed, or the failure
-        logged) if the store refused it.  (A value the store cannot hold, say text PostgreSQL
-        refuses, in one request's event must not cost the others theirs: ``_drain`` retries
-        each publisher's events alone.)"""
+                      ) -> AuditRecord | Exception | None:
+        """One append of the batch's events: the new head, or what the store raised (the
+        futures failed, or the failure logged).  (A value the store cannot hold, say text
+        PostgreSQL refuses, in one request's event must not cost the others theirs: ``_drain``
+        retries each publisher's events alone after an ``UnstorableValue``.)"""
         fields = [f for part, _ in batch for f in part]
         try:
             head = await self.store.append_audit(fields, lazy=not self.sync)
         except Exception as e:
-            if len(batch) == 1:
+            if len(batch) == 1 or not isinstance(e, UnstorableValue):
+                for _, future in batch[1:]:
+                    if future is not None and not future.done():
+                        future.set_exception(e)
                 _, future = batch[0]
                 if future is not None and not future.done():
                     future.set_exception(e)  # the publisher's emit logs it (events.Events)
-                elif future is None:
+                elif isinstance(e, StoreUnavailable):  # (it logged why, once: a full disk, a lost journal)
+                    log.warning("%d audit events not stored: the store refuses writes (%s)", len(fields),
+                                type(e).__name__)
+                else:
                     log.error("%d audit events not stored: %s: %s", len(fields), type(e).__name__, e)
-            return None
+            return e
         for _, future in batch:
             if future is not None and not future.done():
                 future.set_result(None)
@@ -182,17 +192,20 @@ class AuditTrail:
             self._checkpointed = (found[-1]["seq"], found[-1]["time"]) if found else (0, 0.0)
         return self._checkpointed
 
-    async def _checkpoint_if_due(self, head: AuditRecord, *, by_count: bool) -> None:
-        seq, at = await self._last_checkpoint()
+    async def _checkpoint_if_due(self, head: AuditRecord, *, by_count: bool,
+                                 oldest: float | None = None) -> None:
+        """By count (after an append), or by time (the cleaner: the oldest event no checkpoint
+        covers, at ``oldest``, has waited ``checkpoint_interval``)."""
+        seq, _ = await self._last_checkpoint()
         if head["seq"] <= seq:
             return
         due = (head["seq"] - seq >= self.checkpoint_events if by_count
-               else self._clock() - at >= self.checkpoint_interval)
+               else oldest is not None and self._clock() - oldest >= self.checkpoint_interval)
         if due:
             try:
                 await self.checkpoint(head, "interval")
             except Exception as e:  # the next append or cleaner run retries
-                log.warning("audit checkpoint at seq %d not written: %s", head["seq"], type(e).__name__)
+                log.warning("audit checkpoint at seq %d not written yet: %s", head["seq"], type(e).__name__)
 
     async def checkpoint(self, event: AuditRecord, reason: str) -> AuditCheckpointRecord | None:
         """Sign and store a checkpoint of ``event``; None where no SSA key can sign (a CLI
@@ -217,11 +230,12 @@ class AuditTrail:
 
     # --- the cleaner's work ---
     async def maintain(self) -> None:
-        """A checkpoint when ``audit_checkpoint_interval`` passed with new events; retention."""
+        """A checkpoint once the oldest event none covers is ``audit_checkpoint_interval`` old;
+        retention."""
         seq, _ = await self._last_checkpoint()
         newer = await self.store.list_audit(after=seq)
         if newer:
-            await self._checkpoint_if_due(newer[-1], by_count=False)
+            await self._checkpoint_if_due(newer[-1], by_count=False, oldest=newer[0]["time"])
         if self.retention_days > 0:
             await self.purge(self._clock() - self.retention_days * 86400)
 
