@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import ApiError
+from .events import cli_actor
 from .key_encryption import KeyDecryptionError
 from .logs import configure_logging
 from .server import Server
@@ -47,7 +48,7 @@ async def _with_server(settings: Settings, action: Callable[[Server], Awaitable[
                        keys: bool = False, hooks: bool = False) -> Any:
     """Run ``action`` on a CLI server: the shared store, opened non-exclusively (works while
     ``serve`` runs); keys only for commands that sign, scripts only for those that run hooks."""
-    server = Server.build(settings, exclusive=False)
+    server = Server.build(settings, exclusive=False, actor=cli_actor())
     await server.start(background=False, scripts=hooks, keys=keys)
     try:
         return await action(server)
@@ -253,7 +254,7 @@ def _create_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cli_context(command: str) -> CallContext:
-    return CallContext(CLI_CLIENT, frozenset({ADMIN}), "CLI", f"ssa {command}")
+    return CallContext(CLI_CLIENT, frozenset({ADMIN}), "CLI", f"ssa {command}", actor=cli_actor())
 
 
 def cmd_ssa_create(args: argparse.Namespace) -> int:
@@ -333,6 +334,66 @@ def cmd_ssa_templates_delete(args: argparse.Namespace) -> int:
         return {"deleted": args.name}
 
     _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+# --- audit ---
+def _audit_trail(server: Server) -> Any:
+    from .audit import AuditTrail
+
+    return server.audit if server.audit is not None else AuditTrail(server.store, server.keys)
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    from .audit import AuditQuery
+
+    query = AuditQuery.parse(since=args.since, action=args.action, jti=args.jti, org_id=args.org_id,
+                             limit=args.limit, next=args.next)
+
+    async def action(server: Server) -> Any:
+        return await _audit_trail(server).page(query)
+
+    _print(asyncio.run(_with_server(_settings(args), action)))
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """Every event, oldest first, one JSON object a line (to stdout or ``--output``)."""
+    from . import jsonvalues
+
+    async def action(server: Server) -> Any:
+        return [jsonvalues.dumps(e, sort_keys=True) async for e in _audit_trail(server).walk()]
+
+    lines = asyncio.run(_with_server(_settings(args), action))
+    data = b"".join(line + b"\n" for line in lines)
+    if args.output in (None, "-"):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as e:
+            print(f"ssa-server: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+            return 1
+    print(f"ssa-server: exported {len(lines)} audit events", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 (the walk's counts on stdout) or 1 with one line naming the first bad event."""
+    async def action(server: Server) -> Any:
+        return await _audit_trail(server).verify()
+
+    problem, summary = asyncio.run(_with_server(_settings(args), action))
+    if problem is not None:
+        print(f"ssa-server: {problem.line()}", file=sys.stderr)
+        return 1
+    _print(dict(summary, verified=True))
     return 0
 
 
@@ -795,6 +856,22 @@ def build_parser() -> argparse.ArgumentParser:
     im = store.add_parser("import", parents=[common], help="add the records of an export (counts checked)")
     im.add_argument("file", help="export file, or - for stdin")
     im.set_defaults(func=cmd_store_import)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="action", required=True)
+    al = audit.add_parser("list", parents=[common], help="a page of events, oldest first (as GET /audit)")
+    al.add_argument("--since", help="events at or after: epoch seconds or ISO 8601")
+    al.add_argument("--action", help="one action, e.g. ssa.created")
+    al.add_argument("--jti")
+    al.add_argument("--org-id", dest="org_id")
+    al.add_argument("--limit", help="events per page, 1 to 1000 (default 100)")
+    al.add_argument("--next", help="the cursor a previous page answered")
+    al.set_defaults(func=cmd_audit_list)
+    ae = audit.add_parser("export", parents=[common], help="every event as JSON lines")
+    ae.add_argument("--output", "-o", help="a file (0600; default: stdout)")
+    ae.set_defaults(func=cmd_audit_export)
+    audit.add_parser("verify", parents=[common],
+                     help="check the hash chain and signed checkpoints (exit 1 names the first bad one)") \
+        .set_defaults(func=cmd_audit_verify)
 
     scripts = sub.add_parser("scripts", help="user scripts").add_subparsers(dest="action", required=True)
     ck = scripts.add_parser("check", parents=[common], help="compile and validate one script")

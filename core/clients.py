@@ -21,6 +21,7 @@ from typing import Any
 
 from .client_assertions import (JWT_BEARER, PRIVATE_KEY_JWT, ClientAssertions, check_jwks_uri, public_key_set,
                                 unverified_parts)
+from .events import ANONYMOUS_ACTOR, CLIENT_CREATED, CLIENT_DELETED, TOKEN_REFUSED, Event, Events
 from .errors import ApiError, InvalidClient, InvalidRequest, InvalidScope, SlowDown, UnsupportedGrantType
 from .metrics import Metrics
 from .observe import note_client
@@ -52,8 +53,11 @@ class ClientService:
     def __init__(self, store: Store, tokens: TokenAuthority, clock: Callable[[], float] = time.time, *,
                  failures_per_client: int = 10, failures_per_address: int = 50,
                  failure_window: float = 60.0, trusted_proxies: tuple[str, ...] = (),
-                 metrics: Metrics | None = None, assertions: ClientAssertions | None = None) -> None:
+                 metrics: Metrics | None = None, assertions: ClientAssertions | None = None,
+                 events: Events | None = None, actor: str = ANONYMOUS_ACTOR) -> None:
         self.store = store
+        self.events = events if events is not None else Events()
+        self.actor = actor  # who registers and deletes clients (the CLI's cli:<user>)
         self.metrics = metrics if metrics is not None else Metrics()
         self.tokens = tokens
         self.assertions = assertions or ClientAssertions(store, tokens.issuer, clock=clock)
@@ -84,6 +88,11 @@ class ClientService:
             secret = secrets.token_urlsafe(32)
             record["secret_hash"] = hash_secret(secret)
         await self.store.add_client(record)
+        if self.events.wanted:
+            method = record.get("token_endpoint_auth_method", "client_secret_basic")
+            await self.events.emit(Event(CLIENT_CREATED, self.actor, details={
+                "client_id": record["client_id"], "scopes": list(record["scopes"]),
+                "token_endpoint_auth_method": method}))
         return record, secret
 
     async def list_clients(self) -> list[ClientRecord]:
@@ -93,6 +102,8 @@ class ClientService:
         deleted = await self.store.delete_client(client_id)
         self.tokens.forget_client(client_id)
         self.assertions.forget(client_id)
+        if deleted and self.events.wanted:
+            await self.events.emit(Event(CLIENT_DELETED, self.actor, details={"client_id": client_id}))
         return deleted
 
     async def authenticate(self, client_id: str, secret: str) -> ClientRecord:
@@ -114,6 +125,11 @@ class ClientService:
             answer = await self._token(form, basic, address)
         except ApiError as e:
             self.metrics.token(e.error)
+            if self.events.wanted:  # the id the caller claimed (never its secret or assertion)
+                claimed = basic[0] if basic else form.get("client_id")
+                await self.events.emit(Event(TOKEN_REFUSED, ANONYMOUS_ACTOR, outcome="refused",
+                                             reason=e.error,
+                                             details={"client_id": claimed[:128]} if claimed else {}))
             raise
         self.metrics.token("issued")
         return answer

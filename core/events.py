@@ -53,6 +53,7 @@ ACTIONS: frozenset[str] = frozenset({
 })
 
 SERVER_ACTOR = "server"  # the server's own tasks (the cleaner, scheduled rotation, the script watcher)
+ANONYMOUS_ACTOR = "anonymous"  # a caller without a token (POST /ssa/validation, a refused POST /token)
 
 
 def cli_actor() -> str:
@@ -92,8 +93,12 @@ class EventSink(Protocol):
 class Events:
     """The services' one way to say what they did; each sink gets every event, in order."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 address: Callable[[Mapping[str, Any]], str] | None = None) -> None:
+        """``address``: the client's address from a request's ASGI scope (the throttle's view,
+        behind ``trusted_proxies``); emit fills in an event's missing address with it."""
         self._clock = clock
+        self._address = address
         self._sinks: list[EventSink] = []
 
     def add_sink(self, sink: EventSink) -> None:
@@ -109,10 +114,14 @@ class Events:
             return
         info = CURRENT.get()
         now = self._clock()
+        address = None
+        if info is not None and info.scope is not None and self._address is not None:
+            address = self._address(info.scope)
         stamped = [
             replace(e, time=e.time or now,
                     request_id=e.request_id if e.request_id is not None
-                    else (info.request_id if info is not None else None))
+                    else (info.request_id if info is not None else None),
+                    address=e.address if e.address is not None else address)
             for e in events
         ]
         for sink in self._sinks:

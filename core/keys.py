@@ -30,6 +30,8 @@ from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, si
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
 from .tracing import OFF, Tracing
+from .events import KEY_ACTIVATED, KEY_ROTATED, SERVER_ACTOR, Event, Events
+from .events import KEY_RETIRED as KEY_RETIRED_EVENT  # (the store's KEY_RETIRED is a status)
 from .store import (ENCRYPTED_FIELD, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KeyRecord, Store,
                     can_sign)
 
@@ -74,9 +76,15 @@ class KeyRing:
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
                  activation_delay: int = 600, rotation_days: int = 0,
                  clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None,
-                 metrics: Metrics | None = None, tracing: Tracing = OFF) -> None:
+                 metrics: Metrics | None = None, events: Events | None = None,
+                 actor: str = SERVER_ACTOR, tracing: Tracing = OFF) -> None:
+        """``events``: key.rotated/activated/retired are said there, by ``actor`` (the server's
+        tasks, or the CLI's cli:<user>), once the store holds the change."""
         self._store = store
         self._tracing = tracing
+        self.events = events if events is not None else Events()
+        self.actor = actor
+        self._noted: list[Event] = []  # the key events of the change under way, emitted after it
         self.encryption = encryption or KeyEncryption()
         self._private: dict[str, dict[str, Any]] = {}  # kid -> the whole JWK, decrypted once
         self._unopened: set[str] = set()  # kids logged as undecryptable here
@@ -201,7 +209,17 @@ class KeyRing:
             records = await self._store.list_keys()
             new = await self._rotate_locked(records, alg, now)
             self._install(await self._store.list_keys())
-            return new
+        await self._emit_noted()
+        return new
+
+    def _note(self, action: str, kid: str, **details: Any) -> None:
+        if self.events.wanted:
+            self._noted.append(Event(action, self.actor, kid=kid, details=details))
+
+    async def _emit_noted(self) -> None:
+        noted, self._noted = self._noted, []
+        if noted:
+            await self.events.emit(*noted)
 
     async def _rotate_locked(self, records: list[KeyRecord], alg: str | None, at_once: bool) -> KeyRecord:
         now = int(self._clock())
@@ -209,12 +227,16 @@ class KeyRing:
         alg = alg or (current["alg"] if current else self._alg)
         for r in pending(records, SSA_USE, now):
             await self._store.update_key(r["kid"], {"status": KEY_RETIRED})
+            self._note(KEY_RETIRED_EVENT, r["kid"], status=KEY_RETIRED)
         if at_once or self._activation_delay <= 0:
             new = generate_key(alg, SSA_USE, now)
+            self._note(KEY_ROTATED, new["kid"], alg=alg, activates_at=now)
             await self._replace_signing_ssa_keys(records, new, now)
+            self._note(KEY_ACTIVATED, new["kid"])
         else:
             new = generate_key(alg, SSA_USE, now, activates_at=now + self._activation_delay)
             await self._add(new)
+            self._note(KEY_ROTATED, new["kid"], alg=alg, activates_at=now + self._activation_delay)
         return new
 
     async def _replace_signing_ssa_keys(self, records: list[KeyRecord], new: KeyRecord, now: int) -> None:
@@ -233,6 +255,7 @@ class KeyRing:
         remove_after = max([now] + [s["expiration"] for s in valid])
         for r in keys:
             await self._store.update_key(r["kid"], {"status": KEY_RETIRING, "remove_after": remove_after})
+            self._note(KEY_RETIRED_EVENT, r["kid"], status=KEY_RETIRING, remove_after=remove_after)
 
     async def maintain(self) -> None:
         """The cleaner's key work: write the statuses of a switch that happened, drop keys past
@@ -246,6 +269,7 @@ class KeyRing:
             changed = await self._rotate_if_due_locked(current) or changed
             if changed:
                 self._install(await self._store.list_keys())
+        await self._emit_noted()
 
     async def _settle_locked(self, records: list[KeyRecord]) -> bool:
         now = int(self._clock())
@@ -255,6 +279,7 @@ class KeyRing:
         changed = False
         if current["status"] == KEY_NEXT:
             await self._store.update_key(current["kid"], {"status": KEY_ACTIVE})
+            self._note(KEY_ACTIVATED, current["kid"])
             changed = True
         if now >= activates_at(current) + SETTLE_GRACE:
             old = superseded(records, SSA_USE, now)
@@ -284,9 +309,11 @@ class KeyRing:
         for r in await self._store.list_keys():
             if r["status"] == KEY_RETIRING and (r.get("remove_after") or 0) < now:
                 await self._store.update_key(r["kid"], {"status": KEY_RETIRED})
+                self._note(KEY_RETIRED_EVENT, r["kid"], status=KEY_RETIRED)
                 dropped += 1
         if dropped:
             self._install(await self._store.list_keys())
+        await self._emit_noted()
         return dropped
 
     # --- use ---

@@ -40,13 +40,16 @@ UNMATCHED = "unmatched"  # the route label of a request no route matched (never 
 
 
 class RequestInfo:
-    """What the log records of one request carry; the handlers fill in ``client_id``."""
+    """What the log records of one request carry; the handlers fill in ``client_id``.  ``scope``
+    is the request's ASGI scope: the events of the request find the client's address in it
+    (``throttle.client_address``, behind ``trusted_proxies``), only when an event is made."""
 
-    __slots__ = ("request_id", "client_id")
+    __slots__ = ("request_id", "client_id", "scope")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, scope: Scope | None = None) -> None:
         self.request_id = request_id
         self.client_id: str | None = None
+        self.scope = scope
 
 
 CURRENT: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar("ssa_request", default=None)
@@ -88,7 +91,7 @@ class ObserveRequests:
                 given = value
                 break
         request_id = given.decode() if given is not None and REQUEST_ID.fullmatch(given) else self.new_id()
-        info = RequestInfo(request_id)
+        info = RequestInfo(request_id, scope)
         token = CURRENT.set(info)
         status = 500  # unless a response starts: an exception on its way to the 500 handler
 

@@ -230,6 +230,24 @@ def openapi_document(issuer: str, custom_attributes: tuple[str, ...] = ()) -> di
             "responses": {"200": {"description": "Prometheus text format 0.0.4",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}},
                           **_errors(401, 404, 503)}}},
+        "/audit": {"get": {
+            "summary": "The audit trail, oldest first, a page at a time (admin): every create, revoke, "
+                       "validation, get-JWT, refused token grant, client, key and script change, with "
+                       "its actor, address, request id, outcome, reason and the hash chain's seq, "
+                       "prev_hash and hash",
+            "security": bearer(ADMIN),
+            "parameters": [
+                _query("since", "events at or after this time: epoch seconds or ISO 8601"),
+                _query("action", "one action (ssa.created, ssa.revoked, token.refused, ...)"),
+                _query("jti", "events of this SSA"), _query("org_id", "events of this organisation"),
+                _query("limit", "events per page, 1 to 1000 (default 100)"),
+                _query("next", "the cursor the previous page answered as next"),
+            ],
+            "responses": {**_ok("A page: events and the next cursor (null: no more)", {
+                "type": "object", "required": ["events", "next"],
+                "properties": {"events": {"type": "array", "items": {"type": "object"}},
+                               "next": {"type": ["integer", "null"]}}}),
+                **_errors(400, 401, 404, 503)}}},
     }
     return {
         "openapi": "3.1.0",

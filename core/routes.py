@@ -11,7 +11,9 @@ from starlette.responses import Response
 from .responses import JSONResponse
 from starlette.routing import Route
 
+from .audit import AuditQuery
 from .auth import authenticate, basic_credentials
+from .events import ANONYMOUS_ACTOR
 from .client_assertions import ASSERTION_ALGS, PRIVATE_KEY_JWT
 from .errors import InvalidRequest, NotFound
 from .metrics import CONTENT_TYPE
@@ -100,8 +102,9 @@ async def revoke_ssas(request: Request) -> Response:
 
 
 async def get_jwt(request: Request) -> Response:
-    await _ssa_caller(request, ADMIN)
-    return JSONResponse({"ssa": await _server(request).service.get_jwt(_query(request, "jti"))})
+    caller = await _ssa_caller(request, ADMIN)
+    return JSONResponse({"ssa": await _server(request).service.get_jwt(_query(request, "jti"),
+                                                                       actor=caller.client_id)})
 
 
 async def list_templates(request: Request) -> Response:
@@ -111,23 +114,24 @@ async def list_templates(request: Request) -> Response:
 
 async def put_template(request: Request) -> Response:
     """201 for a new template, 200 for a replaced one; the body is a create body."""
-    await _ssa_caller(request, ADMIN)
+    caller = await _ssa_caller(request, ADMIN)
     service = _server(request).service
     created = await service.save_template(request.path_params["name"],
-                                          parse_json_body(await read_body(request)))
+                                          parse_json_body(await read_body(request)), caller.client_id)
     return _empty(201 if created else 200)
 
 
 async def delete_template(request: Request) -> Response:
-    await _ssa_caller(request, ADMIN)
-    await _server(request).service.delete_template(request.path_params["name"])
+    caller = await _ssa_caller(request, ADMIN)
+    await _server(request).service.delete_template(request.path_params["name"], caller.client_id)
     return Response(status_code=204)
 
 
 async def validate_ssa(request: Request) -> Response:
     server = _server(request)
     jti = request.headers.get("jti")
-    await server.service.validate(jti if jti is None or storable(jti) else None)  # unstorable: no such SSA
+    await server.service.validate(jti if jti is None or storable(jti) else None,  # unstorable: no such SSA
+                                  actor=ANONYMOUS_ACTOR)
     return _empty()
 
 
@@ -231,6 +235,23 @@ def _count_param(request: Request, name: str, default: int, low: int, high: int)
     return int(text)
 
 
+async def audit(request: Request) -> Response:
+    """A page of the audit trail (admin): ``since``, ``action``, ``jti``, ``org_id``, ``limit``,
+    and ``next`` (the cursor a previous page answered)."""
+    server = _server(request)
+    await authenticate(request, server.tokens, server.clients, (ADMIN,))
+    if server.audit is None:
+        raise NotFound("The audit trail is off (audit_enabled = false).")
+    for name in request.query_params:
+        if name not in AUDIT_PARAMS:
+            raise InvalidRequest(f"Unknown parameter '{name[:64]}'; use {', '.join(AUDIT_PARAMS)}.")
+    query = AuditQuery.parse(**{name: _query(request, name) for name in AUDIT_PARAMS})
+    return JSONResponse(await server.audit.page(query))
+
+
+AUDIT_PARAMS = ("since", "action", "jti", "org_id", "limit", "next")
+
+
 async def metrics(request: Request) -> Response:
     """The Prometheus text format (``metrics.py``), admin token on the main port; with
     ``metrics_port`` set it is served there (open) and this route answers 404."""
@@ -296,6 +317,7 @@ ROUTES = [
     Route("/health/live", health_live, methods=["GET"]),
     Route("/health/ready", health_ready, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/audit", audit, methods=["GET"]),
 ]
 
 # Every method of each path, for the Allow header of a 405 (/ssa is three routes).

@@ -19,6 +19,9 @@ import anyio.to_thread
 import pluggy
 
 from . import script_revisions
+from .audit import AuditTrail
+from .events import (SCRIPT_LOADED, SCRIPT_REFUSED, SCRIPT_UNLOADED, SERVER_ACTOR, SSA_EXPIRED, Event,
+                     Events)
 from .client_assertions import ClientAssertions
 from .clients import ClientService
 from .key_encryption import KeyEncryption
@@ -29,6 +32,7 @@ from .settings import Settings
 from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
+from .throttle import client_address, parse_networks
 from .tokens import TokenAuthority
 from .tracing import OFF, Tracing, from_settings as tracing_from_settings
 from ssa_server.plugins.hooks import HookRunner
@@ -53,24 +57,38 @@ class Server:
     clock: Callable[[], float] = time.time
     metrics: Metrics = field(default_factory=Metrics)
     tracing: Tracing = OFF
+    events: Events = field(default_factory=Events)
+    audit: AuditTrail | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _serving: bool = False
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, exclusive: bool = True,
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
-              accept_journal_loss: bool = False, tracing: Tracing | None = None) -> Server:
-        """``tracing``: given by tests (an in-memory exporter); else from ``otel_enabled``."""
+              accept_journal_loss: bool = False, tracing: Tracing | None = None,
+              actor: str = SERVER_ACTOR) -> Server:
+        """``tracing``: given by tests (an in-memory exporter); else from ``otel_enabled``.
+        ``actor``: who the audit trail names for what is done without a caller (the server's
+        own tasks; a CLI command's ``cli:<user>``)."""
         encryption = KeyEncryption.from_settings(settings)  # before the store: a bad reference is one line
         metrics = Metrics()
         tracing = tracing if tracing is not None else tracing_from_settings(settings)
         store = timed_store(store or open_store(settings, exclusive=exclusive,
                                                 accept_journal_loss=accept_journal_loss),
                             metrics, "postgresql" if settings.uses_postgres else "tinydb", tracing)
+        proxies = parse_networks(settings.trusted_proxies)
+        events = Events(clock, address=lambda scope: client_address(scope, proxies))
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
                        rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
-                       metrics=metrics, tracing=tracing)
+                       metrics=metrics, events=events, actor=actor, tracing=tracing)
+        audit = None
+        if settings.audit_enabled:  # (the webhooks' outbox is the other sink)
+            audit = AuditTrail(store, keys, checkpoint_events=settings.audit_checkpoint_events,
+                               checkpoint_interval=settings.audit_checkpoint_interval,
+                               retention_days=settings.audit_retention_days, sync=settings.audit_sync,
+                               clock=clock)
+            events.add_sink(audit)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -94,12 +112,14 @@ class Server:
                                 failures_per_client=settings.token_failures_per_client,
                                 failures_per_address=settings.token_failures_per_address,
                                 failure_window=settings.token_failure_window,
-                                trusted_proxies=settings.trusted_proxies, metrics=metrics)
+                                trusted_proxies=settings.trusted_proxies, metrics=metrics, events=events,
+                                actor=actor)
         status_lists = StatusIssuer(settings, store, keys, clock)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
                    service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists,
-                                      metrics=metrics),
-                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics, tracing=tracing)
+                                      metrics=metrics, events=events, actor=actor),
+                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics, tracing=tracing,
+                   events=events, audit=audit)
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
         """Open the store, load the keys, start the script pool and, for the server
@@ -168,6 +188,11 @@ class Server:
         self._tasks.clear()
         self.service.status_lists.close()  # a block reservation under way
         self.metrics.flush()  # (with --workers N, the last figures into this run's files)
+        if self.audit is not None:
+            try:
+                await self.audit.flush()  # the events queued: into the store before it closes
+            except Exception as e:  # (logged by the trail; the store closes anyway)
+                log.error("audit events not flushed at stop: %s", type(e).__name__)
         self.keys.close()  # the signing process and threads
         if self.scripts is not None:
             await anyio.to_thread.run_sync(self.scripts.stop)
@@ -182,8 +207,15 @@ class Server:
     async def cleanup_once(self) -> tuple[int, int]:
         """Expire SSAs past their expiration, purge old inactive ones; the keys' timeline
         (``KeyRing.maintain``: a switch's statuses, keys past their end, scheduled rotation)."""
-        expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace)
+        noted: list[tuple[str, str]] | None = [] if self.events.wanted else None
+        expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace,
+                                                            noted)
+        if noted:
+            await self.events.emit(*(Event(SSA_EXPIRED, SERVER_ACTOR, jti=jti, org_id=org_id)
+                                     for jti, org_id in noted))
         await self.keys.maintain()
+        if self.audit is not None:
+            await self.audit.maintain()
         if expired or purged:
             log.info("cleanup expired=%d purged=%d", expired, purged)
         return expired, purged
@@ -203,10 +235,26 @@ class Server:
         (the store is not thread-safe), every reload interval; what the store refused is retried."""
         pending: list[Any] = []
         while True:
-            pending = (pending + host.take_revisions())[-1000:]
+            seen = host.take_revisions()
+            unloaded = host.take_unloaded()
+            if self.events.wanted and (seen or unloaded):
+                await self.events.emit(*self._script_events(seen, unloaded))
+            pending = (pending + seen)[-1000:]
             if pending:
                 pending = await script_revisions.record(self.store, pending, host.revisions_kept)
             await asyncio.sleep(max(0.05, host.reload_interval))
+
+    @staticmethod
+    def _script_events(seen: list[Any], unloaded: list[tuple[str, str | None]]) -> list[Event]:
+        out = [Event(SCRIPT_LOADED if r["state"] == "loaded" else SCRIPT_REFUSED, SERVER_ACTOR,
+                     outcome="ok" if r["state"] == "loaded" else "refused",
+                     reason=None if r["state"] == "loaded" else r["state"],
+                     details={"script": r["name"], "revision": r["revision"],
+                              **({"error": (r["reason"] or "")[:500]} if r["state"] != "loaded" else {})})
+               for r in seen]
+        out += [Event(SCRIPT_UNLOADED, SERVER_ACTOR, details={"script": name, "revision": revision})
+                for name, revision in unloaded]
+        return out
 
     async def observe_state(self) -> None:
         """Set the gauges of what the store and the keys hold now (before a scrape, and every

@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NotFound, NothingToRevoke,
                      NotAcceptable, ScriptFailed, SlowDown, UnknownJti)
 from . import jsonvalues
+from .events import (ANONYMOUS_ACTOR, SSA_CREATED, SSA_JWT_READ, SSA_REVOKED, SSA_USED, SSA_VALIDATION_FAILED,
+                     TEMPLATE_DELETED, TEMPLATE_SAVED, Event, Events)
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
 from .keys import KeyRing
 from .metrics import Metrics
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
-from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, CreateRequest, SsaRecord, jwt_changes,
-                  jwt_claims, jwt_header, list_item, record_from_request, status_view)
+from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, REVOKED, USED, CreateRequest, SsaRecord,
+                  jwt_changes, jwt_claims, jwt_header, list_item, record_from_request, status_view)
 from .status_issuer import StatusIssuer
 from .store import Store, TemplateRecord, UnstorableValue
 from .store.search import DEFAULT_LIMIT, MAX_LIMIT, FilterError, parse as parse_filter
@@ -65,6 +67,11 @@ class CallContext:
     path: str = ""
     # as the ASGI scope has them
     raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
+    actor: str | None = None  # who the audit trail names (None: client_id); a CLI command's cli:<user>
+
+    @property
+    def audit_actor(self) -> str:
+        return self.actor or self.client_id
 
     def headers(self) -> dict[str, str]:
         """The request headers for hooks, without the ones that carry credentials (Authorization,
@@ -91,8 +98,13 @@ class CallContext:
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
                  clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, events: Events | None = None,
+                 actor: str = ANONYMOUS_ACTOR) -> None:
+        """``events``: where what happened is said (the audit trail, webhooks); ``actor``: who
+        acted when no caller is given (the CLI's ``cli:<user>``)."""
         self.settings = settings
+        self.events = events if events is not None else Events()
+        self.actor = actor
         self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.keys = keys
@@ -146,6 +158,12 @@ class SsaService:
         except UnstorableValue as e:  # the request's checks refuse these first; never a 500 anyway
             raise InvalidRequest(f"A value of the request cannot be stored exactly: {e}.") from None
         self.metrics.issue(active["alg"])
+        if self.events.wanted:
+            await self.events.emit(Event(SSA_CREATED, ctx.audit_actor, jti=record["jti"],
+                                         org_id=record["org_id"], kid=active["kid"],
+                                         details={"software_id": record["software_id"],
+                                                  "one_time_use": record["one_time_use"],
+                                                  "expiration": record["expiration"]}))
         log.debug("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
         return token
 
@@ -219,7 +237,7 @@ class SsaService:
         return [list_item(r) for r in records]
 
     # --- get JWT ---
-    async def get_jwt(self, jti: str | None) -> str:
+    async def get_jwt(self, jti: str | None, actor: str | None = None) -> str:
         """The stored SSA re-signed with the active key (create hooks do not run): the header and
         claims it was created with, what the create hooks changed included (``hook_changes``)."""
         self.require_enabled()
@@ -227,16 +245,34 @@ class SsaService:
         if record is None or record["status"] != ACTIVE or record["expiration"] <= self.now():
             raise InvalidJti()
         await self.keys.refresh_if_due()
-        return await self._sign(jwt_header(record, self.settings.jwt_typ), jwt_claims(record))
+        token = await self._sign(jwt_header(record, self.settings.jwt_typ), jwt_claims(record))
+        if self.events.wanted:
+            await self.events.emit(Event(SSA_JWT_READ, actor or self.actor, jti=record["jti"],
+                                         org_id=record["org_id"], kid=self.keys.active()["kid"]))
+        return token
 
     # --- validate ---
-    async def validate(self, jti: str | None) -> None:
+    async def validate(self, jti: str | None, actor: str | None = None) -> None:
         """Succeeds for an existing, ACTIVE, unexpired SSA; a one-time SSA becomes USED, atomically."""
         self.require_enabled()
-        valid = False if not jti else await self.store.mark_used(jti, self.now()) is not None
-        self.metrics.validation(valid)
-        if not valid:
+        used = await self.store.mark_used(jti, self.now()) if jti else None
+        self.metrics.validation(used is not None)
+        if self.events.wanted:
+            await self._validated(jti, used, actor or self.actor)
+        if used is None:
             raise InvalidJti()
+
+    async def _validated(self, jti: str | None, used: SsaRecord | None, actor: str) -> None:
+        if used is not None:
+            await self.events.emit(Event(SSA_USED, actor, jti=used["jti"], org_id=used["org_id"],
+                                         details={"one_time_use": used["one_time_use"]}))
+            return
+        record = await self.store.get_ssa(jti) if jti else None  # (the failure path only) why
+        reason = ("unknown" if record is None else "used" if record["status"] == USED
+                  else "revoked" if record["status"] == REVOKED else "expired")
+        await self.events.emit(Event(SSA_VALIDATION_FAILED, actor, outcome="refused", reason=reason,
+                                     jti=record["jti"] if record is not None else None,
+                                     org_id=record["org_id"] if record is not None else None))
 
     # --- status (no token: the consumers' question, never a change) ---
     async def status(self, jti: str | None, address: Callable[[], str] = lambda: "") -> dict[str, Any]:
@@ -269,6 +305,9 @@ class SsaService:
             raise NothingToRevoke()
         self.metrics.revocations(len(revoked))
         log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
+        if self.events.wanted:
+            await self.events.emit(*(Event(SSA_REVOKED, ctx.audit_actor, jti=r["jti"], org_id=r["org_id"])
+                                     for r in revoked))
         if self.hooks.wanted("revoke"):  # never raises: the revocation stands whatever a hook does
             items = [list_item(r) for r in revoked]
             await self.hooks.revoke(items, ctx.for_hook("revoke", self.settings))
@@ -286,7 +325,7 @@ class SsaService:
         kept = {f.name for f in REQUEST_FIELDS} | set(self.settings.custom_attributes)
         return {k: v for k, v in fields.items() if k in kept and v is not None}
 
-    async def save_template(self, name: str, fields: dict[str, Any]) -> bool:
+    async def save_template(self, name: str, fields: dict[str, Any], actor: str | None = None) -> bool:
         """Save (or replace) the template ``name``; True when it is new."""
         self.require_enabled()
         check_template_name(name)
@@ -294,6 +333,8 @@ class SsaService:
         created = await self.store.get_template(name) is None
         await self.store.put_template({"name": name, "fields": body, "created_at": self.now()})
         log.info("template saved name=%s", name)
+        if self.events.wanted:
+            await self.events.emit(Event(TEMPLATE_SAVED, actor or self.actor, details={"name": name}))
         return created
 
     async def template_fields(self, name: str) -> dict[str, Any]:
@@ -308,12 +349,14 @@ class SsaService:
         self.require_enabled()
         return await self.store.list_templates()
 
-    async def delete_template(self, name: str) -> None:
+    async def delete_template(self, name: str, actor: str | None = None) -> None:
         self.require_enabled()
         check_template_name(name)
         if not await self.store.delete_template(name):
             raise NotFound(f"No template named '{name}'.")
         log.info("template deleted name=%s", name)
+        if self.events.wanted:
+            await self.events.emit(Event(TEMPLATE_DELETED, actor or self.actor, details={"name": name}))
 
 
 TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

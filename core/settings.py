@@ -75,6 +75,14 @@ class Settings:
     metrics_port: int = 0  # GET /metrics on its own port (open there); 0: on the main port (admin token)
     # OpenTelemetry traces (the [otel] extra; tracing.py): the exporter and resource from OTEL_* variables.
     otel_enabled: bool = False
+    # The audit trail (issue 15, core/audit.py): every action hash-chained in the store.
+    audit_enabled: bool = True
+    # true: a request waits until its event is durable; false: the event rides the next group
+    # commit (a crash within those milliseconds may lose it; README "Audit")
+    audit_sync: bool = False
+    audit_checkpoint_events: int = 1000  # a signed checkpoint at least every N events...
+    audit_checkpoint_interval: float = 3600.0  # ...or every T seconds (with new events since the last)
+    audit_retention_days: int = 0  # events older than this are purged (a checkpoint at the cut); 0: keep all
     # Sandboxed scripts (issue 3).
     scripts_enabled: bool = True
     on_script_error: str = "fail"  # "fail": a failing create/get script refuses the request; "skip"
@@ -152,14 +160,15 @@ class Settings:
                      "script_memory_mb", "script_output_kb", "script_http_max_kb",
                      "script_http_calls_per_step", "store_pool_min", "store_pool_max", "workers",
                      "token_failures_per_client", "token_failures_per_address",
-                     "status_failures_per_address", "client_assertion_max_lifetime"):
+                     "status_failures_per_address", "client_assertion_max_lifetime",
+                     "audit_checkpoint_events"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
                      "script_log_interval", "store_pool_timeout", "store_statement_timeout",
                      "http_head_timeout", "http_body_timeout", "http_idle_timeout", "token_failure_window",
                      "script_http_timeout", "script_http_calls_per_second", "client_jwks_timeout",
-                     "client_jwks_refetch_interval", "client_jwks_max_age"):
+                     "client_jwks_refetch_interval", "client_jwks_max_age", "audit_checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
         if not 8 <= self.status_list_size <= 1 << 24 or self.status_list_size % 8:
@@ -185,7 +194,8 @@ class Settings:
                                 "must be from 1 to 1000")
         if self.script_log_lines < 0:
             raise SettingsError(f"SSA_SCRIPT_LOG_LINES={self.script_log_lines} must not be negative")
-        for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days", "client_assertion_leeway"):
+        for name in ("cleanup_grace", "key_activation_delay", "key_rotation_days", "client_assertion_leeway",
+                     "audit_retention_days"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
         self._validate_key_encryption()

@@ -231,6 +231,7 @@ class ScriptHost:
         # Revisions first seen, for the server to record in its store (``take_revisions``): the
         # reload thread never waits for the store.
         self._seen: deque[ScriptRevisionRecord] = deque(maxlen=_REVISIONS_QUEUED)
+        self._unloaded: deque[tuple[str, str | None]] = deque(maxlen=_REVISIONS_QUEUED)  # (name, revision)
         self.limits = limits
         self.workers = workers
         self.on_error = on_error
@@ -320,6 +321,7 @@ class ScriptHost:
         self._build_chains()
         for state in gone:
             log.info("script %s removed", state.name)
+            self._unloaded.append((state.name, state.revision))
             self.script_log.forget(state.name)
             if state.revision and self.pool is not None:  # (loaded: the pool has started)
                 try:
@@ -408,6 +410,13 @@ class ScriptHost:
     def _revision_seen(self, name: str, revision: str, source: str, config: str | None, state: str,
                        reason: str | None) -> None:
         self._seen.append(new_record(name, revision, source, config, state, reason, time.time()))
+
+    def take_unloaded(self) -> list[tuple[str, str | None]]:
+        """The scripts removed since the last call (name, revision), oldest first (audited)."""
+        taken = []
+        while self._unloaded:
+            taken.append(self._unloaded.popleft())
+        return taken
 
     def take_revisions(self) -> list[ScriptRevisionRecord]:
         """The revisions seen since the last call, oldest first (the server records them)."""

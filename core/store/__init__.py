@@ -11,13 +11,15 @@ admin search's filter language.
 from .base import Store
 from .errors import StoreDegraded, StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
 from .records import (ENCRYPTED_FIELD, ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KEY_STATES,
-                      PRIVATE_JWK_MEMBERS, TABLES, AssertionRecord, ClientRecord, KeyRecord,
+                      PRIVATE_JWK_MEMBERS, TABLES, AssertionRecord, AuditCheckpointRecord, AuditRecord,
+                      ClientRecord, KeyRecord,
                       ScriptRevisionRecord, StatusListRecord, TemplateRecord, can_sign, public_jwk)
 
 __all__ = [
     "ENCRYPTED_FIELD", "PRIVATE_JWK_MEMBERS", "can_sign", "public_jwk",
     "ID_FIELDS", "KEY_ACTIVE", "KEY_NEXT", "KEY_RETIRED", "KEY_RETIRING", "KEY_STATES",
-    "TABLES", "AssertionRecord", "ClientRecord", "KeyRecord", "ScriptRevisionRecord", "Store",
+    "TABLES", "AssertionRecord", "AuditCheckpointRecord", "AuditRecord", "ClientRecord", "KeyRecord",
+    "ScriptRevisionRecord", "Store",
     "StoreDegraded",
     "StoreLocked", "StoreSchemaError", "StoreUnavailable", "StatusListRecord", "TemplateRecord",
     "UnstorableValue",

@@ -9,8 +9,8 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .records import (AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
-                      TemplateRecord)
+from .records import (AssertionRecord, AuditCheckpointRecord, AuditRecord, ClientRecord, KeyRecord,
+                      ScriptRevisionRecord, StatusListRecord, TemplateRecord)
 
 if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports this package)
     from ..ssa import SsaRecord
@@ -63,12 +63,14 @@ class Store(Protocol):
         Returns the revoked records (after the change); [] when nothing matched.
         """
 
-    async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
+    async def expire_and_purge(self, now: int, grace: int,
+                               expired_out: list[tuple[str, str]] | None = None) -> tuple[int, int]:
         """ACTIVE SSAs with expiration <= now become EXPIRED; SSAs not ACTIVE whose expiration
         is older than now - grace are deleted, except those whose status list entry's ``until``
         (the JWT's own exp: a revocation sets ``expiration`` to now) is not older yet, since the
         list must keep their bit while their JWT verifies.  Client assertion jtis past their
-        ``expires_at`` are deleted too.  Returns (expired, purged) SSAs."""
+        ``expires_at`` are deleted too.  Returns (expired, purged) SSAs; ``expired_out``, when
+        given, gets (jti, org_id) of each SSA this call expired (the ``ssa.expired`` events)."""
 
     async def count_ssas(self) -> int:
         """How many SSAs are stored, whatever their status."""
@@ -131,6 +133,31 @@ class Store(Protocol):
     async def get_script_revision(self, revision_id: str) -> ScriptRevisionRecord | None: ...
     async def list_script_revisions(self, name: str | None = None) -> list[ScriptRevisionRecord]:
         """``name``'s revisions newest first (every script's, for the export, without ``name``)."""
+
+    # --- the audit trail (``audit.py``) ---
+    async def append_audit(self, events: list[dict[str, Any]], *, lazy: bool = False) -> AuditRecord | None:
+        """Append events (an ``Event``'s fields) to the hash chain (``records.chain``): the head
+        is read and the new records written in one step serialised across every process sharing
+        the store, so two writers never fork the chain.  Returns the new head (the last record
+        appended; None for no events).  ``lazy``: the write may wait a few milliseconds to share
+        the durable write of another change (the embedded store's journal)."""
+
+    async def add_audit_records(self, records: list[AuditRecord]) -> int:
+        """Import: store records as they are (their seq and hashes), skipping seqs held; how many."""
+
+    async def list_audit(self, *, after: int = 0, since: float | None = None, action: str | None = None,
+                         jti: str | None = None, org_id: str | None = None,
+                         limit: int | None = None) -> list[AuditRecord]:
+        """Events with seq > ``after`` (and time >= ``since``, the given fields equal), by seq."""
+
+    async def delete_audit_through(self, seq: int) -> int:
+        """Retention: delete the events with seq <= ``seq``; how many."""
+
+    async def put_audit_checkpoint(self, record: AuditCheckpointRecord) -> None:
+        """Store a checkpoint (one per seq: a second one for the same seq replaces it)."""
+
+    async def list_audit_checkpoints(self) -> list[AuditCheckpointRecord]:
+        """Every checkpoint, by seq."""
 
     async def compact_keys(self) -> bool:
         """Drop the superseded versions of key records the store still holds (after they were

@@ -46,6 +46,7 @@ log = logging.getLogger("ssa_server.store")
 _COMPACT_MIN_GARBAGE = 10_000  # lines of garbage before the cleaner compacts (at open: 1,000)
 _CHUNK = 8 << 20  # replay reads the journal in chunks: the file is never in memory whole
 _PROBE_INTERVAL = 1.0  # seconds between two probes of a degraded journal
+LAZY_DELAY = 0.005  # seconds a lazy commit waits at most for another commit to share its fsync
 
 # One queued write: (journal bytes, loop, future of the caller, the state's changes to undo on failure).
 _Write = tuple[bytes, asyncio.AbstractEventLoop, "asyncio.Future[None]", Any]
@@ -299,10 +300,12 @@ class Journal:
             if self.degraded is not None:
                 raise StoreDegraded(self.degraded[1], self.degraded[0])
 
-    async def commit(self, lines: Iterable[bytes], changes: Any) -> None:
+    async def commit(self, lines: Iterable[bytes], changes: Any, *, lazy: bool = False) -> None:
         """Append ``lines`` durably (group commit): returns once they are written whole and
         fsync'ed.  The state has applied ``changes`` already; if the batch fails they are undone
-        (``JournalState.undo``) and this raises StoreDegraded."""
+        (``JournalState.undo``) and this raises StoreDegraded.  ``lazy``: the lines wait (at
+        most ``LAZY_DELAY``) for the next commit to be written and fsync'ed with it, instead
+        of a batch of their own (the audit trail's events ride the requests' writes)."""
         data = b"".join(lines)
         if not data:
             return
@@ -310,7 +313,10 @@ class Journal:
         future: asyncio.Future[None] = loop.create_future()
         with self._pending_lock:
             self._pending.append((data, loop, future, changes))
-        self._wake.set()
+        if lazy:
+            loop.call_later(LAZY_DELAY, self._wake.set)
+        else:
+            self._wake.set()
         await future
 
     def _flush_loop(self) -> None:

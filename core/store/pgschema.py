@@ -73,6 +73,24 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         )""",
         "CREATE INDEX assertion_jtis_expires_at ON assertion_jtis (expires_at)",
     ]),
+    (5, [  # the audit trail (issue 15): a hash chain of events (appended under AUDIT_LOCK), checkpoints
+        """CREATE TABLE audit (
+            seq bigint PRIMARY KEY,
+            time double precision NOT NULL,
+            action text NOT NULL,
+            jti text,
+            org_id text,
+            doc jsonb NOT NULL
+        )""",
+        "CREATE INDEX audit_time ON audit (time)",
+        "CREATE INDEX audit_action ON audit (action, seq)",
+        "CREATE INDEX audit_jti ON audit (jti, seq) WHERE jti IS NOT NULL",
+        "CREATE INDEX audit_org_id ON audit (org_id, seq) WHERE org_id IS NOT NULL",
+        """CREATE TABLE audit_checkpoints (
+            seq bigint PRIMARY KEY,
+            doc jsonb NOT NULL
+        )""",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]
@@ -80,6 +98,7 @@ LATEST = MIGRATIONS[-1][0]
 # Advisory lock ids (pg_advisory_lock takes a bigint): one for migrations, one for key setup.
 MIGRATE_LOCK = 0x55A_0001
 KEYS_LOCK = 0x55A_0002
+AUDIT_LOCK = 0x55A_0003  # an audit append: the chain's head read and the new events written under it
 LOCKS = {"keys": KEYS_LOCK}  # the names ``Store.lock`` accepts
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

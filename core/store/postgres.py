@@ -30,8 +30,8 @@ from ..settings import redact_url
 from . import pgschema
 from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import (AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
-                      TemplateRecord)
+from .records import (GENESIS, AssertionRecord, AuditCheckpointRecord, AuditRecord, ClientRecord, KeyRecord,
+                      ScriptRevisionRecord, StatusListRecord, TemplateRecord, chain)
 from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
@@ -107,6 +107,25 @@ def _key(row: dict[str, Any]) -> KeyRecord:
 
 
 _LIST_COLUMNS = "id, size, next, created_at, doc"
+
+
+_AUDIT_INSERT = "INSERT INTO audit (seq, time, action, jti, org_id, doc) VALUES (%s, %s, %s, %s, %s, %s)"
+
+
+def _audit_row(record: Any) -> tuple[Any, ...]:
+    return (record["seq"], record["time"], record["action"], record.get("jti"), record.get("org_id"),
+            _jsonb(dict(record)))
+
+
+def _audit(row: dict[str, Any]) -> AuditRecord:
+    """The doc (what the hash covers).  A row whose indexed columns disagree with its doc (one of
+    them changed alone) shows both, ``{"column": ..., "doc": ...}``, for that field: the event no
+    longer hashes to its ``hash`` and ``audit verify`` names it."""
+    record = dict(row["doc"])
+    for name in ("seq", "time", "action", "jti", "org_id"):
+        if record.get(name) != row[name]:
+            record[name] = {"column": row[name], "doc": record.get(name)}
+    return cast(AuditRecord, record)
 
 
 def _status_list(row: dict[str, Any]) -> StatusListRecord:
@@ -299,15 +318,20 @@ class PgStore:
             [REVOKED, now, *params])
         return [_ssa(r) for r in sorted(rows, key=lambda r: (r["created_at"], r["seq"]))]
 
-    async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
+    async def expire_and_purge(self, now: int, grace: int,
+                               expired_out: list[tuple[str, str]] | None = None) -> tuple[int, int]:
         async with self._connection() as conn, conn.transaction():
             # Purge first, so an SSA expired in this run is kept until a later one (as TinyStore).
             purged = await conn.execute(
                 "DELETE FROM ssa WHERE status <> %(active)s AND expiration < %(cutoff)s"
                 " AND COALESCE((doc->'status_list'->>'until')::bigint, 0) < %(cutoff)s",
                 {"active": ACTIVE, "cutoff": now - grace})
-            expired = await conn.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s",
-                                         (EXPIRED, ACTIVE, now))
+            cur = conn.cursor()
+            await cur.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s "
+                              "RETURNING jti, org_id", (EXPIRED, ACTIVE, now))
+            expired = cur
+            if expired_out is not None:
+                expired_out.extend((jti, org_id) for jti, org_id in await cur.fetchall())
             await conn.execute("DELETE FROM assertion_jtis WHERE expires_at < %s", (now,))
             return expired.rowcount, purged.rowcount
 
@@ -486,6 +510,61 @@ class PgStore:
         return [r["doc"] for r in rows]
 
     # --- health ---
+    # --- the audit trail ---
+    async def append_audit(self, events: list[dict[str, Any]], *, lazy: bool = False) -> AuditRecord | None:
+        """One transaction under ``pg_advisory_xact_lock(AUDIT_LOCK)``: the head read and the new
+        rows written as one step for every node and worker (the chain never forks).  ``lazy``
+        changes nothing here (PostgreSQL's own group commit serves concurrent transactions)."""
+        if not events:
+            return None
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (pgschema.AUDIT_LOCK,))
+            cur = conn.cursor()
+            await cur.execute("SELECT seq, doc->>'hash' FROM audit ORDER BY seq DESC LIMIT 1")
+            head = await cur.fetchone()
+            records = chain(events, int(head[0]), str(head[1])) if head else chain(events, 0, GENESIS)
+            await cur.executemany(_AUDIT_INSERT, [_audit_row(r) for r in records])
+        return records[-1]
+
+    async def add_audit_records(self, records: list[AuditRecord]) -> int:
+        rows = [_audit_row(dict(r, id=str(r["seq"]))) for r in records]
+        added = 0
+        async with self._connection() as conn, conn.transaction():
+            cur = conn.cursor()
+            for row in rows:
+                await cur.execute(_AUDIT_INSERT + " ON CONFLICT (seq) DO NOTHING", row)
+                added += cur.rowcount
+        return added
+
+    async def list_audit(self, *, after: int = 0, since: float | None = None, action: str | None = None,
+                         jti: str | None = None, org_id: str | None = None,
+                         limit: int | None = None) -> list[AuditRecord]:
+        where, params = ["seq > %s"], list[Any]([after])
+        for column, value in (("time >=", since), ("action =", action), ("jti =", jti), ("org_id =", org_id)):
+            if value is not None:
+                where.append(f"{column} %s")
+                params.append(value)
+        sql = (f"SELECT seq, time, action, jti, org_id, doc FROM audit WHERE {' AND '.join(where)} "
+               "ORDER BY seq")
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(limit)
+        return [_audit(r) for r in await self._rows(sql, params)]
+
+    async def delete_audit_through(self, seq: int) -> int:
+        async with self._connection() as conn:
+            done = await conn.execute("DELETE FROM audit WHERE seq <= %s", (seq,))
+            return done.rowcount
+
+    async def put_audit_checkpoint(self, record: AuditCheckpointRecord) -> None:
+        await self._rows("INSERT INTO audit_checkpoints (seq, doc) VALUES (%s, %s) "
+                         "ON CONFLICT (seq) DO UPDATE SET doc = EXCLUDED.doc",
+                         (record["seq"], _jsonb(dict(record))))
+
+    async def list_audit_checkpoints(self) -> list[AuditCheckpointRecord]:
+        rows = await self._rows("SELECT seq, doc FROM audit_checkpoints ORDER BY seq")
+        return [cast(AuditCheckpointRecord, dict(r["doc"], seq=int(r["seq"]))) for r in rows]
+
     async def check(self) -> None:
         await self._rows("SELECT 1")
 

@@ -7,6 +7,8 @@ gets copies it may change freely.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, NotRequired, TypedDict
 
 # Key statuses (see docs/keys.md): a next key is published and signs from its activates_at; an
@@ -19,7 +21,8 @@ KEY_STATES = (KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
 # Every table of every store and the field that identifies its records, in export order (the
 # keys before the SSAs they signed, so an importer can verify SSAs as it goes).
 ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id",
-             "script_revisions": "id", "assertion_jtis": "id", "ssa": "jti"}
+             "script_revisions": "id", "assertion_jtis": "id", "ssa": "jti",
+             "audit": "id", "audit_checkpoints": "id"}
 TABLES = tuple(ID_FIELDS)
 
 
@@ -109,3 +112,63 @@ class ScriptRevisionRecord(TypedDict):
     source: str  # NAME.py as it was
     config: str | None  # NAME.toml's text (secret references only, never values); None: no NAME.toml
     seen_by: str  # the watcher that first saw it: "HOST pid PID"
+
+
+class AuditRecord(TypedDict):
+    """One event of the audit trail (``audit.py``): an ``events.Event`` as stored, in a hash chain.
+
+    ``hash`` is the SHA-256 (hex) of the record's canonical JSON without ``hash``
+    (``audit_hash``); ``prev_hash`` is the previous event's ``hash`` (``GENESIS`` for seq 1).
+    The store assigns ``seq``, ``prev_hash`` and ``hash`` where appends are serialised
+    (``Store.append_audit``), so the chain stays one line whatever the number of writers."""
+
+    id: str  # str(seq): the tables' identifying field
+    seq: int  # 1, 2, ...: no gaps
+    time: float
+    action: str
+    actor: str
+    outcome: str
+    reason: str | None
+    jti: str | None
+    org_id: str | None
+    kid: str | None
+    address: str | None
+    request_id: str | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditCheckpointRecord(TypedDict):
+    """A signed anchor of the chain: ``jws`` is a JWS (compact, the SSA signing key, ``kid`` in
+    its header) over {"seq", "hash", "time"}: the event ``seq`` had ``hash`` at ``time``."""
+
+    id: str  # str(seq)
+    seq: int
+    hash: str
+    time: float
+    kid: str
+    jws: str
+    reason: str  # "interval" (every N events or T seconds) or "retention" (the cut of a purge)
+
+
+GENESIS = "0" * 64  # the prev_hash of seq 1
+
+
+def audit_hash(record: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of the record without ``hash``."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def chain(events: list[dict[str, Any]], head_seq: int, head_hash: str) -> list[AuditRecord]:
+    """The events (an ``Event``'s fields) as records following the head (seq, hash)."""
+    out: list[AuditRecord] = []
+    for event in events:
+        head_seq += 1
+        record: dict[str, Any] = dict(event, id=str(head_seq), seq=head_seq, prev_hash=head_hash)
+        record.pop("hash", None)
+        record["hash"] = head_hash = audit_hash(record)
+        out.append(record)  # type: ignore[arg-type]  # (built field by field above)
+    return out

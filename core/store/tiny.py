@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -25,7 +27,8 @@ from .journal import Journal
 from .search import INDEXED, SsaFilter, tinydb_query
 from ..jsonvalues import clone
 from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
-from .records import (ID_FIELDS, TABLES, AssertionRecord, ClientRecord, KeyRecord, ScriptRevisionRecord,
+from .records import (GENESIS, ID_FIELDS, TABLES, AssertionRecord, AuditCheckpointRecord, AuditRecord, chain,
+                      ClientRecord, KeyRecord, ScriptRevisionRecord,
                       StatusListRecord, TemplateRecord)
 
 # One change in memory and how to take it back: (table, id, document before, document after).
@@ -99,6 +102,8 @@ class TinyStore:
         self.tables: dict[str, dict[str, Any]] = {name: {} for name in TABLES}
         self._by_org: dict[str, dict[str, None]] = {}
         self._by_creator: dict[str, dict[str, None]] = {}
+        self._audit_head: tuple[int, str] = (0, GENESIS)  # the newest event's (seq, hash)
+        self._audit_lock = asyncio.Lock()  # one append at a time in this process (see append_audit)
 
     # --- open / close ---
     async def open(self) -> None:
@@ -114,6 +119,7 @@ class TinyStore:
             table.clear()
         self._by_org.clear()
         self._by_creator.clear()
+        self._audit_head = (0, GENESIS)
 
     def apply(self, table: str, doc_id: str, doc: dict[str, Any] | None) -> None:
         if doc is None:
@@ -150,6 +156,8 @@ class TinyStore:
             self._by_org.setdefault(doc["org_id"], {})[doc_id] = None
             self._by_creator.setdefault(doc["creator_id"], {})[doc_id] = None
         table[doc_id] = doc
+        if name == "audit" and doc["seq"] > self._audit_head[0]:
+            self._audit_head = (doc["seq"], doc["hash"])
         return name, doc_id, old, doc
 
     def _delete(self, name: str, doc_id: str) -> _Change:
@@ -176,6 +184,9 @@ class TinyStore:
                 self._delete(name, doc_id)
             else:
                 self._install(name, doc_id, old)
+            if name == "audit":  # (rare: a failed batch) the head is the newest event left
+                newest = max(self.tables["audit"].values(), key=lambda d: d["seq"], default=None)
+                self._audit_head = (newest["seq"], newest["hash"]) if newest else (0, GENESIS)
 
     # --- SSAs ---
     async def add_ssa(self, record: SsaRecord) -> None:
@@ -275,7 +286,8 @@ class TinyStore:
         await self.journal.commit(lines, [self._put("ssa", new["jti"], new) for new in changed])
         return [_copy_ssa(doc) for doc in changed]
 
-    async def expire_and_purge(self, now: int, grace: int) -> tuple[int, int]:
+    async def expire_and_purge(self, now: int, grace: int,
+                               expired_out: list[tuple[str, str]] | None = None) -> tuple[int, int]:
         if self.journal.degraded is not None:
             await self.journal.writable()
         self.journal.catch_up()
@@ -296,6 +308,8 @@ class TinyStore:
         changes += [self._delete("assertion_jtis", doc_id) for doc_id in spent]
         await self.journal.commit(lines, changes)
         await self.journal.compact_if_due()
+        if expired_out is not None:
+            expired_out.extend((doc["jti"], doc["org_id"]) for doc in expired)
         return len(expired), len(purged)
 
     async def count_ssas(self) -> int:
@@ -490,6 +504,83 @@ class TinyStore:
         self.journal.catch_up()
         docs = [d for d in self.tables["script_revisions"].values() if name is None or d["name"] == name]
         return clone(sorted(docs, key=_newest_first))
+
+    # --- the audit trail ---
+    @contextlib.asynccontextmanager
+    async def _audit_flock(self) -> AsyncIterator[None]:
+        """``audit.lock`` in the data dir: held from reading the chain's head until the new
+        events are durable and published, so a CLI process and the server never both append
+        after the same head.  Taken without waiting when free (the common case: nobody else
+        appends); else waited for in a thread (another process's append is one fsync, but a
+        compaction may hold its journal longer: the event loop goes on serving)."""
+        fd = os.open(self.data_dir / "audit.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    async def append_audit(self, events: list[dict[str, Any]], *, lazy: bool = False) -> AuditRecord | None:
+        """Under the process's lock and ``audit.lock``: catch up (another process's events), chain
+        after the head, commit (the journal's group commit: the lines share the fsync of whatever
+        else is written in that batch; ``lazy``: they wait a few milliseconds for the next other
+        write, ``Journal.commit``)."""
+        if not events:
+            return None
+        async with self._audit_lock, self._audit_flock():
+            if self.journal.degraded is not None:
+                await self.journal.writable()
+            self.journal.catch_up()
+            docs = chain(events, *self._audit_head)
+            lines = [self.journal.line("audit", d["id"], cast("dict[str, Any]", d)) for d in docs]
+            await self.journal.commit(lines, [self._put("audit", d["id"], cast("dict[str, Any]", d))
+                                              for d in docs], lazy=lazy)
+        return clone(docs[-1])
+
+    async def add_audit_records(self, records: list[AuditRecord]) -> int:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        table = self.tables["audit"]
+        fresh = [clone(dict(r)) for r in records if str(r["seq"]) not in table]
+        for doc in fresh:
+            doc["id"] = str(doc["seq"])
+        lines = [self.journal.line("audit", doc["id"], doc) for doc in fresh]
+        await self.journal.commit(lines, [self._put("audit", doc["id"], doc) for doc in fresh])
+        return len(fresh)
+
+    async def list_audit(self, *, after: int = 0, since: float | None = None, action: str | None = None,
+                         jti: str | None = None, org_id: str | None = None,
+                         limit: int | None = None) -> list[AuditRecord]:
+        self.journal.catch_up()
+        docs = self.tables["audit"].values()
+        found = [d for d in docs if d["seq"] > after and (since is None or d["time"] >= since)
+                 and (action is None or d["action"] == action) and (jti is None or d["jti"] == jti)
+                 and (org_id is None or d["org_id"] == org_id)]
+        found.sort(key=lambda d: d["seq"])
+        return clone(found[:limit] if limit is not None else found)
+
+    async def delete_audit_through(self, seq: int) -> int:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        gone = [doc_id for doc_id, doc in self.tables["audit"].items() if doc["seq"] <= seq]
+        lines = [self.journal.line("audit", doc_id, None) for doc_id in gone]
+        await self.journal.commit(lines, [self._delete("audit", doc_id) for doc_id in gone])
+        return len(gone)
+
+    async def put_audit_checkpoint(self, record: AuditCheckpointRecord) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        await self._put_record("audit_checkpoints", record["id"], dict(record))
+
+    async def list_audit_checkpoints(self) -> list[AuditCheckpointRecord]:
+        self.journal.catch_up()
+        return clone(sorted(self.tables["audit_checkpoints"].values(), key=lambda d: d["seq"]))
 
     # --- coordination ---
     @contextlib.asynccontextmanager

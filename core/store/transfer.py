@@ -31,8 +31,8 @@ from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
 from .records import (ENCRYPTED_FIELD, ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX,
-                      REVISION_SOURCE_MAX, REVISION_STATES, TABLES, AssertionRecord, KeyRecord, can_sign,
-                      public_jwk)
+                      REVISION_SOURCE_MAX, REVISION_STATES, TABLES, AssertionRecord, AuditCheckpointRecord,
+                      AuditRecord, KeyRecord, can_sign, public_jwk)
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -42,6 +42,8 @@ _REQUIRED = {
     "statuslists": ("size", "next", "key", "created_at"),
     "script_revisions": ("name", "revision", "seen_at", "state", "reason", "source", "config", "seen_by"),
     "assertion_jtis": ("client_id", "expires_at"),
+    "audit": ("seq", "time", "action", "actor", "prev_hash", "hash"),
+    "audit_checkpoints": ("seq", "hash", "time", "kid", "jws"),
 }
 _BATCH = 1000
 MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
@@ -78,6 +80,10 @@ async def _all(store: Store, table: str) -> list[Any]:
         return await store.list_script_revisions()
     if table == "assertion_jtis":
         return await store.list_assertions()
+    if table == "audit":
+        return await store.list_audit()
+    if table == "audit_checkpoints":
+        return await store.list_audit_checkpoints()
     return await store.list_templates()
 
 
@@ -198,6 +204,14 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
     if table == "script_revisions":  # nothing pruned: the counts are checked
         return await _add_missing(records, "id", store.get_script_revision,
                                   lambda r: _put_revision(store, r))
+    if table == "audit":  # as they were (seq and hashes): the chain verifies in the target too
+        return await store.add_audit_records(cast("list[AuditRecord]", records))
+    if table == "audit_checkpoints":
+        held = {c["seq"] for c in await store.list_audit_checkpoints()}
+        fresh = [r for r in records if r["seq"] not in held]
+        for r in fresh:
+            await store.put_audit_checkpoint(cast(AuditCheckpointRecord, r))
+        return len(fresh)
     if table == "statuslists":  # a list the store holds already keeps its counters (they only grow)
         return await _add_missing(records, "id", store.get_status_list, store.add_status_list)
     existing = await store.list_keys()

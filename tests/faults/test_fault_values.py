@@ -140,7 +140,7 @@ def stored(tmp_path, where: list[str]) -> list[str]:
     r = run_cli(tmp_path / "d", "store", "export", *where)
     assert r.returncode == 0, r.stderr
     tables = [json.loads(line)["table"] for line in r.stdout.splitlines()]
-    return [t for t in tables if t != "keys"]
+    return [t for t in tables if t not in ("keys", "audit", "audit_checkpoints")]  # (the audit: below)
 
 
 def test_cli_attr_and_template_values_are_checked(tmp_path, where):
@@ -155,6 +155,8 @@ def test_cli_attr_and_template_values_are_checked(tmp_path, where):
                    b"t")
     assert ok.returncode == 0, ok.stderr
     assert sorted(stored(tmp_path, where)) == ["ssa", "statuslists", "templates"]  # the SSA's status list too
+    r = run_cli(tmp_path / "d", "audit", "list", *where)
+    assert [e["action"] for e in json.loads(r.stdout)["events"]] == ["template.saved", "ssa.created"]
 
 
 def _ssa_line(custom: str) -> str:
