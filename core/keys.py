@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from jwcrypto import jwk
 
+from .events import KEY_ROTATED, SERVER_ACTOR, Event, Events
 from .key_encryption import KeyDecryptionError, KeyEncryption, reseal
 from .metrics import Metrics
 from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
@@ -73,8 +74,9 @@ class KeyRing:
     def __init__(self, store: Store, signing_alg: str, *, refresh_interval: float = 2.0,
                  activation_delay: int = 600, rotation_days: int = 0,
                  clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, events: Events | None = None) -> None:
         self._store = store
+        self.events = events if events is not None else Events(clock)
         self.encryption = encryption or KeyEncryption()
         self._private: dict[str, dict[str, Any]] = {}  # kid -> the whole JWK, decrypted once
         self._unopened: set[str] = set()  # kids logged as undecryptable here
@@ -191,7 +193,8 @@ class KeyRing:
         self._checked_at = now
 
     # --- rotation ---
-    async def rotate(self, alg: str | None = None, *, now: bool = False) -> KeyRecord:
+    async def rotate(self, alg: str | None = None, *, now: bool = False,
+                     actor: str = SERVER_ACTOR) -> KeyRecord:
         """Add a new SSA key (default alg: the signing key's), published at once, signing after
         ``activation_delay`` (``now``: at once, an emergency).  A key announced before and not yet
         signing is retired (it signed nothing): at most one key is pending."""
@@ -199,7 +202,8 @@ class KeyRing:
             records = await self._store.list_keys()
             new = await self._rotate_locked(records, alg, now)
             self._install(await self._store.list_keys())
-            return new
+        await self.events.emit(Event(KEY_ROTATED, actor, kid=new["kid"]))
+        return new
 
     async def _rotate_locked(self, records: list[KeyRecord], alg: str | None, at_once: bool) -> KeyRecord:
         now = int(self._clock())
@@ -273,6 +277,7 @@ class KeyRing:
             return False
         new = await self._rotate_locked(records, None, False)
         log.info("scheduled key rotation: %s announced, signs from %d", new["kid"], activates_at(new))
+        await self.events.emit(Event(KEY_ROTATED, SERVER_ACTOR, kid=new["kid"]))
         return True
 
     async def drop_expired_keys(self) -> int:

@@ -21,6 +21,7 @@ import pluggy
 from . import script_revisions
 from .client_assertions import ClientAssertions
 from .clients import ClientService
+from .events import SERVER_ACTOR, SSA_EXPIRED, Event, Events
 from .key_encryption import KeyEncryption
 from .keys import SSA_USE, KeyRing
 from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
@@ -30,6 +31,8 @@ from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
 from .store.backends import open_store
 from .tokens import TokenAuthority
+from .webhook_delivery import Deliverer
+from .webhooks import Webhooks
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
@@ -51,6 +54,9 @@ class Server:
     scripts: ScriptHost | None = None
     clock: Callable[[], float] = time.time
     metrics: Metrics = field(default_factory=Metrics)
+    events: Events = field(default_factory=Events)
+    webhooks: Webhooks | None = None
+    deliverer: Deliverer | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _serving: bool = False
 
@@ -63,10 +69,13 @@ class Server:
         store = timed_store(store or open_store(settings, exclusive=exclusive,
                                                 accept_journal_loss=accept_journal_loss),
                             metrics, "postgresql" if settings.uses_postgres else "tinydb")
+        events = Events(clock)
+        webhooks = Webhooks(store, encryption, allow_http=settings.webhook_allow_http, clock=clock)
+        events.add_sink(webhooks.outbox)  # (writes nothing while there is no subscriber)
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
                        rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
-                       metrics=metrics)
+                       metrics=metrics, events=events)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -93,8 +102,9 @@ class Server:
         status_lists = StatusIssuer(settings, store, keys, clock)
         return cls(settings=settings, store=store, keys=keys, tokens=tokens, clients=clients,
                    service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists,
-                                      metrics=metrics),
-                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics)
+                                      metrics=metrics, events=events),
+                   plugins=plugins, scripts=scripts, clock=clock, metrics=metrics, events=events,
+                   webhooks=webhooks, deliverer=Deliverer(settings, webhooks, keys, clock))
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
         """Open the store, load the keys, start the script pool and, for the server
@@ -147,6 +157,8 @@ class Server:
                     log.warning("starting with %s DOWN: %s", check["name"],
                                 check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
+            if self.deliverer is not None:
+                self._tasks.append(asyncio.create_task(self.deliverer.run(), name="ssa-webhooks"))
             if host is not None:
                 self._tasks.append(asyncio.create_task(self._revisions(host), name="ssa-script-revisions"))
             if self.settings.metrics_port or multiprocess_dir() is not None:
@@ -173,7 +185,12 @@ class Server:
     async def cleanup_once(self) -> tuple[int, int]:
         """Expire SSAs past their expiration, purge old inactive ones; the keys' timeline
         (``KeyRing.maintain``: a switch's statuses, keys past their end, scheduled rotation)."""
-        expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace)
+        seen: list[tuple[str, str]] = []
+        expired, purged = await self.store.expire_and_purge(int(self.clock()), self.settings.cleanup_grace,
+                                                            seen)
+        await self.events.emit(*(Event(SSA_EXPIRED, SERVER_ACTOR, jti=jti, org_id=org_id)
+                                 for jti, org_id in seen))
+        await self.store.purge_deliveries(self.clock() - self.settings.webhook_retention)
         await self.keys.maintain()
         if expired or purged:
             log.info("cleanup expired=%d purged=%d", expired, purged)

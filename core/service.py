@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
                      ScriptFailed, SlowDown, UnknownJti)
 from . import jsonvalues
+from .events import SSA_CREATED, SSA_REVOKED, SSA_USED, Event, Events
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
 from .keys import KeyRing
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ssa_server.plugins.hooks import HookRunner
 
 log = logging.getLogger("ssa_server.service")
+VALIDATION_ACTOR = "anonymous"  # POST /ssa/validation needs no token (as Janssen): no client to name
 
 
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -91,8 +93,9 @@ class CallContext:
 class SsaService:
     def __init__(self, settings: Settings, store: Store, keys: KeyRing, hooks: HookRunner,
                  clock: Callable[[], float] = time.time, status_lists: StatusIssuer | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, events: Events | None = None) -> None:
         self.settings = settings
+        self.events = events if events is not None else Events(clock)
         self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.keys = keys
@@ -146,6 +149,8 @@ class SsaService:
         except UnstorableValue as e:  # the request's checks refuse these first; never a 500 anyway
             raise InvalidRequest(f"A value of the request cannot be stored exactly: {e}.") from None
         self.metrics.issue(active["alg"])
+        await self.events.emit(Event(SSA_CREATED, ctx.client_id, jti=record["jti"], org_id=record["org_id"],
+                                     kid=active["kid"]))
         log.debug("ssa created jti=%s org_id=%s client_id=%s", record["jti"], record["org_id"], ctx.client_id)
         return token
 
@@ -233,10 +238,12 @@ class SsaService:
     async def validate(self, jti: str | None) -> None:
         """Succeeds for an existing, ACTIVE, unexpired SSA; a one-time SSA becomes USED, atomically."""
         self.require_enabled()
-        valid = False if not jti else await self.store.mark_used(jti, self.now()) is not None
+        used = await self.store.mark_used(jti, self.now()) if jti else None
+        valid = used is not None
         self.metrics.validation(valid)
-        if not valid:
+        if used is None:
             raise InvalidJti()
+        await self.events.emit(Event(SSA_USED, VALIDATION_ACTOR, jti=used["jti"], org_id=used["org_id"]))
 
     # --- status (no token: the consumers' question, never a change) ---
     async def status(self, jti: str | None, address: Callable[[], str] = lambda: "") -> dict[str, Any]:
@@ -268,6 +275,8 @@ class SsaService:
         if not revoked:
             raise NothingToRevoke()
         self.metrics.revocations(len(revoked))
+        await self.events.emit(*(Event(SSA_REVOKED, ctx.client_id, jti=r["jti"], org_id=r["org_id"])
+                                 for r in revoked))
         log.info("ssa revoked count=%d client_id=%s", len(revoked), ctx.client_id)
         if self.hooks.wanted("revoke"):  # never raises: the revocation stands whatever a hook does
             items = [list_item(r) for r in revoked]

@@ -135,7 +135,8 @@ def truncate(url: str) -> None:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE ssa, clients, keys, templates, statuslists, script_revisions, assertion_jtis")
+        conn.execute("TRUNCATE ssa, clients, keys, templates, statuslists, script_revisions, assertion_jtis, "
+                     "webhooks, webhook_deliveries")
 
 
 @pytest.fixture
