@@ -406,3 +406,25 @@ def jws_payload(body: bytes) -> bytes:
 
     part = body.split(b".")[1]
     return base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+
+
+@pytest.mark.slow
+def test_the_cleaner_and_a_cli_rotation_deliver_expired_and_rotated(serve, receivers, tmp_path):
+    rx = receivers()
+    data = tmp_path / "data"
+    ok({}, data, "webhooks", "add", rx.url, "--events", "ssa.expired,key.rotated")
+    server = serve(SSA_CLEANUP_INTERVAL="1")
+    r = server.http.post("/ssa", json={"org_id": "soon", "expiration": int(time.time()) + 2},
+                         headers=server.token())
+    assert r.status_code == 201, r.text
+    jti = json.loads(jws_payload(r.json()["ssa"].encode()))["jti"]
+    rotated = ok({}, data, "keys", "rotate")["kid"]  # written by the CLI process, delivered by the server
+    got = rx.wait(2, timeout=30)
+    events = {}
+    for _, body, _ in got:
+        (uri, facts), = set_of(server, body)[1]["events"].items()
+        events[uri] = facts
+    assert events[EVENT + "ssa.expired"]["jti"] == jti and events[EVENT + "ssa.expired"]["org_id"] == "soon"
+    assert events[EVENT + "ssa.expired"]["actor"] == "server"
+    assert events[EVENT + "key.rotated"]["kid"] == rotated
+    assert events[EVENT + "key.rotated"]["actor"].startswith("cli:")
