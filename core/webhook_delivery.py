@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
+from .key_encryption import KeyDecryptionError
 from .keys import KeyRing
 from .settings import Settings
 from .store import DeliveryRecord, StoreUnavailable
@@ -95,7 +96,7 @@ def _cut(conn: http.client.HTTPConnection) -> None:
 
 
 class Deliverer:
-    """The delivery task of one process (``Server.start``); ``run_once`` for a single pass."""
+    """The delivery task of one process (``Server.start``)."""
 
     def __init__(self, settings: Settings, webhooks: Webhooks, keys: KeyRing,
                  clock: Callable[[], float] = time.time) -> None:
@@ -149,14 +150,6 @@ class Deliverer:
         self._running.discard(task)
         self._wake.set()  # a slot is free: look for the next due row
 
-    async def run_once(self) -> int:
-        """Deliver what is due now and wait for it (tests, a CLI pass)."""
-        self._threads = self._threads or ThreadPoolExecutor(self.settings.webhook_concurrency)
-        started = await self.claim()
-        while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        return started
-
     async def deliver(self, row: DeliveryRecord) -> None:
         try:
             await self._deliver(row)
@@ -175,7 +168,11 @@ class Deliverer:
         body = (await self.keys.sign({"typ": SET_TYP}, self.claims(row))).encode()
         headers = {"Content-Type": CONTENT_TYPE, "SSA-Delivery-Id": row["id"], "SSA-Event": row["action"],
                    "User-Agent": "ssa-server-webhooks"}
-        secret = self.webhooks.secret_of(subscriber)
+        try:
+            secret = self.webhooks.secret_of(subscriber)
+        except KeyDecryptionError as e:  # (a master key no longer set): an attempt that failed
+            await self._record(row, None, str(e)[:ERROR_MAX])
+            return
         if secret is not None:
             headers["SSA-Signature"] = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         loop = asyncio.get_running_loop()

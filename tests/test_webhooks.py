@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx2 as httpx
 import pytest
 from jwcrypto import jwk, jws
 
@@ -170,7 +169,8 @@ def row(subscriber="wh_1", *, due=0.0, created=0.0):
 def test_outbox_contract_on_both_stores(make_store):
     async def go():
         s = await make_store()
-        hook = {"id": "wh_1", "url": "https://x/y", "events": ["ssa.created"], "secret": None, "created_at": 1}
+        hook = {"id": "wh_1", "url": "https://x/y", "events": ["ssa.created"], "secret": None,
+                "created_at": 1}
         await s.add_webhook(hook)
         with pytest.raises(ValueError):
             await s.add_webhook(hook)
@@ -193,7 +193,8 @@ def test_outbox_contract_on_both_stores(make_store):
         assert [d["id"] for d in await s.claim_deliveries(301, 330, 5)] == [b["id"]]
         assert [d["id"] for d in await s.list_deliveries(state="delivered")] == [a["id"]]
         assert (await s.get_delivery(b["id"]))["last_error"] == "HTTP 500"
-        assert [d["id"] for d in await s.list_deliveries(subscriber="wh_1")] == [a["id"], b["id"], later["id"]]
+        listed = await s.list_deliveries(subscriber="wh_1")
+        assert [d["id"] for d in listed] == [a["id"], b["id"], later["id"]]
         assert await s.purge_deliveries(before=2) == 1  # only the delivered one created before 2
         assert await s.get_delivery(a["id"]) is None and await s.get_delivery(b["id"]) is not None
         assert await s.delete_webhook("wh_1") and not await s.delete_webhook("wh_1")
@@ -394,7 +395,8 @@ def test_two_postgresql_nodes_deliver_each_event_once(pg_url, receivers, tmp_pat
         jtis = [create(nodes[i % 2], headers, org=f"o{i}") for i in range(30)]
         rx.wait(30)
         time.sleep(1.5)  # long enough for a second claim by either node
-        delivered = [json.loads(jws_payload(body))["events"][EVENT + "ssa.created"]["jti"] for _, body, _ in rx.got]
+        delivered = [json.loads(jws_payload(body))["events"][EVENT + "ssa.created"]["jti"]
+                     for _, body, _ in rx.got]
         assert sorted(delivered) == sorted(jtis)  # each once
     finally:
         for n in nodes:
@@ -428,3 +430,59 @@ def test_the_cleaner_and_a_cli_rotation_deliver_expired_and_rotated(serve, recei
     assert events[EVENT + "ssa.expired"]["actor"] == "server"
     assert events[EVENT + "key.rotated"]["kid"] == rotated
     assert events[EVENT + "key.rotated"]["actor"].startswith("cli:")
+
+
+def test_no_subscriber_or_an_unwanted_event_writes_nothing_and_a_failing_outbox_fails_no_request(make_api):
+    api = make_api()
+    store = api.server.store
+    writes: list[int] = []
+    real = store.add_deliveries
+
+    async def counted(records):
+        writes.append(len(records))
+        await real(records)
+
+    store.add_deliveries = counted  # (the TimedStore's attribute: the outbox calls this one)
+    H = api.auth()
+    assert api.create(H, org_id="a").status_code == 201
+    assert writes == []  # no subscriber: no store write
+    assert api.call(api.server.webhooks.add, "https://hooks.example.com/x", ["ssa.revoked"])
+    time.sleep(1.1)  # the subscriber list is re-read every second
+    assert api.create(H, org_id="b").status_code == 201
+    assert writes == []  # nobody asked for ssa.created
+    jti = api.jti(api.create(H, org_id="c"))
+    assert api.client.delete("/ssa", params={"jti": jti}, headers=H).status_code == 200
+    assert writes == [1]
+
+    async def broken(records):
+        raise OSError("disk on fire")
+
+    store.add_deliveries = broken
+    jti = api.jti(api.create(H, org_id="d"))
+    r = api.client.delete("/ssa", params={"jti": jti}, headers=H)
+    assert r.status_code == 200  # the revocation stands; the sink's failure is logged
+    assert api.call(store.get_ssa, jti)["status"] == "REVOKED"
+
+
+@pytest.mark.slow
+def test_a_silent_receiver_is_cut_off_by_the_timeout(serve, tmp_path):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does) and never answers
+    try:
+        data = tmp_path / "data"
+        ok({}, data, "webhooks", "add", f"http://127.0.0.1:{silent.getsockname()[1]}/x", "--events",
+           "ssa.created")
+        server = serve(SSA_WEBHOOK_TIMEOUT="1", SSA_WEBHOOK_MAX_ATTEMPTS="2", SSA_WEBHOOK_RETRY_BASE="0.1")
+        started = time.time()
+        create(server, server.token())
+        deadline = time.time() + 15
+        while not (dead := ok({}, data, "webhooks", "deliveries", "--state", "dead")):
+            assert time.time() < deadline, ok({}, data, "webhooks", "deliveries")
+            time.sleep(0.2)
+        assert "timed out" in dead[0]["last_error"] or "Timeout" in dead[0]["last_error"], dead
+        assert time.time() - started < 12  # two attempts of at most 2 x 1 s each, and the waits
+    finally:
+        silent.close()
