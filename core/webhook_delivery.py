@@ -74,6 +74,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
     else:
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     cut = threading.Timer(2 * timeout, _cut, (conn,))
+    cut.daemon = True  # never holds up the interpreter's exit
     cut.start()
     try:
         conn.request("POST", target, body=body, headers=headers)
