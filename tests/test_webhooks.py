@@ -205,6 +205,28 @@ def test_outbox_contract_on_both_stores(make_store):
     asyncio.run(go())
 
 
+def test_export_carries_the_subscribers_not_the_outbox(make_store, tmp_path):
+    from ssa_server.store.transfer import export_records, import_records, parse_lines
+
+    async def go():
+        s = await make_store()
+        hook = {"id": "wh_1", "url": "https://x/y", "events": ["ssa.created"], "secret": None,
+                "created_at": 1}
+        await s.add_webhook(hook)
+        await s.add_deliveries([row()])
+        lines = [line.decode() for line in await export_records(s)]
+        await s.close()
+        assert [json.loads(line)["table"] for line in lines].count("webhooks") == 1
+        assert not any(json.loads(line)["table"] == "webhook_deliveries" for line in lines)
+        target = TinyStore(tmp_path / "target")
+        await target.open()
+        report = await import_records(target, parse_lines(lines), int(time.time()))
+        assert report["webhooks"] == {"read": 1, "imported": 1, "skipped": 0}
+        assert await target.list_webhooks() == [hook] and await target.list_deliveries() == []
+        await target.close()
+    asyncio.run(go())
+
+
 def test_expire_and_purge_names_the_ssas_it_expired(make_store):
     from test_store import ssa
 
