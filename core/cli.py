@@ -615,6 +615,50 @@ def cmd_scripts_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- webhooks ---
+def _webhooks(args: argparse.Namespace, use: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def action(server: Server) -> Any:
+        assert server.webhooks is not None
+        return await use(server.webhooks)
+
+    return asyncio.run(_with_server(_settings(args), action))
+
+
+def cmd_webhooks_add(args: argparse.Namespace) -> int:
+    secret = args.secret
+    if secret is not None and secret.startswith(("env:", "file:")):  # a reference, like the other secrets
+        from .secret_refs import SecretUnreadable, read
+
+        try:
+            secret = read(secret, os.environ)
+        except SecretUnreadable as e:
+            raise ApiError(f"--secret: {e}") from None
+    events = [e for item in args.events for e in item.split(",")]
+    _print(_webhooks(args, lambda w: w.add(args.url, events, secret)))
+    return 0
+
+
+def cmd_webhooks_list(args: argparse.Namespace) -> int:
+    _print(_webhooks(args, lambda w: w.list_subscribers()))
+    return 0
+
+
+def cmd_webhooks_remove(args: argparse.Namespace) -> int:
+    _webhooks(args, lambda w: w.remove(args.id))
+    _print({"removed": args.id})
+    return 0
+
+
+def cmd_webhooks_deliveries(args: argparse.Namespace) -> int:
+    _print(_webhooks(args, lambda w: w.deliveries(args.state, args.subscriber, args.limit)))
+    return 0
+
+
+def cmd_webhooks_replay(args: argparse.Namespace) -> int:
+    _print({"replayed": _webhooks(args, lambda w: w.replay(args.delivery_id, dead=args.dead))})
+    return 0
+
+
 class _RemoteError(Exception):
     """A running server's refusal or absence, as one line (never the token)."""
 
@@ -905,6 +949,31 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("revision", nargs="?", help="the revision (default: the previous loaded revision)")
     rb.add_argument("--scripts-dir", dest="scripts_dir")
     rb.set_defaults(func=cmd_scripts_rollback)
+
+    webhooks = sub.add_parser("webhooks", help="signed event webhooks (README: Webhooks)") \
+        .add_subparsers(dest="action", required=True)
+    wa = webhooks.add_parser("add", parents=[common], help="subscribe a URL to events (prints its id)")
+    wa.add_argument("url", help="https://... (http:// to a loopback address, or with webhook_allow_http)")
+    wa.add_argument("--events", action="append", required=True, metavar="ACTION,...",
+                    help="e.g. ssa.created,ssa.revoked,ssa.used,ssa.expired,key.rotated")
+    wa.add_argument("--secret",
+                    help="HMAC-SHA256 secret for the SSA-Signature header (or env:VAR, file:/path)")
+    wa.set_defaults(func=cmd_webhooks_add)
+    webhooks.add_parser("list", parents=[common], help="the subscribers (never a secret)") \
+        .set_defaults(func=cmd_webhooks_list)
+    wr = webhooks.add_parser("remove", parents=[common], help="remove a subscriber")
+    wr.add_argument("id")
+    wr.set_defaults(func=cmd_webhooks_remove)
+    wd = webhooks.add_parser("deliveries", parents=[common], help="the outbox: deliveries, oldest first")
+    wd.add_argument("--state", choices=["pending", "delivered", "dead"])
+    wd.add_argument("--subscriber", help="a subscriber's id")
+    wd.add_argument("--limit", type=int, default=1000)
+    wd.set_defaults(func=cmd_webhooks_deliveries)
+    wp = webhooks.add_parser("replay", parents=[common],
+                             help="deliver again: one delivery, or every dead one")
+    wp.add_argument("delivery_id", nargs="?")
+    wp.add_argument("--dead", action="store_true", help="every dead delivery")
+    wp.set_defaults(func=cmd_webhooks_replay)
     return parser
 
 

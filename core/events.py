@@ -106,8 +106,13 @@ class Events:
 
     @property
     def wanted(self) -> bool:
-        """Whether anything listens (callers skip building events when nothing does)."""
-        return bool(self._sinks)
+        """Whether anything listens (callers skip building events when nothing does): a sink with a
+        ``listening`` attribute says for itself (the webhook outbox: while it knows of no
+        subscriber, it does not)."""
+        for sink in self._sinks:
+            if getattr(sink, "listening", True):
+                return True
+        return False
 
     async def emit(self, *events: Event) -> None:
         if not self._sinks or not events:

@@ -134,6 +134,29 @@ class KeyEncryption:
             raise KeyDecryptionError(f"key {kid} decrypts to something that is not a key's private part")
         return dict(record["jwk"], **private)
 
+    def seal_text(self, label: str, text: str) -> dict[str, Any] | str:
+        """Another secret at rest (a webhook's HMAC secret): sealed as a key's private part is,
+        with ``ssa-server <label>`` as associated data; the text itself without a master key."""
+        if self.current_id is None:
+            return text
+        nonce = os.urandom(12)
+        ciphertext = self._keys[self.current_id].encrypt(nonce, text.encode(), f"ssa-server {label}".encode())
+        return {"v": FORMAT, "kek": self.current_id, "nonce": _b64(nonce), "ciphertext": _b64(ciphertext)}
+
+    def open_text(self, label: str, sealed: dict[str, Any] | str) -> str:
+        """What ``seal_text`` sealed; KeyDecryptionError naming ``label`` (never a value)."""
+        if isinstance(sealed, str):
+            return sealed
+        cipher = self._keys.get(str(sealed.get("kek"))) if isinstance(sealed, dict) else None
+        if cipher is None:
+            raise KeyDecryptionError(f"{label} is sealed under master key {sealed.get('kek')}, which is not "
+                                     "set (key_encryption_key, key_encryption_key_previous)")
+        try:
+            return cipher.decrypt(_unb64(sealed.get("nonce")), _unb64(sealed.get("ciphertext")),
+                                  f"ssa-server {label}".encode()).decode()
+        except (InvalidTag, ValueError, TypeError):
+            raise KeyDecryptionError(f"{label} cannot be decrypted: the record was altered") from None
+
     def needs_sealing(self, record: KeyRecord) -> bool:
         """A record to rewrite under the current master key: private members in the clear, or
         sealed under another master key (the previous one)."""

@@ -49,7 +49,9 @@ STORE_OPS = ("add_ssa", "add_ssas", "get_ssa", "find_ssas", "search_ssas", "mark
              "get_status_list", "list_status_lists", "add_status_list", "invalid_status_indexes",
              "add_client", "get_client", "has_client", "list_clients", "delete_client", "add_key",
              "update_key", "list_keys", "put_template", "get_template", "list_templates",
-             "put_script_revision", "get_script_revision", "list_script_revisions", "check")
+             "put_script_revision", "get_script_revision", "list_script_revisions", "add_webhook",
+             "get_webhook", "list_webhooks", "delete_webhook", "add_deliveries", "claim_deliveries",
+             "update_delivery", "get_delivery", "list_deliveries", "purge_deliveries", "check")
 
 
 def multiprocess_dir() -> str | None:

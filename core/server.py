@@ -35,6 +35,8 @@ from .store.backends import open_store
 from .throttle import client_address, parse_networks
 from .tokens import TokenAuthority
 from .tracing import OFF, Tracing, from_settings as tracing_from_settings
+from .webhook_delivery import Deliverer
+from .webhooks import Webhooks
 from ssa_server.plugins.hooks import HookRunner
 from ssa_server.plugins.manager import build_plugin_manager
 from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
@@ -59,6 +61,8 @@ class Server:
     tracing: Tracing = OFF
     events: Events = field(default_factory=Events)
     audit: AuditTrail | None = None
+    webhooks: Webhooks | None = None
+    deliverer: Deliverer | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _serving: bool = False
 
@@ -89,6 +93,8 @@ class Server:
                                retention_days=settings.audit_retention_days, sync=settings.audit_sync,
                                clock=clock)
             events.add_sink(audit)
+        webhooks = Webhooks(store, encryption, allow_http=settings.webhook_allow_http, clock=clock)
+        events.add_sink(webhooks.outbox)  # (writes nothing while there is no subscriber)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None
@@ -119,7 +125,8 @@ class Server:
                    service=SsaService(settings, store, keys, hooks, clock=clock, status_lists=status_lists,
                                       metrics=metrics, events=events, actor=actor),
                    plugins=plugins, scripts=scripts, clock=clock, metrics=metrics, tracing=tracing,
-                   events=events, audit=audit)
+                   events=events, audit=audit, webhooks=webhooks,
+                   deliverer=Deliverer(settings, webhooks, keys, clock))
 
     async def start(self, *, background: bool = True, scripts: bool = True, keys: bool = True) -> None:
         """Open the store, load the keys, start the script pool and, for the server
@@ -138,6 +145,8 @@ class Server:
         try:
             await self.store.open()
             try:
+                if self.webhooks is not None:  # known now: no event is built for an outbox without subscribers
+                    await self.webhooks.outbox.subscribers()
                 if keys:
                     await self.keys.load(adopt_alg=background)
                 else:
@@ -173,6 +182,8 @@ class Server:
                     log.warning("starting with %s DOWN: %s", check["name"],
                                 check.get("reason", check.get("detail")))
             self._tasks.append(asyncio.create_task(self._cleaner(), name="ssa-cleaner"))
+            if self.deliverer is not None:
+                self._tasks.append(asyncio.create_task(self.deliverer.run(), name="ssa-webhooks"))
             if host is not None:
                 self._tasks.append(asyncio.create_task(self._revisions(host), name="ssa-script-revisions"))
             if self.settings.metrics_port or multiprocess_dir() is not None:
@@ -213,6 +224,7 @@ class Server:
         if noted:
             await self.events.emit(*(Event(SSA_EXPIRED, SERVER_ACTOR, jti=jti, org_id=org_id)
                                      for jti, org_id in noted))
+        await self.store.purge_deliveries(self.clock() - self.settings.webhook_retention)
         await self.keys.maintain()
         if self.audit is not None:
             await self.audit.maintain()

@@ -130,6 +130,16 @@ class Settings:
     status_list_size: int = 65536  # indexes per list (a full list is kept, a new one added)
     status_list_ttl: int = 300  # seconds a consumer may cache a Status List Token (its ttl, max-age)
     status_list_refresh: float = 5.0  # seconds a built token is served before the next request rebuilds it
+    # Signed event webhooks (issue 15; webhooks.py, webhook_delivery.py; README "Webhooks").
+    webhook_timeout: float = 5.0  # seconds for a delivery's connect and for each read (a claim: 2x + 5)
+    webhook_max_attempts: int = 10  # failed attempts before a delivery is dead (webhooks replay)
+    webhook_retry_base: float = 5.0  # seconds before the 2nd attempt; doubled each time, with jitter
+    webhook_retry_max: float = 3600.0  # seconds: the longest wait between two attempts
+    webhook_poll_interval: float = 1.0  # seconds between the delivery task's looks at the outbox
+    webhook_concurrency: int = 4  # deliveries under way at once per process
+    webhook_response_max_kb: int = 64  # of a receiver's answer read (the rest is not read)
+    webhook_retention: int = 7 * 24 * 3600  # seconds delivered and dead deliveries are kept
+    webhook_allow_http: bool = False  # http:// subscribers beyond loopback (else https only)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -161,14 +171,16 @@ class Settings:
                      "script_http_calls_per_step", "store_pool_min", "store_pool_max", "workers",
                      "token_failures_per_client", "token_failures_per_address",
                      "status_failures_per_address", "client_assertion_max_lifetime",
-                     "audit_checkpoint_events"):
+                     "audit_checkpoint_events", "webhook_max_attempts", "webhook_concurrency",
+                     "webhook_response_max_kb", "webhook_retention"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be at least 1")
         for name in ("script_timeout", "script_cpu", "key_refresh_interval", "script_reload_interval",
                      "script_log_interval", "store_pool_timeout", "store_statement_timeout",
                      "http_head_timeout", "http_body_timeout", "http_idle_timeout", "token_failure_window",
                      "script_http_timeout", "script_http_calls_per_second", "client_jwks_timeout",
-                     "client_jwks_refetch_interval", "client_jwks_max_age", "audit_checkpoint_interval"):
+                     "client_jwks_refetch_interval", "client_jwks_max_age", "audit_checkpoint_interval",
+                     "webhook_timeout", "webhook_retry_base", "webhook_retry_max", "webhook_poll_interval"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
         if not 8 <= self.status_list_size <= 1 << 24 or self.status_list_size % 8:

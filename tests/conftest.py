@@ -136,7 +136,8 @@ def truncate(url: str) -> None:
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE ssa, clients, keys, templates, statuslists, script_revisions, assertion_jtis, "
-                     "audit, audit_checkpoints")
+                     "audit, audit_checkpoints, "
+                     "webhooks, webhook_deliveries")
 
 
 @pytest.fixture

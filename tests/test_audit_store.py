@@ -256,7 +256,15 @@ def test_export_then_import_keeps_the_chain(tmp_path, store_kind, request):
 def test_events_off_build_nothing(tmp_path):
     server = Server.build(Settings(data_dir=tmp_path / "d", scripts_dir=tmp_path / "none",
                                    audit_enabled=False))
-    assert server.audit is None and not server.events.wanted
+
+    async def go() -> None:
+        await server.start(background=False, scripts=False)  # the webhook outbox reads its subscribers
+        try:
+            assert server.audit is None and not server.events.wanted  # no subscriber: nothing listens
+        finally:
+            await server.stop()
+
+    run(go())
     assert not Events().wanted
 
 

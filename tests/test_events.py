@@ -46,3 +46,15 @@ def test_no_sink_no_work():
     assert not events.wanted
     asyncio.run(events.emit(Event(SSA_CREATED, "c1")))  # nothing to do, nothing raised
     assert SSA_CREATED in ACTIONS
+
+
+def test_a_sink_that_is_not_listening_builds_nothing():
+    class Quiet(Recorder):
+        listening = False
+
+    events = Events()
+    quiet = Quiet()
+    events.add_sink(quiet)
+    assert not events.wanted
+    quiet.listening = True
+    assert events.wanted

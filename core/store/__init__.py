@@ -12,8 +12,8 @@ from .base import Store
 from .errors import StoreDegraded, StoreLocked, StoreSchemaError, StoreUnavailable, UnstorableValue
 from .records import (ENCRYPTED_FIELD, ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRED, KEY_RETIRING, KEY_STATES,
                       PRIVATE_JWK_MEMBERS, TABLES, AssertionRecord, AuditCheckpointRecord, AuditRecord,
-                      ClientRecord, KeyRecord,
-                      ScriptRevisionRecord, StatusListRecord, TemplateRecord, can_sign, public_jwk)
+                      ClientRecord, DeliveryRecord, KeyRecord, ScriptRevisionRecord, StatusListRecord,
+                      TemplateRecord, WebhookRecord, can_sign, public_jwk)
 
 __all__ = [
     "ENCRYPTED_FIELD", "PRIVATE_JWK_MEMBERS", "can_sign", "public_jwk",
@@ -22,5 +22,5 @@ __all__ = [
     "ScriptRevisionRecord", "Store",
     "StoreDegraded",
     "StoreLocked", "StoreSchemaError", "StoreUnavailable", "StatusListRecord", "TemplateRecord",
-    "UnstorableValue",
+    "UnstorableValue", "DeliveryRecord", "WebhookRecord",
 ]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .records import (AssertionRecord, AuditCheckpointRecord, AuditRecord, ClientRecord, KeyRecord,
-                      ScriptRevisionRecord, StatusListRecord, TemplateRecord)
+from .records import (AssertionRecord, AuditCheckpointRecord, AuditRecord, ClientRecord, DeliveryRecord,
+                      KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord, WebhookRecord)
 
 if TYPE_CHECKING:  # the SSA record is the model's (``ssa.py``, which imports this package)
     from ..ssa import SsaRecord
@@ -69,8 +69,9 @@ class Store(Protocol):
         is older than now - grace are deleted, except those whose status list entry's ``until``
         (the JWT's own exp: a revocation sets ``expiration`` to now) is not older yet, since the
         list must keep their bit while their JWT verifies.  Client assertion jtis past their
-        ``expires_at`` are deleted too.  Returns (expired, purged) SSAs; ``expired_out``, when
-        given, gets (jti, org_id) of each SSA this call expired (the ``ssa.expired`` events)."""
+        ``expires_at`` are deleted too.  Returns (expired, purged) SSAs; ``expired_out`` gets the
+        (jti, org_id) of each SSA this call expired (of processes sharing the store, only the
+        one that changed it)."""
 
     async def count_ssas(self) -> int:
         """How many SSAs are stored, whatever their status."""
@@ -158,6 +159,33 @@ class Store(Protocol):
 
     async def list_audit_checkpoints(self) -> list[AuditCheckpointRecord]:
         """Every checkpoint, by seq."""
+
+    # --- webhooks: subscribers and the outbox (``webhooks.py``) ---
+    async def add_webhook(self, record: WebhookRecord) -> None:
+        """ValueError if its id exists."""
+
+    async def get_webhook(self, webhook_id: str) -> WebhookRecord | None: ...
+    async def list_webhooks(self) -> list[WebhookRecord]: ...
+    async def delete_webhook(self, webhook_id: str) -> bool: ...
+    async def add_deliveries(self, records: list[DeliveryRecord]) -> None:
+        """The outbox rows of one event batch, in one durable write."""
+
+    async def claim_deliveries(self, now: float, lease_until: float, limit: int) -> list[DeliveryRecord]:
+        """Up to ``limit`` pending deliveries due by ``now`` that no claim holds (or whose claim
+        ended by ``now``), oldest due first, each now claimed until ``lease_until``.  Of concurrent
+        claims, in any number of processes sharing the store, each delivery goes to one."""
+
+    async def update_delivery(self, delivery_id: str, changes: dict[str, Any]) -> None:
+        """Set fields (state, attempts, next_attempt_at, lease_until, last_error, delivered_at);
+        KeyError if there is no such delivery."""
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None: ...
+    async def list_deliveries(self, *, state: str | None = None, subscriber: str | None = None,
+                              limit: int = 1000) -> list[DeliveryRecord]:
+        """Deliveries matching the filters, oldest first, at most ``limit``."""
+
+    async def purge_deliveries(self, before: float) -> int:
+        """Delete the delivered and dead deliveries created before ``before``; how many."""
 
     async def compact_keys(self) -> bool:
         """Drop the superseded versions of key records the store still holds (after they were

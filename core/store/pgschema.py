@@ -91,6 +91,29 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             doc jsonb NOT NULL
         )""",
     ]),
+    (6, [  # signed event webhooks (issue 15): the subscribers, and the outbox the nodes deliver from
+        """CREATE TABLE webhooks (
+            id text PRIMARY KEY,
+            created_at bigint NOT NULL,
+            doc jsonb NOT NULL
+        )""",
+        """CREATE TABLE webhook_deliveries (
+            id text PRIMARY KEY,
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            subscriber text NOT NULL,
+            state text NOT NULL,
+            attempts integer NOT NULL,
+            next_attempt_at double precision NOT NULL,
+            lease_until double precision NOT NULL,
+            last_error text,
+            created_at double precision NOT NULL,
+            delivered_at double precision,
+            doc jsonb NOT NULL
+        )""",
+        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at, seq) "
+        "WHERE state = 'pending'",
+        "CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created_at, seq)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -30,12 +30,16 @@ from ..settings import redact_url
 from . import pgschema
 from ..ssa import ACTIVE, EXPIRED, REVOKED, USED, SsaRecord
 from .errors import StoreSchemaError, StoreUnavailable, UnstorableValue
-from .records import (GENESIS, AssertionRecord, AuditCheckpointRecord, AuditRecord, ClientRecord, KeyRecord,
-                      ScriptRevisionRecord, StatusListRecord, TemplateRecord, chain)
+from .records import (DELIVERY_DEAD, DELIVERY_DELIVERED, DELIVERY_PENDING, GENESIS, AssertionRecord,
+                      AuditCheckpointRecord, AuditRecord, ClientRecord, DeliveryRecord, KeyRecord,
+                      ScriptRevisionRecord, StatusListRecord, TemplateRecord, WebhookRecord, chain)
 from .search import SsaFilter, to_sql
 
 SSA_COLUMNS = ("jti", "org_id", "status", "expiration", "creator_id", "created_at", "one_time_use")
 KEY_COLUMNS = ("kid", "use", "status", "created_at", "remove_after")
+DELIVERY_COLUMNS = ("id", "subscriber", "state", "attempts", "next_attempt_at", "lease_until", "last_error",
+                    "created_at", "delivered_at")
+_DELIVERY_SELECT = f"SELECT {', '.join(DELIVERY_COLUMNS)}, doc FROM webhook_deliveries"
 _SSA_SELECT = f"SELECT {', '.join(SSA_COLUMNS)}, seq, doc FROM ssa"
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TooManyRequests, OSError)
 
@@ -98,6 +102,12 @@ def _ssa(row: dict[str, Any]) -> SsaRecord:
     record = dict(row["doc"])
     record.update({c: row[c] for c in SSA_COLUMNS})
     return cast(SsaRecord, record)  # the doc and the columns: what add_ssas split
+
+
+def _delivery(row: dict[str, Any]) -> DeliveryRecord:
+    record = dict(row["doc"])
+    record.update({c: row[c] for c in DELIVERY_COLUMNS})
+    return cast(DeliveryRecord, record)
 
 
 def _key(row: dict[str, Any]) -> KeyRecord:
@@ -326,14 +336,13 @@ class PgStore:
                 "DELETE FROM ssa WHERE status <> %(active)s AND expiration < %(cutoff)s"
                 " AND COALESCE((doc->'status_list'->>'until')::bigint, 0) < %(cutoff)s",
                 {"active": ACTIVE, "cutoff": now - grace})
-            cur = conn.cursor()
-            await cur.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s "
-                              "RETURNING jti, org_id", (EXPIRED, ACTIVE, now))
-            expired = cur
-            if expired_out is not None:
-                expired_out.extend((jti, org_id) for jti, org_id in await cur.fetchall())
+            expired = await conn.execute("UPDATE ssa SET status = %s WHERE status = %s AND expiration <= %s"
+                                         " RETURNING jti, org_id", (EXPIRED, ACTIVE, now))
+            rows = await expired.fetchall()
             await conn.execute("DELETE FROM assertion_jtis WHERE expires_at < %s", (now,))
-            return expired.rowcount, purged.rowcount
+            if expired_out is not None:  # (the UPDATE's row locks: one node sees each SSA expire)
+                expired_out.extend((r[0], r[1]) for r in rows)
+            return len(rows), purged.rowcount
 
     async def count_ssas(self) -> int:
         rows = await self._rows("SELECT count(*) AS n FROM ssa")
@@ -508,6 +517,78 @@ class PgStore:
         rows = await self._rows(f"SELECT doc FROM script_revisions {where}ORDER BY seen_at DESC, seq DESC",
                                 (name,) if name is not None else None)
         return [r["doc"] for r in rows]
+
+    # --- webhooks: subscribers and the outbox (``webhooks.py``) ---
+    async def add_webhook(self, record: WebhookRecord) -> None:
+        try:
+            await self._rows("INSERT INTO webhooks (id, created_at, doc) VALUES (%s, %s, %s)",
+                             (record["id"], record["created_at"], _jsonb(dict(record))))
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"a webhook with id {record['id']} exists") from None
+
+    async def get_webhook(self, webhook_id: str) -> WebhookRecord | None:
+        rows = await self._rows("SELECT doc FROM webhooks WHERE id = %s", (webhook_id,))
+        return rows[0]["doc"] if rows else None
+
+    async def list_webhooks(self) -> list[WebhookRecord]:
+        return [r["doc"] for r in await self._rows("SELECT doc FROM webhooks ORDER BY created_at, id")]
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        return bool(await self._rows("DELETE FROM webhooks WHERE id = %s RETURNING id", (webhook_id,)))
+
+    async def add_deliveries(self, records: list[DeliveryRecord]) -> None:
+        if not records:
+            return
+        rows = []
+        for r in records:
+            values, doc = _split(dict(r), DELIVERY_COLUMNS)
+            rows.append((*values, doc))
+        placeholders = ", ".join(["%s"] * (len(DELIVERY_COLUMNS) + 1))
+        sql = f"INSERT INTO webhook_deliveries ({', '.join(DELIVERY_COLUMNS)}, doc) VALUES ({placeholders})"
+        async with self._connection() as conn:
+            if len(rows) == 1:
+                await conn.execute(sql, rows[0])
+                return
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(sql, rows)
+
+    async def claim_deliveries(self, now: float, lease_until: float, limit: int) -> list[DeliveryRecord]:
+        """One ``UPDATE ... RETURNING`` over rows picked ``FOR UPDATE SKIP LOCKED``: of nodes
+        claiming at once each row goes to one; a lease that ran out (a dead node) is taken again."""
+        rows = await self._rows(
+            f"""UPDATE webhook_deliveries SET lease_until = %(lease)s WHERE id IN (
+                    SELECT id FROM webhook_deliveries WHERE state = %(pending)s AND next_attempt_at <= %(now)s
+                    AND lease_until <= %(now)s ORDER BY next_attempt_at, seq LIMIT %(n)s
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING {', '.join(DELIVERY_COLUMNS)}, doc""",
+            {"lease": lease_until, "pending": DELIVERY_PENDING, "now": now, "n": limit})
+        return sorted((_delivery(r) for r in rows), key=lambda d: (d["next_attempt_at"], d["created_at"]))
+
+    async def update_delivery(self, delivery_id: str, changes: dict[str, Any]) -> None:
+        sets = [f"{name} = %s" for name in changes if name in DELIVERY_COLUMNS and name != "id"]
+        params = [v for name, v in changes.items() if name in DELIVERY_COLUMNS and name != "id"]
+        if not sets:
+            sets.append("id = id")
+        rows = await self._rows(f"UPDATE webhook_deliveries SET {', '.join(sets)} WHERE id = %s RETURNING id",
+                                [*params, delivery_id])
+        if not rows:
+            raise KeyError(delivery_id)
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
+        rows = await self._rows(f"{_DELIVERY_SELECT} WHERE id = %s", (delivery_id,))
+        return _delivery(rows[0]) if rows else None
+
+    async def list_deliveries(self, *, state: str | None = None, subscriber: str | None = None,
+                              limit: int = 1000) -> list[DeliveryRecord]:
+        where, params = self._where({"state": state, "subscriber": subscriber})
+        rows = await self._rows(f"{_DELIVERY_SELECT}{where} ORDER BY created_at, seq LIMIT %s",
+                                [*params, limit])
+        return [_delivery(r) for r in rows]
+
+    async def purge_deliveries(self, before: float) -> int:
+        rows = await self._rows("DELETE FROM webhook_deliveries WHERE state IN (%s, %s) AND created_at < %s "
+                                "RETURNING id", (DELIVERY_DELIVERED, DELIVERY_DEAD, before))
+        return len(rows)
 
     # --- health ---
     # --- the audit trail ---

@@ -22,8 +22,11 @@ KEY_STATES = (KEY_NEXT, KEY_ACTIVE, KEY_RETIRING, KEY_RETIRED)
 # keys before the SSAs they signed, so an importer can verify SSAs as it goes).
 ID_FIELDS = {"clients": "client_id", "keys": "kid", "templates": "name", "statuslists": "id",
              "script_revisions": "id", "assertion_jtis": "id", "ssa": "jti",
-             "audit": "id", "audit_checkpoints": "id"}
+             "audit": "id", "audit_checkpoints": "id", "webhooks": "id", "webhook_deliveries": "id"}
 TABLES = tuple(ID_FIELDS)
+# Tables ``store export`` leaves out: the webhook outbox is work in flight, not state to move (a
+# delivery pending in one store would be sent again by the other).
+NOT_EXPORTED = frozenset({"webhook_deliveries"})
 
 
 class ClientRecord(TypedDict):
@@ -172,3 +175,38 @@ def chain(events: list[dict[str, Any]], head_seq: int, head_hash: str) -> list[A
         record["hash"] = head_hash = audit_hash(record)
         out.append(record)  # type: ignore[arg-type]  # (built field by field above)
     return out
+
+# Webhook deliveries' states (``webhooks.py``): pending (due at next_attempt_at, unless a node's
+# lease on it runs), delivered (a 2xx), dead (webhook_max_attempts failed; ``webhooks replay``).
+DELIVERY_PENDING, DELIVERY_DELIVERED, DELIVERY_DEAD = "pending", "delivered", "dead"
+DELIVERY_STATES = (DELIVERY_PENDING, DELIVERY_DELIVERED, DELIVERY_DEAD)
+
+
+class WebhookRecord(TypedDict):
+    """A webhook subscriber (``webhooks add``): where the events of ``events`` go."""
+
+    id: str  # "wh_<hex>"
+    url: str
+    events: list[str]  # actions of ``events.ACTIONS``
+    # The HMAC secret: sealed under key_encryption_key ({"v", "kek", "nonce", "ciphertext"},
+    # ``key_encryption.KeyEncryption.seal_text``) when one is set, else the secret itself; None: no HMAC.
+    secret: str | dict[str, Any] | None
+    created_at: int
+
+
+class DeliveryRecord(TypedDict):
+    """One event for one subscriber: a row of the outbox, written when the event happens and
+    delivered (as a Security Event Token) by the server's delivery task."""
+
+    id: str  # the delivery id: the SET's jti and the SSA-Delivery-Id header
+    subscriber: str  # a WebhookRecord id
+    url: str  # the subscriber's URL when the event happened (the SET's aud)
+    action: str
+    event: dict[str, Any]  # the event's facts (jti, org_id, kid, actor, outcome, reason, time ...)
+    state: str  # one of DELIVERY_STATES
+    attempts: int
+    next_attempt_at: float  # epoch seconds it is due
+    lease_until: float  # epoch seconds a node's claim on it runs until (0: none)
+    last_error: str | None  # the last attempt's failure, one line (no body of the receiver)
+    created_at: float
+    delivered_at: float | None

@@ -27,9 +27,9 @@ from .journal import Journal
 from .search import INDEXED, SsaFilter, tinydb_query
 from ..jsonvalues import clone
 from ..ssa import ACTIVE, EXPIRED, LIST_FIELDS, REVOKED, USED, SsaRecord
-from .records import (GENESIS, ID_FIELDS, TABLES, AssertionRecord, AuditCheckpointRecord, AuditRecord, chain,
-                      ClientRecord, KeyRecord, ScriptRevisionRecord,
-                      StatusListRecord, TemplateRecord)
+from .records import (DELIVERY_DEAD, DELIVERY_DELIVERED, DELIVERY_PENDING, GENESIS, ID_FIELDS, TABLES,
+                      AssertionRecord, AuditCheckpointRecord, AuditRecord, ClientRecord, DeliveryRecord,
+                      KeyRecord, ScriptRevisionRecord, StatusListRecord, TemplateRecord, WebhookRecord, chain)
 
 # One change in memory and how to take it back: (table, id, document before, document after).
 _Change = tuple[str, str, Any, Any]
@@ -104,6 +104,10 @@ class TinyStore:
         self._by_creator: dict[str, dict[str, None]] = {}
         self._audit_head: tuple[int, str] = (0, GENESIS)  # the newest event's (seq, hash)
         self._audit_lock = asyncio.Lock()  # one append at a time in this process (see append_audit)
+        # The outbox's pending deliveries (an index: the delivery task's poll does not scan the
+        # delivered ones), and this process's claims on them (``claim_deliveries``).
+        self._pending: dict[str, None] = {}
+        self._leases: dict[str, float] = {}
 
     # --- open / close ---
     async def open(self) -> None:
@@ -120,6 +124,7 @@ class TinyStore:
         self._by_org.clear()
         self._by_creator.clear()
         self._audit_head = (0, GENESIS)
+        self._pending.clear()
 
     def apply(self, table: str, doc_id: str, doc: dict[str, Any] | None) -> None:
         if doc is None:
@@ -155,6 +160,11 @@ class TinyStore:
                 self._unindex(old)
             self._by_org.setdefault(doc["org_id"], {})[doc_id] = None
             self._by_creator.setdefault(doc["creator_id"], {})[doc_id] = None
+        elif name == "webhook_deliveries":
+            if doc["state"] == DELIVERY_PENDING:
+                self._pending[doc_id] = None
+            else:
+                self._pending.pop(doc_id, None)
         table[doc_id] = doc
         if name == "audit" and doc["seq"] > self._audit_head[0]:
             self._audit_head = (doc["seq"], doc["hash"])
@@ -164,6 +174,8 @@ class TinyStore:
         doc = self.tables[name].pop(doc_id, None)
         if doc is not None and name == "ssa":
             self._unindex(doc)
+        elif name == "webhook_deliveries":
+            self._pending.pop(doc_id, None)
         return name, doc_id, doc, None
 
     def _unindex(self, doc: dict[str, Any]) -> None:
@@ -581,6 +593,89 @@ class TinyStore:
     async def list_audit_checkpoints(self) -> list[AuditCheckpointRecord]:
         self.journal.catch_up()
         return clone(sorted(self.tables["audit_checkpoints"].values(), key=lambda d: d["seq"]))
+
+    # --- webhooks: subscribers and the outbox (``webhooks.py``) ---
+    async def add_webhook(self, record: WebhookRecord) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if record["id"] in self.tables["webhooks"]:
+            raise ValueError(f"a webhook with id {record['id']} exists")
+        await self._put_record("webhooks", record["id"], dict(record))
+
+    async def get_webhook(self, webhook_id: str) -> WebhookRecord | None:
+        return self._get("webhooks", webhook_id)
+
+    async def list_webhooks(self) -> list[WebhookRecord]:
+        return self._all("webhooks")
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        if webhook_id not in self.tables["webhooks"]:
+            return False
+        line = self.journal.line("webhooks", webhook_id, None)
+        await self.journal.commit([line], [self._delete("webhooks", webhook_id)])
+        return True
+
+    async def add_deliveries(self, records: list[DeliveryRecord]) -> None:
+        if not records:
+            return
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        docs = [clone(dict(r)) for r in records]
+        lines = [self.journal.line("webhook_deliveries", doc["id"], doc) for doc in docs]
+        await self.journal.commit(lines, [self._put("webhook_deliveries", doc["id"], doc) for doc in docs])
+
+    async def claim_deliveries(self, now: float, lease_until: float, limit: int) -> list[DeliveryRecord]:
+        """In one synchronous step, and in memory only: one server process owns a data dir
+        (``server.lock``), so its claims need no line; after a crash nothing is claimed."""
+        self.journal.catch_up()
+        table = self.tables["webhook_deliveries"]
+        due = []
+        for doc_id in self._pending:
+            doc = table[doc_id]
+            if doc["next_attempt_at"] <= now and self._leases.get(doc_id, 0.0) <= now:
+                due.append(doc)
+        due.sort(key=lambda d: (d["next_attempt_at"], d["created_at"]))
+        for doc in due[:limit]:
+            self._leases[doc["id"]] = lease_until
+        return [dict(clone(doc), lease_until=lease_until) for doc in due[:limit]]  # type: ignore[misc]
+
+    async def update_delivery(self, delivery_id: str, changes: dict[str, Any]) -> None:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        doc = self.tables["webhook_deliveries"].get(delivery_id)
+        if doc is None:
+            raise KeyError(delivery_id)
+        self._leases.pop(delivery_id, None)
+        await self._put_record("webhook_deliveries", delivery_id, dict(doc, **changes))
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
+        return self._get("webhook_deliveries", delivery_id)
+
+    async def list_deliveries(self, *, state: str | None = None, subscriber: str | None = None,
+                              limit: int = 1000) -> list[DeliveryRecord]:
+        self.journal.catch_up()
+        docs = [d for d in self.tables["webhook_deliveries"].values()
+                if (state is None or d["state"] == state)
+                and (subscriber is None or d["subscriber"] == subscriber)]
+        docs.sort(key=lambda d: (d["created_at"], d["id"]))
+        return clone(docs[:limit])
+
+    async def purge_deliveries(self, before: float) -> int:
+        if self.journal.degraded is not None:
+            await self.journal.writable()
+        self.journal.catch_up()
+        old = [doc_id for doc_id, d in self.tables["webhook_deliveries"].items()
+               if d["state"] in (DELIVERY_DELIVERED, DELIVERY_DEAD) and d["created_at"] < before]
+        if old:
+            lines = [self.journal.line("webhook_deliveries", doc_id, None) for doc_id in old]
+            await self.journal.commit(lines, [self._delete("webhook_deliveries", doc_id) for doc_id in old])
+        return len(old)
 
     # --- coordination ---
     @contextlib.asynccontextmanager

@@ -31,8 +31,8 @@ from .. import jsonvalues
 from ..ssa import ACTIVE, REQUIRED_RECORD_FIELDS, SsaRecord, hook_changes_problem
 from .base import Store
 from .records import (ENCRYPTED_FIELD, ID_FIELDS, KEY_ACTIVE, KEY_NEXT, KEY_RETIRING, REVISION_CONFIG_MAX,
-                      REVISION_SOURCE_MAX, REVISION_STATES, TABLES, AssertionRecord, AuditCheckpointRecord,
-                      AuditRecord, KeyRecord, can_sign, public_jwk)
+                      REVISION_SOURCE_MAX, REVISION_STATES, NOT_EXPORTED, TABLES, AssertionRecord,
+                      AuditCheckpointRecord, AuditRecord, KeyRecord, can_sign, public_jwk)
 
 _REQUIRED = {
     "ssa": REQUIRED_RECORD_FIELDS,  # every field of ssa.SsaRecord but the optional ones
@@ -44,7 +44,9 @@ _REQUIRED = {
     "assertion_jtis": ("client_id", "expires_at"),
     "audit": ("seq", "time", "action", "actor", "prev_hash", "hash"),
     "audit_checkpoints": ("seq", "hash", "time", "kid", "jws"),
+    "webhooks": ("url", "events", "created_at"),
 }
+EXPORTED = tuple(t for t in TABLES if t not in NOT_EXPORTED)  # the outbox's deliveries stay behind
 _BATCH = 1000
 MAX_LINE_DEPTH = jsonvalues.MAX_DEPTH + 2
 
@@ -56,7 +58,7 @@ class TransferError(ValueError):
 async def export_records(store: Store, *, private_keys: bool = True) -> Iterator[bytes]:
     """The store as JSON lines, UTF-8 (the keys first: an importer can verify SSAs as it goes)."""
     out: list[bytes] = []
-    for table in TABLES:
+    for table in EXPORTED:
         for record in await _all(store, table):
             if table == "keys" and not private_keys:
                 if record["jwk"].get("kty") == "oct":  # an HMAC key (access tokens) has no public part
@@ -84,16 +86,18 @@ async def _all(store: Store, table: str) -> list[Any]:
         return await store.list_audit()
     if table == "audit_checkpoints":
         return await store.list_audit_checkpoints()
+    if table == "webhooks":
+        return await store.list_webhooks()
     return await store.list_templates()
 
 
 async def counts(store: Store) -> dict[str, int]:
-    return {table: len(await _all(store, table)) for table in TABLES}
+    return {table: len(await _all(store, table)) for table in EXPORTED}
 
 
 def parse_lines(lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     """The records of an export, by table; TransferError on the first bad line."""
-    tables: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
+    tables: dict[str, list[dict[str, Any]]] = {t: [] for t in EXPORTED}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -162,12 +166,12 @@ async def import_records(store: Store, tables: dict[str, list[dict[str, Any]]],
     the store grew by exactly the imported count."""
     before = await counts(store)
     report: dict[str, dict[str, int]] = {}
-    for table in TABLES:
+    for table in EXPORTED:
         records = tables.get(table, [])
         imported = await _import_table(store, table, records, tables, now)
         report[table] = {"read": len(records), "imported": imported, "skipped": len(records) - imported}
     after = await counts(store)
-    for table in TABLES:
+    for table in EXPORTED:
         if after[table] - before[table] != report[table]["imported"]:
             raise RuntimeError(f"{table}: {report[table]['imported']} imported but the store holds "
                                f"{after[table] - before[table]} more than before")
@@ -212,6 +216,8 @@ async def _import_table(store: Store, table: str, records: list[dict[str, Any]],
         for r in fresh:
             await store.put_audit_checkpoint(cast(AuditCheckpointRecord, r))
         return len(fresh)
+    if table == "webhooks":  # a subscriber held already stays as it is
+        return await _add_missing(records, "id", store.get_webhook, store.add_webhook)
     if table == "statuslists":  # a list the store holds already keeps its counters (they only grow)
         return await _add_missing(records, "id", store.get_status_list, store.add_status_list)
     existing = await store.list_keys()
