@@ -25,6 +25,7 @@ from .key_encryption import KeyEncryption
 from .keys import SSA_USE, KeyRing
 from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
 from .service import SsaService
+from .signers import backend_for
 from .settings import Settings
 from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
@@ -59,6 +60,7 @@ class Server:
               plugins: pluggy.PluginManager | None = None, clock: Callable[[], float] = time.time,
               accept_journal_loss: bool = False) -> Server:
         encryption = KeyEncryption.from_settings(settings)  # before the store: a bad reference is one line
+        backend = backend_for(settings)  # likewise the PIN's reference; the token is opened by keys.load
         metrics = Metrics()
         store = timed_store(store or open_store(settings, exclusive=exclusive,
                                                 accept_journal_loss=accept_journal_loss),
@@ -66,7 +68,7 @@ class Server:
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
                        rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
-                       metrics=metrics)
+                       metrics=metrics, backend=backend)
         tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
         plugins = plugins or build_plugin_manager()
         scripts = None

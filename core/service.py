@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NothingToRevoke, NotAcceptable,
-                     ScriptFailed, SlowDown, UnknownJti)
+                     ScriptFailed, ServiceUnavailable, SlowDown, UnknownJti)
 from . import jsonvalues
 from .jsonvalues import clone
 from .jwt_draft import JwtDraft
@@ -24,6 +24,7 @@ from .keys import KeyRing
 from .metrics import Metrics
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
+from .signers import SigningBackendError
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, CreateRequest, SsaRecord, jwt_changes, jwt_claims,
                   jwt_header, list_item, record_from_request, status_view)
 from .status_issuer import StatusIssuer
@@ -178,7 +179,11 @@ class SsaService:
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
         """The key ring signs (``KeyRing.sign`` picks thread, helper or inline); the signer's own
         header parameters (``alg``, ``kid``) come from the active key, never from a hook."""
-        return await self.keys.sign({k: v for k, v in header.items() if k not in SIGNER_HEADER}, claims)
+        try:
+            return await self.keys.sign({k: v for k, v in header.items() if k not in SIGNER_HEADER}, claims)
+        except SigningBackendError as e:  # a token unplugged, out of sessions: nothing is stored
+            log.error("%s", e)
+            raise ServiceUnavailable("The signing key is not available; retry later.") from None
 
     # --- list ---
     async def list_ssas(self, ctx: CallContext, *, jti: str | None = None,
