@@ -12,21 +12,23 @@ restart or by another process on the same token).  Mechanisms (RFC 7518 §3):
   ``CKM_ECDSA_SHA256``); PKCS#11 returns ``r || s``, each the curve's length: what JWS wants;
 - EdDSA/Ed25519: ``CKM_EDDSA`` (SoftHSM2 2.6 has it) on an Ed25519 key.
 
-Threads: a PKCS#11 session runs one operation at a time, so each signature takes a session of
-its own from a small pool (opened as needed, at most ``sessions``, kept open; the user is logged
-in once for the whole application, by the first session, kept open for that).  Signatures are
-made in the key ring's signing threads: the call releases the GIL and the token does the work.
+Threads: python-pkcs11 initialises the module with ``C_Initialize(NULL)``, which tells it the
+application never calls it from two threads at once (no ``CKF_OS_LOCKING_OK``), and SoftHSM2 then
+crashes under concurrent calls (a segfault with 8 threads signing, each on its own session:
+measured).  So every call into the module goes through one lock, on one session (logged in,
+kept open).  Signatures are made in the key ring's signing threads: waiting for the lock and the
+token's ``C_Sign`` both run without the GIL, so the event loop serves meanwhile; a process signs
+one signature at a time (more processes, ``serve --workers N``, each have their own module).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
-import os
-import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pkcs11
@@ -53,7 +55,7 @@ _CURVES = {"256": ("secp256r1", "P-256", 32), "384": ("secp384r1", "P-384", 48),
 _ED25519_OID = "1.3.101.112"
 ED_ALGS = frozenset({"EdDSA", "Ed25519"})
 RSA_SIZE = 2048
-SESSION_WAIT = 30.0  # seconds a signature waits for a free session before it fails
+LOCK_WAIT = 30.0  # seconds a call waits for the module (another call under way) before it fails
 
 
 def _b64(data: bytes) -> str:
@@ -103,16 +105,11 @@ class Pkcs11Backend:
 
     name = NAME
 
-    def __init__(self, module: str, token_label: str, pin: str, *, pin_ref: str = "",
-                 sessions: int | None = None) -> None:
+    def __init__(self, module: str, token_label: str, pin: str, *, pin_ref: str = "") -> None:
         self.module, self.token_label = module, token_label
         self._pin, self._pin_ref = pin, pin_ref
-        self._size = max(1, sessions or (os.cpu_count() or 2))
-        self._lock = threading.Lock()  # opening, generation and the pool's count
-        self._token: pkcs11.Token | None = None
-        self._login: _Session | None = None  # the first session: logged in, read-write, kept open
-        self._idle: queue.SimpleQueue[_Session] = queue.SimpleQueue()
-        self._opened = 0  # signing sessions (the login session, for generation, aside)
+        self._lock = threading.Lock()  # every call into the module (module doc)
+        self._session: _Session | None = None  # logged in, read-write, kept open
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pkcs11Backend:
@@ -125,12 +122,22 @@ class Pkcs11Backend:
     # --- the token ---
     def open(self) -> None:
         """Load the module, find the token, log in: each failure one line (no PIN)."""
-        with self._lock:
+        with self._locked():
             self._open_locked()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The module's lock held; SigningBackendError after ``LOCK_WAIT`` without it."""
+        if not self._lock.acquire(timeout=LOCK_WAIT):
+            raise SigningBackendError(f"PKCS#11 token {self.token_label!r}: busy for {LOCK_WAIT:g} s")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _open_locked(self) -> _Session:
-        if self._login is not None:
-            return self._login
+        if self._session is not None:
+            return self._session
         where = f"PKCS#11 token {self.token_label!r} (pkcs11_module {self.module})"
         try:
             lib = pkcs11.lib(self.module)
@@ -155,49 +162,17 @@ class Pkcs11Backend:
             raise SigningBackendError(f"the user PIN of {where} is locked") from None
         except pkcs11.PKCS11Error as e:
             raise SigningBackendError(f"cannot log in to {where}: {type(e).__name__}") from None
-        self._token, self._login = token, _Session(session)
-        return self._login
+        self._session = _Session(session)
+        return self._session
 
     def close(self) -> None:
-        with self._lock:
-            sessions = []
-            while True:
+        with self._locked():
+            if self._session is not None:
                 try:
-                    sessions.append(self._idle.get_nowait())
-                except queue.Empty:
-                    break
-            if self._login is not None:
-                sessions.append(self._login)
-            for s in sessions:  # the login session last: closing it ends the login
-                try:
-                    s.session.close()
+                    self._session.session.close()  # (its login ends with it)
                 except pkcs11.PKCS11Error:
                     pass
-            self._token = self._login = None
-            self._opened = 0
-            self._idle = queue.SimpleQueue()
-
-    def _take(self) -> _Session:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            self._open_locked()
-            if self._opened < self._size:
-                assert self._token is not None
-                try:
-                    fresh = _Session(self._token.open())  # in the user state: the login is the application's
-                except pkcs11.PKCS11Error as e:
-                    raise SigningBackendError(f"PKCS#11 token {self.token_label!r}: cannot open a session "
-                                              f"({type(e).__name__})") from None
-                self._opened += 1
-                return fresh
-        try:
-            return self._idle.get(timeout=SESSION_WAIT)
-        except queue.Empty:
-            raise SigningBackendError(f"PKCS#11 token {self.token_label!r}: no free session in "
-                                      f"{SESSION_WAIT:g} s") from None
+            self._session = None
 
     # --- the backend interface ---
     def generate(self, alg: str, kid: str) -> dict[str, Any]:
@@ -209,7 +184,7 @@ class Pkcs11Backend:
                    Attribute.EXTRACTABLE: False, Attribute.SIGN: True}
         public = {Attribute.TOKEN: True, Attribute.VERIFY: True}
         caps = MechanismFlag.SIGN | MechanismFlag.VERIFY
-        with self._lock:
+        with self._locked():
             session = self._open_locked().session
             try:
                 if kind == "RSA":
@@ -247,8 +222,8 @@ class Pkcs11Backend:
         kid, alg = record["kid"], record["alg"]
         key_id = str(record.get("key_id") or kid)
         kind = _kind(alg)
-        session = self._take()
-        try:
+        with self._locked():
+            session = self._open_locked()
             try:
                 key = session.key(key_id)
             except pkcs11.NoSuchKey:
@@ -257,28 +232,28 @@ class Pkcs11Backend:
             except pkcs11.MultipleObjectsReturned:
                 raise SigningBackendError(f"key {kid}: several private keys in PKCS#11 token "
                                           f"{self.token_label!r} have CKA_ID {key_id!r}") from None
+            except pkcs11.PKCS11Error as e:
+                raise SigningBackendError(f"key {kid}: PKCS#11 token {self.token_label!r} cannot be "
+                                          f"searched ({type(e).__name__})") from None
             wanted = {"RSA": KeyType.RSA, "EC": KeyType.EC, "OKP": KeyType.EC_EDWARDS}[kind]
             if key.key_type != wanted:
                 raise SigningBackendError(f"key {kid} in PKCS#11 token {self.token_label!r} is a "
                                           f"{key.key_type.name} key, not one for {alg}")
-        finally:
-            self._idle.put(session)
         return _Pkcs11Signer(self, alg, kid, key_id)
 
     def sign(self, key_id: str, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
-        """One signature with a session of its own (module doc)."""
-        session = self._take()
-        try:
-            key = cast(pkcs11.SignMixin, session.key(key_id))  # (a private key found by load, checked)
-            if param is None:
-                return bytes(key.sign(data, mechanism=mechanism))
-            return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
-        except pkcs11.PKCS11Error as e:
-            session.keys.pop(key_id, None)  # e.g. a key deleted from the token: looked up again next time
-            raise SigningBackendError(f"PKCS#11 token {self.token_label!r}: signing failed "
-                                      f"({type(e).__name__})") from None
-        finally:
-            self._idle.put(session)
+        """One signature, the module's lock held (module doc)."""
+        with self._locked():
+            session = self._open_locked()
+            try:
+                key = cast(pkcs11.SignMixin, session.key(key_id))  # (a private key found by load, checked)
+                if param is None:
+                    return bytes(key.sign(data, mechanism=mechanism))
+                return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+            except pkcs11.PKCS11Error as e:
+                session.keys.pop(key_id, None)  # e.g. a key deleted from the token: looked up again next time
+                raise SigningBackendError(f"PKCS#11 token {self.token_label!r}: signing failed "
+                                          f"({type(e).__name__})") from None
 
 
 class _Pkcs11Signer:
