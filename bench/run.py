@@ -175,8 +175,10 @@ def add_pools(data_dir: Path, files: Path, size: int) -> dict[str, Any]:
 
 # --- the server process ---
 class ServerProc:
-    def __init__(self, data_dir: Path, scripts_dir: Path, log: Path, *, alg: str = "RS256") -> None:
+    def __init__(self, data_dir: Path, scripts_dir: Path, log: Path, *, alg: str = "RS256",
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir, self.scripts_dir, self.log, self.alg = data_dir, scripts_dir, log, alg
+        self.extra_env = env or {}  # --signing-backend pkcs11: the token's settings
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -187,6 +189,7 @@ class ServerProc:
                    SSA_PORT=str(self.port), SSA_HOST="127.0.0.1")
         if self.alg != "RS256":
             env["SSA_SIGNING_ALG"] = self.alg
+        env.update(self.extra_env)
         t = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "ssa_server", "serve"], env=env,
@@ -394,7 +397,7 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
         if not phases & {"rs256", "scripts", "pools"}:
             data_es256 = data
         if phases & {"rs256", "scripts", "pools"}:
-            server = ServerProc(data, scripts, work / "server.log")
+            server = ServerProc(data, scripts, work / "server.log", env=args.server_env)
             info["startup_s"] = round(server.start(), 3)
             info["startup_rss_mib"] = procstat.tree_rss(server.pid)["current"]
             try:
@@ -436,7 +439,8 @@ def run_size(args: argparse.Namespace, n: int, selected: list[str]) -> dict[str,
             finally:
                 server.stop()
         if "es256" in phases:
-            server = ServerProc(data_es256, scripts, work / "server-es256.log", alg="ES256")
+            server = ServerProc(data_es256, scripts, work / "server-es256.log", alg="ES256",
+                                env=args.server_env)
             info["startup_es256_s"] = round(server.start(), 3)
             try:
                 ctx2 = Ctx(args, work, files, n, server, token_for(server.port, client), stored=stored_es256)
@@ -647,6 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-refs", action="store_true", help="skip the reference figures")
     p.add_argument("--pool-rate", type=float, default=1000,
                    help="minimum rate (req/s) the one-time and revoke pools are sized for (default 1000)")
+    p.add_argument("--signing-backend", choices=("software", "pkcs11"), default="software",
+                   help="the servers' signing_backend; pkcs11: keys in a throwaway SoftHSM2 token")
     p.add_argument("--max-pool", type=int, default=200_000, help="at most this many jtis per pool")
     args = p.parse_args(argv)
     args.pool_size_actual = 0
@@ -663,6 +669,12 @@ def main(argv: list[str] | None = None) -> int:
               f"scenarios: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     selected = [s for s in SCENARIOS if s in selected]  # canonical order
+    token_dir = tempfile.TemporaryDirectory(prefix="ssa-bench-hsm-")
+    args.server_env = {}
+    if args.signing_backend == "pkcs11":
+        from .pkcs11_token import make_token
+
+        args.server_env = make_token(Path(token_dir.name))
     client = "python" if args.python_client or loadgen.wrk_path() is None else "wrk"
     out = Path(args.out) if args.out else HERE / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     started = time.time()
@@ -671,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         "client": client, "stack": stack(), "sizes": sizes, "scenarios": selected, "seconds": args.seconds,
         "warmup": args.warmup, "connections": args.connections, "low_connections": args.low_connections,
+        "signing_backend": args.signing_backend,
         "argv": sys.argv[1:] if argv is None else argv, "references": {}, "rows": [], "per_size": []}
     print(f"bench: client {client}, sizes {sizes}, scenarios {','.join(selected)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ssa-bench-ref-") as tmp:
@@ -691,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nbench: wrote {out} in {result['elapsed_s']} s")
+    token_dir.cleanup()
     return 1 if result["errors"] else 0
 
 

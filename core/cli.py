@@ -21,6 +21,7 @@ from typing import Any
 from .errors import ApiError
 from .events import cli_actor
 from .key_encryption import KeyDecryptionError
+from .signers import SigningBackendError
 from .logs import configure_logging
 from .server import Server
 from .settings import Settings, SettingsError, load_settings
@@ -113,6 +114,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     shown["private_keys_at_rest"] = ("encrypted (AES-256-GCM) under key_encryption_key"
                                      if settings.key_encryption_key else
                                      "in the clear (no key_encryption_key set; docs/keys.md)")
+    if settings.signing_backend == "pkcs11":  # the PIN's reference is shown, never the PIN
+        shown["private_keys_at_rest"] = (f"SSA keys in PKCS#11 token {settings.pkcs11_token_label!r}, never "
+                                         "out of it; the access-token key " + shown["private_keys_at_rest"])
     _print(shown)
     return 0
 
@@ -987,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"ssa-server: configuration error: {e}", file=sys.stderr)
         return 2
-    except (StoreLocked, StoreSchemaError, StoreUnavailable, KeyDecryptionError) as e:
+    except (StoreLocked, StoreSchemaError, StoreUnavailable, KeyDecryptionError, SigningBackendError) as e:
         print(f"ssa-server: {e}", file=sys.stderr)
         return 1
     except TransferError as e:

@@ -207,5 +207,8 @@ async def rewrap(store: Store, encryption: KeyEncryption) -> dict[str, Any]:
             encryption.open(r)
         done = await reseal(store, encryption, records)
         compacted = await store.compact_keys() if done else False
+    # (A key a signing backend holds, e.g. in a PKCS#11 token, has no private part here: nothing to rewrap.)
     return {"master_key": encryption.current_id, "rewrapped": done, "keys": len(records),
-            "verify_only": sum(1 for r in records if not can_sign(r)), "old_versions_dropped": compacted}
+            "verify_only": sum(1 for r in records if not can_sign(r)),
+            "in_signing_backend": sum(1 for r in records if r.get("backend") not in (None, "software")),
+            "old_versions_dropped": compacted}

@@ -6,7 +6,9 @@ Janssen's shape, ``ssa_<uuid>_sig_<alg>``.  A rotated key stops signing at once 
 
 ``KeyRing.sign`` is the one way to sign an SSA: it picks where the signature is made (a signing
 thread, the signing helper process, or inline) and the key ring owns both (``start_signing``,
-``close``).
+``close``).  SSA keys are made and loaded through the configured signing backend (``signers.py``:
+software keys in the store, or keys in a PKCS#11 token); the access-token HMAC key is always a
+software key.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .key_encryption import KeyDecryptionError, KeyEncryption, reseal
 from .metrics import Metrics
 from .signing import PROCESS_ALGS, SLOW_ALGS, Signer
 from .key_states import SIGNING_STATUSES, activates_at, next_switch, pending, signing_key, state, superseded
+from .signers import SOFTWARE, SigningBackend, SigningBackendError, SoftwareBackend, backend_name
 from .signing_process import SigningProcess, SigningUnavailable
 from .ssa import ACTIVE
 from .tracing import OFF, Tracing
@@ -39,28 +42,18 @@ log = logging.getLogger("ssa_server.keys")
 
 SSA_USE, TOKEN_USE = "ssa", "token"
 
-_KEY_PARAMS: dict[str, dict[str, Any]] = {
-    "RS": {"kty": "RSA", "size": 2048},
-    "PS": {"kty": "RSA", "size": 2048},
-    "ES256": {"kty": "EC", "crv": "P-256"},
-    "ES384": {"kty": "EC", "crv": "P-384"},
-    "ES512": {"kty": "EC", "crv": "P-521"},
-    "EdDSA": {"kty": "OKP", "crv": "Ed25519"},
-    "Ed25519": {"kty": "OKP", "crv": "Ed25519"},  # RFC 9864's fully specified name
-    "HS256": {"kty": "oct", "size": 256},
-}
+_SOFTWARE = SoftwareBackend()
 
 
-def generate_key(alg: str, use: str, now: int, *, activates_at: int | None = None) -> KeyRecord:
-    """A new private key for ``alg`` as a store record: active from ``now``, or next (announced)
-    until ``activates_at``."""
-    params = _KEY_PARAMS.get(alg) or _KEY_PARAMS[alg[:2]]
+def generate_key(alg: str, use: str, now: int, *, activates_at: int | None = None,
+                 backend: SigningBackend | None = None) -> KeyRecord:
+    """A new key for ``alg`` as a store record, made by ``backend`` (default: a software key):
+    active from ``now``, or next (announced) until ``activates_at``."""
     kid = f"{use}_{uuid.uuid4()}_sig_{alg.lower()}"
-    key = jwk.JWK.generate(kid=kid, **params)
     at = now if activates_at is None else activates_at
-    return KeyRecord(kid=kid, alg=alg, use=use, jwk=json.loads(key.export(private_key=True)),
-                     status=KEY_ACTIVE if at <= now else KEY_NEXT, created_at=now, remove_after=None,
-                     activates_at=at)
+    made = (backend or _SOFTWARE).generate(alg, kid)
+    return cast(KeyRecord, dict(made, kid=kid, alg=alg, use=use, status=KEY_ACTIVE if at <= now else KEY_NEXT,
+                                created_at=now, remove_after=None, activates_at=at))
 
 
 # Seconds after a switch before the cleaner writes the old key's end (remove_after): an SSA signed
@@ -77,7 +70,8 @@ class KeyRing:
                  activation_delay: int = 600, rotation_days: int = 0,
                  clock: Callable[[], float] = time.time, encryption: KeyEncryption | None = None,
                  metrics: Metrics | None = None, events: Events | None = None,
-                 actor: str = SERVER_ACTOR, tracing: Tracing = OFF) -> None:
+                 actor: str = SERVER_ACTOR, tracing: Tracing = OFF,
+                 backend: SigningBackend | None = None) -> None:
         """``events``: key.rotated/activated/retired are said there, by ``actor`` (the server's
         tasks, or the CLI's cli:<user>), once the store holds the change."""
         self._store = store
@@ -85,6 +79,10 @@ class KeyRing:
         self.events = events if events is not None else Events()
         self.actor = actor
         self._noted: list[Event] = []  # the key events of the change under way, emitted after it
+        self.backend = backend or _SOFTWARE  # where new SSA keys are made
+        self._backends: dict[str, SigningBackend] = {SOFTWARE: _SOFTWARE, self.backend.name: self.backend}
+        self._held: dict[str, Signer] = {}  # kid -> the signer of a key a backend holds (found once)
+        self._unreachable: set[str] = set()  # kids logged as not reachable through their backend
         self.encryption = encryption or KeyEncryption()
         self._private: dict[str, dict[str, Any]] = {}  # kid -> the whole JWK, decrypted once
         self._unopened: set[str] = set()  # kids logged as undecryptable here
@@ -116,6 +114,7 @@ class KeyRing:
         key of any alg is used as it is, so a CLI run with other settings never rotates the
         server's keys.
         """
+        await asyncio.to_thread(self.backend.open)  # a wrong PIN, a missing token: one line, now
         async with self._lock, self._store.lock("keys"):  # workers starting together: one creates
             stored = await self._store.list_keys()
             records = self._opened(stored, strict=True)  # a key that cannot be opened stops the start
@@ -126,11 +125,20 @@ class KeyRing:
                 await self._add(rec)
             current = signing_key(records, SSA_USE, now)
             wanted = current is not None
-            if adopt_alg and current is not None and current["alg"] != self._alg:
-                wanted = any(r["alg"] == self._alg for r in pending(records, SSA_USE, now))
+            if adopt_alg and current is not None and not self._configured(current):
+                wanted = any(self._configured(r) for r in pending(records, SSA_USE, now))
             if not wanted:
-                await self._replace_signing_ssa_keys(records, generate_key(self._alg, SSA_USE, now), now)
+                await self._replace_signing_ssa_keys(records, await self._generate(self._alg, now), now)
             self._install(await self._store.list_keys())
+
+    def _configured(self, record: KeyRecord) -> bool:
+        """A key of the configured alg made by the configured backend."""
+        return record["alg"] == self._alg and backend_name(record) == self.backend.name
+
+    async def _generate(self, alg: str, now: int, activates_at: int | None = None) -> KeyRecord:
+        """A new SSA key made by the backend, in a thread (a token takes a while for an RSA key)."""
+        return await asyncio.to_thread(generate_key, alg, SSA_USE, now, activates_at=activates_at,
+                                       backend=self.backend)
 
     async def _add(self, record: KeyRecord) -> None:
         """Store a new key, its private part encrypted when a master key is configured."""
@@ -191,14 +199,40 @@ class KeyRing:
         # (An HMAC key without its secret, one this process cannot decrypt, has nothing to verify with.)
         self._objects = {r["kid"]: jwk.JWK(**r["jwk"]) for r in records if r["jwk"].get("kty") != "oct"
                          or "k" in r["jwk"]}
-        self._signers = {r["kid"]: Signer(r["jwk"], r["alg"], r["kid"]) for r in records
-                         if r["status"] in SIGNING_STATUSES and can_sign(r)}
+        strict = not self._fingerprint
+        self._signers = {r["kid"]: signer for r in records
+                         if r["status"] in SIGNING_STATUSES and can_sign(r)
+                         and (signer := self._signer(r, strict)) is not None}
         self._uses = {r["kid"]: r["use"] for r in records if r["status"] != KEY_RETIRED}
         self._active = {use: rec for use in (SSA_USE, TOKEN_USE)
                         if (rec := signing_key(records, use, now)) is not None}
         self._switch_at = next_switch(records, now)
         self._fingerprint = _fingerprint(records)
         self._checked_at = now
+
+    def _signer(self, record: KeyRecord, strict: bool) -> Signer | None:
+        """The signer of a key record, through the backend that holds its private part.  A key of
+        a backend this process is not configured for only verifies here.  A key its backend cannot
+        find: SigningBackendError when ``strict`` (start-up), else logged once, verify only."""
+        kid, name = record["kid"], backend_name(record)
+        if name == SOFTWARE:
+            return Signer(record["jwk"], record["alg"], kid)  # (SoftwareBackend.load, without the hop)
+        if kid in self._held:
+            return self._held[kid]
+        backend = self._backends.get(name)
+        if backend is None:
+            return None
+        try:
+            held = backend.load(record)
+        except SigningBackendError as e:
+            if strict:
+                raise
+            if kid not in self._unreachable:
+                self._unreachable.add(kid)
+                log.error("%s: this process verifies with it but cannot sign with it", e)
+            return None
+        signer = self._held[kid] = Signer.over(held.alg, held.kid, held.sign)
+        return signer
 
     # --- rotation ---
     async def rotate(self, alg: str | None = None, *, now: bool = False) -> KeyRecord:
@@ -229,12 +263,12 @@ class KeyRing:
             await self._store.update_key(r["kid"], {"status": KEY_RETIRED})
             self._note(KEY_RETIRED_EVENT, r["kid"], status=KEY_RETIRED)
         if at_once or self._activation_delay <= 0:
-            new = generate_key(alg, SSA_USE, now)
+            new = await self._generate(alg, now)
             self._note(KEY_ROTATED, new["kid"], alg=alg, activates_at=now)
             await self._replace_signing_ssa_keys(records, new, now)
             self._note(KEY_ACTIVATED, new["kid"])
         else:
-            new = generate_key(alg, SSA_USE, now, activates_at=now + self._activation_delay)
+            new = await self._generate(alg, now, now + self._activation_delay)
             await self._add(new)
             self._note(KEY_ROTATED, new["kid"], alg=alg, activates_at=now + self._activation_delay)
         return new
@@ -340,7 +374,10 @@ class KeyRing:
         signature).  Inline otherwise: before (CLI commands), after ``close``, for HMAC, and when
         the signing process is unavailable (it died, hung or cannot start: logged)."""
         record = self.active()
-        signer = self._signers[record["kid"]]
+        signer = self._signers.get(record["kid"])
+        if signer is None:
+            raise SigningBackendError(f"key {record['kid']} is held by the {backend_name(record)} signing "
+                                      f"backend and this process cannot sign with it (signing_backend)")
         with self._tracing.span("sign") as span:  # (off: a constant no-op, no attributes dict made)
             span.set_attribute("ssa.signing.alg", signer.alg)
             span.set_attribute("ssa.signing.kid", record["kid"])
@@ -351,10 +388,12 @@ class KeyRing:
 
     async def _sign_with(self, record: KeyRecord, signer: Signer, header: dict[str, Any],
                          claims: dict[str, Any]) -> str:
-        if self._threads is not None and signer.alg in SLOW_ALGS:
+        software = backend_name(record) == SOFTWARE
+        if self._threads is not None and (signer.alg in SLOW_ALGS or not software):
+            # (A token's signature: the call releases the GIL while the token works.)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._threads, signer.sign, header, claims)
-        if self.signing_process is not None and signer.alg in PROCESS_ALGS:
+        if self.signing_process is not None and software and signer.alg in PROCESS_ALGS:
             signing_input = signer.signing_input(header, claims)
             try:
                 signature = await self.signing_process.sign(record["kid"], signer.alg, record["jwk"],
@@ -374,11 +413,11 @@ class KeyRing:
         RSA in as many threads as cores (more only add GIL contention), EC and EdDSA in the
         signing process, started now if the active key needs it (else by the first such
         signature), while the server begins serving.  Called on the event loop, after ``load``."""
-        self.close()
+        self._stop_signing()
         self._threads = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ssa-sign")
         self.signing_process = SigningProcess()
         active = self._active.get(SSA_USE)
-        if active is not None and active["alg"] in PROCESS_ALGS:
+        if active is not None and active["alg"] in PROCESS_ALGS and backend_name(active) == SOFTWARE:
             try:
                 self.signing_process.start()
             except SigningUnavailable as e:  # the first signature tries again (and signs inline)
@@ -386,7 +425,14 @@ class KeyRing:
 
     def close(self) -> None:
         """Stop signing off the loop: the signing process killed and reaped, the threads let go
-        (they end once idle).  Signatures are made inline after this."""
+        (they end once idle), the backend's sessions closed.  Signatures are made inline after
+        this (a backend opens again when asked)."""
+        self._stop_signing()
+        self._held.clear()
+        for backend in self._backends.values():
+            backend.close()
+
+    def _stop_signing(self) -> None:
         if self.signing_process is not None:
             self.signing_process.close()
             self.signing_process = None

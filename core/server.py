@@ -28,6 +28,7 @@ from .key_encryption import KeyEncryption
 from .keys import SSA_USE, KeyRing
 from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
 from .service import SsaService
+from .signers import backend_for
 from .settings import Settings
 from .status_issuer import BLOCK, StatusIssuer
 from .store import Store, StoreDegraded, StoreUnavailable
@@ -75,6 +76,7 @@ class Server:
         ``actor``: who the audit trail names for what is done without a caller (the server's
         own tasks; a CLI command's ``cli:<user>``)."""
         encryption = KeyEncryption.from_settings(settings)  # before the store: a bad reference is one line
+        backend = backend_for(settings)  # likewise the PIN's reference; the token is opened by keys.load
         metrics = Metrics()
         tracing = tracing if tracing is not None else tracing_from_settings(settings)
         store = timed_store(store or open_store(settings, exclusive=exclusive,
@@ -85,7 +87,7 @@ class Server:
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,
                        activation_delay=settings.key_activation_delay,
                        rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
-                       metrics=metrics, events=events, actor=actor, tracing=tracing)
+                       metrics=metrics, events=events, actor=actor, tracing=tracing, backend=backend)
         audit = None
         if settings.audit_enabled:  # (the webhooks' outbox is the other sink)
             audit = AuditTrail(store, keys, checkpoint_events=settings.audit_checkpoint_events,
@@ -145,7 +147,7 @@ class Server:
         try:
             await self.store.open()
             try:
-                if self.webhooks is not None:  # known now: no event is built for an outbox without subscribers
+                if self.webhooks is not None:  # known now: an outbox without subscribers gets no event
                     await self.webhooks.outbox.subscribers()
                 if keys:
                     await self.keys.load(adopt_alg=background)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import (ApiError, FeatureDisabled, InvalidJti, InvalidRequest, NotFound, NothingToRevoke,
-                     NotAcceptable, ScriptFailed, SlowDown, UnknownJti)
+                     NotAcceptable, ScriptFailed, ServiceUnavailable, SlowDown, UnknownJti)
 from . import jsonvalues
 from .events import (ANONYMOUS_ACTOR, SSA_CREATED, SSA_JWT_READ, SSA_REVOKED, SSA_USED, SSA_VALIDATION_FAILED,
                      TEMPLATE_DELETED, TEMPLATE_SAVED, Event, Events)
@@ -25,6 +25,7 @@ from .keys import KeyRing
 from .metrics import Metrics
 from .script_rules import SIGNER_HEADER, create_change
 from .settings import Settings
+from .signers import SigningBackendError
 from .ssa import (ACTIVE, ADMIN, DEVELOPER, PORTAL, REQUEST_FIELDS, REVOKED, USED, CreateRequest, SsaRecord,
                   jwt_changes, jwt_claims, jwt_header, list_item, record_from_request, status_view)
 from .status_issuer import StatusIssuer
@@ -196,7 +197,11 @@ class SsaService:
     async def _sign(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
         """The key ring signs (``KeyRing.sign`` picks thread, helper or inline); the signer's own
         header parameters (``alg``, ``kid``) come from the active key, never from a hook."""
-        return await self.keys.sign({k: v for k, v in header.items() if k not in SIGNER_HEADER}, claims)
+        try:
+            return await self.keys.sign({k: v for k, v in header.items() if k not in SIGNER_HEADER}, claims)
+        except SigningBackendError as e:  # a token unplugged, out of sessions: nothing is stored
+            log.error("%s", e)
+            raise ServiceUnavailable("The signing key is not available; retry later.") from None
 
     # --- list ---
     async def list_ssas(self, ctx: CallContext, *, jti: str | None = None,

@@ -32,6 +32,7 @@ JWT_TYPS = ("jwt", "JWT")  # Janssen's, and the OBIE profile's
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 ON_SCRIPT_ERROR = ("fail", "skip")
 LOG_FORMATS = ("text", "json")
+SIGNING_BACKENDS = ("software", "pkcs11")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SECRET_FIELDS = frozenset({"store_url"})  # may carry a password; masked by ``config show``
 
@@ -68,6 +69,12 @@ class Settings:
     # env:VARIABLE or file:/path, never the key; empty: private keys are stored in the clear.
     key_encryption_key: str = ""
     key_encryption_key_previous: str = ""  # the master key before a rotation (keys rewrap), read too
+    # Where SSA keys are made and sign (docs/keys.md, "Signing backends"): "software" (keys in the
+    # store) or "pkcs11" (keys generated in a PKCS#11 token, never out of it; pip install '.[pkcs11]').
+    signing_backend: str = "software"
+    pkcs11_module: str = ""  # the token's PKCS#11 module (.so), e.g. /usr/lib/softhsm/libsofthsm2.so
+    pkcs11_token_label: str = ""  # the token's label (CKA_LABEL of the token, softhsm2-util --label)
+    pkcs11_pin: str = ""  # the user PIN: a reference only, env:VARIABLE or file:/path, never the PIN
     log_level: str = "info"
     # off by default: a line per request costs a share of throughput (bench/README.md)
     access_log: bool = False
@@ -211,6 +218,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
         self._validate_key_encryption()
+        self._validate_signing_backend()
         if self.jwt_typ not in JWT_TYPS:
             raise SettingsError(f"SSA_JWT_TYP={self.jwt_typ!r} must be 'jwt' (Janssen) or 'JWT' (OBIE)")
         self._validate_role_scopes()
@@ -238,6 +246,18 @@ class Settings:
         if self.key_encryption_key_previous and not self.key_encryption_key:
             raise SettingsError("SSA_KEY_ENCRYPTION_KEY_PREVIOUS needs SSA_KEY_ENCRYPTION_KEY (the key "
                                 "records are rewritten under)")
+
+    def _validate_signing_backend(self) -> None:
+        if self.signing_backend not in SIGNING_BACKENDS:
+            raise SettingsError(f"SSA_SIGNING_BACKEND={self.signing_backend!r} must be 'software' "
+                                "or 'pkcs11'")
+        if self.pkcs11_pin and secret_refs.parse(self.pkcs11_pin) is None:  # never echoed: it is the PIN
+            raise SettingsError(f"SSA_PKCS11_PIN must be a reference, {secret_refs.RULE}, "
+                                "never the PIN itself")
+        if self.signing_backend == "pkcs11":
+            for name in ("pkcs11_module", "pkcs11_token_label", "pkcs11_pin"):
+                if not getattr(self, name):
+                    raise SettingsError(f"signing_backend 'pkcs11' needs SSA_{name.upper()}")
 
     def _validate_role_scopes(self) -> None:
         name = "SSA_MAP_SOFTWARE_ROLES_TO_SCOPES"

@@ -63,6 +63,11 @@ class KeyRecord(TypedDict):
     created_at: int
     remove_after: NotRequired[int | None]  # epoch seconds after which a retiring key leaves /jwks
     activates_at: NotRequired[int]  # epoch seconds from which it signs (absent on older keys: created_at)
+    # A key whose private part a signing backend holds (``signers.py``): its name ("pkcs11"; absent:
+    # software, the private JWK is in ``jwk``) and its id there (PKCS#11: the CKA_ID, our kid).
+    # ``jwk`` then holds the public members only, here and in every export.
+    backend: NotRequired[str]
+    key_id: NotRequired[str]
 
 # The JWK members that are private (RFC 7518 §6.2.2, §6.3.2, §6.4; RFC 8037 §2): what an encrypted
 # key record holds only inside jwk_encrypted, and what ``store export --no-private-keys`` leaves out.
@@ -71,8 +76,10 @@ ENCRYPTED_FIELD = "jwk_encrypted"
 
 
 def can_sign(record: KeyRecord | dict[str, Any]) -> bool:
-    """Whether the record holds its private key (in the clear or encrypted)."""
-    return ENCRYPTED_FIELD in record or not PRIVATE_JWK_MEMBERS.isdisjoint(record["jwk"])
+    """Whether the record holds its private key (in the clear or encrypted), or names the signing
+    backend that holds it (a token key: a process with that backend signs with it)."""
+    return (ENCRYPTED_FIELD in record or not PRIVATE_JWK_MEMBERS.isdisjoint(record["jwk"])
+            or record.get("backend") not in (None, "software"))
 
 
 def public_jwk(jwk: dict[str, Any]) -> dict[str, Any]:
