@@ -21,6 +21,7 @@ import pluggy
 from . import script_revisions
 from .client_assertions import ClientAssertions
 from .clients import ClientService
+from .external_tokens import ExternalTokens
 from .key_encryption import KeyEncryption
 from .keys import SSA_USE, KeyRing
 from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
@@ -67,7 +68,9 @@ class Server:
                        activation_delay=settings.key_activation_delay,
                        rotation_days=settings.key_rotation_days, clock=clock, encryption=encryption,
                        metrics=metrics)
-        tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
+        tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock,
+                                own_tokens=settings.token_endpoint_enabled,
+                                external=ExternalTokens.from_settings(settings, clock))
         plugins = plugins or build_plugin_manager()
         scripts = None
         if settings.scripts_enabled:
