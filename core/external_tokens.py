@@ -149,6 +149,7 @@ class ExternalTokens:
                                  max_age=max_age, clock=clock)
         self._fetching = asyncio.Lock()
         self._cache: dict[bytes, tuple[Caller | None, float]] = {}  # sha256 -> (caller or refused, until)
+        self._asking: dict[bytes, asyncio.Event] = {}  # tokens being introspected now
 
     @classmethod
     def from_settings(cls, settings: Settings,
@@ -271,9 +272,28 @@ class ExternalTokens:
 
     # --- RFC 7662 ---
     async def _introspect(self, token: str, digest: bytes) -> Caller:
-        assert self.introspection is not None
+        """One question per token at a time: callers with a token already being asked about wait
+        for that answer (then cached) instead of asking again."""
         if len(token) > MAX_TOKEN or not storable(token):
             raise InvalidToken()
+        asking = self._asking.get(digest)
+        if asking is not None:
+            await asking.wait()
+            hit = self._cache.get(digest)
+            if hit is None:  # that question failed: the server could not be asked
+                raise ServiceUnavailable(UNAVAILABLE)
+            if hit[0] is None:
+                raise InvalidToken("The access token is not active.")
+            return hit[0]
+        asking = self._asking[digest] = asyncio.Event()
+        try:
+            return await self._ask(token, digest)
+        finally:
+            self._asking.pop(digest, None)
+            asking.set()
+
+    async def _ask(self, token: str, digest: bytes) -> Caller:
+        assert self.introspection is not None
         try:
             answer = await anyio.to_thread.run_sync(self.introspection.ask, token)
         except IssuerUnreachable as e:

@@ -30,6 +30,7 @@ class ExternalIssuer:
         self.hits: dict[str, int] = {}
         self.answers: dict[str, dict] = {}  # opaque token -> introspection answer
         self.silent = False
+        self.delay = 0.0  # seconds each introspection answer takes
         self.oidc_only = oidc_only
         outer = self
 
@@ -51,6 +52,7 @@ class ExternalIssuer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
                 if outer.silent:
                     time.sleep(4)
+                time.sleep(outer.delay)
                 if self.path != "/introspect":
                     self._send(404, "{}")
                     return

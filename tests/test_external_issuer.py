@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx2 as httpx
 import pytest
 from jwcrypto import jwk
 
@@ -224,17 +226,27 @@ def test_opaque_tokens_by_introspection(tmp_path):
         assert served.http.get("/ssa", headers=bearer(active)).status_code == 200
         assert issuer.hits["/introspect"] == 2  # ... for introspection_cache_seconds
 
+        # Concurrent requests with one new token: one question to the endpoint.
+        issuer.delay = 0.5
+        fresh = issuer.opaque({"active": True, "client_id": "opaque-client", "scope": ADMIN})
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: httpx.get(f"http://127.0.0.1:{served.port}/ssa",
+                                                         headers=bearer(fresh), timeout=10).status_code,
+                                     range(6)))
+        assert statuses == [200] * 6 and issuer.hits["/introspect"] == 3
+        issuer.delay = 0.0
+
         # A JWT of the same issuer is checked by signature, not introspected.
         jwt = issuer.sign(issuer.claims(AUDIENCE))
         assert served.http.get("/ssa", headers=bearer(jwt)).status_code == 200
-        assert issuer.hits["/.well-known/openid-configuration"] == 1 and issuer.hits["/introspect"] == 2
+        assert issuer.hits["/.well-known/openid-configuration"] == 1 and issuer.hits["/introspect"] == 3
 
         inactive = issuer.opaque({"active": False})
         unknown = "never-issued-token"
         assert "not active" in refused(served.http.get("/ssa", headers=bearer(inactive)))
         refused(served.http.get("/ssa", headers=bearer(unknown)))
         refused(served.http.get("/ssa", headers=bearer(inactive)))  # the negative answer is cached
-        assert issuer.hits["/introspect"] == 4
+        assert issuer.hits["/introspect"] == 5
         bad = {
             "expired": {"active": True, "client_id": "c", "scope": ADMIN, "exp": now - 60},
             "another iss": {"active": True, "client_id": "c", "scope": ADMIN, "iss": "https://evil.example"},
