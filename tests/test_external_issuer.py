@@ -209,6 +209,7 @@ def test_opaque_tokens_by_introspection(tmp_path):
            "SSA_INTROSPECTION_CLIENT_ID": INTROSPECTION_CLIENT,
            "SSA_INTROSPECTION_CLIENT_SECRET": f"file:{secret_file}",
            "SSA_INTROSPECTION_CACHE_SECONDS": "2", "SSA_EXTERNAL_TIMEOUT": "1",
+           "SSA_EXTERNAL_JWKS_REFETCH_INTERVAL": "1",
            "SSA_TOKEN_ENDPOINT_ENABLED": "false",
            # JWTs of the same issuer too, its JWKS found through the OIDC document only
            "SSA_EXTERNAL_ISSUER": issuer.url, "SSA_EXTERNAL_AUDIENCE": AUDIENCE}
@@ -240,6 +241,7 @@ def test_opaque_tokens_by_introspection(tmp_path):
         jwt = issuer.sign(issuer.claims(AUDIENCE))
         assert served.http.get("/ssa", headers=bearer(jwt)).status_code == 200
         assert issuer.hits["/.well-known/openid-configuration"] == 1 and issuer.hits["/introspect"] == 3
+        assert issuer.hits["/.well-known/oauth-authorization-server"] == 1  # asked first: 404
 
         inactive = issuer.opaque({"active": False})
         unknown = "never-issued-token"
@@ -272,6 +274,11 @@ def test_opaque_tokens_by_introspection(tmp_path):
         assert r.status_code == 503 and r.json()["error"] == "temporarily_unavailable", r.text
         assert r.headers["retry-after"] == "1"
         assert served.http.get("/ssa", headers=bearer(jwt)).status_code == 200  # verified JWT: cached
+        # A JWT naming a new key while the JWKS cannot be fetched: 503 as well.
+        time.sleep(1.1)  # past SSA_EXTERNAL_JWKS_REFETCH_INTERVAL
+        r = served.http.get("/ssa", headers=bearer(issuer.sign(issuer.claims(AUDIENCE), kid="rsa-9",
+                                                               key=issuer.keys["rsa-1"])))
+        assert r.status_code == 503 and r.json()["error"] == "temporarily_unavailable", r.text
         assert served.http.get("/health/ready").status_code == 200
 
         log = served.log()
