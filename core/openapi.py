@@ -258,6 +258,10 @@ def openapi_document(issuer: str, custom_attributes: tuple[str, ...] = ()) -> di
             "schemas": {"Error": {"type": "object", "required": ["error", "error_description"],
                                   "properties": {"error": {"type": "string"},
                                                  "error_description": {"type": "string"}}}},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "An access token from POST /token or, when configured, from an external "
+                               "authorization server (an RFC 9068 at+jwt, or an opaque token it "
+                               "introspects: RFC 7662); 503 when that server cannot be asked"}},
         },
     }

@@ -60,7 +60,11 @@ def _empty(status: int = 200) -> Response:
 
 
 async def token(request: Request) -> Response:
-    clients = _server(request).clients
+    server = _server(request)
+    if not server.settings.token_endpoint_enabled:
+        raise NotFound("The token endpoint is turned off (token_endpoint_enabled is false): "
+                       "get a token from the authorization server.")
+    clients = server.clients
     form = parse_form(await read_body(request))
     return JSONResponse(await clients.token(form, basic_credentials(request),
                                             lambda: client_address(request.scope, clients.proxies)))
@@ -159,17 +163,17 @@ async def status_list(request: Request) -> Response:
 
 def discovery_document(request: Request) -> dict[str, Any]:
     settings = _server(request).settings
-    doc: dict[str, Any] = {
-        "issuer": settings.issuer,
-        "jwks_uri": f"{settings.issuer}/jwks",
-        "token_endpoint": f"{settings.issuer}/token",
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post",
-                                                  PRIVATE_KEY_JWT],
-        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
-        "grant_types_supported": ["client_credentials"],
-        "scopes_supported": list(SSA_SCOPES),
-        "response_types_supported": ["token"],
-    }
+    doc: dict[str, Any] = {"issuer": settings.issuer, "jwks_uri": f"{settings.issuer}/jwks"}
+    if settings.token_endpoint_enabled:  # off: the external authorization server issues the tokens
+        doc.update({
+            "token_endpoint": f"{settings.issuer}/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post",
+                                                      PRIVATE_KEY_JWT],
+            "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+            "grant_types_supported": ["client_credentials"],
+        })
+    doc["scopes_supported"] = list(SSA_SCOPES)
+    doc["response_types_supported"] = ["token"]
     if settings.enabled:
         doc["ssa_endpoint"] = settings.ssa_endpoint
         doc["ssa_status_endpoint"] = f"{settings.issuer}/ssa/status"

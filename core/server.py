@@ -24,6 +24,7 @@ from .events import (SCRIPT_LOADED, SCRIPT_REFUSED, SCRIPT_UNLOADED, SERVER_ACTO
                      Events)
 from .client_assertions import ClientAssertions
 from .clients import ClientService
+from .external_tokens import ExternalTokens
 from .key_encryption import KeyEncryption
 from .keys import SSA_USE, KeyRing
 from .metrics import FLUSH_INTERVAL, Metrics, multiprocess_dir, timed_store
@@ -97,7 +98,9 @@ class Server:
             events.add_sink(audit)
         webhooks = Webhooks(store, encryption, allow_http=settings.webhook_allow_http, clock=clock)
         events.add_sink(webhooks.outbox)  # (writes nothing while there is no subscriber)
-        tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock)
+        tokens = TokenAuthority(keys, settings.issuer, settings.token_ttl, clock=clock,
+                                own_tokens=settings.token_endpoint_enabled,
+                                external=ExternalTokens.from_settings(settings, clock))
         plugins = plugins or build_plugin_manager()
         scripts = None
         if settings.scripts_enabled:

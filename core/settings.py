@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -147,6 +148,21 @@ class Settings:
     webhook_response_max_kb: int = 64  # of a receiver's answer read (the rest is not read)
     webhook_retention: int = 7 * 24 * 3600  # seconds delivered and dead deliveries are kept
     webhook_allow_http: bool = False  # http:// subscribers beyond loopback (else https only)
+    # Access tokens from an external authorization server (issue 16; external_tokens.py).
+    external_issuer: str = ""  # its issuer URL: RFC 9068 JWT access tokens with this exact iss are accepted
+    external_jwks_uri: str = ""  # empty: the jwks_uri of its RFC 8414 (else OIDC) discovery document
+    external_audience: str = ""  # needed with external_issuer: an accepted token's aud holds it
+    external_scope_claim: str = "scope"  # the claim holding the scopes: a space-separated string or an array
+    external_client_claim: str = "client_id"  # the claim naming the client (the SSA's creator)
+    external_leeway: int = 30  # seconds of clock skew allowed on exp, iat and nbf
+    external_timeout: float = 5.0  # seconds per read from the issuer (discovery, JWKS, introspection)
+    external_jwks_refetch_interval: float = 30.0  # the JWKS fetched again for an unknown kid at most so often
+    external_jwks_max_age: float = 300.0  # seconds a fetched JWKS is used before it is fetched again
+    introspection_endpoint: str = ""  # RFC 7662: opaque tokens are asked about here
+    introspection_client_id: str = ""  # our client_id at the introspection endpoint (client_secret_basic)
+    introspection_client_secret: str = ""  # a reference only (env:VARIABLE or file:/path), never the secret
+    introspection_cache_seconds: int = 30  # an active answer is kept this long (never past the token's exp)
+    token_endpoint_enabled: bool = True  # false: POST /token answers 404, our own tokens are refused
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -219,6 +235,7 @@ class Settings:
                 raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
         self._validate_key_encryption()
         self._validate_signing_backend()
+        self._validate_external()
         if self.jwt_typ not in JWT_TYPS:
             raise SettingsError(f"SSA_JWT_TYP={self.jwt_typ!r} must be 'jwt' (Janssen) or 'JWT' (OBIE)")
         self._validate_role_scopes()
@@ -259,6 +276,46 @@ class Settings:
                 if not getattr(self, name):
                     raise SettingsError(f"signing_backend 'pkcs11' needs SSA_{name.upper()}")
 
+    def _validate_external(self) -> None:
+        """The external authorization server's settings (``external_tokens.py``)."""
+        for name in ("external_issuer", "external_jwks_uri", "introspection_endpoint"):
+            value = getattr(self, name)
+            if value and not https_or_loopback(value):
+                raise SettingsError(f"SSA_{name.upper()}={value!r} must be an https URL "
+                                    "(or http to a loopback address)")
+        if self.external_issuer and not self.external_audience:
+            raise SettingsError("SSA_EXTERNAL_ISSUER needs SSA_EXTERNAL_AUDIENCE (the aud its tokens carry "
+                                "for this server)")
+        if self.external_jwks_uri and not self.external_issuer:
+            raise SettingsError("SSA_EXTERNAL_JWKS_URI needs SSA_EXTERNAL_ISSUER")
+        for name in ("external_scope_claim", "external_client_claim"):
+            if not getattr(self, name):
+                raise SettingsError(f"SSA_{name.upper()} must name a claim")
+        if self.introspection_endpoint and not (self.introspection_client_id
+                                                and self.introspection_client_secret):
+            raise SettingsError("SSA_INTROSPECTION_ENDPOINT needs SSA_INTROSPECTION_CLIENT_ID and "
+                                "SSA_INTROSPECTION_CLIENT_SECRET")
+        credentials = self.introspection_client_id or self.introspection_client_secret
+        if credentials and not self.introspection_endpoint:
+            raise SettingsError("SSA_INTROSPECTION_CLIENT_ID and _SECRET need SSA_INTROSPECTION_ENDPOINT")
+        if self.introspection_client_secret and secret_refs.parse(self.introspection_client_secret) is None:
+            raise SettingsError(f"SSA_INTROSPECTION_CLIENT_SECRET must be a reference, {secret_refs.RULE}, "
+                                "never the secret itself")  # never echoed
+        for name in ("external_leeway", "introspection_cache_seconds"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must not be negative")
+        for name in ("external_timeout", "external_jwks_refetch_interval", "external_jwks_max_age"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"SSA_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if not self.token_endpoint_enabled and not (self.external_issuer or self.introspection_endpoint):
+            raise SettingsError("SSA_TOKEN_ENDPOINT_ENABLED=false needs SSA_EXTERNAL_ISSUER or "
+                                "SSA_INTROSPECTION_ENDPOINT: no token could call the SSA API")
+
+    @property
+    def external_tokens(self) -> bool:
+        """Whether tokens of an external authorization server are accepted."""
+        return bool(self.external_issuer or self.introspection_endpoint)
+
     def _validate_role_scopes(self) -> None:
         name = "SSA_MAP_SOFTWARE_ROLES_TO_SCOPES"
         for role, scopes in self.map_software_roles_to_scopes.items():
@@ -297,6 +354,23 @@ class Settings:
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         current.update(changes)
         return Settings(**current)
+
+
+def https_or_loopback(url: str) -> bool:
+    """An https URL with a host, or http to a loopback address (tests, a sidecar)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return False
+    if parts.scheme == "https" and host:
+        return True
+    if parts.scheme != "http":
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:

@@ -3,6 +3,11 @@
 Tokens are JWTs (``typ: at+jwt``) signed with the store's HS256 token key, so they survive a
 restart and any process sharing the store can verify them.  Verified tokens are cached until
 they expire, so a request pays for the HMAC once per token, not once per call.
+
+``caller`` is the one answer to "who holds this bearer token": a JWT whose ``iss`` is ours is
+checked here, any other token by the external authorization server's rules
+(``external_tokens.py``) when one is configured.  With ``token_endpoint_enabled = false`` our own
+tokens are refused too (those issued before the switch included): one issuer, the external one.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jwcrypto import jws
 from jwcrypto.common import JWException
 
 from .errors import InvalidToken
 from .keys import TOKEN_USE, KeyRing
+
+if TYPE_CHECKING:
+    from .external_tokens import ExternalTokens
 
 _CACHE_LIMIT = 10_000
 
@@ -28,10 +37,14 @@ class Caller:
 
     client_id: str
     scopes: frozenset[str]
+    external: bool = False  # from the external authorization server: not in our clients table
 
 
 class TokenAuthority:
-    def __init__(self, keys: KeyRing, issuer: str, ttl: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, keys: KeyRing, issuer: str, ttl: int, clock: Callable[[], float] = time.time, *,
+                 own_tokens: bool = True, external: ExternalTokens | None = None) -> None:
+        self.own_tokens = own_tokens  # token_endpoint_enabled: our own tokens are accepted
+        self.external = external
         self._keys = keys
         self._issuer = issuer
         self.issuer = issuer  # the audience of client assertions too (``client_assertions.py``)
@@ -45,6 +58,20 @@ class TokenAuthority:
         claims = {"iss": self._issuer, "sub": client_id, "client_id": client_id, "aud": self._issuer,
                   "scope": " ".join(scopes), "iat": now, "exp": now + self._ttl, "jti": str(uuid.uuid4())}
         return self._keys.sign_inline({"typ": "at+jwt"}, claims, use=TOKEN_USE), self._ttl
+
+    async def caller(self, token: str) -> Caller:
+        """The caller behind a bearer token, ours or the external server's (module docstring)."""
+        if self.external is None:
+            return self.verify(token)
+        from .external_tokens import unverified_jwt
+
+        parsed = unverified_jwt(token)
+        if parsed is not None and parsed[1].get("iss") == self._issuer:
+            if not self.own_tokens:
+                raise InvalidToken("This server's own access tokens are not accepted "
+                                   "(token_endpoint_enabled is false).")
+            return self.verify(token)
+        return await self.external.verify(token, parsed)
 
     def verify(self, token: str) -> Caller:
         """The caller behind ``token``; InvalidToken if it is malformed, forged or expired."""
