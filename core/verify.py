@@ -94,16 +94,22 @@ def urllib_fetch(timeout: float = 5.0, *, follow_redirects: bool = True) -> Fetc
 
     def fetch(url: str) -> tuple[int, bytes]:
         accept = "application/json, application/statuslist+jwt"
-        request = urllib.request.Request(url, headers={"Accept": accept})
-        deadline = time.monotonic() + 2 * timeout
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                return response.status, _read_capped(response, deadline)
-        except urllib.error.HTTPError as e:
-            return e.code, _read_capped(e, deadline)
-        except (OSError, ValueError) as e:
-            raise IssuerUnreachable(f"{url}: {type(e).__name__}") from None
+        return _exchange(opener, urllib.request.Request(url, headers={"Accept": accept}), timeout)
     return fetch
+
+
+def _exchange(opener: urllib.request.OpenerDirector, request: urllib.request.Request,
+              timeout: float) -> tuple[int, bytes]:
+    """One request: (status, body) with ``timeout`` per socket operation and about twice that for
+    the body, at most ``MAX_DOCUMENT`` bytes kept; an unreachable peer -> ``IssuerUnreachable``."""
+    deadline = time.monotonic() + 2 * timeout
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, _read_capped(response, deadline)
+    except urllib.error.HTTPError as e:
+        return e.code, _read_capped(e, deadline)
+    except (OSError, ValueError) as e:
+        raise IssuerUnreachable(f"{request.full_url}: {type(e).__name__}") from None
 
 
 Post = Callable[[str, bytes, dict[str, str]], tuple[int, bytes]]  # url, form body, headers -> (status, body)
@@ -117,15 +123,21 @@ def urllib_post(timeout: float = 5.0) -> Post:
     def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         request = urllib.request.Request(url, data=body, method="POST", headers={
             "Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded", **headers})
-        deadline = time.monotonic() + 2 * timeout
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                return response.status, _read_capped(response, deadline)
-        except urllib.error.HTTPError as e:
-            return e.code, _read_capped(e, deadline)
-        except (OSError, ValueError) as e:
-            raise IssuerUnreachable(f"{url}: {type(e).__name__}") from None
+        return _exchange(opener, request, timeout)
     return post
+
+
+def signature_verifies(token: str, key: jwk.JWK, alg: str) -> bool:
+    """Whether the compact JWS ``token`` is signed by ``key`` with ``alg``, and with no other alg
+    (the caller has checked the header's alg against its own allow-list)."""
+    signed = jws.JWS()
+    signed.allowed_algs = [alg]
+    try:
+        signed.deserialize(token)
+        signed.verify(key, alg=alg)
+    except (JWException, ValueError, TypeError):
+        return False
+    return True
 
 
 def _read_capped(response: Any, deadline: float) -> bytes:
