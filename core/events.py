@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .observe import CURRENT
@@ -68,8 +68,8 @@ def cli_actor() -> str:
         return f"cli:uid{os.getuid()}"
 
 
-@dataclass(frozen=True)
-class Event:
+@dataclass(slots=True)
+class Event:  # (not frozen: emit stamps the events it is handed in place; dataclasses.replace cost ~10 us)
     action: str  # one of ACTIONS
     actor: str  # the client_id, cli_actor(), or SERVER_ACTOR
     outcome: str = "ok"  # "ok", "refused" (the request was refused) or "failed" (an error of ours)
@@ -122,13 +122,15 @@ class Events:
         address = None
         if info is not None and info.scope is not None and self._address is not None:
             address = self._address(info.scope)
-        stamped = [
-            replace(e, time=e.time or now,
-                    request_id=e.request_id if e.request_id is not None
-                    else (info.request_id if info is not None else None),
-                    address=e.address if e.address is not None else address)
-            for e in events
-        ]
+        request_id = info.request_id if info is not None else None
+        for e in events:  # handed over by the caller: stamped in place
+            if not e.time:
+                e.time = now
+            if e.request_id is None:
+                e.request_id = request_id
+            if e.address is None:
+                e.address = address
+        stamped = list(events)
         for sink in self._sinks:
             try:
                 await sink.publish(stamped)

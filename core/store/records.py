@@ -165,11 +165,14 @@ class AuditCheckpointRecord(TypedDict):
 GENESIS = "0" * 64  # the prev_hash of seq 1
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def audit_hash(record: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of the record without ``hash``."""
+    """SHA-256 of the canonical JSON (sorted keys, no spaces, UTF-8) of the record without ``hash``.
+    (One encoder made once: ``json.dumps`` with options builds a new one per call.)"""
     body = {k: v for k, v in record.items() if k != "hash"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(_ENCODER.encode(body).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def chain(events: list[dict[str, Any]], head_seq: int, head_hash: str) -> list[AuditRecord]:
