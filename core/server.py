@@ -45,6 +45,7 @@ from ssa_server.plugins.scripts import ScriptHost, http_limits_from, limits_from
 
 log = logging.getLogger("ssa_server")
 
+STOP_TASKS_TIMEOUT = 10.0  # seconds Server.stop waits for its cancelled background tasks
 METRICS_REFRESH = 5.0  # seconds between the gauges' refreshes for a metrics_port listener
 
 
@@ -196,11 +197,13 @@ class Server:
             self.keys.start_signing()  # signing threads and process; CLI commands sign inline
             self.service.status_lists.block = BLOCK  # a CLI command reserves one index at a time
 
-    async def stop(self) -> None:
+    async def stop(self, *, task_timeout: float = STOP_TASKS_TIMEOUT) -> None:
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: a task that ignores its cancellation must not hang the stop
+            _, stuck = await asyncio.wait(self._tasks, timeout=task_timeout)
+            for task in stuck:
+                log.error("background task %s did not stop within %.0f s", task.get_name(), task_timeout)
         self._tasks.clear()
         self.service.status_lists.close()  # a block reservation under way
         self.metrics.flush()  # (with --workers N, the last figures into this run's files)

@@ -127,8 +127,11 @@ class Deliverer:
                     pass  # readiness says why; the next poll retries
                 except Exception as e:  # keep the task alive
                     log.error("webhook delivery failed: %s: %s", type(e).__name__, e)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # lands as its timeout fires, and this loop would outlive Server.stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.webhook_poll_interval)
+                    async with asyncio.timeout(self.settings.webhook_poll_interval):
+                        await self._wake.wait()
         finally:
             for task in list(self._running):
                 task.cancel()  # its claim runs out and another pass (or node) delivers it
