@@ -240,6 +240,10 @@ def test_a_key_gone_from_the_token_while_serving_is_a_503_and_nothing_is_stored(
         assert r.status_code == 503 and r.json()["error"] == "temporarily_unavailable", r.text
         listed = server.http.get("/ssa", params={"org_id": "after-the-token"}, headers=headers)
         assert listed.status_code == 200 and listed.json() == [], listed.text
+        # (serve's log lines are written by a listener thread: the line may trail the answer)
+        deadline = time.monotonic() + 10
+        while "signing failed" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "signing failed" in server.log() and "Traceback" not in server.log()
     finally:
         server.kill()
