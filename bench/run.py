@@ -653,6 +653,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="minimum rate (req/s) the one-time and revoke pools are sized for (default 1000)")
     p.add_argument("--signing-backend", choices=("software", "pkcs11"), default="software",
                    help="the servers' signing_backend; pkcs11: keys in a throwaway SoftHSM2 token")
+    p.add_argument("--server-env", action="append", default=[], metavar="SSA_NAME=VALUE",
+                   help="a setting for the servers under test (repeatable), e.g. SSA_AUDIT_ENABLED=false "
+                        "to measure what the audit trail costs")
     p.add_argument("--max-pool", type=int, default=200_000, help="at most this many jtis per pool")
     args = p.parse_args(argv)
     args.pool_size_actual = 0
@@ -670,11 +673,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     selected = [s for s in SCENARIOS if s in selected]  # canonical order
     token_dir = tempfile.TemporaryDirectory(prefix="ssa-bench-hsm-")
-    args.server_env = {}
+    settings = [kv.partition("=") for kv in args.server_env]
+    if any(not k.startswith("SSA_") or not eq for k, eq, _ in settings):
+        print(f"bench: --server-env takes SSA_NAME=VALUE, not {args.server_env}", file=sys.stderr)
+        return 2
+    args.server_env = {k: v for k, _, v in settings}
     if args.signing_backend == "pkcs11":
         from .pkcs11_token import make_token
 
-        args.server_env = make_token(Path(token_dir.name))
+        args.server_env.update(make_token(Path(token_dir.name)))
     client = "python" if args.python_client or loadgen.wrk_path() is None else "wrk"
     out = Path(args.out) if args.out else HERE / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     started = time.time()
@@ -683,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         "client": client, "stack": stack(), "sizes": sizes, "scenarios": selected, "seconds": args.seconds,
         "warmup": args.warmup, "connections": args.connections, "low_connections": args.low_connections,
-        "signing_backend": args.signing_backend,
+        "signing_backend": args.signing_backend, "server_env": {k: v for k, _, v in settings},
         "argv": sys.argv[1:] if argv is None else argv, "references": {}, "rows": [], "per_size": []}
     print(f"bench: client {client}, sizes {sizes}, scenarios {','.join(selected)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ssa-bench-ref-") as tmp:

@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None, *, server: Server | None = None
     }
     app = Starlette(routes=ROUTES, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(ObserveRequests, metrics=server.metrics, log_requests=server.settings.access_log)
+    app.add_middleware(ObserveRequests, metrics=server.metrics if server.settings.metrics_enabled else None,
+                       log_requests=server.settings.access_log)
     if isinstance(server.tracing, OtelTracing):  # (off: no middleware, nothing per request)
         app.add_middleware(TraceRequests, tracing=server.tracing)  # outermost: the request's span
     return app

@@ -21,6 +21,7 @@ directory when the run ends.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from bisect import bisect_left
@@ -43,15 +44,10 @@ _FAST = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 # Signatures from 25 us (ES256 raw) to 0.25 s (RS512 under load); script calls up to their timeouts.
 _SIGN = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _SCRIPT = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-# The store operations timed (every data operation of the ``Store`` protocol; not open/close/lock).
-STORE_OPS = ("add_ssa", "add_ssas", "get_ssa", "find_ssas", "search_ssas", "mark_used", "revoke_ssas",
-             "expire_and_purge", "count_ssas", "count_active_ssas", "reserve_status_counters",
-             "get_status_list", "list_status_lists", "add_status_list", "invalid_status_indexes",
-             "add_client", "get_client", "has_client", "list_clients", "delete_client", "add_key",
-             "update_key", "list_keys", "put_template", "get_template", "list_templates",
-             "put_script_revision", "get_script_revision", "list_script_revisions", "add_webhook",
-             "get_webhook", "list_webhooks", "delete_webhook", "add_deliveries", "claim_deliveries",
-             "update_delivery", "get_delivery", "list_deliveries", "purge_deliveries", "check")
+# The store operations timed: every data operation of the ``Store`` protocol (its coroutines but
+# open and close), read off the protocol so that a new operation is timed too.
+STORE_OPS = tuple(name for name, member in vars(Store).items()
+                  if inspect.iscoroutinefunction(member) and name not in ("open", "close"))
 
 
 def multiprocess_dir() -> str | None:
@@ -259,10 +255,12 @@ def _timed(method: Callable[..., Awaitable[Any]], tally: Tally) -> Callable[...,
 
 class TimedStore:
     """The store with each data operation (``STORE_OPS``) timed into
-    ``ssa_store_operation_duration_seconds`` and, with tracing on, in a ``store.OP`` span (off:
-    not wrapped at all); everything else is the store's own."""
+    ``ssa_store_operation_duration_seconds`` (unless ``timing`` is False: ``metrics_enabled =
+    false``) and, with tracing on, in a ``store.OP`` span; everything else is the store's own.
+    (With neither, the server does not wrap its store at all.)"""
 
-    def __init__(self, store: Store, metrics: Metrics, backend: str, tracing: Tracing = OFF) -> None:
+    def __init__(self, store: Store, metrics: Metrics, backend: str, tracing: Tracing = OFF, *,
+                 timing: bool = True) -> None:
         self.inner = store
         for op in STORE_OPS:
             method = getattr(store, op, None)
@@ -270,11 +268,14 @@ class TimedStore:
                 if tracing.enabled:
                     method = traced(method, tracing, f"store.{op}",
                                     {"ssa.store.op": op, "ssa.store.backend": backend})
-                setattr(self, op, _timed(method, metrics.tally(metrics.store_ops, op, backend)))
+                if timing:
+                    method = _timed(method, metrics.tally(metrics.store_ops, op, backend))
+                setattr(self, op, method)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-def timed_store(store: Store, metrics: Metrics, backend: str, tracing: Tracing = OFF) -> Store:
-    return cast(Store, TimedStore(store, metrics, backend, tracing))
+def timed_store(store: Store, metrics: Metrics, backend: str, tracing: Tracing = OFF, *,
+                timing: bool = True) -> Store:
+    return cast(Store, TimedStore(store, metrics, backend, tracing, timing=timing))

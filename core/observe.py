@@ -74,7 +74,8 @@ class _Ids:
 
 
 class ObserveRequests:
-    def __init__(self, app: ASGIApp, metrics: Metrics, *, log_requests: bool = False) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None, *, log_requests: bool = False) -> None:
+        """``metrics`` None: durations not kept (``metrics_enabled = false``)."""
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
@@ -117,7 +118,8 @@ class ObserveRequests:
             seconds = _perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
-            self.metrics.request(scope["method"], template, status, seconds)
+            if self.metrics is not None:
+                self.metrics.request(scope["method"], template, status, seconds)
             if self.log_requests:
                 access.info("%s %s %d", scope["method"], template, status,
                             extra={"route": template, "status": status,

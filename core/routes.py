@@ -260,6 +260,8 @@ async def metrics(request: Request) -> Response:
     """The Prometheus text format (``metrics.py``), admin token on the main port; with
     ``metrics_port`` set it is served there (open) and this route answers 404."""
     server = _server(request)
+    if not server.settings.metrics_enabled:
+        raise NotFound("Metrics are off (metrics_enabled = false).")
     if server.settings.metrics_port:
         raise NotFound("Metrics are served on the metrics port (metrics_port).")
     await authenticate(request, server.tokens, server.clients, (ADMIN,))

@@ -81,9 +81,10 @@ class Server:
         backend = backend_for(settings)  # likewise the PIN's reference; the token is opened by keys.load
         metrics = Metrics()
         tracing = tracing if tracing is not None else tracing_from_settings(settings)
-        store = timed_store(store or open_store(settings, exclusive=exclusive,
-                                                accept_journal_loss=accept_journal_loss),
-                            metrics, "postgresql" if settings.uses_postgres else "tinydb", tracing)
+        store = store or open_store(settings, exclusive=exclusive, accept_journal_loss=accept_journal_loss)
+        if settings.metrics_enabled or tracing.enabled:
+            store = timed_store(store, metrics, "postgresql" if settings.uses_postgres else "tinydb", tracing,
+                                timing=settings.metrics_enabled)
         proxies = parse_networks(settings.trusted_proxies)
         events = Events(clock, address=lambda scope: client_address(scope, proxies))
         keys = KeyRing(store, settings.signing_alg, refresh_interval=settings.key_refresh_interval,

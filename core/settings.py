@@ -80,6 +80,9 @@ class Settings:
     # off by default: a line per request costs a share of throughput (bench/README.md)
     access_log: bool = False
     log_format: str = "text"  # "text" or "json" (one object per line)
+    # false: no GET /metrics, no per-request or per-store-operation timing (bench --server-env
+    # SSA_METRICS_ENABLED=false measures what the metrics cost)
+    metrics_enabled: bool = True
     metrics_port: int = 0  # GET /metrics on its own port (open there); 0: on the main port (admin token)
     # OpenTelemetry traces (the [otel] extra; tracing.py): the exporter and resource from OTEL_* variables.
     otel_enabled: bool = False
@@ -187,6 +190,9 @@ class Settings:
         if not 0 <= self.metrics_port < 65536 or self.metrics_port == self.port:
             raise SettingsError(f"SSA_METRICS_PORT={self.metrics_port} must be a TCP port other than "
                                 "SSA_PORT (1-65535), or 0 (GET /metrics on the main port)")
+        if self.metrics_port and not self.metrics_enabled:
+            raise SettingsError(f"SSA_METRICS_PORT={self.metrics_port} is set but SSA_METRICS_ENABLED "
+                                "is false")
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"SSA_LOG_FORMAT={self.log_format!r} must be 'text' or 'json'")
         for name in ("expiration_in_days", "token_ttl", "cleanup_interval", "script_workers",

@@ -54,8 +54,9 @@ def serve_workers(settings: Settings, logs: logging.handlers.QueueListener) -> i
     os.environ[SETTINGS_ENV] = _encode(settings)  # inherited by the workers, never logged
     # This run's metrics: each worker writes its figures here (0700, removed when the run ends),
     # whichever process answers a scrape sums them (metrics.py).
-    metrics_dir = tempfile.mkdtemp(prefix="ssa-metrics-")
-    os.environ[MULTIPROC_ENV] = metrics_dir
+    metrics_dir = tempfile.mkdtemp(prefix="ssa-metrics-") if settings.metrics_enabled else None
+    if metrics_dir is not None:
+        os.environ[MULTIPROC_ENV] = metrics_dir
     stop_metrics = None
     try:
         # The workers inherit the raised file-descriptor limit and get the edge's limits in the config.
@@ -63,13 +64,14 @@ def serve_workers(settings: Settings, logs: logging.handlers.QueueListener) -> i
                              workers=settings.workers, lifespan="on")
         config.log_limits()
         supervisor = Supervisor(config, sockets=[config.bind_socket()])
-        if settings.metrics_port:  # one listener, in the parent, over every worker's figures
+        if settings.metrics_port and metrics_dir is not None:  # one listener in the parent: every worker's
             stop_metrics = listen(settings.host, settings.metrics_port, aggregate(metrics_dir))
         supervisor.run()
     finally:
         if stop_metrics is not None:
             stop_metrics()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     end_by(supervisor.signals, logs)
     return 0
 

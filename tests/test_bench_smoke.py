@@ -64,3 +64,19 @@ def test_bench_runs_with_the_python_client(tmp_path):
     assert result["client"] == "python"
     check_rows(result, scenarios)
     assert all(r["client"] == "python" for r in result["rows"])
+
+
+def test_server_env_reaches_the_servers_under_test(tmp_path):
+    result = run_bench(tmp_path / "r.json", "--only", "validate_reusable", "--no-refs",
+                       "--server-env", "SSA_METRICS_ENABLED=false")
+    assert result["server_env"] == {"SSA_METRICS_ENABLED": "false"}
+    check_rows(result, {"validate_reusable"})
+    # the settings are the servers': a contradictory pair stops the server, and the run names why
+    proc = subprocess.run([sys.executable, "-m", "bench", "--sizes", "50", "--seconds", "1",
+                           "--only", "get_jti", "--no-refs", "--out", str(tmp_path / "bad.json"),
+                           "--server-env", "SSA_METRICS_PORT=9", "--server-env", "SSA_METRICS_ENABLED=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "SSA_METRICS_ENABLED is false" in proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "bench", "--server-env", "METRICS=false"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "SSA_NAME=VALUE" in proc.stderr

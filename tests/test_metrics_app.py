@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ADMIN, DEVELOPER
+from ssa_server.metrics import Metrics, TimedStore
 from ssa_server.settings import Settings, SettingsError
 
 
@@ -68,7 +69,36 @@ def test_metrics_port_moves_the_route(make_api):
     assert r.status_code == 404 and r.json()["error"] == "not_found"
 
 
+def test_every_store_operation_is_timed_the_audit_appends_too(api):
+    H = api.auth(ADMIN)
+    api.create(H, org_id="acme")
+    assert api.client.get("/audit", headers=H).status_code == 200  # (waits for the event's append)
+    text = api.client.get("/metrics", headers=H).text
+    for op in ("add_ssa", "append_audit", "list_audit"):
+        count = _value(text, "ssa_store_operation_duration_seconds_count", op=op, backend="tinydb")
+        assert count is not None and count >= 1, op
+    timed = set(vars(TimedStore(api.client.app.state.server.store.inner, Metrics(), "tinydb")))
+    assert {"append_audit", "use_assertion", "delete_template", "compact_keys"} <= timed
+
+
+def test_metrics_off_answer_404_and_time_nothing(make_api):
+    api = make_api(metrics_enabled=False)
+    H = api.auth(ADMIN)
+    jti = api.jti(api.create(H, org_id="acme", one_time_use=False))
+    assert api.client.post("/ssa/validation", headers={"jti": jti}).status_code == 200
+    r = api.client.get("/metrics", headers=H)
+    assert r.status_code == 404 and "metrics_enabled" in r.json()["error_description"]
+    assert "x-request-id" in r.headers  # the request ids and headers stay
+    server = api.client.app.state.server
+    assert not isinstance(server.store, TimedStore)  # no wrapper: nothing timed per store operation
+    text = server.metrics.exposition().decode()
+    assert _value(text, "http_server_request_duration_seconds_count", method="POST", route="/ssa",
+                  status="201") is None
+    assert _value(text, "ssa_store_operation_duration_seconds_count", op="add_ssa", backend="tinydb") is None
+
+
 @pytest.mark.parametrize("changes, message", [
+    ({"metrics_port": 9100, "metrics_enabled": False}, "SSA_METRICS_ENABLED is false"),
     ({"metrics_port": 8080}, "SSA_METRICS_PORT=8080"),
     ({"metrics_port": 70000}, "SSA_METRICS_PORT=70000"),
     ({"log_format": "xml"}, "SSA_LOG_FORMAT='xml'"),
