@@ -677,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(not k.startswith("SSA_") or not eq for k, eq, _ in settings):
         print(f"bench: --server-env takes SSA_NAME=VALUE, not {args.server_env}", file=sys.stderr)
         return 2
-    args.server_env = {k: v for k, _, v in settings}
+    given = {k: v for k, _, v in settings}  # (recorded in the results; the token's settings are not)
+    args.server_env = dict(given)
     if args.signing_backend == "pkcs11":
         from .pkcs11_token import make_token
 
@@ -690,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         "client": client, "stack": stack(), "sizes": sizes, "scenarios": selected, "seconds": args.seconds,
         "warmup": args.warmup, "connections": args.connections, "low_connections": args.low_connections,
-        "signing_backend": args.signing_backend, "server_env": {k: v for k, _, v in settings},
+        "signing_backend": args.signing_backend, "server_env": given,
         "argv": sys.argv[1:] if argv is None else argv, "references": {}, "rows": [], "per_size": []}
     print(f"bench: client {client}, sizes {sizes}, scenarios {','.join(selected)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ssa-bench-ref-") as tmp:

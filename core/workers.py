@@ -64,7 +64,8 @@ def serve_workers(settings: Settings, logs: logging.handlers.QueueListener) -> i
                              workers=settings.workers, lifespan="on")
         config.log_limits()
         supervisor = Supervisor(config, sockets=[config.bind_socket()])
-        if settings.metrics_port and metrics_dir is not None:  # one listener in the parent: every worker's
+        # one listener, in the parent, over every worker's figures (metrics_port needs metrics on)
+        if settings.metrics_port and metrics_dir is not None:
             stop_metrics = listen(settings.host, settings.metrics_port, aggregate(metrics_dir))
         supervisor.run()
     finally:
